@@ -1,0 +1,33 @@
+"""Shared fixtures: one tiny random model + BPE tokenizer and a prompt dataset, built offline
+once per test session (cached under .cache/ in the repo between sessions)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mlx_xpo_plugin.tiny import build_tiny_model, write_prompt_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("MLX_XPO_TEST_CACHE", REPO / ".cache" / "test-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """Path of a tiny qwen2 model (hidden 64, 2 layers, vocab 512) loadable by mlx_lm.load."""
+    return str(build_tiny_model(CACHE / "tiny", preset="tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    """(model, tokenizer) loaded once; tests must not train this shared instance."""
+    from mlx_lm import load
+    return load(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def prompt_data_dir(tmp_path_factory) -> str:
+    """A folder with train/valid/test.jsonl prompt-only files."""
+    return str(write_prompt_dataset(tmp_path_factory.mktemp("data")))

@@ -1,0 +1,50 @@
+"""Atomic saves: write to a temporary file in the same folder, then rename over the target.
+
+A run that is killed mid-save leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+
+def atomic_write_bytes(path: str, write) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_arrays(path: str, arrays: dict) -> None:
+    atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, arrays))
+
+
+def save_json(path: str, obj) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+    atomic_write_bytes(path, w)
+
+
+def trainable_weights(model) -> dict:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model, path: str) -> None:
+    save_arrays(path, trainable_weights(model))
+
+
+def optimizer_arrays(optimizer) -> dict:
+    return {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}

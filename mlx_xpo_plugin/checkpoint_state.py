@@ -1,0 +1,108 @@
+"""Resumable checkpoints of the online loop.
+
+<adapter_path>/adapters.safetensors          the current adapters (what mlx_lm loads)
+<adapter_path>/NNNNNNN_adapters.safetensors  a copy every save_every steps
+<adapter_path>/checkpoint/optimizer.safetensors, checkpoint/state.json
+    step, data-order position, RNG state, schedule position, the resolved config
+
+state.json is written last, so a checkpoint is complete iff state.json names the step stored in
+the optimizer file. Every file is written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_unflatten
+
+from . import checkpoint as ckpt
+from .errors import ConfigError
+
+#: settings that must match for a checkpoint to be resumed
+FINGERPRINT_KEYS = ("train_mode", "model", "train_type", "lora_parameters", "num_layers",
+                    "xpo_bonus", "dpo_cpo_loss_type", "batch_size", "gradient_accumulation_steps",
+                    "seed", "reference_model_path")
+
+
+def fingerprint(cfg) -> dict:
+    return {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
+
+
+def save_checkpoint(trainer, final: bool = False) -> None:
+    s = trainer.s
+    d = os.path.join(s.adapter_path, "checkpoint")
+    os.makedirs(d, exist_ok=True)
+    weights = ckpt.trainable_weights(trainer.model)
+    ckpt.save_arrays(os.path.join(s.adapter_path, "adapters.safetensors"), weights)
+    if not final:
+        ckpt.save_arrays(os.path.join(s.adapter_path, f"{trainer.step:07d}_adapters.safetensors"), weights)
+    opt = ckpt.optimizer_arrays(trainer.opt)
+    opt["__step__"] = mx.array(trainer.step)
+    ckpt.save_arrays(os.path.join(d, "optimizer.safetensors"), opt)
+    judge_state = trainer.judge.get_state() if hasattr(trainer.judge, "get_state") else None
+    state = {
+        "format": 1,
+        "step": trainer.step,
+        "iters": s.iters,
+        "position": trainer.position,
+        "epoch": trainer.position // max(1, len(trainer.train_set)),
+        "alpha": trainer.current(s.alpha) if s.uses_xpo else 0.0,
+        "beta": trainer.current(s.beta),
+        "nonfinite_run": trainer.nonfinite_run,
+        "rng": [int(x) for x in mx.random.state[0].tolist()],
+        "judge_state": judge_state,
+        "final": final,
+        "fingerprint": getattr(trainer, "fingerprint", None),
+        "config": getattr(trainer, "resolved_config", None),
+    }
+    ckpt.save_json(os.path.join(d, "state.json"), state)
+
+
+def find_checkpoint(path: str) -> str:
+    """Accept the adapter folder, its checkpoint/ folder, state.json or adapters.safetensors."""
+    p = os.path.abspath(path)
+    candidates = [p, os.path.join(p, "checkpoint"), os.path.join(os.path.dirname(p), "checkpoint")]
+    if os.path.basename(p) == "state.json":
+        candidates.insert(0, os.path.dirname(p))
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "state.json")):
+            return c
+    raise ConfigError("resume_adapter_file", path, "no checkpoint found there (expected "
+                      "<adapter_path>/checkpoint/state.json written by an xpo/online_dpo run)")
+
+
+def load_resume(path: str, cfg) -> dict:
+    """Read a checkpoint and check it belongs to this run's mode, model and config."""
+    d = find_checkpoint(path)
+    with open(os.path.join(d, "state.json")) as f:
+        state = json.load(f)
+    mine = fingerprint(cfg)
+    theirs = state.get("fingerprint") or {}
+    diff = [k for k in FINGERPRINT_KEYS if k in theirs and theirs[k] != mine[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError("resume_adapter_file", path,
+                          f"the checkpoint was made with {k}={theirs[k]!r}, this run has {k}={mine[k]!r}")
+    opt_file = os.path.join(d, "optimizer.safetensors")
+    arrays = mx.load(opt_file)
+    if int(arrays.pop("__step__").item()) != state["step"]:
+        raise ConfigError("resume_adapter_file", path, "the checkpoint is incomplete (optimizer and "
+                          "state from different steps); resume from an earlier NNNNNNN_adapters file")
+    state["optimizer"] = arrays
+    state["adapters"] = mx.load(os.path.join(os.path.dirname(d), "adapters.safetensors"))
+    return state
+
+
+def restore(trainer, state: dict) -> None:
+    trainer.model.load_weights(list(state["adapters"].items()), strict=False)
+    trainer.opt.state = tree_unflatten(list(state["optimizer"].items()))
+    trainer.step = int(state["step"])
+    trainer.position = int(state["position"])
+    trainer.nonfinite_run = int(state.get("nonfinite_run", 0))
+    mx.random.state[0] = mx.array(state["rng"], dtype=mx.uint32)
+    if state.get("judge_state") is not None and hasattr(trainer.judge, "set_state"):
+        trainer.judge.set_state(state["judge_state"])
+    mx.eval(trainer.model.parameters())

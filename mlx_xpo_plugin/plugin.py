@@ -1,0 +1,41 @@
+"""This project's hook implementations: the xpo and online_dpo train modes and the built-in judges.
+
+It is the module named in the ``mlx_lm_lora`` entry-point group, so built-ins register exactly
+as third-party plugins do.
+"""
+
+from __future__ import annotations
+
+from . import config as C
+from .hookspecs import hookimpl
+from .registry import TrainMode
+from .runner import mode_main
+
+_DESCRIPTIONS = {
+    "xpo": "XPO: online DPO with an exploration bonus (alpha; per-epoch schedule)",
+    "online_dpo": "Online DPO: completions sampled each step and labelled by a judge",
+}
+
+
+def _mode(name: str) -> TrainMode:
+    from . import online_dpo_trainer, xpo_trainer
+    api = {"xpo": xpo_trainer.train_xpo, "online_dpo": online_dpo_trainer.train_online_dpo}[name]
+    return TrainMode(
+        name=name, description=_DESCRIPTIONS[name], main=mode_main(name), train=api,
+        settings=tuple(s for s in C.PLUGIN_SETTINGS if name in s.modes),
+        needs_reference=True, needs_judge=True, dataset_kind="prompt",
+        add_arguments=C.add_arguments,
+    )
+
+
+@hookimpl
+def register_train_modes(register):
+    register(_mode("xpo"))
+    register(_mode("online_dpo"))
+
+
+@hookimpl
+def register_judges(register):
+    from .judges.builtin import BUILTIN_JUDGE_FACTORIES
+    for factory in BUILTIN_JUDGE_FACTORIES:
+        register(factory)

@@ -1,0 +1,61 @@
+"""The frozen reference policy.
+
+With LoRA or DoRA and no ``reference_model_path``, the reference is the policy's own base
+weights with every adapter layer switched off: no second copy of the weights. Otherwise it is a
+separately loaded, frozen model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+
+def _adapter_bases(model: nn.Module):
+    """(path, adapter module, wrapped base module) for every LoRA/DoRA layer of `model`."""
+    out = []
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_a") and hasattr(m, "lora_b"):
+            base = getattr(m, "linear", None) or getattr(m, "embedding", None)
+            if base is not None:
+                out.append((name, m, base))
+    return out
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Temporarily replace each adapter layer by the base layer it wraps (exactly the base model,
+    for LoRA and DoRA alike), restoring the adapters on exit."""
+    layers = _adapter_bases(model)
+    if not layers:
+        yield model
+        return
+    model.update_modules(tree_unflatten([(n, base) for n, _, base in layers]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten([(n, m) for n, m, _ in layers]))
+
+
+class Reference:
+    """``with ref.use() as m:`` gives a module that computes the reference policy."""
+
+    def __init__(self, policy: nn.Module, separate: nn.Module | None = None):
+        self.policy, self.separate = policy, separate
+        if separate is None and not _adapter_bases(policy):
+            raise ValueError("the reference needs adapters to switch off (LoRA/DoRA) or a separate "
+                             "model (full fine-tuning or reference_model_path)")
+
+    @property
+    def shares_weights(self) -> bool:
+        return self.separate is None
+
+    @contextlib.contextmanager
+    def use(self):
+        if self.separate is not None:
+            yield self.separate
+        else:
+            with adapters_off(self.policy) as m:
+                yield m

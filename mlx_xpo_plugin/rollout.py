@@ -1,0 +1,81 @@
+"""Batched sampling of completions as token ids (with text for the judge and an EOS flag).
+
+Uses mlx-lm's BatchGenerator: all completions of a batch are generated together. The sampled
+token ids travel unchanged to scoring; the text is decoded only for the judge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import mlx.nn as nn
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_tokens: int
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def sampler(self):
+        # make_sampler treats top_p in (0, 1) as active; 1.0 is "off".
+        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1.0 else 0.0,
+                            min_p=self.min_p, top_k=self.top_k)
+
+
+@dataclass
+class Completion:
+    tokens: list  # sampled ids; ends with the EOS id iff `eos`
+    text: str  # decoded without the EOS, for the judge
+    eos: bool
+
+
+def truncate_prompt(ids: Sequence[int], max_len: int) -> tuple[list, bool]:
+    """Keep the last `max_len` tokens (left truncation); returns (ids, truncated?)."""
+    ids = list(ids)
+    if len(ids) <= max_len:
+        return ids, False
+    return ids[len(ids) - max_len:], True
+
+
+def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], n: int,
+                       cfg: SamplingConfig, batch_size: Optional[int] = None) -> list[list[Completion]]:
+    """`n` completions for each prompt, generated in one batch; result[i][j] is completion j of prompt i."""
+    eos_ids = sorted(set(tokenizer.eos_token_ids))
+    gen = BatchGenerator(model, max_tokens=cfg.max_tokens, stop_tokens=[[t] for t in eos_ids],
+                         sampler=cfg.sampler(),
+                         completion_batch_size=batch_size or max(1, len(prompts) * n),
+                         prefill_batch_size=batch_size or max(1, len(prompts) * n))
+    try:
+        flat = [list(p) for p in prompts for _ in range(n)]
+        uids = gen.insert(flat)
+        tokens = {u: [] for u in uids}
+        eos = {u: False for u in uids}
+        done = 0
+        while done < len(uids):
+            responses = gen.next_generated()
+            if not responses:
+                break
+            for r in responses:
+                tokens[r.uid].append(r.token)  # a stop token is appended too; flagged below
+                if r.finish_reason is not None:
+                    done += 1
+                    eos[r.uid] = r.finish_reason == "stop"
+    finally:
+        gen.close()
+    out: list[list[Completion]] = []
+    for i in range(len(prompts)):
+        row = []
+        for j in range(n):
+            u = uids[i * n + j]
+            toks = tokens[u]
+            ended = eos[u] and bool(toks) and toks[-1] in eos_ids
+            body = toks[:-1] if ended else toks
+            row.append(Completion(tokens=toks, text=tokenizer.decode(body), eos=ended))
+        out.append(row)
+    return out

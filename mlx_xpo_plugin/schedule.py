@@ -1,0 +1,44 @@
+"""Per-epoch schedules for alpha (and beta).
+
+A schedule is a float (constant) or a list with one entry per epoch whose last entry is held to
+the end. An epoch is one pass over the training prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+Schedule = Union[float, int, Sequence[float]]
+
+
+def epoch_of(step: int, total: int, n_entries: int, steps_per_epoch: Optional[int] = None) -> int:
+    """0-based epoch index of 1-based `step`.
+
+    epoch = (step - 1) // steps_per_epoch, where steps_per_epoch defaults to
+    ceil(total / n_entries) so that the entries share the run evenly.
+    """
+    if steps_per_epoch is None:
+        steps_per_epoch = max(1, math.ceil(max(1, total) / max(1, n_entries)))
+    return (max(1, step) - 1) // max(1, steps_per_epoch)
+
+
+def get_current_alpha(step: int, total: int, schedule: Schedule,
+                      steps_per_epoch: Optional[int] = None) -> float:
+    """The schedule value at 1-based `step` of `total` steps.
+
+    A float is returned unchanged. For a list, entry ``min(epoch, len - 1)`` where
+    ``epoch = (step - 1) // steps_per_epoch``: the first entry covers steps 1..steps_per_epoch,
+    and the last entry is held to the end. Any step >= 1 and total >= 1 work (no division by zero
+    when total < len(schedule)).
+    """
+    if isinstance(schedule, (int, float)):
+        return float(schedule)
+    values = list(schedule)
+    if not values:
+        raise ValueError("an alpha/beta schedule needs at least one entry")
+    i = epoch_of(step, total, len(values), steps_per_epoch)
+    return float(values[min(i, len(values) - 1)])
+
+
+get_current_beta = get_current_alpha

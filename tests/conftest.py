@@ -31,3 +31,32 @@ def tiny_model(tiny_model_path):
 def prompt_data_dir(tmp_path_factory) -> str:
     """A folder with train/valid/test.jsonl prompt-only files."""
     return str(write_prompt_dataset(tmp_path_factory.mktemp("data")))
+
+
+class RuleJudge:
+    """Prefers the completion with more 'e' characters; equal counts tie. Deterministic."""
+
+    def __init__(self, letter: str = "e"):
+        self.letter = letter
+        self.calls = 0
+
+    def judge(self, prompts, pairs):
+        from mlx_xpo_plugin.judges.base import Verdict
+        self.calls += 1
+        out = []
+        for a, b in pairs:
+            ca, cb = a.count(self.letter), b.count(self.letter)
+            out.append(Verdict.tied() if ca == cb else Verdict(0 if ca > cb else 1))
+        return out
+
+
+@pytest.fixture
+def lora_model(tiny_model_path, tmp_path):
+    """A fresh LoRA-wrapped tiny model (trainable), its tokenizer and an adapter folder."""
+    import mlx.core as mx
+    from mlx_lm_lora.utils import from_pretrained
+    mx.random.seed(0)
+    model, tok, _ = from_pretrained(tiny_model_path, new_adapter_path=str(tmp_path / "ad"),
+                                    lora_config={"rank": 8, "dropout": 0.0, "scale": 10.0,
+                                                 "use_dora": False, "num_layers": -1})
+    return model, tok, str(tmp_path / "ad")

@@ -1,0 +1,67 @@
+"""Every DPO variant and both XPO terms against an independent NumPy computation."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_xpo_plugin.losses import dpo_loss, reward_stats, xpo_kl_bonus, xpo_paper_term
+
+
+def np_logsig(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def reference_numpy(pc, pr, rc, rr, beta, kind, delta):
+    h = (pc - rc) - (pr - rr)
+    if kind == "sigmoid":
+        return -np_logsig(beta * h)
+    if kind == "hinge":
+        return np.maximum(0, 1 - beta * h)
+    if kind == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if kind == "dpop":
+        return -np_logsig(beta * (h - delta * np.maximum(0, rc - pc)))
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo", "dpop"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dpo_variants_match_numpy(kind, seed):
+    rng = np.random.default_rng(seed)
+    pc, pr, rc, rr = (rng.normal(-40, 15, 64).astype(np.float32) for _ in range(4))
+    beta, delta = float(rng.uniform(0.01, 1.0)), float(rng.uniform(0, 60))
+    got = np.array(dpo_loss(*(mx.array(x) for x in (pc, pr, rc, rr)), beta, kind, delta))
+    want = reference_numpy(*(x.astype(np.float64) for x in (pc, pr, rc, rr)), beta, kind, delta)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_dpop_penalty_only_when_policy_drops_below_reference():
+    pc, pr = mx.array([-10.0, -10.0]), mx.array([-12.0, -12.0])
+    rc, rr = mx.array([-12.0, -8.0]), mx.array([-12.0, -12.0])
+    plain = np.array(dpo_loss(pc, pr, rc, rr, 0.1, "sigmoid"))
+    dpop = np.array(dpo_loss(pc, pr, rc, rr, 0.1, "dpop", delta=5.0))
+    assert dpop[0] == pytest.approx(plain[0])  # policy above reference on chosen: no penalty
+    assert dpop[1] > plain[1] + 0.5  # 2 nats below reference: penalised
+
+
+def test_xpo_terms_match_numpy():
+    rng = np.random.default_rng(3)
+    pc, pr, rc, rr = (rng.normal(-30, 5, 16).astype(np.float32) for _ in range(4))
+    alpha = 1e-3
+    kl = np.array(xpo_kl_bonus(*(mx.array(x) for x in (pc, pr, rc, rr)), alpha))
+    np.testing.assert_allclose(kl, alpha * ((pc - rc) + (pr - rr)), rtol=1e-5)
+    paper = np.array(xpo_paper_term(mx.array(pc), alpha))
+    np.testing.assert_allclose(paper, alpha * pc, rtol=1e-6)
+
+
+def test_reward_stats():
+    pc, pr, rc, rr = (mx.array(v) for v in ([-1.0, -5.0], [-2.0, -1.0], [-1.5, -4.0], [-1.5, -4.0]))
+    r = {k: np.array(v) for k, v in reward_stats(pc, pr, rc, rr, 0.5).items()}
+    np.testing.assert_allclose(r["rewards/chosen"], [0.25, -0.5])
+    np.testing.assert_allclose(r["rewards/rejected"], [-0.25, 1.5])
+    np.testing.assert_allclose(r["rewards/accuracies"], [1.0, 0.0])
+    np.testing.assert_allclose(r["rewards/margins"], [0.5, -2.0])
+
+
+def test_unknown_loss_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="dpo_cpo_loss_type.*sigmoid, hinge, ipo, dpop"):
+        dpo_loss(mx.zeros(1), mx.zeros(1), mx.zeros(1), mx.zeros(1), 0.1, "nope")

@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` (offline XPO demo) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test bench vendor clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,plot]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mlx-xpo demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+vendor:
+	bash vendor/sync.sh
+
+clean:
+	rm -rf $(VENV) .cache runs vendor/src

@@ -1,0 +1,191 @@
+"""``mlx-xpo``: helper commands around the train modes.
+
+  mlx-xpo demo     offline XPO demo on an embedded tiny model and prompt set
+  mlx-xpo schema   JSON Schema of the YAML settings (or --markdown for the README table)
+  mlx-xpo eval     judge win-rate of trained adapters against the reference on held-out prompts
+  mlx-xpo plot     PNG of the training curves in <adapter_path>/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def _console(name: str) -> str:
+    exe = Path(sys.executable).with_name(name)
+    return str(exe) if exe.exists() else name
+
+
+def demo(ns) -> int:
+    from .tiny import build_tiny_model, default_cache_dir, write_prompt_dataset
+    cache = Path(ns.cache or default_cache_dir())
+    t0 = time.time()
+    print(f"[demo] building the embedded tiny model and prompts under {cache} (cached) ...")
+    model = build_tiny_model(cache / "demo-model", preset="tiny", seed=0)
+    data = write_prompt_dataset(cache / "demo-data")
+    out = Path(ns.output).resolve()
+    cfg = {
+        "model": str(model), "data": str(data), "train": True, "train_type": "lora",
+        "adapter_path": str(out), "judge": "mlx_xpo_plugin.rules:prefer_letter_e",
+        "iters": ns.iters, "batch_size": 4, "learning_rate": 3e-3, "alpha": [1e-4, 1e-5],
+        "max_completion_length": 16, "max_seq_length": 256, "temperature": 1.0,
+        "steps_per_report": 5, "steps_per_eval": max(5, ns.iters // 2), "val_batches": -1,
+        "save_every": ns.iters, "seed": 0,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "demo_xpo.yaml"
+    import yaml
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [_console("mlx_lm_lora.train"), "--train-mode", "xpo", "--config", str(cfg_path)]
+    print("[demo] running:", " ".join(cmd))
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        print(f"[demo] training exited with status {rc}", file=sys.stderr)
+        return rc
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    val = [r for r in rows if "val_win_rate" in r]
+    print(f"\n[demo] done in {time.time() - t0:.0f} s.")
+    print(f"  adapters:    {out / 'adapters.safetensors'}")
+    print(f"  metrics:     {out / 'metrics.jsonl'}  (one JSON object per report)")
+    print(f"  completions: {out / 'completions.jsonl'}  (sampled pairs and the judge's choice)")
+    if val:
+        print("  win-rate of the policy against the reference (the judge prefers more letter 'e'):")
+        for r in val:
+            print(f"    step {r['step']:>4}: {r['val_win_rate']:.2f}  ({r['val_wins']} won, {r['val_losses']} lost, "
+                  f"{r['val_ties']} ties)")
+        print("  0.5 is chance; above it the policy learned what the judge prefers.")
+    print(f"  plot:        mlx-xpo plot {out}   (needs the 'plot' extra: pip install 'mlx-xpo-plugin[plot]')")
+    return 0
+
+
+def schema(ns) -> int:
+    from . import config as C
+    print(C.settings_markdown() if ns.markdown else json.dumps(C.json_schema(), indent=2))
+    return 0
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (95% by default)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (mid - half, mid + half)
+
+
+def evaluate(ns) -> int:
+    from . import config as C
+    from .runner import run
+    values = {"model": ns.model, "adapter_path": ns.adapter_path, "data": ns.data, "judge": ns.judge,
+              "train": False, "test": True, "test_batches": -1, "batch_size": ns.batch_size,
+              "max_completion_length": ns.max_completion_length, "seed": ns.seed,
+              "temperature": ns.temperature, "train_type": ns.train_type}
+    cfg = C.resolve("online_dpo", values, set(values), C.load_yaml(ns.config) if ns.config else {})
+    rc = run(cfg, progress=False)
+    if rc:
+        return rc
+    res = json.load(open(os.path.join(ns.adapter_path, "test_metrics.json")))
+    lo, hi = wilson(res["wins"], res["wins"] + res["losses"])
+    res["win_rate_ci95"] = [lo, hi]
+    if ns.json:
+        print(json.dumps(res))
+    else:
+        print(f"\n| win-rate vs reference | 95% CI | wins | losses | ties | invalid |\n|---|---|---|---|---|---|\n"
+              f"| {res['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | {res['wins']} | {res['losses']} | "
+              f"{res['ties']} | {res['invalid']} |")
+    return 0
+
+
+PLOT_KEYS = [("loss", "loss"), ("rewards/accuracies", "accuracy"), ("rewards/margins", "margin"),
+             ("objective/kl", "KL"), ("exploration_bonus", "exploration bonus"), ("alpha", "alpha"),
+             ("judge_invalid_rate", "judge invalid rate"), ("val_win_rate", "win-rate vs reference")]
+
+
+def plot(ns) -> int:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("error: plot needs matplotlib: pip install 'mlx-xpo-plugin[plot]'", file=sys.stderr)
+        return 2
+    path = os.path.join(ns.adapter_path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        print(f"error: adapter_path: {ns.adapter_path!r} has no metrics.jsonl", file=sys.stderr)
+        return 2
+    rows = [json.loads(l) for l in open(path) if l.strip()]
+    for r in rows:
+        if r.get("judge/pairs"):
+            r["judge_invalid_rate"] = r.get("judge/invalid", 0) / r["judge/pairs"]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (key, title) in zip(axes.flat, PLOT_KEYS):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None)
+        if key == "val_win_rate":
+            ax.axhline(0.5, color="grey", ls="--", lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"training curves: {ns.adapter_path}")
+    fig.tight_layout()
+    out = ns.output or os.path.join(ns.adapter_path, "training.png")
+    fig.savefig(out, dpi=90)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-xpo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="offline XPO demo on an embedded tiny model")
+    d.add_argument("--output", default="runs/demo", help="adapter folder (default: runs/demo)")
+    d.add_argument("--iters", type=int, default=40)
+    d.add_argument("--cache", default=None, help="where the tiny model is cached")
+    d.set_defaults(func=demo)
+    s = sub.add_parser("schema", help="JSON Schema of the settings")
+    s.add_argument("--markdown", action="store_true", help="the README settings table instead")
+    s.set_defaults(func=schema)
+    e = sub.add_parser("eval", help="win-rate of adapters vs the reference")
+    e.add_argument("--model", required=True)
+    e.add_argument("--adapter-path", required=True)
+    e.add_argument("--data", required=True, help="folder with test.jsonl")
+    e.add_argument("--judge", required=True)
+    e.add_argument("--config", default=None)
+    e.add_argument("--train-type", default="lora", choices=["lora", "dora", "full"])
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--max-completion-length", type=int, default=64)
+    e.add_argument("--temperature", type=float, default=0.8)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=evaluate)
+    pl = sub.add_parser("plot", help="PNG of training curves")
+    pl.add_argument("adapter_path")
+    pl.add_argument("--output", default=None)
+    pl.set_defaults(func=plot)
+    return p
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The settings schema: precedence, validation errors, CLI flags, JSON Schema, README table."""
+
+import argparse
+import json
+import os
+import re
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from mlx_xpo_plugin import config as C
+from mlx_xpo_plugin.errors import ConfigError
+
+BASE = {"train": True, "model": "m", "data": "d"}
+
+
+def resolve(cli=None, yaml_values=None, explicit=None, mode="xpo"):
+    cli = {**BASE, **(cli or {})}
+    return C.resolve(mode, cli, set(cli) if explicit is None else explicit, yaml_values or {})
+
+
+def test_defaults_follow_the_settings_table():
+    a = resolve()
+    assert (a.beta, a.alpha, a.dpo_cpo_loss_type, a.delta) == (0.1, 1e-5, "sigmoid", 50.0)
+    assert (a.max_completion_length, a.temperature, a.judge) == (512, 0.8, "Qwen/Qwen3-0.6B")
+    assert a.reference_model_path is None and a.judge_system is None and a.xpo_bonus == "kl"
+
+
+def test_yaml_values_are_used_where_the_cli_is_silent():
+    # upstream's argparse defaults (alpha [1e-5], temperature 1.0, max_completion_length 512)
+    # sit in the namespace but were not given: YAML must win over them
+    cli = {**BASE, "alpha": [1e-5], "temperature": 1.0, "max_completion_length": 512}
+    a = C.resolve("xpo", cli, set(BASE), {"alpha": [1e-4, 1e-5], "temperature": 0.3,
+                                          "max_completion_length": 17})
+    assert (a.alpha, a.temperature, a.max_completion_length) == ([1e-4, 1e-5], 0.3, 17)
+
+
+def test_explicit_cli_beats_yaml():
+    a = C.resolve("xpo", {**BASE, "temperature": 0.5}, set(BASE) | {"temperature"}, {"temperature": 0.3})
+    assert a.temperature == 0.5
+
+
+@pytest.mark.parametrize("yaml_values,pattern", [
+    ({"alpah": 1e-4}, r"alpah: .*unknown setting.*did you mean 'alpha'"),
+    ({"temperature": "hot"}, r"temperature: 'hot' is not valid; expected a number"),
+    ({"beta": 0}, r"beta: 0 is not valid; must be > 0"),
+    ({"top_p": 1.5}, r"top_p: 1.5 is not valid; must be <= 1.0"),
+    ({"dpo_cpo_loss_type": "sigmoidd"}, r"valid: sigmoid, hinge, ipo, dpop"),
+    ({"xpo_bonus": "both"}, r"xpo_bonus: 'both' .* valid: kl, paper"),
+    ({"alpha": [1e-4, "x"]}, r"alpha: .*expected a number"),
+    ({"alpha": []}, r"alpha: \[\] .*at least one entry"),
+    ({"qat_enable": True}, r"qat_enable: True .*QAT is not supported by --train-mode xpo"),
+    ({"max_completion_length": 4096}, r"max_completion_length: 4096 .*smaller than max_seq_length"),
+    ({"max_completion_length": 0}, r"max_completion_length: 0 .*>= 1"),
+    ({"judge_config": "x"}, r"judge_config: 'x' .*mapping"),
+    ({"batch_size": 2.5}, r"batch_size: 2.5 .*integer"),
+])
+def test_bad_values_give_one_line_errors(yaml_values, pattern):
+    with pytest.raises(ConfigError) as e:
+        resolve(yaml_values=yaml_values, explicit=set(BASE))
+    msg = str(e.value)
+    assert "\n" not in msg and re.search(pattern, msg), msg
+
+
+def test_alpha_is_rejected_for_online_dpo():
+    with pytest.raises(ConfigError, match="only used by --train-mode xpo"):
+        resolve(yaml_values={"alpha": 1e-4}, explicit=set(BASE), mode="online_dpo")
+
+
+def test_cli_alpha_parses_float_and_list():
+    p = argparse.ArgumentParser()
+    p.add_argument("--alpha", type=list[float], default=[1e-5])  # as upstream declares it
+    C.add_arguments(p)
+    assert p.parse_args(["--alpha", "1e-4"]).alpha == 1e-4
+    assert p.parse_args(["--alpha", "1e-4,1e-5,1e-6"]).alpha == [1e-4, 1e-5, 1e-6]
+    assert p.parse_args(["--xpo-bonus", "paper"]).xpo_bonus == "paper"
+    assert p.parse_args([]).top_k is None  # defaults stay None so that YAML is never masked
+
+
+def test_json_schema_covers_every_setting():
+    s = C.json_schema()
+    assert set(C.SETTINGS) <= set(s["properties"])
+    assert s["properties"]["dpo_cpo_loss_type"]["enum"] == ["sigmoid", "hinge", "ipo", "dpop"]
+    assert s["properties"]["temperature"]["default"] == 0.8
+    json.dumps(s)
+
+
+def test_readme_table_matches_schema():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    start, end = "<!-- settings:start -->", "<!-- settings:end -->"
+    table = readme[readme.index(start) + len(start): readme.index(end)].strip()
+    assert table == C.settings_markdown(), "README settings table is stale: run `mlx-xpo schema --markdown`"
+
+
+settings_strategy = st.dictionaries(
+    st.sampled_from(sorted(C.SETTINGS) + ["alpah", "foo", "temprature"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
+              st.text(max_size=8), st.lists(st.floats(-1, 1), max_size=3),
+              st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)),
+    max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(settings_strategy, st.sampled_from(["xpo", "online_dpo"]))
+def test_random_configs_end_in_a_config_or_a_clear_error(values, mode):
+    try:
+        a = C.resolve(mode, {}, set(), {**BASE, **values})
+    except ConfigError as e:
+        assert "\n" not in str(e) and ":" in str(e)
+    else:
+        assert a.train_mode == mode

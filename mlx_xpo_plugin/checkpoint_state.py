@@ -3,7 +3,7 @@
 <adapter_path>/adapters.safetensors          the current adapters (what mlx_lm loads)
 <adapter_path>/NNNNNNN_adapters.safetensors  a copy every save_every steps
 <adapter_path>/checkpoint/optimizer.safetensors, checkpoint/state.json
-    step, data-order position, RNG state, schedule position, the resolved config
+    step, data-order position (sampling is reseeded from (seed, step) every step), schedule position, the resolved config
 
 state.json is written last, so a checkpoint is complete iff state.json names the step stored in
 the optimizer file. Every file is written atomically (temporary file, then rename).
@@ -52,7 +52,6 @@ def save_checkpoint(trainer, final: bool = False) -> None:
         "alpha": trainer.current(s.alpha) if s.uses_xpo else 0.0,
         "beta": trainer.current(s.beta),
         "nonfinite_run": trainer.nonfinite_run,
-        "rng": [int(x) for x in mx.random.state[0].tolist()],
         "judge_state": judge_state,
         "final": final,
         "fingerprint": getattr(trainer, "fingerprint", None),
@@ -102,7 +101,6 @@ def restore(trainer, state: dict) -> None:
     trainer.step = int(state["step"])
     trainer.position = int(state["position"])
     trainer.nonfinite_run = int(state.get("nonfinite_run", 0))
-    mx.random.state[0] = mx.array(state["rng"], dtype=mx.uint32)
     if state.get("judge_state") is not None and hasattr(trainer.judge, "set_state"):
         trainer.judge.set_state(state["judge_state"])
     mx.eval(trainer.model.parameters())

@@ -112,6 +112,11 @@ def apply_missing_eos_penalty(v: Verdict, a: Completion, b: Completion, penalty:
     return Verdict(1 if sb > sa else 0, v.confidence, v.raw, False, (sa, sb))
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of one step (the same in an uninterrupted and a resumed run)."""
+    return (seed * 1_000_003 + step) % (2**32)
+
+
 class OnlineTrainer:
     def __init__(self, settings: LoopSettings, model: nn.Module, tokenizer, reference: Reference,
                  judge, optimizer, train_set: PromptSet, valid_set: Optional[PromptSet] = None,
@@ -445,6 +450,8 @@ class OnlineTrainer:
         try:
             while self.step < self.s.iters and not self._interrupted and not self.stop_reason:
                 self.step += 1
+                # each step's randomness is a function of (seed, step): resuming needs no RNG state
+                mx.random.seed(step_seed(self.s.seed, self.step))
                 mx.reset_peak_memory()
                 t0 = time.perf_counter()
                 metrics: dict = {}

@@ -70,15 +70,15 @@ def split_path(data_dir: str, split: str) -> str:
     return os.path.join(data_dir, f"{split}.jsonl")
 
 
-def check_data(data_dir: str, need_train: bool, need_test: bool) -> None:
-    """Cheap checks before any model is loaded."""
+def check_data(data_dir: str, need_train: bool, need_test: bool) -> int:
+    """Cheap checks before any model is loaded; returns the number of training prompts."""
     if not os.path.isdir(data_dir):
         raise ConfigError("data", data_dir, "expected a local folder with train.jsonl (and valid.jsonl, "
                           "test.jsonl); hub datasets are not fetched by this plugin")
-    if need_train:
-        read_rows(split_path(data_dir, "train"))
+    n_train = len(read_rows(split_path(data_dir, "train"))) if need_train else 0
     if need_test:
         read_rows(split_path(data_dir, "test"))
+    return n_train
 
 
 def load_prompts(data_dir: str, split: str, tokenizer, max_prompt_tokens: int,

@@ -85,7 +85,11 @@ def preflight(cfg) -> None:
     from .registry import check_judge
     if cfg.train_type == "full" and quantization(cfg):
         raise ConfigError("train_type", "full", "a quantized base cannot be fully fine-tuned; use lora or dora")
-    check_data(cfg.data, need_train=cfg.train, need_test=cfg.test)
+    n_train = check_data(cfg.data, need_train=cfg.train, need_test=cfg.test)
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    if cfg.train and per_step > n_train:
+        raise ConfigError("batch_size", cfg.batch_size, f"batch_size x gradient_accumulation_steps "
+                          f"({per_step}) is larger than the {n_train} training prompts")
     resolve_local_model("model", cfg.model)
     if cfg.reference_model_path:
         resolve_local_model("reference_model_path", cfg.reference_model_path)
@@ -146,9 +150,6 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     trainer = None
     if cfg.train:
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-        if per_step > len(train_set):
-            raise ConfigError("batch_size", cfg.batch_size, f"batch_size x gradient_accumulation_steps "
-                              f"({per_step}) is larger than the {len(train_set)} training prompts")
         steps_per_epoch = math.ceil(len(train_set) / per_step)
         iters = cfg.iters or (cfg.epochs or 1) * steps_per_epoch
         opt = build_optimizer(cfg)
@@ -194,10 +195,7 @@ def mode_main(mode_name: str):
     """The ``TrainMode.main`` of an online mode: (args namespace, explicit keys) -> exit status."""
 
     def main(args, explicit: set, training_callback=None) -> int:
-        from .registry import get_train_mode
-        mode = get_train_mode(mode_name)
-        print(mode.banner() if mode is not None else f"{mode_name}: mlx-xpo-plugin")
-        try:
+        try:  # both host paths print mode.banner() before calling this
             cli = dict(vars(args)) if not isinstance(args, dict) else dict(args)
             cfg = C.resolve(mode_name, cli, set(explicit), C.load_yaml(cli.get("config")))
             return run(cfg, training_callback)

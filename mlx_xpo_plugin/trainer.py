@@ -260,7 +260,8 @@ class OnlineTrainer:
         for _ in range(self.s.gradient_accumulation_steps):
             pairs.extend(self.collect_pairs(self._take(self.s.batch_size), metrics))
         beta, alpha = self.current(self.s.beta), (self.current(self.s.alpha) if self.s.uses_xpo else 0.0)
-        metrics.update(alpha=alpha, beta=beta, temperature=self.s.sampling.temperature)
+        metrics.update(alpha=alpha, beta=beta, temperature=self.s.sampling.temperature,
+                       max_completion_length=self.s.sampling.max_tokens)
         metrics["pairs/valid"] = len(pairs)
         if not pairs:
             self.log(f"step {self.step}: no valid pair ({int(metrics.get('judge/invalid', 0))} invalid, "

@@ -171,3 +171,19 @@ def test_same_seed_same_metrics(lora_model, prompt_data_dir):
         rows = [json.loads(l) for l in open(os.path.join(t.s.adapter_path, "metrics.jsonl"))]
         out.append([(r["loss"], r["rewards/margins"]) for r in rows if "loss" in r])
     assert len(out[0]) == 2 and out[0] == out[1]
+
+
+def test_nonfinite_losses_skip_updates_and_stop_the_run(lora_model, prompt_data_dir):
+    model, tok, ad = lora_model
+    logs = []
+    t = make_trainer(lora_model, prompt_data_dir, lr=1.0, iters=10, max_nonfinite_steps=3)
+    t.log = logs.append
+    t.collect_pairs = FixedPairs(some_pairs(tok))
+    t._reference_logps = lambda inputs, *a: mx.full((inputs.shape[0],), float("nan"))
+    before = params(model)
+    res = t.train()
+    assert res["step"] == 3 and "3 consecutive non-finite" in res["stop_reason"]
+    assert all(np.array_equal(before[k], v) for k, v in params(model).items())
+    rows = [json.loads(l) for l in open(os.path.join(ad, "metrics.jsonl"))]
+    assert sum(r.get("train/nonfinite_steps", 0) for r in rows) == 3
+    assert sum("update skipped" in line for line in logs) == 3

@@ -120,6 +120,8 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     from .registry import build_judge
 
     preflight(cfg)
+    if mx.distributed.init().rank() != 0:  # data parallel: only rank 0 prints and writes
+        sys.stdout = open(os.devnull, "w")
     mx.random.seed(cfg.seed)
     model_path = resolve_local_model("model", cfg.model)
     lora = None

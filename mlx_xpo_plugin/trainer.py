@@ -125,7 +125,10 @@ class OnlineTrainer:
         self.model, self.tokenizer, self.ref, self.judge = model, tokenizer, reference, judge
         self.opt, self.train_set, self.valid_set = optimizer, train_set, valid_set
         self.callback = training_callback
-        self.log = log
+        # data parallel (mlx.launch): prompts sharded by rank, gradients summed over ranks
+        self.group = mx.distributed.init()
+        self.rank, self.world = self.group.rank(), self.group.size()
+        self.log = log if self.rank == 0 else (lambda msg: None)
         self.step = 0
         self.position = 0  # prompts consumed so far (data order is derived from seed and epoch)
         self.window = MetricsWindow()
@@ -142,7 +145,16 @@ class OnlineTrainer:
 
     @property
     def prompts_per_step(self) -> int:
-        return self.s.batch_size * self.s.gradient_accumulation_steps
+        """Global prompts per optimizer step (all ranks together)."""
+        return self.s.batch_size * self.s.gradient_accumulation_steps * self.world
+
+    def _take_shard(self) -> list:
+        """This rank's slice of the next global micro-batch (every rank advances the same order)."""
+        idx = self._take(self.s.batch_size * self.world)
+        return idx[self.rank * self.s.batch_size:(self.rank + 1) * self.s.batch_size]
+
+    def _all_sum(self, x):
+        return x if self.world == 1 else mx.distributed.all_sum(x, group=self.group)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -258,16 +270,17 @@ class OnlineTrainer:
         """One optimizer step; returns the loss or None when no update was made."""
         pairs = []
         for _ in range(self.s.gradient_accumulation_steps):
-            pairs.extend(self.collect_pairs(self._take(self.s.batch_size), metrics))
+            pairs.extend(self.collect_pairs(self._take_shard(), metrics))
         beta, alpha = self.current(self.s.beta), (self.current(self.s.alpha) if self.s.uses_xpo else 0.0)
         metrics.update(alpha=alpha, beta=beta, temperature=self.s.sampling.temperature,
                        max_completion_length=self.s.sampling.max_tokens)
-        metrics["pairs/valid"] = len(pairs)
-        if not pairs:
+        n_valid = int(self._all_sum(mx.array(len(pairs))).item())
+        metrics["pairs/valid"] = n_valid
+        if n_valid == 0:
             self.log(f"step {self.step}: no valid pair ({int(metrics.get('judge/invalid', 0))} invalid, "
                      f"{int(metrics.get('judge/ties', 0))} ties): no update")
             return None
-        norm = float(len(pairs))
+        norm = float(n_valid)  # the loss is averaged over valid pairs of the whole (global) window
         grads, loss_sum, stats = None, 0.0, []
         t_ref = t_pol = 0.0
         for mb in self._micro_batches(pairs):
@@ -284,9 +297,16 @@ class OnlineTrainer:
             grads = g if grads is None else tree_map(lambda x, y: x + y, grads, g)
             loss_sum += loss.item()
             stats.append((aux, mb))
+        if self.world > 1:
+            if grads is None:  # this rank had no valid pair: contribute zeros
+                grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+            grads = tree_map(self._all_sum, grads)
+            loss_sum = float(self._all_sum(mx.array(loss_sum)).item())
+            mx.eval(grads)
         metrics["time/reference"] = t_ref
         metrics["time/policy"] = t_pol
-        self._pair_metrics(stats, beta, metrics)
+        if stats:
+            self._pair_metrics(stats, beta, metrics)
         metrics["loss"] = loss_sum
         if not math.isfinite(loss_sum):
             self.nonfinite_run += 1
@@ -390,14 +410,15 @@ class OnlineTrainer:
 
     def save(self, final: bool = False):
         """Adapters (atomically) plus a resumable checkpoint of the loop's state."""
-        from .checkpoint_state import save_checkpoint
-        save_checkpoint(self, final=final)
+        if self.rank == 0:
+            from .checkpoint_state import save_checkpoint
+            save_checkpoint(self, final=final)
 
     def _report(self, metrics_row: dict, pbar):
         row = {"step": self.step, **metrics_row}
         if self.metrics_log is not None:
             self.metrics_log.write(row)
-        if self.callback is not None:
+        if self.callback is not None and self.rank == 0:
             self.callback.on_train_loss_report(
                 {"iteration": self.step, "train_loss": row.get("loss"), **row})
         if pbar is not None:
@@ -406,7 +427,7 @@ class OnlineTrainer:
                               "bonus": f"{row.get('exploration_bonus', 0.0):.2e}"})
 
     def _validate(self):
-        if self.valid_set is None or len(self.valid_set) == 0:
+        if self.rank != 0 or self.valid_set is None or len(self.valid_set) == 0:
             return
         t0 = time.perf_counter()
         res = self.evaluate(self.valid_set, self.s.val_batches)
@@ -436,10 +457,11 @@ class OnlineTrainer:
         if resumed:
             from .checkpoint_state import restore
             restore(self, resume_state)
-        self.metrics_log = JsonlLog(os.path.join(self.s.adapter_path, "metrics.jsonl"),
-                                    truncate_after_step=self.step if resumed else None)
-        self.completions_log = JsonlLog(os.path.join(self.s.adapter_path, "completions.jsonl"),
+        if self.rank == 0:
+            self.metrics_log = JsonlLog(os.path.join(self.s.adapter_path, "metrics.jsonl"),
                                         truncate_after_step=self.step if resumed else None)
+            self.completions_log = JsonlLog(os.path.join(self.s.adapter_path, "completions.jsonl"),
+                                            truncate_after_step=self.step if resumed else None)
         old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -447,12 +469,12 @@ class OnlineTrainer:
             except ValueError:  # not the main thread
                 pass
         pbar = tqdm(total=self.s.iters, initial=self.step, desc=self.s.mode, unit="step",
-                    disable=not self.s.progress, dynamic_ncols=True, file=sys.stderr)
+                    disable=not self.s.progress or self.rank != 0, dynamic_ncols=True, file=sys.stderr)
         try:
             while self.step < self.s.iters and not self._interrupted and not self.stop_reason:
                 self.step += 1
                 # each step's randomness is a function of (seed, step): resuming needs no RNG state
-                mx.random.seed(step_seed(self.s.seed, self.step))
+                mx.random.seed(step_seed(self.s.seed, self.step) + 7919 * self.rank)
                 mx.reset_peak_memory()
                 t0 = time.perf_counter()
                 metrics: dict = {}

@@ -135,6 +135,8 @@ def plot(ns) -> int:
             ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None)
         if key == "val_win_rate":
             ax.axhline(0.5, color="grey", ls="--", lw=1)
+        if key in ("val_win_rate", "rewards/accuracies", "judge_invalid_rate"):
+            ax.set_ylim(-0.02, 1.02)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -100,6 +100,18 @@ def preflight(cfg) -> None:
         find_checkpoint(cfg.resume_adapter_file)
 
 
+def _adopt_adapter_config(cfg) -> None:
+    """For a test-only run: take train_type / lora_parameters / num_layers from the adapters' config."""
+    import json
+    path = os.path.join(cfg.adapter_path, "adapter_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            ac = json.load(f)
+        cfg.train_type = ac.get("fine_tune_type", cfg.train_type)
+        cfg.lora_parameters = ac.get("lora_parameters", cfg.lora_parameters)
+        cfg.num_layers = ac.get("num_layers", cfg.num_layers)
+
+
 def write_adapter_config(cfg) -> None:
     """adapter_config.json in the form mlx_lm.load(..., adapter_path=...) reads."""
     lp = dict(C.SETTINGS["lora_parameters"].default, **(cfg.lora_parameters or {}))
@@ -124,13 +136,20 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
         sys.stdout = open(os.devnull, "w")
     mx.random.seed(cfg.seed)
     model_path = resolve_local_model("model", cfg.model)
+    trained = os.path.join(cfg.adapter_path, "adapters.safetensors")
+    if not cfg.train and os.path.isfile(trained):
+        _adopt_adapter_config(cfg)  # evaluate adapters as they were trained
     lora = None
     if cfg.train_type in ("lora", "dora"):
         lp = dict(C.SETTINGS["lora_parameters"].default, **(cfg.lora_parameters or {}))
         lora = {**lp, "use_dora": cfg.train_type == "dora", "num_layers": cfg.num_layers}
-    model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path,
+    model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
                                           lora_config=lora, quantized_load=quantization(cfg))
-    write_adapter_config(cfg)
+    if cfg.train:
+        write_adapter_config(cfg)
+    elif os.path.isfile(trained):
+        model.load_weights(trained, strict=False)
+        print(f"adapters: loaded {trained}")
     separate = None
     if cfg.reference_model_path or cfg.train_type == "full":
         separate, _ = mlx_load(resolve_local_model("reference_model_path", cfg.reference_model_path or model_path))
@@ -175,9 +194,6 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     if cfg.test and status == 0:
         test_set = load_prompts(cfg.data, "test", tokenizer, max_prompt)
         if trainer is None:
-            from mlx_lm.tuner.utils import load_adapters
-            if os.path.isfile(os.path.join(cfg.adapter_path, "adapters.safetensors")):
-                load_adapters(model, cfg.adapter_path)
             trainer = OnlineTrainer(loop_settings(cfg, 1, progress), model, tokenizer, reference, judge,
                                     build_optimizer(cfg), test_set, None, training_callback)
         res = trainer.evaluate(test_set, cfg.test_batches)

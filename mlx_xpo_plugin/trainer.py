@@ -471,6 +471,8 @@ class OnlineTrainer:
         pbar = tqdm(total=self.s.iters, initial=self.step, desc=self.s.mode, unit="step",
                     disable=not self.s.progress or self.rank != 0, dynamic_ncols=True, file=sys.stderr)
         try:
+            if not resumed:
+                self._validate()  # the baseline: step 0, before any update
             while self.step < self.s.iters and not self._interrupted and not self.stop_reason:
                 self.step += 1
                 # each step's randomness is a function of (seed, step): resuming needs no RNG state

@@ -1,0 +1,75 @@
+"""`mlx-xpo demo / plot / eval / schema` as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_xpo_plugin import cli
+
+MLX_XPO = str(Path(sys.executable).with_name("mlx-xpo"))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cache = tmp_path_factory.mktemp("cache")
+    r = subprocess.run([MLX_XPO, "demo", "--iters", "6", "--output", str(out), "--cache", str(cache)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, cache, r.stdout
+
+
+def test_demo_trains_through_the_upstream_cli_and_explains_results(demo_run):
+    out, _, stdout = demo_run
+    assert "xpo: mlx-xpo-plugin" in stdout and "replaces the built-in mode" in stdout
+    assert "win-rate of the policy against the reference" in stdout and "0.5 is chance" in stdout
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    vals = [r for r in rows if "val_win_rate" in r]
+    assert vals[0]["step"] == 0 and vals[-1]["step"] == 6  # baseline + end of training
+    assert (out / "adapters.safetensors").is_file()
+
+
+def test_plot_writes_a_png(demo_run):
+    out, _, _ = demo_run
+    r = subprocess.run([MLX_XPO, "plot", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    png = out / "training.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_plot_without_matplotlib_says_how_to_install(demo_run, monkeypatch, capsys):
+    out, _, _ = demo_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["plot", str(out)]) == 2
+    assert "pip install 'mlx-xpo-plugin[plot]'" in capsys.readouterr().err
+
+
+def test_plot_of_a_folder_without_metrics(tmp_path, capsys):
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_eval_reports_win_rate_with_interval(demo_run):
+    out, cache, _ = demo_run
+    r = subprocess.run([MLX_XPO, "eval", "--model", str(cache / "demo-model"), "--adapter-path", str(out),
+                        "--data", str(cache / "demo-data"), "--judge", "mlx_xpo_plugin.rules:prefer_letter_e",
+                        "--max-completion-length", "12", "--json"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["pairs"] == 24 and res["wins"] + res["losses"] + res["ties"] + res["invalid"] == 24
+    lo, hi = res["win_rate_ci95"]
+    assert 0 <= lo <= res["win_rate"] <= hi <= 1
+
+
+def test_wilson_interval():
+    lo, hi = cli.wilson(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+
+
+def test_schema_command_prints_json_schema(capsys):
+    assert cli.main(["schema"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["properties"]["alpha"]["default"] == 1e-5

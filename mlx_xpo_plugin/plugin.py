@@ -6,6 +6,7 @@ as third-party plugins do.
 
 from __future__ import annotations
 
+from . import __version__
 from . import config as C
 from .hookspecs import hookimpl
 from .registry import TrainMode
@@ -24,7 +25,7 @@ def _mode(name: str) -> TrainMode:
         name=name, description=_DESCRIPTIONS[name], main=mode_main(name), train=api,
         settings=tuple(s for s in C.PLUGIN_SETTINGS if name in s.modes),
         needs_reference=True, needs_judge=True, dataset_kind="prompt",
-        add_arguments=C.add_arguments,
+        add_arguments=C.add_arguments, plugin=f"mlx-xpo-plugin {__version__}",
     )
 
 

@@ -1,0 +1,67 @@
+"""Start-up hook of path 2, imported by ``mlx_xpo_plugin.pth`` in site-packages.
+
+It must stay cheap and can never fail: it only puts a tiny finder at the front of
+``sys.meta_path``, which ignores every import except ``mlx_lm_lora.train``. Only then is
+:mod:`mlx_xpo_plugin.activation` imported (and through it pluggy, our registry, ...).
+``MLX_XPO_PLUGIN=0`` in the environment turns the whole thing off (the .pth line then does not
+even import this module; the check here covers other ways of importing it).
+Keep ``mlx_xpo_plugin/__init__.py`` free of imports: it runs in every interpreter too.
+"""
+
+import os
+import sys
+
+TARGET = "mlx_lm_lora.train"
+_OFF = ("0", "false", "no", "off")
+
+
+def enabled() -> bool:
+    return os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() not in _OFF
+
+
+_reported = False
+
+
+def report(exc) -> None:
+    """Say once, on one stderr line, that activation failed and upstream runs unchanged."""
+    global _reported
+    if _reported:
+        return
+    _reported = True
+    try:
+        what = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        what = " ".join(str(what).split())
+        sys.stderr.write(f"mlx-xpo-plugin: activation failed ({what}); mlx-lm-lora runs "
+                         f"unchanged (set MLX_XPO_PLUGIN=0 to silence this)\n")
+    except Exception:
+        pass
+
+
+class TrainModuleFinder:
+    """``sys.meta_path`` entry that hands ``mlx_lm_lora.train`` to the activation code."""
+
+    mlx_xpo_plugin = True  # recognised by install() even across reloads of this module
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != TARGET:
+            return None
+        try:
+            from mlx_xpo_plugin import activation
+            return activation.find_spec(self, fullname, path, target)
+        except Exception as e:  # never break an import
+            report(e)
+            return None
+
+    def invalidate_caches(self):
+        pass
+
+
+def install() -> None:
+    try:
+        if enabled() and not any(getattr(f, "mlx_xpo_plugin", False) for f in sys.meta_path):
+            sys.meta_path.insert(0, TrainModuleFinder())
+    except Exception as e:
+        report(e)
+
+
+install()

@@ -1,0 +1,241 @@
+"""Path 2: host plugin train modes in a *stock* mlx-lm-lora, with its console script unchanged.
+
+``mlx_xpo_plugin.pth`` (installed into site-packages by our wheel, editable or not) imports
+:mod:`mlx_xpo_plugin._bootstrap`, which puts a finder in front of ``sys.meta_path``. When
+``mlx_lm_lora.train`` is imported, :func:`find_spec` lets the normal finders locate it and wraps
+its loader: the module executes unchanged, then :func:`activate` replaces
+
+* ``build_parser`` -- upstream's parser, plus every registered mode as a ``--train-mode``
+  choice and each mode's ``add_arguments(parser)``;
+* ``main`` -- a plugin mode (from the command line, the dict passed to ``main``, or the YAML's
+  ``train_mode``) gets the whole run: ``mode.main(args, explicit)`` with ``args`` after
+  upstream's own YAML/default merge and its status returned (the console script exits with it);
+  any other mode goes to upstream's ``main`` untouched.
+
+This mirrors what ``patches/0001-add-pluggy-plugin-host-for-train-modes.patch`` does inside
+upstream; if the installed mlx-lm-lora has that host (``mlx_lm_lora.plugins``), nothing happens.
+``python -m mlx_lm_lora.train`` works too: runpy asks the wrapped loader for the module's code,
+and gets a three-line stub that imports the (activated) module and exits with ``main()``.
+
+Safety: any exception raised by this code (including a plugin failing to load) is reported once,
+on one stderr line, and upstream then runs exactly as if this package were not installed.
+Exceptions raised by a mode's own ``main`` are the mode's and propagate. ``MLX_XPO_PLUGIN=0``
+turns activation off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.machinery import PathFinder
+
+from ._bootstrap import TARGET, enabled, report
+
+#: what ``python -m mlx_lm_lora.train`` runs as ``__main__`` once activation is in place
+RUN_AS_MAIN = "import sys\nfrom mlx_lm_lora.train import main\nsys.exit(main())\n"
+_UPSTREAM_NEEDS = ("build_parser", "main", "CONFIG_DEFAULTS", "print_banner", "print_info")
+
+
+class _State:
+    failed = False  # set on the first activation error: from then on upstream runs unchanged
+
+
+def fail(exc) -> None:
+    _State.failed = True
+    report(exc)
+
+
+def upstream_hosts_plugins(path=None) -> bool:
+    """True when the importable mlx-lm-lora has its own plugin host (the patch is applied)."""
+    if path is None:
+        parent = sys.modules.get("mlx_lm_lora")
+        path = getattr(parent, "__path__", None)
+    return path is not None and PathFinder.find_spec("mlx_lm_lora.plugins", path) is not None
+
+
+def find_spec(finder, fullname, path=None, target=None):
+    """Called by the start-up finder for ``mlx_lm_lora.train``: its real spec, loader wrapped."""
+    if fullname != TARGET or not enabled() or upstream_hosts_plugins(path):
+        return None
+    for other in sys.meta_path:
+        if other is finder or not hasattr(other, "find_spec"):
+            continue
+        spec = other.find_spec(fullname, path, target)
+        if spec is not None:
+            break
+    else:
+        return None
+    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+        spec.loader = TrainLoader(spec.loader)
+    return spec
+
+
+class TrainLoader:
+    """Loads ``mlx_lm_lora.train`` with its own loader, then activates it."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, name):  # get_source, get_filename, get_resource_reader, ...
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        try:
+            activate(module)
+        except Exception as e:
+            fail(e)
+
+    def get_code(self, fullname):
+        # runpy (python -m) executes the code it gets here as __main__, where upstream's
+        # `if __name__ == "__main__": main()` would call the unwrapped main; give it a stub.
+        if fullname == TARGET and sys._getframe(1).f_globals.get("__name__") == "runpy":
+            return compile(RUN_AS_MAIN, f"<mlx-xpo-plugin: python -m {TARGET}>", "exec")
+        return self.loader.get_code(fullname)
+
+
+def plugin_modes() -> dict:
+    """``{name: TrainMode}`` of every plugin (ours included), loaded on first use."""
+    from .registry import default_registry
+    return default_registry().modes
+
+
+def extend_parser(parser: argparse.ArgumentParser, modes: dict) -> None:
+    """Add ``modes`` to the ``--train-mode`` choices and let each add its options."""
+    for action in parser._actions:
+        if action.dest == "train_mode" and action.choices is not None:
+            action.choices = list(dict.fromkeys([*action.choices, *modes]))
+            break
+    else:
+        raise RuntimeError("mlx_lm_lora.train.build_parser() has no --train-mode choices")
+    for mode in modes.values():
+        if mode.add_arguments is not None:
+            mode.add_arguments(parser)
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv) -> set:
+    """Names of the options given in ``argv``: parse again with every default suppressed."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+class _NotOurs(Exception):
+    pass
+
+
+def _quiet_parse(parser: argparse.ArgumentParser, argv):
+    """``parser.parse_args(argv)``, or None where argparse would print (help, errors) and exit:
+    upstream's own main then parses again and prints exactly what it always printed."""
+    def stop(*_a, **_k):
+        raise _NotOurs
+
+    parser.exit = stop
+    parser._print_message = lambda *_a, **_k: None
+    try:
+        return parser.parse_args(argv)
+    except _NotOurs:
+        return None
+
+
+def _yaml(module, path):
+    """The YAML config read as upstream reads it (its ``yaml_loader``)."""
+    import yaml
+    with open(path, "r") as f:
+        return yaml.load(f, Loader=getattr(module, "yaml_loader", yaml.SafeLoader))
+
+
+def _yaml_train_mode(module, path):
+    if not path:
+        return None
+    try:
+        cfg = _yaml(module, path)
+    except Exception:  # unreadable: upstream will say so as it always does
+        return None
+    return cfg.get("train_mode") if isinstance(cfg, dict) else None
+
+
+def plan(module, args):
+    """``(mode, namespace, explicit)`` when ``args`` selects a plugin mode, else None."""
+    modes = plugin_modes()
+    if args is None:
+        argv = sys.argv[1:]
+        ns = _quiet_parse(module.build_parser(), argv)
+        if ns is None:
+            return None
+    elif isinstance(args, dict):
+        ns = argparse.Namespace(**{**vars(module.build_parser().parse_args([])), **args})
+    else:
+        ns = argparse.Namespace(**vars(args))
+    name = (getattr(ns, "train_mode", None) or _yaml_train_mode(module, getattr(ns, "config", None))
+            or module.CONFIG_DEFAULTS.get("train_mode"))
+    mode = modes.get(name)
+    if mode is None:
+        return None
+    if args is None:
+        explicit = explicit_options(module.build_parser(), argv)
+    elif isinstance(args, dict):
+        explicit = set(args)
+    else:  # a namespace: as in upstream's YAML merge, a value that is set was given
+        explicit = {k for k, v in vars(args).items() if v is not None}
+    return mode, ns, explicit
+
+
+def merge_like_upstream(module, ns) -> None:
+    """Upstream main's merge: YAML values, then CONFIG_DEFAULTS, fill what is still None."""
+    if getattr(ns, "config", None):
+        for k, v in (_yaml(module, ns.config) or {}).items():
+            if getattr(ns, k, None) is None:
+                setattr(ns, k, v)
+    for k, v in module.CONFIG_DEFAULTS.items():
+        if getattr(ns, k, None) is None:
+            setattr(ns, k, v)
+
+
+def activate(module) -> None:
+    """Wrap ``build_parser`` and ``main`` of a freshly executed ``mlx_lm_lora.train``."""
+    if hasattr(module, "plugins"):  # upstream hosts plugins itself
+        return
+    if getattr(getattr(module, "main", None), "__mlx_xpo_plugin__", False):
+        return  # already wrapped (a reload re-defines main and comes through here again)
+    missing = [n for n in _UPSTREAM_NEEDS if not hasattr(module, n)]
+    if missing:
+        raise RuntimeError(f"mlx_lm_lora.train has no {', '.join(missing)}")
+    upstream_build_parser, upstream_main = module.build_parser, module.main
+
+    def build_parser():
+        parser = upstream_build_parser()
+        if _State.failed:
+            return parser
+        try:
+            extend_parser(parser, plugin_modes())
+        except Exception as e:
+            fail(e)
+            return upstream_build_parser()  # a clean one: add_arguments may have half-run
+        return parser
+
+    def main(args=None):
+        found = None
+        if not _State.failed:
+            try:
+                found = plan(module, args)
+            except Exception as e:
+                fail(e)
+        if found is None:
+            return upstream_main(args)
+        mode, ns, explicit = found
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # as upstream's main
+        module.print_banner()
+        merge_like_upstream(module, ns)  # a bad YAML fails here as it does in upstream
+        module.print_info(mode.banner())
+        return mode.main(ns, explicit)
+
+    for new, old in ((build_parser, upstream_build_parser), (main, upstream_main)):
+        new.__name__, new.__qualname__, new.__doc__ = old.__name__, old.__qualname__, old.__doc__
+        new.__module__, new.__wrapped__, new.__mlx_xpo_plugin__ = old.__module__, old, True
+    module.build_parser, module.main = build_parser, main
+    module.__mlx_xpo_plugin_activated__ = True

@@ -1,0 +1,88 @@
+"""The TrainMode registry: built-ins and third-party plugins register through the same hook."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.metadata as md
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from mlx_xpo_plugin import __version__
+from mlx_xpo_plugin.registry import (
+    BUILTIN_TRAIN_MODES, DuplicateRegistration, collect, get_train_mode, make_plugin_manager,
+)
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+def fresh_registry(monkeypatch, *plugin_dirs):
+    """A registry built from the entry points visible with ``plugin_dirs`` on sys.path."""
+    for d in plugin_dirs:
+        monkeypatch.syspath_prepend(str(PLUGINS / d))
+    return collect(make_plugin_manager())
+
+
+def test_builtins_register_through_the_entry_point_hook():
+    eps = [ep for ep in md.entry_points(group="mlx_lm_lora") if ep.value == "mlx_xpo_plugin.plugin"]
+    assert eps, "mlx-xpo-plugin is not installed with its mlx_lm_lora entry point"
+    pm = make_plugin_manager()
+    owners = {impl.plugin.__name__ for impl in pm.hook.register_train_modes.get_hookimpls()}
+    assert "mlx_xpo_plugin.plugin" in owners
+    reg = collect(pm)
+    for name in ("xpo", "online_dpo"):
+        mode = reg.modes[name]
+        assert mode.plugin == f"mlx-xpo-plugin {__version__}"
+        assert callable(mode.main) and mode.needs_judge and mode.dataset_kind == "prompt"
+
+
+def test_banner_of_a_mode_replacing_a_builtin():
+    assert get_train_mode("xpo").banner() == (
+        f"xpo: mlx-xpo-plugin {__version__}, replaces the built-in mode")
+    assert get_train_mode("online_dpo").banner().endswith(", replaces the built-in mode")
+
+
+def test_builtin_names_match_upstream():
+    """BUILTIN_TRAIN_MODES is upstream's own --train-mode choice list (read from its source)."""
+    pkg = importlib.util.find_spec("mlx_lm_lora").submodule_search_locations[0]
+    train_py = Path(pkg, "train.py")
+    for node in ast.walk(ast.parse(train_py.read_text())):
+        if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                and node.args[0].value == "--train-mode"):
+            choices = next(k.value for k in node.keywords if k.arg == "choices")
+            assert tuple(ast.literal_eval(choices)) == BUILTIN_TRAIN_MODES
+            return
+    pytest.fail("no --train-mode option in upstream's train.py")
+
+
+def test_third_party_mode_registers_and_runs(monkeypatch, tmp_path):
+    reg = fresh_registry(monkeypatch, "echo")
+    mode = reg.modes["echo_mode"]
+    assert mode.plugin == "echo-plugin 1.0"
+    assert mode.banner() == "echo_mode: echo-plugin 1.0"  # not a built-in name: no "replaces"
+    assert {"xpo", "online_dpo"} <= set(reg.modes)  # ours still there
+
+    parser = argparse.ArgumentParser()
+    mode.add_arguments(parser)
+    out = tmp_path / "echo.json"
+    args = parser.parse_args(["--echo-out", str(out), "--echo-status", "5"])
+    assert mode.main(args, {"echo_out", "echo_status"}) == 5
+    got = json.loads(out.read_text())
+    assert got["explicit"] == ["echo_out", "echo_status"]
+    assert got["args"]["echo_out"] == str(out)
+
+
+def test_two_plugins_one_name_is_an_error_naming_both(monkeypatch):
+    with pytest.raises(DuplicateRegistration) as e:
+        fresh_registry(monkeypatch, "echo", "clash")
+    msg = str(e.value)
+    assert "'echo_mode'" in msg and "echo-plugin 1.0" in msg and "clash-plugin 2.0" in msg
+
+
+def test_a_plugin_may_replace_a_builtin_name(monkeypatch):
+    reg = fresh_registry(monkeypatch, "replace")
+    assert reg.modes["dpo"].plugin == "replace-plugin 1.0"
+    assert reg.modes["dpo"].banner().endswith("replaces the built-in mode")

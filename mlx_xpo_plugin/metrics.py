@@ -26,7 +26,10 @@ class MetricsWindow:
     def reset(self):
         self._sum = defaultdict(float)
         self._w = defaultdict(float)
-        self.steps = 0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._sum)
 
     def add(self, values: dict, weight: float = 1.0):
         for k, v in values.items():

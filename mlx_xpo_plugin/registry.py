@@ -78,11 +78,7 @@ def _plugin_label(pm: pluggy.PluginManager, plugin) -> str:
     for p, dist in pm.list_plugin_distinfo():
         if p is plugin:
             return f"{dist.project_name} {dist.version}"
-    name = pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
-    if name == "mlx_xpo_plugin.plugin" or getattr(plugin, "__name__", "") == "mlx_xpo_plugin.plugin":
-        from . import __version__
-        return f"mlx-xpo-plugin {__version__}"
-    return name
+    return pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
 
 
 def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> pluggy.PluginManager:
@@ -91,9 +87,8 @@ def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> plu
     if load_entry_points:
         pm.load_setuptools_entrypoints(hookspecs.ENTRY_POINT_GROUP)
     from . import plugin as builtin
-    if not pm.is_registered(builtin) and builtin not in [p for p in pm.get_plugins()]:
-        if not any(getattr(p, "__name__", None) == builtin.__name__ for p in pm.get_plugins()):
-            pm.register(builtin, name="mlx_xpo_plugin.plugin")
+    if not pm.is_registered(builtin):  # not installed as a distribution (e.g. a source checkout)
+        pm.register(builtin, name="mlx_xpo_plugin.plugin")
     for p in extra_plugins:
         pm.register(p)
     return pm

@@ -354,7 +354,6 @@ class OnlineTrainer:
         dpo_losses, accs, margins = [], [], []
         beta = self.current(self.s.beta)
         for i in range(0, n, self.s.batch_size):
-            ids, texts = prompts.ids[i:i + n][: self.s.batch_size], prompts.texts[i:i + self.s.batch_size]
             ids = prompts.ids[i:min(n, i + self.s.batch_size)]
             texts = prompts.texts[i:min(n, i + self.s.batch_size)]
             pol = sample_completions(self.model, self.tokenizer, ids, 1, self.s.sampling)
@@ -514,8 +513,8 @@ class OnlineTrainer:
             pbar.close()
             for sig, h in old.items():
                 signal.signal(sig, h)
-        if self.window.steps or self.window._sum:
+        if self.window.pending:  # steps since the last report (e.g. interrupted mid-window)
             self._report(self.window.report(), None)
         self.save(final=self.step >= self.s.iters)
-        return {"step": self.step, "interrupted": bool(self._interrupted), "stop_reason": self.stop_reason,
-                **self._last_val}
+        return {**self._last_val, "step": self.step, "interrupted": bool(self._interrupted),
+                "stop_reason": self.stop_reason}

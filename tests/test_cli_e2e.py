@@ -128,3 +128,13 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_path, prompt_d
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [x["step"] for x in rows(out) if "loss" in x or "judge/pairs" in x]
     assert steps == list(range(1, state["step"] + 3))  # nothing lost, nothing repeated
+
+
+def test_help_lists_our_settings_with_help_texts():
+    r = run(["--help"], timeout=60)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    from mlx_xpo_plugin.config import PLUGIN_SETTINGS
+    for s in PLUGIN_SETTINGS:
+        assert s.flag in text, s.flag
+        assert " ".join(s.help.split())[:30] in text, s.name

@@ -1,0 +1,185 @@
+"""Helpers the judge adapters share: ``judge_config`` validation, the pairwise prompt, order
+shuffling with a correct (invalid-preserving) map back, and combining both orders."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from ..errors import ConfigError
+from .base import Verdict
+
+# ---------------------------------------------------------------------------------------------
+# judge_config validation
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``judge_config`` key: its kind ('bool', 'int', 'number', 'str' or a tuple of allowed
+    strings), its default, an optional extra test ``ok(value) -> bool`` described by ``rule``."""
+
+    kind: Any
+    default: Any
+    ok: Optional[Callable[[Any], bool]] = None
+    rule: str = ""
+    secret: bool = False  # a value that may be a credential is never echoed in full
+
+
+def _kind_ok(kind, v) -> bool:
+    if isinstance(kind, tuple):
+        return isinstance(v, str) and v in kind
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if kind == "number":
+        return (isinstance(v, numbers.Real) and not isinstance(v, bool)
+                and math.isfinite(float(v)))
+    if kind == "str":
+        return isinstance(v, str)
+    raise AssertionError(kind)
+
+
+def _kind_text(kind) -> str:
+    if isinstance(kind, tuple):
+        return "one of " + ", ".join(repr(k) for k in kind)
+    return {"bool": "true or false", "int": "an integer", "number": "a number",
+            "str": "a string"}[kind]
+
+
+def _redact(v) -> str:
+    s = str(v)
+    return (s[:3] + "..." + f"({len(s)} characters)") if len(s) > 3 else "***"
+
+
+def resolve_options(judge_kind: str, config, schema: dict[str, Option]) -> dict:
+    """Validate ``config`` (the ``judge_config`` dict) against ``schema``; return every option
+    with defaults filled in. Unknown keys get a did-you-mean; wrong types name the key."""
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise ConfigError("judge_config", config, "must be a mapping of option names to values")
+    for key in config:
+        if key not in schema:
+            valid = ", ".join(sorted(schema)) or "none"
+            close = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else ""
+            raise ConfigError("judge_config", key,
+                              f"unknown option for the {judge_kind} judge; valid options: {valid}",
+                              hint)
+    out = {}
+    for key, opt in schema.items():
+        v = config.get(key, opt.default)
+        if key in config:
+            shown = _redact(v) if opt.secret else v
+            if not _kind_ok(opt.kind, v):
+                raise ConfigError(f"judge_config.{key}", shown, f"must be {_kind_text(opt.kind)}")
+            if opt.ok is not None and not opt.ok(v):
+                raise ConfigError(f"judge_config.{key}", shown, f"must be {opt.rule}")
+        out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the pairwise prompt
+
+DEFAULT_RUBRIC = (
+    "You are an impartial judge. Given a prompt and two responses, decide which response is "
+    "better: more helpful, correct, clear and safe. Ignore the order and the length of the "
+    "responses. Answer with one digit: 0 if Response 0 is better, 1 if Response 1 is better."
+)
+
+#: the user message of every pair; it always ends by asking for the digit, whatever the rubric
+PAIR_TEMPLATE = (
+    "Prompt:\n{prompt}\n\nResponse 0:\n{a}\n\nResponse 1:\n{b}\n\n"
+    "Better response (0 or 1)?"
+)
+
+
+def pair_messages(rubric: Optional[str], prompt: str, a: str, b: str) -> list[dict]:
+    """Chat messages asking which of ``a`` (shown as Response 0) and ``b`` (Response 1) is better.
+    ``rubric`` (the ``judge_system`` setting) replaces the default system message; the closing
+    "answer 0 or 1" instruction is always kept, since the labels are this plugin's contract."""
+    return [
+        {"role": "system", "content": rubric or DEFAULT_RUBRIC},
+        {"role": "user", "content": PAIR_TEMPLATE.format(prompt=prompt, a=a, b=b)},
+    ]
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The chat-templated text of ``messages`` with the generation prompt. Templates that reject a
+    system role get the system text merged into the user message; a tokenizer without a chat
+    template gets plain text ending in "Answer:"."""
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception:
+            merged = [{"role": "user",
+                       "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            return tokenizer.apply_chat_template(merged, tokenize=False,
+                                                 add_generation_prompt=True)
+    return messages[0]["content"] + "\n\n" + messages[1]["content"] + "\nAnswer:"
+
+
+# ---------------------------------------------------------------------------------------------
+# order shuffling and both orders
+
+
+def draw_flips(rng: random.Random, n: int) -> list[bool]:
+    """Which pairs to show swapped (position-bias control), from the judge's seeded ``rng``."""
+    return [rng.random() < 0.5 for _ in range(n)]
+
+
+def unflip(v: Verdict, flipped: bool) -> Verdict:
+    """Map a verdict on a swapped pair back to the original order. A tie stays a tie and an
+    invalid verdict stays invalid: only a real winner is mirrored."""
+    if not flipped:
+        return v
+    scores = (v.scores[1], v.scores[0]) if v.scores is not None else None
+    if v.winner is None:
+        return Verdict(None, v.confidence, v.raw, v.tie, scores)
+    return Verdict(1 - v.winner, v.confidence, v.raw, False, scores)
+
+
+def combine_orders(fwd: Verdict, rev: Verdict, p_second: Optional[tuple[float, float]] = None
+                   ) -> tuple[Verdict, Optional[bool]]:
+    """Combine the verdict on (a, b) with the verdict on (b, a) (``rev``, still in its own order).
+
+    Returns (verdict, consistent): consistent is None when either order was invalid (the result is
+    invalid), True when both orders agree (same winner, or both ties), False otherwise (the result
+    is an invalid verdict whose ``raw`` says why). ``p_second`` = (P(second better) on (a, b),
+    P(second better) on (b, a)) gives the combined confidence when known.
+    """
+    back = unflip(rev, True)
+    raw = {"a_b": fwd.raw, "b_a": rev.raw}
+    if fwd.invalid or back.invalid:
+        return Verdict.bad(raw), None
+    if fwd.tie and back.tie:
+        return Verdict.tied(raw), True
+    if fwd.winner is not None and fwd.winner == back.winner:
+        conf = None
+        if p_second is not None:
+            pb = 0.5 * (p_second[0] + (1.0 - p_second[1]))
+            conf = min(1.0, max(0.0, pb if fwd.winner == 1 else 1.0 - pb))
+        elif fwd.confidence is not None and back.confidence is not None:
+            conf = 0.5 * (fwd.confidence + back.confidence)
+        return Verdict(fwd.winner, conf, raw), True
+    what = lambda v: "tie" if v.tie else f"winner {v.winner}"  # noqa: E731
+    raw["inconsistent"] = (f"order (a, b) gave {what(fwd)}, order (b, a) gave {what(back)} "
+                           "(in the original order)")
+    return Verdict.bad(raw), False
+
+
+def consistency_metrics(flags: Sequence[Optional[bool]]) -> dict:
+    """``judge/position_consistency``: the fraction of pairs, among those valid in both orders,
+    whose two orders agree (0.0 when none is); ``judge/both_orders_valid``: how many those are."""
+    valid = [f for f in flags if f is not None]
+    return {
+        "judge/position_consistency": (sum(valid) / len(valid)) if valid else 0.0,
+        "judge/both_orders_valid": len(valid),
+    }

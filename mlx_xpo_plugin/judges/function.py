@@ -1,0 +1,278 @@
+"""Python-function judge: ``judge: module:callable`` or ``judge: path/to/file.py:callable``.
+
+The callable takes one of three forms.
+
+* Pairwise (default): ``fn(prompt, completion_a, completion_b)`` returns
+
+  - ``0`` (a is better) or ``1`` (b is better), ints or numpy ints;
+  - ``None``: no preference, a tie;
+  - a float ``p`` in [0, 1], the probability that the SECOND completion (b) is better:
+    ``p > 0.5`` -> winner 1 with confidence ``p``, ``p < 0.5`` -> winner 0 with confidence
+    ``1 - p``, ``p == 0.5`` -> tie.
+
+  Anything else is an invalid verdict, never a label: ``2``, ``-1``, ``"1"``, ``True`` /
+  ``False`` (ambiguous: does True mean "a wins"?), NaN, a float outside [0, 1], or an exception
+  the function raised (caught per pair). ``Verdict.raw`` keeps the returned value (or the
+  exception text) for debugging.
+
+* Batched (``judge_config: {batched: true}`` or the attribute ``fn.batched = True``):
+  ``fn(prompts, pairs) -> list`` with one answer per pair, read as above. A call that raises or
+  returns a list of the wrong length makes every verdict of that call invalid.
+
+* Pointwise (``judge_config: {pointwise: true}`` or ``fn.pointwise = True``): a reward function
+  ``fn(prompt, completion) -> float``. The higher score wins, equal scores tie, and
+  ``Verdict.scores = (score_a, score_b)``; the confidence is the Bradley-Terry probability
+  ``sigmoid(|score_a - score_b|)``. A score that is not a finite real number (or an exception)
+  makes the verdict invalid. Pointwise and batched together: ``fn(prompts, completions) ->
+  list[float]``, called once with every prompt twice (all a's, then all b's).
+
+A file is loaded with ``importlib.util.spec_from_file_location``; while it runs, its folder is on
+``sys.path`` so that it may import its neighbours. A function judge is plain code, so pairs are
+shown in their given order (no shuffling).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import math
+import numbers
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from ..errors import ConfigError
+from .base import JudgeContext, Verdict
+from .common import Option, resolve_options
+
+OPTIONS = {
+    "batched": Option("bool", None),
+    "pointwise": Option("bool", None),
+}
+
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def split_spec(spec: str) -> Optional[tuple[str, str]]:
+    """(module or file, attribute) for a ``module:callable`` / ``file.py:callable`` spec, else None."""
+    if not isinstance(spec, str) or "://" in spec or ":" not in spec:
+        return None
+    left, right = spec.rsplit(":", 1)
+    left, right = left.strip(), right.strip()
+    if not left or not _DOTTED.match(right):
+        return None
+    if left.endswith(".py") or _DOTTED.match(left):
+        return left, right
+    return None
+
+
+def matches(spec: str) -> bool:
+    return split_spec(spec) is not None
+
+
+_FILE_MODULES: dict = {}
+
+
+def _load_file(path: Path, spec: str):
+    key = (str(path), path.stat().st_mtime_ns)
+    if key in _FILE_MODULES:
+        return _FILE_MODULES[key]
+    name = "_mlx_xpo_judge_" + re.sub(r"\W", "_", path.stem) + "_" + hashlib.sha1(
+        str(path).encode()).hexdigest()[:8]
+    mspec = importlib.util.spec_from_file_location(name, str(path))
+    if mspec is None or mspec.loader is None:
+        raise ConfigError("judge", spec, f"cannot load {str(path)!r} as a Python file")
+    module = importlib.util.module_from_spec(mspec)
+    sys.modules[name] = module
+    folder = str(path.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        mspec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise ConfigError("judge", spec, f"running {str(path)!r} failed",
+                          f"{type(e).__name__}: {e}") from e
+    finally:
+        if added:
+            try:
+                sys.path.remove(folder)
+            except ValueError:
+                pass
+    _FILE_MODULES[key] = module
+    return module
+
+
+def load_callable(spec: str) -> Callable:
+    """Import the callable a spec names; ConfigError with a one-line reason when it can't."""
+    parts = split_spec(spec)
+    if parts is None:
+        raise ConfigError("judge", spec, "use 'module:callable' or 'path/to/file.py:callable'")
+    where, attr = parts
+    if where.endswith(".py"):
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise ConfigError("judge", spec, f"the file {where!r} does not exist",
+                              f"working directory: {os.getcwd()}")
+        module = _load_file(path.resolve(), spec)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as e:
+            raise ConfigError("judge", spec, f"cannot import the module {where!r}",
+                              f"{type(e).__name__}: {e}") from e
+    obj: Any = module
+    for name in attr.split("."):
+        if not hasattr(obj, name):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(name, names, n=1)
+            raise ConfigError("judge", spec, f"{where!r} has no attribute {name!r}",
+                              f"did you mean {close[0]!r}?" if close else "")
+        obj = getattr(obj, name)
+    if not callable(obj):
+        raise ConfigError("judge", spec, f"{attr!r} is not callable (it is a {type(obj).__name__})")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the user's answers
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def answer_to_verdict(ans) -> Verdict:
+    """Read one pairwise answer (see the module docstring); never raises."""
+    if ans is None:
+        return Verdict.tied(raw=None)
+    if isinstance(ans, bool):
+        return Verdict.bad(raw=ans)
+    if isinstance(ans, numbers.Integral):
+        return Verdict(int(ans), None, ans) if int(ans) in (0, 1) else Verdict.bad(raw=ans)
+    if _is_real(ans):
+        p = float(ans)
+        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            return Verdict.bad(raw=ans)
+        if p > 0.5:
+            return Verdict(1, p, ans)
+        if p < 0.5:
+            return Verdict(0, 1.0 - p, ans)
+        return Verdict.tied(raw=ans)
+    return Verdict.bad(raw=ans)
+
+
+def scores_to_verdict(sa, sb) -> Verdict:
+    """Two pointwise scores -> verdict: higher wins, equal ties; non-finite / non-real -> invalid."""
+    if not (_is_real(sa) and _is_real(sb)):
+        return Verdict.bad(raw=(sa, sb))
+    fa, fb = float(sa), float(sb)
+    if not (math.isfinite(fa) and math.isfinite(fb)):
+        return Verdict.bad(raw=(sa, sb))
+    if fa == fb:
+        return Verdict.tied(raw=(sa, sb), scores=(fa, fb))
+    conf = 1.0 / (1.0 + math.exp(-min(abs(fa - fb), 700.0)))
+    return Verdict(0 if fa > fb else 1, conf, (sa, sb), False, (fa, fb))
+
+
+def _err(e: BaseException) -> str:
+    return f"error: {type(e).__name__}: {e}"
+
+
+class FunctionJudge:
+    """A PairwiseJudge around a user's Python callable (see the module docstring)."""
+
+    def __init__(self, fn: Callable, batched: bool = False, pointwise: bool = False, name: str = ""):
+        self.fn, self.batched, self.pointwise = fn, bool(batched), bool(pointwise)
+        self.name = name or getattr(fn, "__name__", repr(fn))
+        self.last_metrics: dict = {}
+
+    def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
+        if len(prompts) != len(pairs):
+            raise ValueError(f"{len(prompts)} prompts but {len(pairs)} pairs")
+        self._errors = 0
+        if self.pointwise:
+            out = self._pointwise_batched(prompts, pairs) if self.batched else [
+                self._pointwise_one(p, a, b) for p, (a, b) in zip(prompts, pairs)]
+        elif self.batched:
+            out = self._pairwise_batched(prompts, pairs)
+        else:
+            out = [self._pairwise_one(p, a, b) for p, (a, b) in zip(prompts, pairs)]
+        self.last_metrics = {"judge/function_errors": self._errors}
+        return out
+
+    def _pairwise_one(self, prompt, a, b) -> Verdict:
+        try:
+            ans = self.fn(prompt, a, b)
+        except Exception as e:
+            self._errors += 1
+            return Verdict.bad(raw=_err(e))
+        return answer_to_verdict(ans)
+
+    def _call_batched(self, *args, n: int) -> Optional[list]:
+        """The batched call's list of ``n`` answers, or None (and raw text in ``self._why``)."""
+        try:
+            res = self.fn(*args)
+        except Exception as e:
+            self._errors += 1
+            self._why = _err(e)
+            return None
+        try:
+            res = list(res)
+        except TypeError:
+            self._why = f"batched judge returned {type(res).__name__}, not a list"
+            return None
+        if len(res) != n:
+            self._why = f"batched judge returned {len(res)} answers for {n} inputs"
+            return None
+        return res
+
+    def _pairwise_batched(self, prompts, pairs) -> list[Verdict]:
+        res = self._call_batched(list(prompts), [tuple(p) for p in pairs], n=len(pairs))
+        if res is None:
+            return [Verdict.bad(raw=self._why) for _ in pairs]
+        return [answer_to_verdict(r) for r in res]
+
+    def _pointwise_one(self, prompt, a, b) -> Verdict:
+        try:
+            sa, sb = self.fn(prompt, a), self.fn(prompt, b)
+        except Exception as e:
+            self._errors += 1
+            return Verdict.bad(raw=_err(e))
+        return scores_to_verdict(sa, sb)
+
+    def _pointwise_batched(self, prompts, pairs) -> list[Verdict]:
+        n = len(pairs)
+        res = self._call_batched(list(prompts) * 2, [a for a, _ in pairs] + [b for _, b in pairs],
+                                 n=2 * n)
+        if res is None:
+            return [Verdict.bad(raw=self._why) for _ in pairs]
+        return [scores_to_verdict(res[i], res[n + i]) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# factory functions
+
+
+def _modes(fn, opts) -> tuple[bool, bool]:
+    batched = opts["batched"] if opts["batched"] is not None else bool(getattr(fn, "batched", False))
+    pointwise = (opts["pointwise"] if opts["pointwise"] is not None
+                 else bool(getattr(fn, "pointwise", False)))
+    return batched, pointwise
+
+
+def check(spec: str, ctx: JudgeContext) -> None:
+    resolve_options("function", ctx.judge_config, OPTIONS)
+    load_callable(spec)
+
+
+def build(spec: str, ctx: JudgeContext) -> FunctionJudge:
+    opts = resolve_options("function", ctx.judge_config, OPTIONS)
+    fn = load_callable(spec)
+    batched, pointwise = _modes(fn, opts)
+    return FunctionJudge(fn, batched=batched, pointwise=pointwise, name=spec)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
-
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 

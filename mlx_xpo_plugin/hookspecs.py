@@ -15,9 +15,13 @@ project name and hook signatures, so one plugin module serves both integration p
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: importing these here would cost start-up time
+    from .judges.base import JudgeFactory
+    from .registry import TrainMode
 
 PROJECT = "mlx_lm_lora"
 ENTRY_POINT_GROUP = "mlx_lm_lora"
@@ -27,7 +31,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def register_train_modes(register: Callable[["TrainMode"], None]) -> None:  # noqa: F821
+def register_train_modes(register: Callable[["TrainMode"], None]) -> None:
     """Call ``register(mode)`` once for each train mode this plugin provides.
 
     ``mode`` is a :class:`mlx_xpo_plugin.registry.TrainMode`. Registering a name that another
@@ -36,7 +40,7 @@ def register_train_modes(register: Callable[["TrainMode"], None]) -> None:  # no
 
 
 @hookspec
-def register_judges(register: Callable[["JudgeFactory"], None]) -> None:  # noqa: F821
+def register_judges(register: Callable[["JudgeFactory"], None]) -> None:
     """Call ``register(factory)`` for each judge kind this plugin provides.
 
     ``factory`` is a :class:`mlx_xpo_plugin.judges.base.JudgeFactory`: a name, a

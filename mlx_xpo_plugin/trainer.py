@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -24,7 +23,6 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from . import checkpoint as ckpt
 from .errors import StopTraining
 from .judges.base import Verdict, verdict_metrics
 from .losses import dpo_loss, reward_stats, xpo_kl_bonus, xpo_paper_term

@@ -10,7 +10,9 @@ alpha is a float or a per-epoch list (see schedule.get_current_alpha).
 from __future__ import annotations
 
 from .api import train_mode
-from .schedule import get_current_alpha  # noqa: F401  (part of this module's public API)
+from .schedule import get_current_alpha
+
+__all__ = ["train_xpo", "get_current_alpha"]
 
 MODE = "xpo"
 

@@ -136,7 +136,7 @@ def test_canned_answers(stub):
     assert [v.winner for v in vs] == [1, 0, None, None, None]
     assert all(v.invalid for v in vs[2:]) and vs[2].raw == "banana"
     assert j.last_metrics == {"judge/http_errors": 0, "judge/unparsed": 3,
-                              "judge/http_retries": 0}
+                              "judge/http_retries": 0, "judge/swapped": 0}
     r = stub.requests[0]
     assert r["path"] == "/v1/chat/completions" and r["auth"] is None
     assert r["body"]["model"] == "judge-model" and r["body"]["max_tokens"] == 5
@@ -217,7 +217,7 @@ def test_retry_then_success(stub):
     vs = j.judge(["fail-once:1", "fail-once:2", "say:0"], [("a", "b")] * 3)
     assert [v.winner for v in vs] == [1, 1, 0]
     assert j.last_metrics == {"judge/http_errors": 0, "judge/unparsed": 0,
-                              "judge/http_retries": 2}
+                              "judge/http_retries": 2, "judge/swapped": 0}
     assert stub.seen["fail-once:1"] == 2
     j.close()
 
@@ -230,7 +230,7 @@ def test_retries_are_bounded(stub):
     assert v.invalid and v.raw == {"error": "HTTP 500 Internal Server Error"}
     assert stub.seen["always-500"] == 4
     assert j.last_metrics == {"judge/http_errors": 1, "judge/unparsed": 0,
-                              "judge/http_retries": 3}
+                              "judge/http_retries": 3, "judge/swapped": 0}
     j.close()
 
 
@@ -277,7 +277,7 @@ def test_connection_refused():
     assert time.monotonic() - t0 < 5
     assert all(v.invalid for v in vs)
     assert j.last_metrics == {"judge/http_errors": 2, "judge/unparsed": 0,
-                              "judge/http_retries": 2}
+                              "judge/http_retries": 2, "judge/swapped": 0}
     j.close()
 
 

@@ -183,3 +183,35 @@ def consistency_metrics(flags: Sequence[Optional[bool]]) -> dict:
         "judge/position_consistency": (sum(valid) / len(valid)) if valid else 0.0,
         "judge/both_orders_valid": len(valid),
     }
+
+
+def judge_in_order(prompts, pairs, judge_ordered, *, both_orders: bool, shuffle: bool,
+                   rng: random.Random):
+    """Position-bias control shared by the model-backed judges.
+
+    ``judge_ordered(triples)`` judges ``(prompt, first, second)`` triples as given and returns
+    ``(verdicts, p_second, metrics)`` (``p_second[i]`` the judge's probability that the second is
+    better, or None). With ``both_orders`` every pair is judged as (a, b) and (b, a) and only
+    consistent verdicts are kept; otherwise each pair is swapped at random (when ``shuffle``) and
+    the verdict mapped back (an invalid answer stays invalid). Returns (verdicts, metrics, flips).
+    """
+    if len(prompts) != len(pairs):
+        raise ValueError(f"{len(prompts)} prompts but {len(pairs)} pairs")
+    n = len(pairs)
+    if both_orders:
+        triples = [(p, a, b) for p, (a, b) in zip(prompts, pairs)]
+        triples += [(p, b, a) for p, (a, b) in zip(prompts, pairs)]
+        vs, ps, metrics = judge_ordered(triples)
+        out, flags = [], []
+        for i in range(n):
+            known = ps[i] is not None and ps[n + i] is not None
+            v, flag = combine_orders(vs[i], vs[n + i], (ps[i], ps[n + i]) if known else None)
+            out.append(v)
+            flags.append(flag)
+        metrics.update(consistency_metrics(flags))
+        return out, metrics, []
+    flips = draw_flips(rng, n) if shuffle else [False] * n
+    triples = [(p, b, a) if f else (p, a, b) for p, (a, b), f in zip(prompts, pairs, flips)]
+    vs, _, metrics = judge_ordered(triples)
+    metrics["judge/swapped"] = sum(flips)
+    return [unflip(v, f) for v, f in zip(vs, flips)], metrics, flips

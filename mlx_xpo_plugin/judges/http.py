@@ -41,8 +41,7 @@ from typing import Optional, Sequence
 
 from ..errors import ConfigError
 from .base import JudgeContext, Verdict
-from .common import (Option, combine_orders, consistency_metrics, draw_flips, pair_messages,
-                     resolve_options, unflip)
+from .common import Option, judge_in_order, pair_messages, resolve_options
 from .parse import parse_answer
 
 OPTIONS = {
@@ -194,27 +193,12 @@ class HTTPJudge:
                           "judge/http_retries": retries}
 
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
-        if len(prompts) != len(pairs):
-            raise ValueError(f"{len(prompts)} prompts but {len(pairs)} pairs")
-        n = len(pairs)
-        if self.both_orders:
-            triples = [(p, a, b) for p, (a, b) in zip(prompts, pairs)]
-            triples += [(p, b, a) for p, (a, b) in zip(prompts, pairs)]
+        def ordered(triples):
             vs, metrics = self.judge_ordered(triples)
-            out, flags = [], []
-            for i in range(n):
-                v, flag = combine_orders(vs[i], vs[n + i])
-                out.append(v)
-                flags.append(flag)
-            metrics.update(consistency_metrics(flags))
-            self.last_flips = []
-        else:
-            flips = draw_flips(self.rng, n) if self.shuffle else [False] * n
-            triples = [(p, b, a) if f else (p, a, b) for p, (a, b), f in zip(prompts, pairs, flips)]
-            vs, metrics = self.judge_ordered(triples)
-            out = [unflip(v, f) for v, f in zip(vs, flips)]
-            self.last_flips = flips
-        self.last_metrics = metrics
+            return vs, [None] * len(vs), metrics
+
+        out, self.last_metrics, self.last_flips = judge_in_order(
+            prompts, pairs, ordered, both_orders=self.both_orders, shuffle=self.shuffle, rng=self.rng)
         return out
 
     def close(self) -> None:

@@ -51,8 +51,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .base import JudgeContext, Verdict
-from .common import (Option, combine_orders, consistency_metrics, draw_flips, pair_messages,
-                     render_chat, resolve_options, unflip)
+from .common import Option, judge_in_order, pair_messages, render_chat, resolve_options
 from .parse import LABELS, parse_answer
 
 OPTIONS = {
@@ -375,29 +374,9 @@ class LLMJudge:
         return verdicts, [None] * len(texts), {}
 
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
-        if len(prompts) != len(pairs):
-            raise ValueError(f"{len(prompts)} prompts but {len(pairs)} pairs")
         t0 = time.perf_counter()
-        n = len(pairs)
-        if self.both_orders:
-            triples = [(p, a, b) for p, (a, b) in zip(prompts, pairs)]
-            triples += [(p, b, a) for p, (a, b) in zip(prompts, pairs)]
-            vs, ps, metrics = self.judge_ordered(triples)
-            out, flags = [], []
-            for i in range(n):
-                known = ps[i] is not None and ps[n + i] is not None
-                v, flag = combine_orders(vs[i], vs[n + i], (ps[i], ps[n + i]) if known else None)
-                out.append(v)
-                flags.append(flag)
-            metrics.update(consistency_metrics(flags))
-            self.last_flips = []
-        else:
-            flips = draw_flips(self.rng, n) if self.shuffle else [False] * n
-            triples = [(p, b, a) if f else (p, a, b) for p, (a, b), f in zip(prompts, pairs, flips)]
-            vs, _, metrics = self.judge_ordered(triples)
-            out = [unflip(v, f) for v, f in zip(vs, flips)]
-            metrics["judge/swapped"] = sum(flips)
-            self.last_flips = flips
+        out, metrics, self.last_flips = judge_in_order(
+            prompts, pairs, self.judge_ordered, both_orders=self.both_orders, shuffle=self.shuffle, rng=self.rng)
         metrics["judge/forward_seconds"] = time.perf_counter() - t0
         self.last_metrics = metrics
         return out

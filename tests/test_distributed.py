@@ -7,7 +7,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.launch"))

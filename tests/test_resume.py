@@ -1,7 +1,6 @@
 """Exact resume: interrupted at step k and resumed == uninterrupted, with the same seed."""
 
 import json
-import os
 import types
 
 import mlx.core as mx

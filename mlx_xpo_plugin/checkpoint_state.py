@@ -71,8 +71,9 @@ def find_checkpoint(path: str) -> str:
                       "<adapter_path>/checkpoint/state.json written by an xpo/online_dpo run)")
 
 
-def load_resume(path: str, cfg) -> dict:
-    """Read a checkpoint and check it belongs to this run's mode, model and config."""
+def check_resume(path: str, cfg) -> tuple[str, dict]:
+    """Find a checkpoint and check that it belongs to this run's mode, model and config
+    (reads state.json only: cheap enough to run before any model is loaded)."""
     d = find_checkpoint(path)
     with open(os.path.join(d, "state.json")) as f:
         state = json.load(f)
@@ -83,6 +84,12 @@ def load_resume(path: str, cfg) -> dict:
         k = diff[0]
         raise ConfigError("resume_adapter_file", path,
                           f"the checkpoint was made with {k}={theirs[k]!r}, this run has {k}={mine[k]!r}")
+    return d, state
+
+
+def load_resume(path: str, cfg) -> dict:
+    """The checked checkpoint with its optimizer state and adapters."""
+    d, state = check_resume(path, cfg)
     opt_file = os.path.join(d, "optimizer.safetensors")
     arrays = mx.load(opt_file)
     if int(arrays.pop("__step__").item()) != state["step"]:

@@ -96,8 +96,8 @@ def preflight(cfg) -> None:
     check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
                                         reference_model_path=cfg.reference_model_path, seed=cfg.seed))
     if cfg.resume_adapter_file:
-        from .checkpoint_state import find_checkpoint
-        find_checkpoint(cfg.resume_adapter_file)
+        from .checkpoint_state import check_resume
+        check_resume(cfg.resume_adapter_file, cfg)
 
 
 def _adopt_adapter_config(cfg) -> None:

@@ -138,3 +138,20 @@ def test_help_lists_our_settings_with_help_texts():
     for s in PLUGIN_SETTINGS:
         assert s.flag in text, s.flag
         assert " ".join(s.help.split())[:30] in text, s.name
+
+
+def test_checkpoint_of_another_mode_is_refused(tiny_model_path, prompt_data_dir, tmp_path):
+    out = tmp_path / "ad"
+    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=1))
+    assert run(["--train-mode", "xpo", "--config", cfg]).returncode == 0
+    r = run(["--train-mode", "online_dpo", "--config", cfg, "--resume-adapter-file", str(out)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "train_mode='xpo'" in r.stderr and "train_mode='online_dpo'" in r.stderr
+    assert "Loading model" not in r.stdout  # refused before loading anything
+
+
+def test_uncached_hub_id_says_we_do_not_download(prompt_data_dir, tmp_path):
+    cfg = write_cfg(tmp_path, **base_cfg("some-org/not-a-cached-model", prompt_data_dir, tmp_path / "ad"))
+    r = run(["--train-mode", "xpo", "--config", cfg], env={"HF_HUB_OFFLINE": "1"}, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "model: 'some-org/not-a-cached-model'" in r.stderr and "does not download" in r.stderr

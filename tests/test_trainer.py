@@ -187,3 +187,21 @@ def test_nonfinite_losses_skip_updates_and_stop_the_run(lora_model, prompt_data_
     rows = [json.loads(l) for l in open(os.path.join(ad, "metrics.jsonl"))]
     assert sum(r.get("train/nonfinite_steps", 0) for r in rows) == 3
     assert sum("update skipped" in line for line in logs) == 3
+
+
+def test_entropy_coef_adds_the_token_entropy_bonus(lora_model, prompt_data_dir):
+    model, tok, _ = lora_model
+    pairs = some_pairs(tok, 2)
+    losses = {}
+    for coef in (0.0, 0.5):
+        t = make_trainer(lora_model, prompt_data_dir, lr=0.0, entropy_coef=coef, micro_batch_size=2)
+        t.collect_pairs = FixedPairs(pairs)
+        t.step = 1
+        losses[coef] = t.train_step({})
+    inputs, targets, mask = t._batch(pairs)
+    from mlx_xpo_plugin.scoring import sequence_logps
+    _, counts, ent = sequence_logps(model, inputs, targets, mask, with_entropy=True)
+    tok_ent = np.array(ent) / np.array(counts)
+    expected = -0.5 * np.mean(0.5 * (tok_ent[:2] + tok_ent[2:]))
+    assert losses[0.5] - losses[0.0] == pytest.approx(expected, rel=1e-3)
+    assert expected < 0

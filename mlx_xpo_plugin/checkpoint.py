@@ -27,8 +27,8 @@ def atomic_write_bytes(path: str, write) -> None:
         raise
 
 
-def save_arrays(path: str, arrays: dict) -> None:
-    atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, arrays))
+def save_arrays(path: str, arrays: dict, metadata: dict | None = None) -> None:
+    atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=metadata or {}))
 
 
 def save_json(path: str, obj) -> None:

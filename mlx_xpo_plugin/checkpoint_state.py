@@ -2,11 +2,12 @@
 
 <adapter_path>/adapters.safetensors          the current adapters (what mlx_lm loads)
 <adapter_path>/NNNNNNN_adapters.safetensors  a copy every save_every steps
-<adapter_path>/checkpoint/optimizer.safetensors, checkpoint/state.json
-    step, data-order position (sampling is reseeded from (seed, step) every step), schedule position, the resolved config
+<adapter_path>/checkpoint/adapters.safetensors, optimizer.safetensors, state.json
+    adapters and optimizer state (each tagged with its step), step, data-order position (sampling
+    is reseeded from (seed, step) every step), schedule position, the resolved config
 
-state.json is written last, so a checkpoint is complete iff state.json names the step stored in
-the optimizer file. Every file is written atomically (temporary file, then rename).
+state.json is written last, so a checkpoint is complete iff state.json names the step that both
+arrays files are tagged with; a run killed between the files is refused, never half-resumed. Every file is written atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def save_checkpoint(trainer, final: bool = False) -> None:
     ckpt.save_arrays(os.path.join(s.adapter_path, "adapters.safetensors"), weights)
     if not final:
         ckpt.save_arrays(os.path.join(s.adapter_path, f"{trainer.step:07d}_adapters.safetensors"), weights)
-    opt = ckpt.optimizer_arrays(trainer.opt)
-    opt["__step__"] = mx.array(trainer.step)
-    ckpt.save_arrays(os.path.join(d, "optimizer.safetensors"), opt)
+    tag = {"step": str(trainer.step)}
+    ckpt.save_arrays(os.path.join(d, "adapters.safetensors"), weights, tag)
+    ckpt.save_arrays(os.path.join(d, "optimizer.safetensors"), ckpt.optimizer_arrays(trainer.opt), tag)
     judge_state = trainer.judge.get_state() if hasattr(trainer.judge, "get_state") else None
     state = {
         "format": 1,
@@ -90,13 +91,13 @@ def check_resume(path: str, cfg) -> tuple[str, dict]:
 def load_resume(path: str, cfg) -> dict:
     """The checked checkpoint with its optimizer state and adapters."""
     d, state = check_resume(path, cfg)
-    opt_file = os.path.join(d, "optimizer.safetensors")
-    arrays = mx.load(opt_file)
-    if int(arrays.pop("__step__").item()) != state["step"]:
-        raise ConfigError("resume_adapter_file", path, "the checkpoint is incomplete (optimizer and "
-                          "state from different steps); resume from an earlier NNNNNNN_adapters file")
-    state["optimizer"] = arrays
-    state["adapters"] = mx.load(os.path.join(os.path.dirname(d), "adapters.safetensors"))
+    for name in ("adapters", "optimizer"):
+        arrays, meta = mx.load(os.path.join(d, f"{name}.safetensors"), return_metadata=True)
+        if meta.get("step") != str(state["step"]):
+            raise ConfigError("resume_adapter_file", path, f"the checkpoint is incomplete ({name} from step "
+                              f"{meta.get('step')}, state from step {state['step']}); the run was killed "
+                              "while saving: resume from an earlier NNNNNNN_adapters.safetensors")
+        state[name] = arrays
     return state
 
 

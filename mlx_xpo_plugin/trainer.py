@@ -442,9 +442,11 @@ class OnlineTrainer:
 
     def _on_signal(self, signum, frame):
         self._interrupted += 1
-        if self._interrupted > 1:
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
+        if self._interrupted > 1:  # files are written atomically: the last checkpoint stays intact
+            sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now; the last saved "
+                             "checkpoint is kept\n")
+            sys.stderr.flush()
+            os._exit(130)
         self.log(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
                  "(press again to quit at once)")
 

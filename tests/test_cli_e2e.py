@@ -155,3 +155,26 @@ def test_uncached_hub_id_says_we_do_not_download(prompt_data_dir, tmp_path):
     r = run(["--train-mode", "xpo", "--config", cfg], env={"HF_HUB_OFFLINE": "1"}, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "model: 'some-org/not-a-cached-model'" in r.stderr and "does not download" in r.stderr
+
+
+def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tiny_model_path, prompt_data_dir, tmp_path):
+    out = tmp_path / "ad"
+    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=400, save_every=2,
+                                         steps_per_report=1, steps_per_eval=1000))
+    p = subprocess.Popen([TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint" / "state.json").exists():
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    t0 = time.time()
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and time.time() - t0 < 10
+    assert "again: exiting now" in stderr and "Traceback" not in stderr
+    state = json.load(open(out / "checkpoint" / "state.json"))  # complete, parseable
+    import mlx.core as mx
+    for name in ("adapters", "optimizer"):
+        _, meta = mx.load(str(out / "checkpoint" / f"{name}.safetensors"), return_metadata=True)
+        assert meta["step"] == str(state["step"])

@@ -69,3 +69,18 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(lora_model, prompt_da
     for a, b in zip(rows, want_rows):
         assert ("loss" in a) == ("loss" in b) and abs(a.get("loss", 0) - b.get("loss", 0)) < 1e-4
         assert a["alpha"] == b["alpha"]
+
+
+def test_a_checkpoint_torn_between_files_is_refused(lora_model, prompt_data_dir, tmp_path):
+    import pytest
+    from mlx_xpo_plugin.errors import ConfigError
+    model = lora_model[0]
+    start = [(k, mx.array(v)) for k, v in tree_flatten(model.trainable_parameters())]
+    t = trainer_for(lora_model, prompt_data_dir, str(tmp_path / "ad"), start)
+    t.s.iters = 2
+    t.train()
+    d = tmp_path / "ad" / "checkpoint"
+    weights, _ = mx.load(str(d / "adapters.safetensors"), return_metadata=True)
+    mx.save_safetensors(str(d / "adapters.safetensors"), weights, metadata={"step": "3"})  # newer than state
+    with pytest.raises(ConfigError, match="incomplete .*adapters from step 3, state from step 2"):
+        load_resume(str(tmp_path / "ad"), types.SimpleNamespace())

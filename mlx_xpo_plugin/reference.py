@@ -59,3 +59,30 @@ class Reference:
         else:
             with adapters_off(self.policy) as m:
                 yield m
+
+
+class BaseView:
+    """The policy's base model as a plain callable: every call runs with the adapters switched off.
+
+    Lets a judge that names the policy's own model share its weights instead of loading a second
+    copy. ``parameters()`` are the frozen base weights (the same arrays every step), ``layers`` and
+    ``make_cache`` come from the policy, so KV caches work as for the model itself.
+    """
+
+    def __init__(self, policy: nn.Module):
+        self.policy = policy
+
+    def __call__(self, *args, **kwargs):
+        with adapters_off(self.policy) as m:
+            return m(*args, **kwargs)
+
+    def parameters(self):
+        with adapters_off(self.policy) as m:
+            return m.parameters()
+
+    @property
+    def layers(self):
+        return self.policy.layers
+
+    def __getattr__(self, name):  # make_cache, args, model_type, ... of the policy
+        return getattr(self.policy, name)

@@ -121,6 +121,27 @@ def write_adapter_config(cfg) -> None:
     })
 
 
+def _same_model(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a and b) and os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+def judge_weights(cfg, model_path: str, model, separate):
+    """The already-loaded weights a model judge can share, or None (the judge loads its own).
+
+    judge == reference_model_path: the separate reference; judge == the policy's base model:
+    the policy with adapters off (LoRA/DoRA), or the frozen copy loaded for full fine-tuning.
+    """
+    from .reference import BaseView
+    if cfg.reference_model_path and _same_model(cfg.judge, cfg.reference_model_path):
+        return separate
+    if _same_model(cfg.judge, cfg.model) or _same_model(cfg.judge, model_path):
+        if cfg.train_type in ("lora", "dora"):
+            return BaseView(model)
+        if not cfg.reference_model_path:
+            return separate
+    return None
+
+
 def run(cfg, training_callback=None, progress: bool = True) -> int:
     """Run a resolved config (see config.resolve). Returns the exit status."""
     from mlx_lm import load as mlx_load
@@ -158,11 +179,17 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     else:
         print("reference: the base weights with adapters switched off (no second copy)")
     reference = Reference(model, separate)
-    same = cfg.judge in (cfg.reference_model_path, ) and separate is not None
+    shared = judge_weights(cfg, model_path, model, separate)
+    if shared is not None:
+        print("judge: shares the reference's weights (no extra copy)")
     judge = build_judge(cfg.judge, JudgeContext(
         cfg.judge_system, dict(cfg.judge_config),
-        reference_model=separate if same else None, reference_tokenizer=tokenizer if same else None,
-        reference_model_path=cfg.reference_model_path, seed=cfg.seed))
+        reference_model=shared, reference_tokenizer=tokenizer if shared is not None else None,
+        reference_model_path=cfg.judge if shared is not None else cfg.reference_model_path, seed=cfg.seed))
+    if cfg.grad_checkpoint and cfg.train:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+        grad_checkpoint(model.layers[0])  # recompute layer activations in the backward pass
+        print("gradient checkpointing: on")
 
     max_prompt = cfg.max_seq_length - cfg.max_completion_length
     train_set = load_prompts(cfg.data, "train", tokenizer, max_prompt) if cfg.train else None

@@ -1,0 +1,187 @@
+"""Shared helpers of the benchmark scripts: models and data, one run per subprocess, statistics,
+Markdown tables and the machine description."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+DRIVER = BENCH / "_driver.py"
+
+
+def cache_dir() -> Path:
+    from mlx_xpo_plugin.tiny import default_cache_dir
+    return Path(os.environ.get("MLX_XPO_BENCH_CACHE") or default_cache_dir() / "bench")
+
+
+def model_path(preset: str) -> str:
+    """The embedded random-weight model of `preset` (built once, then reused)."""
+    from mlx_xpo_plugin.tiny import build_tiny_model
+    return str(build_tiny_model(cache_dir() / f"model-{preset}", preset=preset, seed=0))
+
+
+def data_path() -> str:
+    """The embedded prompt set with train.jsonl only: no valid.jsonl, so neither trainer validates
+    during the timed steps (upstream validates at step 1 and at the last step when it has one)."""
+    from mlx_xpo_plugin.tiny import write_prompt_dataset
+    d = cache_dir() / "data-train-only"
+    if not (d / "train.jsonl").exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
+        write_prompt_dataset(tmp)
+        (tmp / "valid.jsonl").unlink()
+        (tmp / "test.jsonl").unlink()
+        if d.exists():
+            shutil.rmtree(d)
+        os.replace(tmp, d)
+    return str(d)
+
+
+def env_for(impl: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLX_XPO_PLUGIN"}
+    if impl == "upstream":
+        env["MLX_XPO_PLUGIN"] = "0"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_one(impl: str, mode: str, settings: dict, workdir: Path, timeout: float = 1800) -> dict:
+    """One training run in a fresh interpreter (see _driver.py); returns its result dict."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = dict(settings, adapter_path=str(workdir / "adapters"))
+    spec, out, log = workdir / "spec.json", workdir / "result.json", workdir / "log.txt"
+    spec.write_text(json.dumps({"impl": impl, "mode": mode, "settings": settings}))
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, str(DRIVER), str(spec), str(out)], env=env_for(impl),
+                           stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    if p.returncode != 0 or not out.exists():
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{impl} {mode} run failed (status {p.returncode}); log {log}:\n{tail}")
+    res = json.loads(out.read_text())
+    res["process_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def cli_equivalent(impl: str, mode: str, settings: dict) -> str:
+    """The command a user would type for the same run (settings in cfg.yaml)."""
+    if impl == "ours":
+        return f"mlx_lm_lora.train --train-mode {mode} --config cfg.yaml"
+    flags = f" --max-completion-length {settings['max_completion_length']} --temperature {settings['temperature']}"
+    return (f"MLX_XPO_PLUGIN=0 mlx_lm_lora.train --train-mode {mode} --config cfg.yaml{flags}"
+            "   # upstream ignores these three keys in YAML; its default alpha [1e-5] is used (the "
+            "flag --alpha cannot parse a number); on CPU it needs the device_info shim")
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def quantile(xs, q):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def linear_fit(xs, ys):
+    """Least squares y = a + b x; returns (a, b, r2)."""
+    n = len(xs)
+    mx_, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx_) ** 2 for x in xs)
+    sxy = sum((x - mx_) * (y - my) for x, y in zip(xs, ys))
+    b = sxy / sxx if sxx else 0.0
+    a = my - b * mx_
+    ss_res = sum((y - (a + b * x)) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return a, b, (1.0 - ss_res / ss_tot) if ss_tot else 1.0
+
+
+def fmt(x, nd=3):
+    if x is None:
+        return "–"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "–"
+    return f"{x:.{nd}f}"
+
+
+def md_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ machine
+
+
+def loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine() -> dict:
+    def ver(p):
+        try:
+            return metadata.version(p)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    import mlx.core as mx
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "ram_gib": mem,
+            "python": platform.python_version(), "mlx_device": str(mx.default_device()),
+            "mlx": ver("mlx"), "mlx-lm": ver("mlx-lm"), "mlx-lm-lora": ver("mlx-lm-lora"),
+            "mlx-xpo-plugin": ver("mlx-xpo-plugin"), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu']} ({m['cpu_count']} cores, {m['ram_gib']} GiB), {m['mlx_device']}, {m['platform']}; "
+            f"mlx {m['mlx']}, mlx-lm {m['mlx-lm']}, mlx-lm-lora {m['mlx-lm-lora']}, "
+            f"mlx-xpo-plugin {m['mlx-xpo-plugin']}; {m['date']}")
+
+
+def cleanup(work: Path) -> None:
+    """Remove a run's temporary folder (adapters, specs, logs) unless MLX_XPO_BENCH_KEEP is set."""
+    if os.environ.get("MLX_XPO_BENCH_KEEP"):
+        print(f"kept the runs' folders (specs, logs, adapters) in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    j.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    m.write_text(markdown.rstrip() + "\n")
+    return j, m

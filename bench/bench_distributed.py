@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from mlx_xpo_plugin.tiny import build_tiny_model, default_cache_dir, write_prompt_dataset
+from _common import RESULTS, data_path, model_path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+
 
 
 def step_times(out: Path) -> list:
@@ -57,9 +57,7 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=32)
     ap.add_argument("--preset", default="tiny")
     ns = ap.parse_args(argv)
-    cache = default_cache_dir()
-    model = str(build_tiny_model(cache / f"bench-{ns.preset}", preset=ns.preset))
-    data = str(write_prompt_dataset(cache / "bench-data"))
+    model, data = model_path(ns.preset), data_path()
     cfg = {"model": model, "data": data, "train": True, "judge": "mlx_xpo_plugin.rules:prefer_letter_e",
            "iters": ns.iters, "batch_size": ns.global_batch, "max_completion_length": ns.length,
            "max_seq_length": 256, "steps_per_report": 1, "steps_per_eval": 10**6, "save_every": 10**6,

@@ -19,20 +19,19 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from _common import RESULTS, cache_dir, model_path
 from mlx_xpo_plugin.data import load_prompts
 from mlx_xpo_plugin.judges.base import Verdict
 from mlx_xpo_plugin.reference import Reference
 from mlx_xpo_plugin.rollout import SamplingConfig
 from mlx_xpo_plugin.rules import prefer_letter_e
-from mlx_xpo_plugin.tiny import build_tiny_model, default_cache_dir, write_prompt_dataset
+from mlx_xpo_plugin.tiny import write_prompt_dataset
 from mlx_xpo_plugin.trainer import LoopSettings, OnlineTrainer, PromptSet
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [
     ("online_dpo", "online_dpo", {}),
     ("xpo kl a=1e-4", "xpo", {"alpha": 1e-4}),
@@ -86,9 +85,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--preset", default="tiny")
     ns = ap.parse_args(argv)
-    cache = default_cache_dir()
-    model = str(build_tiny_model(cache / f"bench-{ns.preset}", preset=ns.preset))
-    data = str(write_prompt_dataset(cache / "bench-data"))
+    model = model_path(ns.preset)
+    data = str(write_prompt_dataset(cache_dir() / "data-learning"))  # with test.jsonl: held-out prompts
     results = {}
     t0 = time.time()
     for label, mode, extra in CONFIGS:

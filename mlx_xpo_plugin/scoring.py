@@ -2,7 +2,9 @@
 
 For a row x = prompt + completion, the score is s(y) = sum_{t in completion} log p(y_t | x_<t):
 prompt tokens and padding are masked out; an EOS the policy produced is part of the completion
-and counted once.
+and counted once. The output layer (vocabulary projection) is applied only from the first
+completion position of the batch on, where the model's layout allows it (verified once per model
+class against the full forward); otherwise the full logits are computed.
 """
 
 from __future__ import annotations
@@ -30,9 +32,46 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return mx.array(tok[:, :-1]), mx.array(tok[:, 1:]), mx.array(mask)
 
 
-def token_logps(model, inputs: mx.array, targets: mx.array, with_entropy: bool = False):
-    """log p(target_j | inputs_<=j) for every position, and optionally the entropy of p at j."""
-    logits = model(inputs).astype(mx.float32)
+def _split(model):
+    """(backbone, head) with model(x) == head(backbone(x)) for mlx-lm's common layout, else None."""
+    inner, args = getattr(model, "model", None), getattr(model, "args", None)
+    if inner is None or not callable(inner):
+        return None
+    if getattr(args, "tie_word_embeddings", False) and hasattr(getattr(inner, "embed_tokens", None), "as_linear"):
+        return inner, inner.embed_tokens.as_linear
+    head = getattr(model, "lm_head", None)
+    return (inner, head) if head is not None and not getattr(args, "tie_word_embeddings", False) else None
+
+
+_VERIFIED: dict = {}
+
+
+def _split_ok(model) -> bool:
+    """Whether head(backbone(x)) reproduces model(x) for this model class (checked once)."""
+    key = type(model)
+    if key not in _VERIFIED:
+        parts = _split(model)
+        ok = False
+        if parts is not None:
+            try:
+                x = mx.array([[1, 2, 3, 4]])
+                full, split = model(x), parts[1](parts[0](x))
+                ok = full.shape == split.shape and bool(mx.allclose(full, split, atol=1e-4).item())
+            except Exception:
+                ok = False
+        _VERIFIED[key] = ok
+    return _VERIFIED[key]
+
+
+def token_logps(model, inputs: mx.array, targets: mx.array, with_entropy: bool = False, start: int = 0):
+    """log p(target_j | inputs_<=j) for positions j >= start, and optionally the entropy of p at j."""
+    if start > 0 and _split_ok(model):
+        backbone, head = _split(model)
+        logits = head(backbone(inputs)[:, start:])
+    else:
+        logits = model(inputs)[:, start:]
+    logits = logits.astype(mx.float32)
+    targets = targets[:, start:]
     lse = mx.logsumexp(logits, axis=-1)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
     logp = picked - lse
@@ -43,9 +82,21 @@ def token_logps(model, inputs: mx.array, targets: mx.array, with_entropy: bool =
     return logp, entropy
 
 
-def sequence_logps(model, inputs, targets, mask, with_entropy: bool = False):
-    """(sum of completion log-probs [B], completion token counts [B], entropy sum [B] or None)."""
-    logp, ent = token_logps(model, inputs, targets, with_entropy)
+def first_completion_position(mask: mx.array) -> int:
+    """The first target position any row scores (rows before it are all prompt or padding)."""
+    cols = np.nonzero(np.array(mask).any(axis=0))[0]
+    return int(cols[0]) if len(cols) else 0
+
+
+def sequence_logps(model, inputs, targets, mask, with_entropy: bool = False, start: int | None = None):
+    """(sum of completion log-probs [B], completion token counts [B], entropy sum [B] or None).
+
+    ``start`` (default: the first completion position in ``mask``) skips the output layer on
+    positions no row scores."""
+    if start is None:
+        start = first_completion_position(mask)
+    logp, ent = token_logps(model, inputs, targets, with_entropy, start)
+    mask = mask[:, start:]
     summed = (logp * mask).sum(axis=-1)
     counts = mask.sum(axis=-1)
     return summed, counts, (None if ent is None else (ent * mask).sum(axis=-1))

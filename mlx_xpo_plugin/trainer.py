@@ -151,6 +151,20 @@ class OnlineTrainer:
         idx = self._take(self.s.batch_size * self.world)
         return idx[self.rank * self.s.batch_size:(self.rank + 1) * self.s.batch_size]
 
+    def _all_sum_grads(self, grads, loss_sum: float):
+        """Sum gradients and loss over ranks in ONE message: every leaf packed into a flat buffer."""
+        from mlx.utils import tree_flatten, tree_unflatten
+        leaves = tree_flatten(grads)
+        flat = mx.concatenate([v.reshape(-1).astype(mx.float32) for _, v in leaves] + [mx.array([loss_sum])])
+        flat = self._all_sum(flat)
+        out, i = [], 0
+        for k, v in leaves:
+            out.append((k, flat[i:i + v.size].reshape(v.shape).astype(v.dtype)))
+            i += v.size
+        summed = tree_unflatten(out)
+        mx.eval(summed)
+        return summed, float(flat[-1].item())
+
     def _all_sum(self, x):
         return x if self.world == 1 else mx.distributed.all_sum(x, group=self.group)
 
@@ -298,9 +312,7 @@ class OnlineTrainer:
         if self.world > 1:
             if grads is None:  # this rank had no valid pair: contribute zeros
                 grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
-            grads = tree_map(self._all_sum, grads)
-            loss_sum = float(self._all_sum(mx.array(loss_sum)).item())
-            mx.eval(grads)
+            grads, loss_sum = self._all_sum_grads(grads, loss_sum)
         metrics["time/reference"] = t_ref
         metrics["time/policy"] = t_pol
         if stats:

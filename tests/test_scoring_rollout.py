@@ -123,3 +123,22 @@ def test_adapters_off_is_exactly_the_base(lora_model, tiny_model):
     np.testing.assert_allclose(off, np.array(base(x)), atol=1e-5)
     assert np.abs(with_adapters - off).max() > 1e-3
     np.testing.assert_allclose(np.array(model(x)), with_adapters, atol=1e-6)  # restored
+
+
+def test_output_layer_only_on_scored_positions_gives_the_same_scores(tiny_model):
+    from mlx_xpo_plugin import scoring
+    model, _ = tiny_model
+    assert scoring._split_ok(model)  # qwen2: the fast path is active
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]
+    comps = [[20, 21, 22], [23, 24, 25, 26, 27]]
+    inputs, targets, mask = pack(prompts, comps)
+    assert scoring.first_completion_position(mask) == 3
+    fast = sequence_logps(model, inputs, targets, mask, with_entropy=True)
+    full = sequence_logps(model, inputs, targets, mask, with_entropy=True, start=0)
+    for a, b in zip(fast, full):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+    # a model of unknown layout falls back to its full forward
+    wrapped = EosModel(model, 2)
+    assert not scoring._split_ok(wrapped)
+    s, c, _ = sequence_logps(wrapped, inputs, targets, mask)
+    assert np.array(c).tolist() == [3, 5]

@@ -302,8 +302,6 @@ def _check_cross(a) -> None:
     quant = [k for k in ("load_in_4bits", "load_in_6bits", "load_in_8bits", "load_in_mxfp4") if getattr(a, k)]
     if len(quant) > 1:
         raise ConfigError(quant[1], True, f"choose one quantization; {quant[0]} is already set")
-    if a.train_type not in ("lora", "dora") and a.reference_model_path is None:
-        pass  # full fine-tuning: the reference is a second, frozen copy of the base (loaded later)
     lp = a.lora_parameters
     for key in lp:
         if key not in ("rank", "dropout", "scale", "keys", "alpha"):

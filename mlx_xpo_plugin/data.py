@@ -88,7 +88,6 @@ def load_prompts(data_dir: str, split: str, tokenizer, max_prompt_tokens: int,
         return None
     ids, texts, truncated = [], [], 0
     for msgs in read_rows(path):
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         toks = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
         if hasattr(toks, "input_ids"):
             toks = toks["input_ids"]
@@ -97,7 +96,9 @@ def load_prompts(data_dir: str, split: str, tokenizer, max_prompt_tokens: int,
             toks = toks[len(toks) - max_prompt_tokens:]
             truncated += 1
         ids.append(toks)
-        texts.append(msgs[-1]["content"] if len(msgs) == 1 else text)
+        # the judge sees the user's text; a conversation is shown to it as rendered by the template
+        texts.append(msgs[-1]["content"] if len(msgs) == 1 else
+                     tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
     if truncated:
         warn(f"warning: {truncated} of {len(ids)} {split} prompts are longer than {max_prompt_tokens} "
              "tokens (max_seq_length - max_completion_length) and were truncated from the left")

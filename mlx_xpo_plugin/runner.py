@@ -112,9 +112,14 @@ def _adopt_adapter_config(cfg) -> None:
         cfg.num_layers = ac.get("num_layers", cfg.num_layers)
 
 
+def lora_parameters(cfg) -> dict:
+    """rank / dropout / scale: the user's values over the defaults."""
+    return dict(C.SETTINGS["lora_parameters"].default, **(cfg.lora_parameters or {}))
+
+
 def write_adapter_config(cfg) -> None:
     """adapter_config.json in the form mlx_lm.load(..., adapter_path=...) reads."""
-    lp = dict(C.SETTINGS["lora_parameters"].default, **(cfg.lora_parameters or {}))
+    lp = lora_parameters(cfg)
     save_json(os.path.join(cfg.adapter_path, "adapter_config.json"), {
         "fine_tune_type": cfg.train_type, "num_layers": cfg.num_layers, "lora_parameters": lp,
         "model": cfg.model, "train_mode": cfg.train_mode,
@@ -162,8 +167,7 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
         _adopt_adapter_config(cfg)  # evaluate adapters as they were trained
     lora = None
     if cfg.train_type in ("lora", "dora"):
-        lp = dict(C.SETTINGS["lora_parameters"].default, **(cfg.lora_parameters or {}))
-        lora = {**lp, "use_dora": cfg.train_type == "dora", "num_layers": cfg.num_layers}
+        lora = {**lora_parameters(cfg), "use_dora": cfg.train_type == "dora", "num_layers": cfg.num_layers}
     model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
                                           lora_config=lora, quantized_load=quantization(cfg))
     if cfg.train:

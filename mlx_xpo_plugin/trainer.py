@@ -366,12 +366,10 @@ class OnlineTrainer:
         for i in range(0, n, self.s.batch_size):
             ids = prompts.ids[i:min(n, i + self.s.batch_size)]
             texts = prompts.texts[i:min(n, i + self.s.batch_size)]
-            pol = sample_completions(self.model, self.tokenizer, ids, 1, self.s.sampling)
-            with self.ref.use() as ref_model:
-                ref = sample_completions(ref_model, self.tokenizer, ids, 1, self.s.sampling)
-            verdicts = self.judge.judge(texts, [(p[0].text, r[0].text) for p, r in zip(pol, ref)])
+            triples = self._rollout(ids, paper=True)  # (policy sample, reference sample, 1)
+            verdicts = self.judge.judge(texts, [(p.text, r.text) for p, r, _ in triples])
             pairs = []
-            for pid, text, p, r, v in zip(ids, texts, pol, ref, verdicts):
+            for pid, text, (p, r, _), v in zip(ids, texts, triples, verdicts):
                 if v.tie:
                     ties += 1
                 elif v.invalid:
@@ -379,7 +377,7 @@ class OnlineTrainer:
                 else:
                     wins += v.winner == 0
                     losses += v.winner == 1
-                    c, rj = (p[0], r[0]) if v.winner == 0 else (r[0], p[0])
+                    c, rj = (p, r) if v.winner == 0 else (r, p)
                     pairs.append(Pair(pid, text, c, rj))
             if pairs:
                 inputs, targets, mask = self._batch(pairs)

@@ -251,6 +251,9 @@ def mode_main(mode_name: str):
         except ConfigError as e:
             err(str(e))
             return 2
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, test, fuse)
+            err("interrupted")
+            return 130
 
     main.__name__ = f"{mode_name}_main"
     return main

@@ -457,8 +457,10 @@ class OnlineTrainer:
                              "checkpoint is kept\n")
             sys.stderr.flush()
             os._exit(130)
-        self.log(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                 "(press again to quit at once)")
+        if self.rank == 0:  # stderr, flushed: seen at once even when stdout is piped to a file
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a "
+                             "checkpoint (press again to quit at once)\n")
+            sys.stderr.flush()
 
     def train(self, resume_state: Optional[dict] = None) -> dict:
         from tqdm import tqdm
@@ -519,12 +521,14 @@ class OnlineTrainer:
                     self._validate()
                 if self.step % self.s.save_every == 0 and self.step < self.s.iters:
                     self.save()
+            if self.window.pending:  # steps since the last report (e.g. interrupted mid-window)
+                self._report(self.window.report(), None)
+            # still under our handlers: a Ctrl-C during this save exits at once, and the previous
+            # checkpoint survives because every file is replaced atomically
+            self.save(final=self.step >= self.s.iters)
         finally:
             pbar.close()
             for sig, h in old.items():
                 signal.signal(sig, h)
-        if self.window.pending:  # steps since the last report (e.g. interrupted mid-window)
-            self._report(self.window.report(), None)
-        self.save(final=self.step >= self.s.iters)
         return {**self._last_val, "step": self.step, "interrupted": bool(self._interrupted),
                 "stop_reason": self.stop_reason}

@@ -157,22 +157,51 @@ def test_uncached_hub_id_says_we_do_not_download(prompt_data_dir, tmp_path):
     assert "model: 'some-org/not-a-cached-model'" in r.stderr and "does not download" in r.stderr
 
 
+BLOCKING_JUDGE = """
+import os, time
+GATE = os.environ["GATE_DIR"]
+def judge(prompt, a, b):
+    # while GATE/block exists the judge holds the step (and says so), like a slow human or endpoint
+    if os.path.exists(os.path.join(GATE, "block")):
+        open(os.path.join(GATE, "blocked"), "w").close()
+        while os.path.exists(os.path.join(GATE, "block")):
+            time.sleep(0.05)
+    return 0
+"""
+
+
+def wait_for(pred, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not pred():
+        time.sleep(0.05)
+    assert pred(), "timed out"
+
+
 def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tiny_model_path, prompt_data_dir, tmp_path):
-    out = tmp_path / "ad"
+    out, gate = tmp_path / "ad", tmp_path / "gate"
+    gate.mkdir()
+    (tmp_path / "blocking_judge.py").write_text(BLOCKING_JUDGE)
     cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=400, save_every=2,
-                                         steps_per_report=1, steps_per_eval=1000))
-    p = subprocess.Popen([TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint" / "state.json").exists():
-        time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    t0 = time.time()
-    _, stderr = p.communicate(timeout=60)
-    assert p.returncode == 130 and time.time() - t0 < 10
+                                         steps_per_report=1, steps_per_eval=1000,
+                                         judge=f"{tmp_path / 'blocking_judge.py'}:judge"))
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        p = subprocess.Popen([TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.DEVNULL,
+                             stderr=err_file, env={**os.environ, "GATE_DIR": str(gate)})
+        try:
+            wait_for(lambda: (out / "checkpoint" / "state.json").exists())
+            (gate / "block").touch()  # the next judge call holds its step open: no race with its end
+            wait_for(lambda: (gate / "blocked").exists())
+            p.send_signal(signal.SIGINT)
+            wait_for(lambda: "finishing this step" in err_path.read_text())
+            p.send_signal(signal.SIGINT)  # the step is still held open by the judge
+            p.wait(timeout=10)  # "at once": well before the judge would let the step finish
+        finally:
+            p.kill()
+    stderr = err_path.read_text()
+    assert p.returncode == 130, stderr[-3000:]
     assert "again: exiting now" in stderr and "Traceback" not in stderr
+    assert (gate / "block").exists()  # the step never finished
     state = json.load(open(out / "checkpoint" / "state.json"))  # complete, parseable
     import mlx.core as mx
     for name in ("adapters", "optimizer"):

@@ -48,10 +48,22 @@ def data_path() -> str:
     return str(d)
 
 
+def shared_blas() -> str | None:
+    """The BLAS both sides run MLX on: our start-up hook's choice (the system's OpenBLAS, or
+    ``MLX_XPO_BLAS``; ``MLX_XPO_BLAS=off`` measures MLX's bundled reference BLAS), given to
+    upstream through ``LD_PRELOAD`` since upstream runs without our hook."""
+    from mlx_xpo_plugin.fast_blas import bundled_reference_blas, choose
+    import mlx  # noqa: F401  (bundled_reference_blas looks next to it)
+    return choose()[0] if bundled_reference_blas() else None
+
+
 def env_for(impl: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MLX_XPO_PLUGIN"}
     if impl == "upstream":
         env["MLX_XPO_PLUGIN"] = "0"
+    blas = shared_blas()
+    if blas:  # the same library on both sides (ours loads it anyway; LD_PRELOAD makes it certain)
+        env["LD_PRELOAD"] = " ".join(x for x in (blas, env.get("LD_PRELOAD")) if x)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
@@ -162,13 +174,14 @@ def machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "ram_gib": mem,
             "python": platform.python_version(), "mlx_device": str(mx.default_device()),
             "mlx": ver("mlx"), "mlx-lm": ver("mlx-lm"), "mlx-lm-lora": ver("mlx-lm-lora"),
-            "mlx-xpo-plugin": ver("mlx-xpo-plugin"), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "mlx-xpo-plugin": ver("mlx-xpo-plugin"), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "blas": shared_blas() or ("bundled reference BLAS" if sys.platform == "linux" else "as shipped")}
 
 
 def machine_line(m: dict) -> str:
     return (f"{m['cpu']} ({m['cpu_count']} cores, {m['ram_gib']} GiB), {m['mlx_device']}, {m['platform']}; "
             f"mlx {m['mlx']}, mlx-lm {m['mlx-lm']}, mlx-lm-lora {m['mlx-lm-lora']}, "
-            f"mlx-xpo-plugin {m['mlx-xpo-plugin']}; {m['date']}")
+            f"mlx-xpo-plugin {m['mlx-xpo-plugin']}; BLAS under MLX (both sides): {m.get('blas', 'not recorded')}; {m['date']}")
 
 
 def cleanup(work: Path) -> None:

@@ -241,6 +241,7 @@ def main():
     result = {
         "impl": impl, "mode": mode, "settings": settings, "device_info_shim": shim,
         "plugin_env": os.environ.get("MLX_XPO_PLUGIN"),
+        "blas_libraries_mapped": blas_libraries_mapped(),
         "steps": steps,
         "rss_after_imports_mb": rss_after_imports_kb / 1024,
         "peak_rss_mb": proc_status_kb("VmHWM") / 1024,
@@ -255,6 +256,15 @@ def main():
     }
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1, default=float)
+
+
+def blas_libraries_mapped() -> list:
+    """The BLAS libraries this process has mapped (evidence of which one MLX runs on)."""
+    try:
+        names = {line.split()[-1] for line in open("/proc/self/maps") if len(line.split()) >= 6}
+    except OSError:
+        return []
+    return sorted(os.path.basename(n) for n in names if "blas" in os.path.basename(n).lower())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Start-up hook of path 2, imported by ``mlx_xpo_plugin.pth`` in site-packages.
 
 It must stay cheap and can never fail: it only puts a tiny finder at the front of
-``sys.meta_path``, which ignores every import except ``mlx_lm_lora.train``. Only then is
-:mod:`mlx_xpo_plugin.activation` imported (and through it pluggy, our registry, ...).
+``sys.meta_path``, which ignores every import except two:
+
+* ``mlx.core``: :func:`mlx_xpo_plugin.fast_blas.preload` first puts a fast BLAS under MLX on
+  Linux CPUs (standard library only; see that module), then the import proceeds as usual;
+* ``mlx_lm_lora.train``: only then is :mod:`mlx_xpo_plugin.activation` imported (and through
+  it pluggy, our registry, ...).
+
 ``MLX_XPO_PLUGIN=0`` in the environment turns the whole thing off (the .pth line then does not
 even import this module; the check here covers other ways of importing it).
 Keep ``mlx_xpo_plugin/__init__.py`` free of imports: it runs in every interpreter too.
@@ -12,6 +17,7 @@ import os
 import sys
 
 TARGET = "mlx_lm_lora.train"
+MLX_CORE = "mlx.core"
 _OFF = ("0", "false", "no", "off")
 
 
@@ -38,11 +44,19 @@ def report(exc) -> None:
 
 
 class TrainModuleFinder:
-    """``sys.meta_path`` entry that hands ``mlx_lm_lora.train`` to the activation code."""
+    """``sys.meta_path`` entry that hands ``mlx_lm_lora.train`` to the activation code (and
+    preloads a fast BLAS before ``mlx.core``)."""
 
     mlx_xpo_plugin = True  # recognised by install() even across reloads of this module
 
     def find_spec(self, fullname, path=None, target=None):
+        if fullname == MLX_CORE:
+            try:
+                from mlx_xpo_plugin import fast_blas
+                fast_blas.preload()
+            except Exception as e:  # never break an import
+                report(e)
+            return None
         if fullname != TARGET:
             return None
         try:

@@ -18,6 +18,7 @@ import mlx.optimizers as optim
 from . import config as C
 from .checkpoint import save_json
 from .errors import ConfigError
+from .fast_blas import banner_line as blas_line
 from .judges.base import JudgeContext
 from .rollout import SamplingConfig
 from .trainer import LoopSettings, OnlineTrainer
@@ -161,6 +162,8 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     if mx.distributed.init().rank() != 0:  # data parallel: only rank 0 prints and writes
         sys.stdout = open(os.devnull, "w")
     mx.random.seed(cfg.seed)
+    if blas_line():
+        print(blas_line())
     model_path = resolve_local_model("model", cfg.model)
     trained = os.path.join(cfg.adapter_path, "adapters.safetensors")
     if not cfg.train and os.path.isfile(trained):

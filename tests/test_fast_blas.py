@@ -1,0 +1,99 @@
+"""A fast BLAS under MLX on Linux CPUs (mlx_xpo_plugin.fast_blas): the choice, and in a fresh
+interpreter that MLX's matrix products really go to the preloaded library and stay correct."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core  # noqa: F401  (bundled_reference_blas looks next to the imported mlx)
+import pytest
+
+from mlx_xpo_plugin import fast_blas
+
+BUNDLED = fast_blas.bundled_reference_blas()
+linux_cpu = pytest.mark.skipif(BUNDLED is None, reason="only the Linux mlx[cpu] wheel bundles the reference BLAS")
+
+
+def test_off_keeps_the_bundled_blas():
+    path, why = fast_blas.choose({"MLX_XPO_BLAS": "off"})
+    assert path is None and "MLX_XPO_BLAS=off" in why
+
+
+def test_a_named_file_that_does_not_exist_is_said_and_ignored(tmp_path):
+    path, why = fast_blas.choose({"MLX_XPO_BLAS": str(tmp_path / "nope.so")})
+    assert path is None and "nope.so" in why and "is not a file" in why
+
+
+def test_a_named_file_is_chosen(tmp_path):
+    f = tmp_path / "libfake.so"
+    f.write_bytes(b"")
+    assert fast_blas.choose({"MLX_XPO_BLAS": str(f)}) == (str(f), f"MLX_XPO_BLAS={f}")
+
+
+def test_no_bundled_reference_blas_outside_linux_cpu_wheels(tmp_path):
+    assert fast_blas.bundled_reference_blas(str(tmp_path)) is None
+
+
+PROBE = r"""
+import ctypes, json, sys
+import numpy as np
+import mlx.core as mx
+from mlx_xpo_plugin import fast_blas
+
+class DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+libdl = ctypes.CDLL(None)
+try:
+    sgemm = ctypes.cast(libdl.cblas_sgemm, ctypes.c_void_p)  # the global scope's cblas_sgemm
+    info = DlInfo()
+    libdl.dladdr(sgemm, ctypes.byref(info))
+    owner = info.fname.decode()
+except AttributeError:
+    owner = None  # not in the global scope: MLX uses the copy bundled in its own local scope
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((64, 96), dtype=np.float32), rng.standard_normal((96, 80), dtype=np.float32)
+err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max())
+print(json.dumps({"state": fast_blas.STATE, "owner": owner, "max_abs_err": err}))
+"""
+
+
+def probe(env):
+    e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN")}
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env={**e, **env},
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@linux_cpu
+def test_the_named_blas_is_preloaded_globally_before_mlx_and_products_stay_correct():
+    # the bundled reference BLAS itself is on every Linux CPU machine: load it by name
+    out = probe({"MLX_XPO_BLAS": BUNDLED})
+    assert out["state"]["loaded"] == BUNDLED
+    assert os.path.realpath(out["owner"]) == os.path.realpath(BUNDLED)
+    assert out["max_abs_err"] < 1e-3
+
+
+@linux_cpu
+def test_off_leaves_mlx_as_shipped():
+    out = probe({"MLX_XPO_BLAS": "off"})
+    assert out["state"]["loaded"] is None and out["owner"] is None
+    assert "bundled reference BLAS" in out["state"]["blas"] and out["max_abs_err"] < 1e-3
+
+
+@linux_cpu
+def test_plugin_off_means_no_preload():
+    out = probe({"MLX_XPO_PLUGIN": "0"})
+    assert out["state"] == {} and out["owner"] is None
+
+
+@linux_cpu
+@pytest.mark.skipif(__import__("ctypes.util").util.find_library("openblas") is None,
+                    reason="no system OpenBLAS on this machine")
+def test_the_system_openblas_takes_the_matrix_products():
+    out = probe({})
+    assert "openblas" in os.path.basename(out["owner"]).lower()
+    assert out["state"]["blas"].startswith("libopenblas") and out["max_abs_err"] < 1e-3

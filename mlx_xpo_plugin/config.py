@@ -97,7 +97,8 @@ UPSTREAM_SETTINGS: tuple[Setting, ...] = tuple(
         ("iters", "int", None, "Optimizer steps (default: epochs, else 1 epoch).", None, 1, True, {}),
         ("epochs", "int", None, "Passes over the training prompts.", None, 1, True, {}),
         ("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", None, 1, False, {}),
-        ("micro_batch_size", "int", None, "Pairs per scoring forward (bounds memory).", None, 1, True, {}),
+        ("micro_batch_size", "int", 1, "Pairs per scoring forward and backward (2 rows each): bounds "
+         "the activation memory whatever batch_size is; null scores the whole batch at once.", None, 1, True, {}),
         ("learning_rate", "float", 1e-5, "Learning rate.", None, 0.0, False, {}),
         ("lr_schedule", "dict", None, "mlx-lm learning-rate schedule.", None, None, True, {}),
         ("optimizer", "str", "adam", "Optimizer.", ("adam", "adamw", "muon"), None, False, {}),

@@ -47,6 +47,9 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[Sequence[i
                        cfg: SamplingConfig, batch_size: Optional[int] = None) -> list[list[Completion]]:
     """`n` completions for each prompt, generated in one batch; result[i][j] is completion j of prompt i."""
     eos_ids = sorted(set(tokenizer.eos_token_ids))
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()  # sample from the policy itself: no (LoRA) dropout while generating
     gen = BatchGenerator(model, max_tokens=cfg.max_tokens, stop_tokens=[[t] for t in eos_ids],
                          sampler=cfg.sampler(),
                          completion_batch_size=batch_size or max(1, len(prompts) * n),
@@ -68,6 +71,8 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[Sequence[i
                     eos[r.uid] = r.finish_reason == "stop"
     finally:
         gen.close()
+        if was_training:
+            model.train()
     out: list[list[Completion]] = []
     for i in range(len(prompts)):
         row = []

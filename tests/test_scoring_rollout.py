@@ -142,3 +142,23 @@ def test_output_layer_only_on_scored_positions_gives_the_same_scores(tiny_model)
     assert not scoring._split_ok(wrapped)
     s, c, _ = sequence_logps(wrapped, inputs, targets, mask)
     assert np.array(c).tolist() == [3, 5]
+
+
+def test_rollout_samples_without_dropout_and_keeps_the_training_mode(tiny_model_path, tmp_path):
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm_lora.utils import from_pretrained
+    model, tok, _ = from_pretrained(tiny_model_path, new_adapter_path=str(tmp_path / "ad"),
+                                    lora_config={"rank": 8, "dropout": 0.5, "scale": 10.0,
+                                                 "use_dora": False, "num_layers": -1})
+    mx.random.seed(0)
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.trainable_parameters())]))
+    model.train()
+    p = [tok.apply_chat_template([{"role": "user", "content": "Snow?"}], add_generation_prompt=True)]
+    greedy = SamplingConfig(max_tokens=8, temperature=0.0)
+    x = mx.array([p[0]])
+    assert np.abs(np.array(model(x)) - np.array(model(x))).max() > 0  # dropout is live in training mode
+    runs = [sample_completions(model, tok, p, 2, greedy)[0] for _ in range(3)]
+    assert model.training  # restored
+    model.eval()
+    expected = sample_completions(model, tok, p, 1, greedy)[0][0].tokens
+    assert all(c.tokens == expected for run in runs for c in run)  # the policy itself, every time

@@ -358,7 +358,15 @@ class OnlineTrainer:
 
     def evaluate(self, prompts: PromptSet, max_batches: int = -1) -> dict:
         """Policy sample vs reference sample on `prompts`, judged: win-rate, ties, invalid,
-        and the DPO loss / implicit-reward accuracy of the judged pairs."""
+        and the DPO loss / implicit-reward accuracy of the judged pairs (in eval mode: no dropout)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._evaluate(prompts, max_batches)
+        finally:
+            self.model.train(was_training)
+
+    def _evaluate(self, prompts: PromptSet, max_batches: int) -> dict:
         n = len(prompts) if max_batches is None or max_batches < 0 else min(len(prompts), max_batches * self.s.batch_size)
         wins = losses = ties = invalid = 0
         dpo_losses, accs, margins = [], [], []

@@ -255,8 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default="tiny,small")
     ap.add_argument("--modes", default="xpo,online_dpo")
     ap.add_argument("--lengths", default="16,64")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per implementation (default: tiny 3, small 2)")
-    ap.add_argument("--iters", type=int, default=None, help="steps per run (default: tiny 6, small 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per implementation (default 3)")
+    ap.add_argument("--iters", type=int, default=None, help="steps per run (default 6)")
     ap.add_argument("--quick", action="store_true", help="tiny preset only, 2 repeats")
     ap.add_argument("--name", default="step", help="results file name (bench/results/NAME.json|md)")
     ap.add_argument("--render-only", action="store_true", help="rewrite NAME.md from NAME.json, run nothing")
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     presets = [p for p in ns.presets.split(",") if p]
     modes = [m for m in ns.modes.split(",") if m]
     lengths = [int(x) for x in ns.lengths.split(",") if x]
-    defaults = {"tiny": (3, 6), "small": (2, 3)}
+    defaults = {"tiny": (3, 6), "small": (3, 6)}
     t_start, la0 = time.perf_counter(), B.loadavg()
     work = Path(tempfile.mkdtemp(prefix="mlx-xpo-bench-step-"))
     configs, raw = [], []

@@ -42,6 +42,13 @@ def proc_status_kb(key: str) -> int:
     return 0
 
 
+def torch_blas() -> str:
+    """The BLAS torch was built with (``BLAS_INFO`` in its build settings; mkl for the CPU wheels)."""
+    import torch
+    cfg = torch.__config__.show()
+    return cfg.split("BLAS_INFO=", 1)[1].split(",", 1)[0] if "BLAS_INFO=" in cfg else "unknown"
+
+
 def load_rules(path: str):
     """mlx_xpo_plugin/rules.py by file path (it imports nothing from the package or MLX)."""
     spec = importlib.util.spec_from_file_location("_bench_rules", path)
@@ -187,6 +194,7 @@ def main():
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__, "peft": __import__("peft").__version__},
         "torch_threads": torch.get_num_threads(),
+        "torch_blas": torch_blas(),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "rss_after_imports_mb": rss_after_imports_kb / 1024,
         "peak_rss_mb": proc_status_kb("VmHWM") / 1024,

@@ -51,7 +51,7 @@ TRL_REQS = ["trl==1.13.0", "transformers==5.23.0", "peft==0.21.2", "accelerate==
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 JUDGE = "mlx_xpo_plugin.rules:letter_e_reward"
 THREADS = 2
-DEFAULTS = {"tiny": (3, 6), "small": (3, 6)}  # (runs per side, steps per run)
+DEFAULTS = {"tiny": (4, 8), "small": (4, 8)}  # (runs per side: even, so ABBA is balanced; steps per run)
 
 
 # ------------------------------------------------------------------ TRL virtual environment
@@ -210,7 +210,7 @@ def render(data: dict) -> str:
     v = data["trl_versions"]
     lines = [f"Machine: {B.machine_line(data['machine'])}.",
              f"TRL side: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, "
-             f"accelerate {v['accelerate']}; {THREADS} torch threads, fp32.",
+             f"accelerate {v['accelerate']}; BLAS {data.get('trl_blas', '?')}; {THREADS} torch threads, fp32.",
              f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
              f"script wall time {data['wall_seconds']:.0f} s.", ""]
     rows = []
@@ -227,7 +227,7 @@ def render(data: dict) -> str:
                      f"{B.fmt(o['completion_tokens_mean'], 1)} / {B.fmt(t['completion_tokens_mean'], 1)}"])
     lines += ["### Step time (seconds per optimizer step; median of per-run medians [min–max over runs])", "",
               B.md_table(["preset", "mode", "completion len", "ours", "TRL", "ours / TRL", "≤ 1.0",
-                          "ours peak RSS MB", "TRL peak RSS MB", "preference signal ms/step, ours / TRL (TRL's)",
+                          "ours peak RSS MB", "TRL peak RSS MB", "judge / reward ms per step, ours / TRL (TRL's signal)",
                           "tokens/completion, ours / TRL"], rows), ""]
     lines += ["### Method", "", data["method"], ""]
     return "\n".join(lines)
@@ -257,7 +257,7 @@ METHOD = (
     "brackets the range of the paired per-repeat ratios. Peak RSS = the process's `VmHWM` at the end "
     "(median over runs; TRL's includes PyTorch and transformers, ~{trl_base:.0f} MB right after the "
     "imports, ours ~{ours_base:.0f} MB). Tokens/completion = generated tokens per completion (mean), "
-    "which shows both sides generate the full length (random weights rarely sample EOS)."
+    "to check that both sides generate as many tokens."
 )
 
 
@@ -277,8 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default="tiny,small")
     ap.add_argument("--modes", default="xpo,online_dpo")
     ap.add_argument("--lengths", default="16,64")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per side (default 3)")
-    ap.add_argument("--iters", type=int, default=None, help="steps per run (default 6; step 1 is warm-up)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per side (default 4)")
+    ap.add_argument("--iters", type=int, default=None, help="steps per run (default 8; step 1 is warm-up)")
     ap.add_argument("--xpo-bonus", default="paper", choices=("paper", "kl"),
                     help="our xpo form: paper = TRL's (default), kl = our default")
     ap.add_argument("--quick", action="store_true", help="tiny preset only, 2 runs per side")
@@ -309,6 +309,7 @@ def main(argv=None) -> int:
             for mode in modes:
                 configs.append(run_cell(preset, mode, length, repeats, iters, ns.xpo_bonus, work, raw))
     data = {"benchmark": "bench_trl", "machine": B.machine(), "trl_versions": versions,
+            "trl_blas": next((r["result"].get("torch_blas") for r in raw if r["impl"] == "trl"), None),
             "loadavg_before": la0, "loadavg_after": B.loadavg(), "wall_seconds": time.perf_counter() - t_start,
             "method": method_text(configs, presets, ns), "xpo_bonus": ns.xpo_bonus, "threads": THREADS,
             "targets": {"time_ratio": 1.0}, "configs": configs, "runs": raw}

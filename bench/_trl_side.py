@@ -34,12 +34,7 @@ import sys
 import time
 
 
-def proc_status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
+from _proc import proc_status_kb  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 
 def torch_blas() -> str:

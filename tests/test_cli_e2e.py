@@ -54,6 +54,10 @@ def test_xpo_yaml_only_values_are_used(tiny_model_path, tmp_path):
     r = run(["--train-mode", "xpo", "--config", cfg])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "xpo: mlx-xpo-plugin" in r.stdout and "replaces the built-in mode" in r.stdout
+    import mlx.core  # noqa: F401  (bundled_reference_blas looks next to it)
+    from mlx_xpo_plugin.fast_blas import bundled_reference_blas
+    if bundled_reference_blas():  # Linux mlx[cpu]: the run says which BLAS MLX multiplies with
+        assert "\nBLAS: " in r.stdout
     train = [x for x in rows(out) if "loss" in x or "alpha" in x and "val_win_rate" not in x]
     assert [x["alpha"] for x in train] == [1e-3, 1e-4]  # one report per epoch of 2 steps
     assert all(x["temperature"] == 0.5 and x["max_completion_length"] == 7 for x in train)

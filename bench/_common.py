@@ -134,6 +134,12 @@ def fmt(x, nd=3):
     return f"{x:.{nd}f}"
 
 
+def with_range(d: dict, key: str, nd: int = 3, bold: bool = False) -> str:
+    """``d[key] [d[key_min]–d[key_max]]``: a median with the spread of the run medians."""
+    mid = f"**{fmt(d[key], nd)}**" if bold else fmt(d[key], nd)
+    return f"{mid} [{fmt(d[key + '_min'], nd)}–{fmt(d[key + '_max'], nd)}]"
+
+
 def md_table(header, rows) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -137,9 +137,9 @@ def render(data: dict) -> str:
     for c in cfgs:
         o, u = c["ours"], c["upstream"]
         rows.append([c["preset"], c["mode"], c["max_completion_length"],
-                     f"{B.fmt(o['step_seconds'])} [{B.fmt(o['step_seconds_min'])}–{B.fmt(o['step_seconds_max'])}]",
-                     f"{B.fmt(u['step_seconds'])} [{B.fmt(u['step_seconds_min'])}–{B.fmt(u['step_seconds_max'])}]",
-                     f"**{B.fmt(c['time_ratio'], 2)}** [{B.fmt(c['time_ratio_min'], 2)}–{B.fmt(c['time_ratio_max'], 2)}]",
+                     B.with_range(o, "step_seconds"),
+                     B.with_range(u, "step_seconds"),
+                     B.with_range(c, "time_ratio", 2, bold=True),
                      "yes" if c["time_ratio"] <= 0.5 else "no"])
     lines += ["### Step time (seconds per optimizer step; median of per-run medians [min–max over runs])", "",
               B.md_table(["preset", "mode", "completion len", "ours", "upstream", "ours / upstream",

@@ -217,9 +217,9 @@ def render(data: dict) -> str:
     for c in data["configs"]:
         o, t = c["ours"], c["trl"]
         rows.append([c["preset"], c["mode"], c["max_completion_length"],
-                     f"{B.fmt(o['step_seconds'])} [{B.fmt(o['step_seconds_min'])}–{B.fmt(o['step_seconds_max'])}]",
-                     f"{B.fmt(t['step_seconds'])} [{B.fmt(t['step_seconds_min'])}–{B.fmt(t['step_seconds_max'])}]",
-                     f"**{B.fmt(c['time_ratio'], 2)}** [{B.fmt(c['time_ratio_min'], 2)}–{B.fmt(c['time_ratio_max'], 2)}]",
+                     B.with_range(o, "step_seconds"),
+                     B.with_range(t, "step_seconds"),
+                     B.with_range(c, "time_ratio", 2, bold=True),
                      "yes" if c["time_ratio"] <= 1.0 else "no",
                      B.fmt(o["peak_rss_mb"], 0), B.fmt(t["peak_rss_mb"], 0),
                      f"{B.fmt(1000 * o['signal_seconds'], 1)} / {B.fmt(1000 * t['signal_seconds'], 1)} "

@@ -32,7 +32,8 @@ _OFF = ("0", "false", "no", "off", "bundled", "reference")
 HINT = ("install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread) and it is used "
         f"automatically, or set {ENV}=/path/to/libopenblas.so")
 
-#: what happened, for the run's banner: {"blas": "openblas" | "bundled reference" | ..., ...}
+#: what happened, for the run's banner: {"blas": what MLX multiplies with, "loaded": the preloaded
+#: file or None, "why": the reason for the choice}
 STATE: dict = {}
 
 
@@ -76,6 +77,8 @@ def preload() -> dict:
         return STATE
     path, why = choose()
     STATE.update(blas="bundled reference BLAS (slow)", loaded=None, why=why)
+    if path is None and os.environ.get(ENV, "").strip().lower() not in _OFF + ("",):
+        sys.stderr.write(f"mlx-xpo-plugin: {why}\n")  # a setting that names no file: say so at once
     if path is not None:
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)

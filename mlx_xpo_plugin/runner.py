@@ -162,8 +162,9 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     if mx.distributed.init().rank() != 0:  # data parallel: only rank 0 prints and writes
         sys.stdout = open(os.devnull, "w")
     mx.random.seed(cfg.seed)
-    if blas_line():
-        print(blas_line())
+    blas = blas_line()  # which BLAS MLX multiplies with (Linux CPUs; see fast_blas)
+    if blas:
+        print(blas)
     model_path = resolve_local_model("model", cfg.model)
     trained = os.path.join(cfg.adapter_path, "adapters.safetensors")
     if not cfg.train and os.path.isfile(trained):

@@ -65,7 +65,7 @@ def probe(env):
     r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env={**e, **env},
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return {**json.loads(r.stdout.strip().splitlines()[-1]), "stderr": r.stderr}
 
 
 @linux_cpu
@@ -97,3 +97,10 @@ def test_the_system_openblas_takes_the_matrix_products():
     out = probe({})
     assert "openblas" in os.path.basename(out["owner"]).lower()
     assert out["state"]["blas"].startswith("libopenblas") and out["max_abs_err"] < 1e-3
+
+
+@linux_cpu
+def test_a_setting_that_names_no_file_is_said_on_stderr_and_mlx_runs_as_shipped(tmp_path):
+    out = probe({"MLX_XPO_BLAS": str(tmp_path / "missing.so")})
+    assert "missing.so' is not a file" in out["stderr"] and out["owner"] is None
+    assert out["state"]["loaded"] is None and out["max_abs_err"] < 1e-3

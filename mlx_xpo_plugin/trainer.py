@@ -61,9 +61,9 @@ class LoopSettings:
     iters: int
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
-    micro_batch_size: Optional[int] = None
+    micro_batch_size: Optional[int] = 1  # pairs per scoring pass; None = the whole batch (as config.py)
     beta: Any = 0.1
-    alpha: Any = 0.0
+    alpha: Any = 1e-5  # used by xpo only
     xpo_bonus: str = "kl"
     loss_type: str = "sigmoid"
     delta: float = 50.0

@@ -109,3 +109,15 @@ def test_random_configs_end_in_a_config_or_a_clear_error(values, mode):
         assert "\n" not in str(e) and ":" in str(e)
     else:
         assert a.train_mode == mode
+
+
+def test_loop_settings_defaults_match_the_settings_table():
+    """The Python-level LoopSettings (built directly by the API's power users and the benches) and
+    the CLI/YAML table must not drift apart."""
+    import dataclasses
+    from mlx_xpo_plugin.trainer import LoopSettings
+    fields = {f.name: f.default for f in dataclasses.fields(LoopSettings)
+              if f.default is not dataclasses.MISSING}
+    shared = [n for n in fields if n in C.SETTINGS and n not in ("adapter_path", "iters")]
+    assert "micro_batch_size" in shared and len(shared) >= 10
+    assert {n: fields[n] for n in shared} == {n: C.SETTINGS[n].default for n in shared}

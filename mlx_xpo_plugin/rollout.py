@@ -1,17 +1,21 @@
 """Batched sampling of completions as token ids (with text for the judge and an EOS flag).
 
-Uses mlx-lm's BatchGenerator: all completions of a batch are generated together. The sampled
-token ids travel unchanged to scoring; the text is decoded only for the judge.
+All completions of a batch are generated together: by the compiled fixed-shape decoder of
+:mod:`.decode` where the model's cache allows it (plain KV caches, most models), else by mlx-lm's
+BatchGenerator. The sampled token ids travel unchanged to scoring; the text is decoded only for
+the judge.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
+
+from . import decode
 
 
 @dataclass(frozen=True)
@@ -44,43 +48,50 @@ def truncate_prompt(ids: Sequence[int], max_len: int) -> tuple[list, bool]:
 
 
 def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], n: int,
-                       cfg: SamplingConfig, batch_size: Optional[int] = None) -> list[list[Completion]]:
+                       cfg: SamplingConfig) -> list[list[Completion]]:
     """`n` completions for each prompt, generated in one batch; result[i][j] is completion j of prompt i."""
     eos_ids = sorted(set(tokenizer.eos_token_ids))
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # sample from the policy itself: no (LoRA) dropout while generating
-    gen = BatchGenerator(model, max_tokens=cfg.max_tokens, stop_tokens=[[t] for t in eos_ids],
-                         sampler=cfg.sampler(),
-                         completion_batch_size=batch_size or max(1, len(prompts) * n),
-                         prefill_batch_size=batch_size or max(1, len(prompts) * n))
+    flat = [list(p) for p in prompts for _ in range(n)]
     try:
-        flat = [list(p) for p in prompts for _ in range(n)]
-        uids = gen.insert(flat)
-        tokens = {u: [] for u in uids}
-        eos = {u: False for u in uids}
-        done = 0
-        while done < len(uids):
-            responses = gen.next_generated()
-            if not responses:
-                break
-            for r in responses:
-                tokens[r.uid].append(r.token)  # a stop token is appended too; flagged below
-                if r.finish_reason is not None:
-                    done += 1
-                    eos[r.uid] = r.finish_reason == "stop"
+        if decode.supports(model):
+            generated = decode.generate(model, flat, cfg.max_tokens, cfg.sampler(), eos_ids)
+        else:
+            generated = _batch_generator(model, flat, cfg, eos_ids)
     finally:
-        gen.close()
         if was_training:
             model.train()
     out: list[list[Completion]] = []
     for i in range(len(prompts)):
         row = []
         for j in range(n):
-            u = uids[i * n + j]
-            toks = tokens[u]
-            ended = eos[u] and bool(toks) and toks[-1] in eos_ids
+            toks = generated[i * n + j]
+            ended = bool(toks) and toks[-1] in eos_ids
             body = toks[:-1] if ended else toks
             row.append(Completion(tokens=toks, text=tokenizer.decode(body), eos=ended))
         out.append(row)
     return out
+
+
+def _batch_generator(model, flat: list, cfg: SamplingConfig, eos_ids: list) -> list[list[int]]:
+    """The sampled ids of every row (a stop token included) via mlx-lm's BatchGenerator."""
+    gen = BatchGenerator(model, max_tokens=cfg.max_tokens, stop_tokens=[[t] for t in eos_ids],
+                         sampler=cfg.sampler(),
+                         completion_batch_size=max(1, len(flat)), prefill_batch_size=max(1, len(flat)))
+    try:
+        uids = gen.insert(flat)
+        tokens = {u: [] for u in uids}
+        done = 0
+        while done < len(uids):
+            responses = gen.next_generated()
+            if not responses:
+                break
+            for r in responses:
+                tokens[r.uid].append(r.token)  # a stop token is appended too
+                if r.finish_reason is not None:
+                    done += 1
+    finally:
+        gen.close()
+    return [tokens[u] for u in uids]

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 
@@ -107,7 +108,21 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int
 
     # The weights are implicit inputs: traced as arrays, so the same compiled graph serves any
     # values they hold, and a fresh function per call never sees another model's structure.
-    decode_step = mx.compile(step, inputs=[model.state])
+    # Each call of a compiled function puts new array objects (same data) into the model; the
+    # originals go back at the end, so caches keyed by the weights' identity (the LLM judge's
+    # shared-prefix KV) stay valid.
+    weights = tree_flatten(model.parameters())
+    try:
+        return _token_loop(mx.compile(step, inputs=[model.state]), logits, pad, caches,
+                           max_tokens, sampler, stop_ids)
+    finally:
+        model.update(tree_unflatten(weights))
+
+
+def _token_loop(decode_step, logits, pad, caches, max_tokens, sampler, stop_ids) -> list[list[int]]:
+    """Sample from the prompt's last logits, then step; step t+1 is queued before the tokens of
+    step t are read, so the host check of the stop tokens overlaps the next step's compute."""
+    B = pad.shape[0]
     index = caches[0].index
     kv = [a for c in caches for a in (c.keys, c.values)]
 

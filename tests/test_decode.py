@@ -138,3 +138,14 @@ def test_models_without_plain_kv_caches_use_batch_generator(tiny_model, monkeypa
     compiled = sample_completions(model, tok, PROMPTS, 1, cfg)
     assert calls == [1]
     assert [r[0].tokens for r in fallback] == [r[0].tokens for r in compiled]
+
+
+def test_the_model_keeps_its_own_weight_objects(lora_model):
+    """mx.compile swaps the weight arrays for equal new objects on every call; they are put back,
+    so caches keyed by the weights' identity (the LLM judge's shared prefix) survive a rollout."""
+    model = with_live_adapters(lora_model[0])
+    before = tree_flatten(model.parameters())
+    decode.generate(model, PROMPTS, 4, make_sampler(temp=0.0), stop_ids=[])
+    after = tree_flatten(model.parameters())
+    assert [k for k, _ in after] == [k for k, _ in before]
+    assert all(a is b for (_, a), (_, b) in zip(after, before))

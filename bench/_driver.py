@@ -29,7 +29,8 @@ callback once per optimizer step and no validation runs: the data folder has no 
   optimizer state, anything kept).
 * process memory: peak RSS (``VmHWM`` from /proc/self/status, = ru_maxrss) at the end, and RSS right
   after the imports (before any model is loaded) as the baseline of the interpreter and libraries.
-* generated tokens per completion (BatchGenerator wrapped, both sides), to check that
+* generated tokens per completion (upstream: its BatchGenerator wrapped; ours: the completions
+  the rollout returns), to check that
   ``max_completion_length`` limits generation in both; and the tokens of the rows each side scores
   (prompt + completion; upstream re-tokenises the decoded text, ours scores the sampled ids).
 * upstream's phases, timed from outside (``bench/rollout``, ``bench/judge``, ``bench/scoring``).
@@ -188,11 +189,17 @@ def run_upstream(mode, settings, cb, counter):
 
 
 def run_ours(mode, settings, cb, counter):
-    from mlx_xpo_plugin import rollout
     from mlx_xpo_plugin import trainer as TR
     from mlx_xpo_plugin.api import train_mode
 
-    counter.wrap(rollout)
+    orig_sample = TR.sample_completions
+
+    def sample_completions(*a, **k):  # every rollout, compiled decoder or BatchGenerator
+        rows = orig_sample(*a, **k)
+        counter.lengths.extend(len(c.tokens) for row in rows for c in row)
+        return rows
+
+    TR.sample_completions = sample_completions
     orig_pack = TR.pack
 
     def pack(prompts, completions, *a, **k):

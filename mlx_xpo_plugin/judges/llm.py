@@ -203,11 +203,12 @@ class LLMJudge:
     def _batchable(self) -> bool:
         """Whether the model's cache is plain KVCache (so BatchKVCache works for it)."""
         if self._can_batch is None:
-            from mlx_lm.models.cache import KVCache, make_prompt_cache
+            from mlx_lm.models.cache import make_prompt_cache
 
-            cache = make_prompt_cache(self.model)
-            self._can_batch = bool(cache) and all(type(c) is KVCache for c in cache)
-            self._n_layers = len(cache)
+            from ..decode import supports
+
+            self._can_batch = supports(self.model)
+            self._n_layers = len(make_prompt_cache(self.model))
         return self._can_batch
 
     def _prefix_kv(self, seqs: Sequence[Sequence[int]]):

@@ -3,7 +3,8 @@
 All completions of a batch are generated together: by the compiled fixed-shape decoder of
 :mod:`.decode` where the model's cache allows it (plain KV caches, most models), else by mlx-lm's
 BatchGenerator. The sampled token ids travel unchanged to scoring; the text is decoded only for
-the judge.
+the judge. While sampling, a preloaded OpenBLAS leaves one core to the Python thread
+(:func:`.fast_blas.spare_core_for_python`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
 from . import decode
+from .fast_blas import spare_core_for_python
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,11 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[Sequence[i
         model.eval()  # sample from the policy itself: no (LoRA) dropout while generating
     flat = [list(p) for p in prompts for _ in range(n)]
     try:
-        if decode.supports(model):
-            generated = decode.generate(model, flat, cfg.max_tokens, cfg.sampler(), eos_ids)
-        else:
-            generated = _batch_generator(model, flat, cfg, eos_ids)
+        with spare_core_for_python():
+            if decode.supports(model):
+                generated = decode.generate(model, flat, cfg.max_tokens, cfg.sampler(), eos_ids)
+            else:
+                generated = _batch_generator(model, flat, cfg, eos_ids)
     finally:
         if was_training:
             model.train()

@@ -104,3 +104,103 @@ def test_a_setting_that_names_no_file_is_said_on_stderr_and_mlx_runs_as_shipped(
     out = probe({"MLX_XPO_BLAS": str(tmp_path / "missing.so")})
     assert "missing.so' is not a file" in out["stderr"] and out["owner"] is None
     assert out["state"]["loaded"] is None and out["max_abs_err"] < 1e-3
+
+
+class FakeOpenBLAS:
+    """openblas_get/set_num_threads of a library, recording every count set."""
+
+    def __init__(self, threads):
+        self.threads, self.history = threads, []
+
+    def api(self, path):
+        return (lambda: self.threads), self.put
+
+    def put(self, n):
+        self.threads = n
+        self.history.append(n)
+
+
+@pytest.fixture
+def fake_openblas(monkeypatch):
+    def make(threads, cores):
+        fake = FakeOpenBLAS(threads)
+        monkeypatch.setitem(fast_blas.STATE, "loaded", "libopenblas.so.0")
+        monkeypatch.setattr(fast_blas, "_openblas_threads", fake.api)
+        monkeypatch.setattr(fast_blas, "usable_cores", lambda: cores)
+        return fake
+    return make
+
+
+@pytest.mark.parametrize("threads, cores, inside", [(2, 2, 1), (16, 16, 15), (8, 16, 8), (1, 2, 1), (4, 1, 1)])
+def test_decoding_leaves_one_core_to_python_and_restores_the_count(fake_openblas, threads, cores, inside):
+    fake = fake_openblas(threads, cores)
+    with fast_blas.spare_core_for_python():
+        assert fake.threads == inside
+    assert fake.threads == threads
+    assert fake.history == ([] if inside == threads else [inside, threads])  # nothing set when nothing changes
+
+
+def test_the_count_is_restored_when_the_block_raises(fake_openblas):
+    fake = fake_openblas(4, 4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with fast_blas.spare_core_for_python():
+            assert fake.threads == 3
+            raise RuntimeError("boom")
+    assert fake.threads == 4
+
+
+def test_no_preloaded_openblas_means_nothing_is_touched(monkeypatch):
+    monkeypatch.setitem(fast_blas.STATE, "loaded", None)
+    monkeypatch.setattr(fast_blas, "_openblas_threads", lambda path: pytest.fail("looked for OpenBLAS"))
+    with fast_blas.spare_core_for_python():
+        pass
+
+
+def test_a_library_without_the_openblas_thread_api_is_left_alone():
+    assert fast_blas._openblas_threads(None) is None
+    libc = __import__("ctypes.util").util.find_library("c")
+    assert fast_blas._openblas_threads(libc) is None  # loads, but has no openblas_set_num_threads
+
+
+def test_sampling_runs_with_the_spare_core(tiny_model, fake_openblas, monkeypatch):
+    from mlx_xpo_plugin import decode, rollout
+    model, tok = tiny_model
+    fake = fake_openblas(2, 2)
+    seen = []
+    real = decode.generate
+    monkeypatch.setattr(decode, "generate", lambda *a, **k: (seen.append(fake.threads), real(*a, **k))[1])
+    out = rollout.sample_completions(model, tok, [[5, 6, 7]], 2, rollout.SamplingConfig(max_tokens=4))
+    assert seen == [1] and fake.threads == 2
+    assert [len(c.tokens) > 0 for c in out[0]] == [True, True]
+
+
+THREADS_PROBE = r"""
+import ctypes, json
+import numpy as np
+import mlx.core as mx
+from mlx_xpo_plugin import fast_blas
+lib = ctypes.CDLL(fast_blas.STATE["loaded"])
+before = lib.openblas_get_num_threads()
+a = np.random.default_rng(0).standard_normal((4, 256), dtype=np.float32)
+b = np.random.default_rng(1).standard_normal((256, 768), dtype=np.float32)
+with fast_blas.spare_core_for_python():
+    inside = lib.openblas_get_num_threads()
+    err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max())
+print(json.dumps({"before": before, "inside": inside, "after": lib.openblas_get_num_threads(),
+                  "cores": fast_blas.usable_cores(), "max_abs_err": err}))
+"""
+
+
+@linux_cpu
+@pytest.mark.skipif(__import__("ctypes.util").util.find_library("openblas") is None,
+                    reason="no system OpenBLAS on this machine")
+@pytest.mark.parametrize("threads", ["2", "1"])
+def test_the_real_openblas_runs_on_one_core_fewer_while_decoding(threads):
+    e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN")}
+    r = subprocess.run([sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True,
+                       env={**e, "OPENBLAS_NUM_THREADS": threads}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["before"] == out["after"] == int(threads)
+    assert out["inside"] == max(1, min(int(threads), out["cores"] - 1))
+    assert out["max_abs_err"] < 1e-3

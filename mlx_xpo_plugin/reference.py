@@ -3,14 +3,19 @@
 With LoRA or DoRA and no ``reference_model_path``, the reference is the policy's own base
 weights with every adapter layer switched off: no second copy of the weights. Otherwise it is a
 separately loaded, frozen model.
+
+With LoRA adapters, one batch can hold rows of both policies (:meth:`Reference.rows_split`):
+the xpo ``paper`` form samples its policy and its reference completions in one batch that way.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
 
 
 def _adapter_bases(model: nn.Module):
@@ -39,6 +44,32 @@ def adapters_off(model: nn.Module):
         model.update_modules(tree_unflatten([(n, m) for n, m, _ in layers]))
 
 
+class RowGatedLoRA(nn.Module):
+    """A ``LoRALinear`` whose adapter term is switched per batch row:
+    ``y_b = W x_b + g_b * scale * (x_b A) B`` with ``g_b`` = 1 (policy) or 0 (reference), ``gate``
+    of shape [B, 1, 1]. A gate of 1 gives exactly the LoRA layer's output, 0 exactly the base
+    layer's (``y + 0``)."""
+
+    def __init__(self, lora: LoRALinear, gate: mx.array):
+        super().__init__()
+        self.lora, self.gate = lora, gate
+
+    def __call__(self, x):
+        lora = self.lora
+        z = (lora.dropout(x) @ lora.lora_a) @ lora.lora_b
+        return lora.linear(x) + (self.gate * (lora.scale * z)).astype(x.dtype)
+
+
+@contextlib.contextmanager
+def _gated_rows(model: nn.Module, layers, n_policy: int, n_reference: int):
+    gate = mx.array([1.0] * n_policy + [0.0] * n_reference).reshape(-1, 1, 1)
+    model.update_modules(tree_unflatten([(n, RowGatedLoRA(m, gate)) for n, m, _ in layers]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten([(n, m) for n, m, _ in layers]))
+
+
 class Reference:
     """``with ref.use() as m:`` gives a module that computes the reference policy."""
 
@@ -51,6 +82,17 @@ class Reference:
     @property
     def shares_weights(self) -> bool:
         return self.separate is None
+
+    def rows_split(self, n_policy: int, n_reference: int):
+        """A context giving a module that computes the policy on the first ``n_policy`` rows of a
+        batch and the reference on the next ``n_reference`` (every row keeps its place in the
+        batch; the batch size must stay ``n_policy + n_reference``); None where the reference is
+        a separate model or an adapter is not a plain ``LoRALinear`` (DoRA's weight norm cannot
+        be switched per row)."""
+        layers = [] if self.separate is not None else _adapter_bases(self.policy)
+        if not layers or any(type(m) is not LoRALinear for _, m, _ in layers):
+            return None
+        return _gated_rows(self.policy, layers, n_policy, n_reference)
 
     @contextlib.contextmanager
     def use(self):

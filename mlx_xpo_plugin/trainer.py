@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from . import decode
 from .errors import StopTraining
 from .judges.base import Verdict, verdict_metrics
 from .losses import dpo_loss, reward_stats, xpo_kl_bonus, xpo_paper_term
@@ -196,9 +197,16 @@ class OnlineTrainer:
         if not paper:
             both = sample_completions(self.model, self.tokenizer, prompt_ids, 2, cfg)
             return [(a, b, None) for a, b in both]
-        pol = sample_completions(self.model, self.tokenizer, prompt_ids, 1, cfg)
-        with self.ref.use() as ref_model:
-            ref = sample_completions(ref_model, self.tokenizer, prompt_ids, 1, cfg)
+        P = len(prompt_ids)
+        split = self.ref.rows_split(P, P) if decode.supports(self.model) else None
+        if split is not None:  # one batch: policy rows, then reference rows (a fixed-shape batch)
+            with split as both_policies:
+                both = sample_completions(both_policies, self.tokenizer, list(prompt_ids) * 2, 1, cfg)
+            pol, ref = both[:P], both[P:]
+        else:
+            pol = sample_completions(self.model, self.tokenizer, prompt_ids, 1, cfg)
+            with self.ref.use() as ref_model:
+                ref = sample_completions(ref_model, self.tokenizer, prompt_ids, 1, cfg)
         return [(p[0], r[0], 1) for p, r in zip(pol, ref)]
 
     def _judge(self, texts: list, triples: list) -> tuple[list[Verdict], float, dict]:

@@ -149,3 +149,64 @@ def test_the_model_keeps_its_own_weight_objects(lora_model):
     after = tree_flatten(model.parameters())
     assert [k for k, _ in after] == [k for k, _ in before]
     assert all(a is b for (_, a), (_, b) in zip(after, before))
+
+
+# ---- policy and reference rows in one batch (the xpo 'paper' rollout)
+
+
+def test_one_batch_of_policy_and_reference_rows_gives_each_policys_own_tokens(lora_model):
+    from mlx_xpo_plugin.reference import Reference, adapters_off
+    model = with_live_adapters(lora_model[0])
+    greedy = make_sampler(temp=0.0)
+    policy = decode.generate(model, PROMPTS, 12, greedy, stop_ids=[])
+    with adapters_off(model) as base:
+        reference = decode.generate(base, PROMPTS, 12, greedy, stop_ids=[])
+    assert policy != reference  # the adapters matter, so a mix-up would show
+    n = len(PROMPTS)
+    with Reference(model).rows_split(n, n) as both:
+        mixed = decode.generate(both, PROMPTS + PROMPTS, 12, greedy, stop_ids=[])
+    assert mixed[:n] == policy and mixed[n:] == reference
+
+
+def test_the_row_split_leaves_the_model_as_it_was(lora_model):
+    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_xpo_plugin.reference import Reference
+    model = with_live_adapters(lora_model[0])
+    before = tree_flatten(model.parameters())
+    with Reference(model).rows_split(1, 1) as both:
+        assert any(type(m).__name__ == "RowGatedLoRA" for _, m in both.named_modules())
+    after = tree_flatten(model.parameters())
+    assert [k for k, _ in after] == [k for k, _ in before] and all(a is b for (_, a), (_, b) in zip(after, before))
+    assert any(isinstance(m, LoRALinear) for _, m in model.named_modules())
+
+
+def test_no_row_split_for_dora_or_a_separate_reference(tiny_model_path, tiny_model, tmp_path):
+    from mlx_lm_lora.utils import from_pretrained
+    from mlx_xpo_plugin.reference import Reference
+    dora, _, _ = from_pretrained(tiny_model_path, new_adapter_path=str(tmp_path / "ad"),
+                                 lora_config={"rank": 4, "dropout": 0.0, "scale": 10.0, "use_dora": True,
+                                              "num_layers": -1})
+    assert Reference(dora).rows_split(1, 1) is None  # DoRA's weight norm cannot be gated per row
+    assert Reference(dora, separate=tiny_model[0]).rows_split(1, 1) is None
+
+
+def test_the_paper_rollout_samples_both_policies_in_one_batch(lora_model, monkeypatch):
+    from mlx_xpo_plugin import trainer as T
+    from mlx_xpo_plugin.reference import Reference, adapters_off
+    model, tok, _ = lora_model
+    model = with_live_adapters(model)
+    calls = []
+    real = T.sample_completions
+    monkeypatch.setattr(T, "sample_completions", lambda m, t, p, n, c: (calls.append(len(p) * n), real(m, t, p, n, c))[1])
+    fake = type("Fake", (), {})()
+    fake.s = type("S", (), {"sampling": SamplingConfig(max_tokens=6, temperature=0.0)})()
+    fake.model, fake.tokenizer, fake.ref = model, tok, Reference(model)
+    triples = T.OnlineTrainer._rollout(fake, PROMPTS, paper=True)
+    assert calls == [2 * len(PROMPTS)]
+    greedy = SamplingConfig(max_tokens=6, temperature=0.0)
+    pol = real(model, tok, PROMPTS, 1, greedy)
+    with adapters_off(model) as base:
+        ref = real(base, tok, PROMPTS, 1, greedy)
+    assert [a.tokens for a, _, _ in triples] == [r[0].tokens for r in pol]
+    assert [b.tokens for _, b, _ in triples] == [r[0].tokens for r in ref]
+    assert [side for _, _, side in triples] == [1, 1, 1]

@@ -255,15 +255,19 @@ class OnlineTrainer:
             mx.eval(s)
         return mx.stop_gradient(s)
 
+    def _loss_scores(self, s, ref_s, counts):
+        """The sequence scores the DPO loss compares: summed completion log-probs, or for ipo the
+        per-token means (``counts`` >= 1)."""
+        if self.s.loss_type == "ipo":
+            return s / counts, ref_s / counts
+        return s, ref_s
+
     def _loss(self, model, inputs, targets, mask, ref_s, ref_flags, norm, beta, alpha):
         want_entropy = self.s.entropy_coef > 0
         s, counts, ent = sequence_logps(model, inputs, targets, mask, with_entropy=want_entropy)
         P = s.shape[0] // 2
         counts = mx.maximum(counts, 1.0)
-        if self.s.loss_type == "ipo":  # length-normalised log-probs
-            pol, ref = s / counts, ref_s / counts
-        else:
-            pol, ref = s, ref_s
+        pol, ref = self._loss_scores(s, ref_s, counts)
         pol_c, pol_r, ref_c, ref_r = pol[:P], pol[P:], ref[:P], ref[P:]
         l_dpo = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, self.s.loss_type, self.s.delta)
         if not self.s.uses_xpo:
@@ -398,11 +402,11 @@ class OnlineTrainer:
             if pairs:
                 inputs, targets, mask = self._batch(pairs)
                 ref_s = self._reference_logps(inputs, targets, mask)
-                s, _, _ = sequence_logps(self.model, inputs, targets, mask)
+                s, counts, _ = sequence_logps(self.model, inputs, targets, mask)
                 P = len(pairs)
-                dpo_losses.append(np.array(dpo_loss(s[:P], s[P:], ref_s[:P], ref_s[P:], beta,
-                                                    "sigmoid" if self.s.loss_type == "ipo" else self.s.loss_type,
-                                                    self.s.delta)))
+                pol, ref = self._loss_scores(s, ref_s, mx.maximum(counts, 1.0))
+                dpo_losses.append(np.array(dpo_loss(pol[:P], pol[P:], ref[:P], ref[P:], beta,
+                                                    self.s.loss_type, self.s.delta)))
                 rs = reward_stats(s[:P], s[P:], ref_s[:P], ref_s[P:], beta)
                 accs.append(np.array(rs["rewards/accuracies"]))
                 margins.append(np.array(rs["rewards/margins"]))

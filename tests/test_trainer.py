@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from conftest import RuleJudge
 from mlx_xpo_plugin.data import load_prompts
@@ -205,3 +205,35 @@ def test_entropy_coef_adds_the_token_entropy_bonus(lora_model, prompt_data_dir):
     expected = -0.5 * np.mean(0.5 * (tok_ent[:2] + tok_ent[2:]))
     assert losses[0.5] - losses[0.0] == pytest.approx(expected, rel=1e-3)
     assert expected < 0
+
+
+class FirstWins:
+    def judge(self, prompts, pairs):
+        return [Verdict(0, 1.0, None) for _ in pairs]
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid"])
+def test_the_validation_loss_is_the_configured_loss(lora_model, prompt_data_dir, loss_type):
+    """ipo compares per-token mean log-probs (so long completions do not dominate); the validation
+    loss is that same loss on the judged policy-vs-reference pairs."""
+    from mlx_xpo_plugin.losses import dpo_loss
+    from mlx_xpo_plugin.reference import adapters_off
+    from mlx_xpo_plugin.scoring import pack, sequence_logps
+    model, tok, _ = lora_model
+    rng = np.random.default_rng(1)
+    model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    t = make_trainer(lora_model, prompt_data_dir, judge=FirstWins(), loss_type=loss_type, beta=0.5, batch_size=3)
+    pairs = some_pairs(tok, n=3)  # chosen (the "policy" side) lengths 3, 4, 5; rejected 6, 5, 4
+    t._rollout = lambda ids, paper: [(p.chosen, p.rejected, 1) for p in pairs]
+    res = t.evaluate(PromptSet([p.prompt_ids for p in pairs], [p.prompt_text for p in pairs]))
+    inputs, targets, mask = pack([p.prompt_ids for p in pairs] * 2,
+                                 [p.chosen.tokens for p in pairs] + [p.rejected.tokens for p in pairs])
+    model.eval()
+    s, n, _ = sequence_logps(model, inputs, targets, mask)
+    with adapters_off(model) as base:
+        r, _, _ = sequence_logps(base, inputs, targets, mask)
+    if loss_type == "ipo":
+        s, r = s / n, r / n
+    want = float(dpo_loss(s[:3], s[3:], r[:3], r[3:], 0.5, loss_type).mean())
+    assert res["wins"] == 3 and res["loss"] == pytest.approx(want, rel=1e-4)

@@ -198,6 +198,34 @@ def cleanup(work: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def add_grid_args(ap, name: str, repeats_help: str, iters_help: str, quick_help: str) -> None:
+    """The arguments of the side-by-side scripts (bench_step.py, bench_trl.py): the grid of presets,
+    modes and completion lengths, runs and steps, and the results file name."""
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--modes", default="xpo,online_dpo")
+    ap.add_argument("--lengths", default="16,64")
+    ap.add_argument("--repeats", type=int, default=None, help=repeats_help)
+    ap.add_argument("--iters", type=int, default=None, help=iters_help)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--name", default=name, help="results file name (bench/results/NAME.json|md)")
+    ap.add_argument("--render-only", action="store_true", help="rewrite NAME.md from NAME.json, run nothing")
+
+
+def grid(ns) -> tuple[list[str], list[str], list[int]]:
+    """(presets, modes, lengths) from the arguments of add_grid_args; --quick keeps the tiny preset
+    and, unless --repeats says otherwise, 2 runs per side."""
+    if ns.quick:
+        ns.presets, ns.repeats = "tiny", ns.repeats or 2
+    return ([p for p in ns.presets.split(",") if p], [m for m in ns.modes.split(",") if m],
+            [int(x) for x in ns.lengths.split(",") if x])
+
+
+def rerender(name: str, render) -> None:
+    """Rewrite results/NAME.md from results/NAME.json (--render-only)."""
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    (RESULTS / f"{name}.md").write_text(render(data).rstrip() + "\n")
+
+
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"

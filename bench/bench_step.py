@@ -252,25 +252,13 @@ METHOD = (
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", default="tiny,small")
-    ap.add_argument("--modes", default="xpo,online_dpo")
-    ap.add_argument("--lengths", default="16,64")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per implementation (default 3)")
-    ap.add_argument("--iters", type=int, default=None, help="steps per run (default 6)")
-    ap.add_argument("--quick", action="store_true", help="tiny preset only, 2 repeats")
-    ap.add_argument("--name", default="step", help="results file name (bench/results/NAME.json|md)")
-    ap.add_argument("--render-only", action="store_true", help="rewrite NAME.md from NAME.json, run nothing")
+    B.add_grid_args(ap, "step", repeats_help="runs per implementation (default 3)",
+                    iters_help="steps per run (default 6)", quick_help="tiny preset only, 2 repeats")
     ns = ap.parse_args(argv)
     if ns.render_only:
-        import json
-        data = json.loads((B.RESULTS / f"{ns.name}.json").read_text())
-        (B.RESULTS / f"{ns.name}.md").write_text(render(data).rstrip() + "\n")
+        B.rerender(ns.name, render)
         return 0
-    if ns.quick:
-        ns.presets, ns.repeats = "tiny", ns.repeats or 2
-    presets = [p for p in ns.presets.split(",") if p]
-    modes = [m for m in ns.modes.split(",") if m]
-    lengths = [int(x) for x in ns.lengths.split(",") if x]
+    presets, modes, lengths = B.grid(ns)
     defaults = {"tiny": (3, 6), "small": (3, 6)}
     t_start, la0 = time.perf_counter(), B.loadavg()
     work = Path(tempfile.mkdtemp(prefix="mlx-xpo-bench-step-"))

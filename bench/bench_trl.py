@@ -274,32 +274,22 @@ def method_text(configs, presets, ns) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", default="tiny,small")
-    ap.add_argument("--modes", default="xpo,online_dpo")
-    ap.add_argument("--lengths", default="16,64")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per side (default 4)")
-    ap.add_argument("--iters", type=int, default=None, help="steps per run (default 8; step 1 is warm-up)")
+    B.add_grid_args(ap, "trl", repeats_help="runs per side (default 4)",
+                    iters_help="steps per run (default 8; step 1 is warm-up)",
+                    quick_help="tiny preset only, 2 runs per side")
     ap.add_argument("--xpo-bonus", default="paper", choices=("paper", "kl"),
                     help="our xpo form: paper = TRL's (default), kl = our default")
-    ap.add_argument("--quick", action="store_true", help="tiny preset only, 2 runs per side")
     ap.add_argument("--setup", action="store_true", help="only create bench/.trl-venv, run nothing")
     ap.add_argument("--torch-index", default=CPU_INDEX if platform.system() == "Linux" else "",
                     help="extra index for the torch CPU build ('' = pip's configured indexes only)")
-    ap.add_argument("--name", default="trl", help="results file name (bench/results/NAME.json|md)")
-    ap.add_argument("--render-only", action="store_true", help="rewrite NAME.md from NAME.json, run nothing")
     ns = ap.parse_args(argv)
     if ns.render_only:
-        data = json.loads((B.RESULTS / f"{ns.name}.json").read_text())
-        (B.RESULTS / f"{ns.name}.md").write_text(render(data).rstrip() + "\n")
+        B.rerender(ns.name, render)
         return 0
     versions = ensure_venv(ns.torch_index)
     if ns.setup:
         return 0
-    if ns.quick:
-        ns.presets, ns.repeats = "tiny", ns.repeats or 2
-    presets = [p for p in ns.presets.split(",") if p]
-    modes = [m for m in ns.modes.split(",") if m]
-    lengths = [int(x) for x in ns.lengths.split(",") if x]
+    presets, modes, lengths = B.grid(ns)
     t_start, la0 = time.perf_counter(), B.loadavg()
     work = Path(tempfile.mkdtemp(prefix="mlx-xpo-bench-trl-"))
     configs, raw = [], []

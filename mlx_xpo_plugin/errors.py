@@ -10,7 +10,8 @@ class ConfigError(ValueError):
 
     def __init__(self, setting: str, value, valid: str, hint: str = ""):
         self.setting, self.value, self.valid, self.hint = setting, value, valid, hint
-        msg = f"{setting}: {value!r} is not valid; {valid}"
+        shown = setting if setting.isprintable() else repr(setting)  # a key from the user may hold "\n"
+        msg = f"{shown}: {value!r} is not valid; {valid}"
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)

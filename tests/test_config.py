@@ -121,3 +121,9 @@ def test_loop_settings_defaults_match_the_settings_table():
     shared = [n for n in fields if n in C.SETTINGS and n not in ("adapter_path", "iters")]
     assert "micro_batch_size" in shared and len(shared) >= 10
     assert {n: fields[n] for n in shared} == {n: C.SETTINGS[n].default for n in shared}
+
+
+def test_a_setting_name_with_a_line_break_stays_on_one_line():
+    with pytest.raises(ConfigError) as e:
+        C.resolve("xpo", {}, set(), {**BASE, "lora_parameters": {"\n": 0}})
+    assert "\n" not in str(e.value) and "'lora_parameters.\\n'" in str(e.value)

@@ -50,9 +50,12 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
     _S("alpha", "floats", 1e-5, "XPO exploration-bonus coefficient; a float, or a per-epoch list "
        "such as 1e-4,1e-5,1e-6 (last entry held to the end).", minimum=0.0, studio=True,
        modes=("xpo",)),
-    _S("xpo_bonus", "str", "kl", "XPO term: 'kl' (alpha * (KL on chosen + KL on rejected), "
-       "subtracted) or 'paper' (policy sample vs reference sample, + alpha * log pi(y_ref)).",
-       choices=("kl", "paper"), modes=("xpo",)),
+    _S("xpo_bonus", "str", "kl", "XPO term. 'kl': + alpha * (KL on chosen + KL on rejected), its "
+       "gradient a score-function estimate of grad KL(policy at the sampling temperature || "
+       "reference). 'kl_upstream': the same value differentiated as written (mlx-lm-lora's "
+       "formula; zero-mean gradient at temperature 1). 'paper': a policy sample vs a reference "
+       "sample, loss + alpha * log pi(y_ref) (the XPO paper and TRL).",
+       choices=("kl", "kl_upstream", "paper"), modes=("xpo",)),
     _S("dpo_cpo_loss_type", "str", "sigmoid", "DPO loss variant.",
        choices=("sigmoid", "hinge", "ipo", "dpop")),
     _S("delta", "float", 50.0, "Drift-penalty coefficient of the dpop loss.", minimum=0.0),
@@ -64,11 +67,14 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
     _S("judge_config", "dict", {}, "Judge adapter options (see the judge section of the README)."),
     _S("max_completion_length", "int", 512, "Maximum sampled completion length in tokens.",
        minimum=1, studio=True),
-    _S("temperature", "float", 0.8, "Sampling temperature of the policy (0 = greedy).",
+    _S("temperature", "float", 0.8, "Sampling temperature of the policy (0 = greedy). Applied after "
+       "top_p/top_k/min_p, which filter the untempered distribution (as mlx_lm.generate does; "
+       "HF/TRL filter the tempered one).",
        minimum=0.0, studio=True),
     _S("top_p", "float", 1.0, "Nucleus sampling: keep the smallest token set with this mass "
        "(1 = off).", minimum=0.0, maximum=1.0, exclusive_minimum=True),
-    _S("top_k", "int", 0, "Sample from the k most likely tokens only (0 = off).", minimum=0),
+    _S("top_k", "int", 0, "Sample from the k most likely tokens only (0, or k >= the "
+       "vocabulary size, = off).", minimum=0),
     _S("min_p", "float", 0.0, "Drop tokens below min_p times the top token's probability "
        "(0 = off).", minimum=0.0, maximum=1.0),
     _S("reference_model_path", "str", None, "Frozen reference model. Empty with LoRA/DoRA: "

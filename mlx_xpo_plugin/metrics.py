@@ -8,16 +8,42 @@ import os
 from collections import defaultdict
 from typing import Optional
 
-#: summed over the window (counts); every other key is a weighted mean over the window
+#: How each metric combines over the micro-batches of a step and the steps of a report window:
+#: a count is summed; a ratio is a mean weighted by the count it names; every other key is a
+#: mean over steps (pair-level keys weighted by the step's valid pairs, see OnlineTrainer).
 COUNT_KEYS = ("judge/pairs", "judge/invalid", "judge/ties", "judge/seconds", "pairs/valid",
               "train/nonfinite_steps", "prompts/truncated")
+RATIO_WEIGHTS = {"judge/position_consistency": "judge/both_orders_valid",
+                 "objective/scores_margin": "judge/scored_pairs"}
+
+
+def is_count(key: str) -> bool:
+    """Counts are summed: COUNT_KEYS, and every ``judge/...`` number that is not a ratio."""
+    return key in COUNT_KEYS or (key.startswith("judge/") and key not in RATIO_WEIGHTS)
+
+
+def merge_step_metrics(step: dict, new: dict) -> dict:
+    """Add one micro-batch's judge numbers to the step's, in place: counts summed, ratios
+    averaged with their counts as weights, anything else replaced."""
+    old = dict(step)
+    for k, v in new.items():
+        if k in RATIO_WEIGHTS:
+            w_key = RATIO_WEIGHTS[k]
+            w_old, w_new = (old.get(w_key, 0.0) if k in old else 0.0), new.get(w_key, 0.0)
+            total = w_old + w_new
+            step[k] = (old.get(k, 0.0) * w_old + v * w_new) / total if total > 0 else v
+        elif is_count(k):
+            step[k] = old.get(k, 0.0) + v
+        else:
+            step[k] = v
+    return step
 
 
 class MetricsWindow:
     """Collects per-step values between two reports; ``report()`` returns the means and resets.
 
     ``add(values, weight)``: each value counts with `weight` (e.g. the number of valid pairs for
-    pair-level metrics); COUNT_KEYS are summed instead.
+    pair-level metrics); counts are summed instead, and a ratio weighs its own count.
     """
 
     def __init__(self):
@@ -36,15 +62,16 @@ class MetricsWindow:
             if v is None:
                 continue
             v = float(v)
-            if k in COUNT_KEYS:
+            w = float(values.get(RATIO_WEIGHTS[k], 0.0)) if k in RATIO_WEIGHTS else weight
+            if is_count(k):
                 self._sum[k] += v
                 self._w[k] = 1.0
-            elif weight > 0 and math.isfinite(v):
-                self._sum[k] += v * weight
-                self._w[k] += weight
+            elif w > 0 and math.isfinite(v):
+                self._sum[k] += v * w
+                self._w[k] += w
 
     def report(self) -> dict:
-        out = {k: (self._sum[k] if k in COUNT_KEYS else self._sum[k] / self._w[k])
+        out = {k: (self._sum[k] if is_count(k) else self._sum[k] / self._w[k])
                for k in self._sum if self._w[k] > 0}
         self.reset()
         return out

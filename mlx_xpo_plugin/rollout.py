@@ -29,9 +29,14 @@ class SamplingConfig:
     min_p: float = 0.0
 
     def sampler(self):
+        """mlx-lm's sampler: top_p, min_p and top_k filter the untempered log-probs, then a token is
+        drawn from softmax(logits / temperature). top_k >= the vocabulary size keeps every token
+        (off), decided from the logits' shape when the sampler is called."""
         # make_sampler treats top_p in (0, 1) as active; 1.0 is "off".
-        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1.0 else 0.0,
-                            min_p=self.min_p, top_k=self.top_k)
+        kw = dict(temp=self.temperature, top_p=self.top_p if self.top_p < 1.0 else 0.0, min_p=self.min_p)
+        with_k, without_k = make_sampler(top_k=self.top_k, **kw), make_sampler(top_k=0, **kw)
+        k = self.top_k
+        return lambda logprobs: (with_k if 0 < k < logprobs.shape[-1] else without_k)(logprobs)
 
 
 @dataclass

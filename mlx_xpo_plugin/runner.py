@@ -24,6 +24,15 @@ from .rollout import SamplingConfig
 from .trainer import LoopSettings, OnlineTrainer
 
 
+def plan_steps(cfg, n_prompts: int, world: int = 1) -> tuple[int, int, int]:
+    """(optimizer steps, steps per epoch, prompts per step) of a run: every process of an
+    ``mlx.launch`` group takes its own ``batch_size * gradient_accumulation_steps`` prompts of
+    each step, so an epoch of ``n_prompts`` takes ceil(n_prompts / (that * world)) steps."""
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * max(1, world)
+    steps_per_epoch = max(1, math.ceil(n_prompts / per_step))
+    return cfg.iters or (cfg.epochs or 1) * steps_per_epoch, steps_per_epoch, per_step
+
+
 def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
@@ -205,9 +214,7 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     status = 0
     trainer = None
     if cfg.train:
-        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-        steps_per_epoch = math.ceil(len(train_set) / per_step)
-        iters = cfg.iters or (cfg.epochs or 1) * steps_per_epoch
+        iters, steps_per_epoch, per_step = plan_steps(cfg, len(train_set), mx.distributed.init().size())
         opt = build_optimizer(cfg)
         trainer = OnlineTrainer(loop_settings(cfg, iters, progress), model, tokenizer, reference, judge,
                                 opt, train_set, valid_set, training_callback)

@@ -9,6 +9,7 @@ class against the full forward); otherwise the full logits are computed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import mlx.core as mx
@@ -63,8 +64,11 @@ def _split_ok(model) -> bool:
     return _VERIFIED[key]
 
 
-def token_logps(model, inputs: mx.array, targets: mx.array, with_entropy: bool = False, start: int = 0):
-    """log p(target_j | inputs_<=j) for positions j >= start, and optionally the entropy of p at j."""
+def token_logps(model, inputs: mx.array, targets: mx.array, with_entropy: bool = False, start: int = 0,
+                temperature: float | None = None):
+    """(log p(target_j | inputs_<=j), entropy of p at j or None, log p_T(target_j | ...) or None)
+    for positions j >= start, where p_T = softmax(logits / T) is the distribution sampled at
+    temperature T (computed when ``temperature`` is given and is neither 0 nor 1)."""
     if start > 0 and _split_ok(model):
         backbone, head = _split(model)
         logits = head(backbone(inputs)[:, start:])
@@ -72,14 +76,17 @@ def token_logps(model, inputs: mx.array, targets: mx.array, with_entropy: bool =
         logits = model(inputs)[:, start:]
     logits = logits.astype(mx.float32)
     targets = targets[:, start:]
-    lse = mx.logsumexp(logits, axis=-1)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    lse = mx.logsumexp(logits, axis=-1)
     logp = picked - lse
+    tempered = None
+    if temperature not in (None, 0, 0.0, 1, 1.0):
+        tempered = picked / temperature - mx.logsumexp(logits / temperature, axis=-1)
     if not with_entropy:
-        return logp, None
+        return logp, None, tempered
     logprobs = logits - lse[..., None]
     entropy = -(mx.exp(logprobs) * logprobs).sum(axis=-1)
-    return logp, entropy
+    return logp, entropy, tempered
 
 
 def first_completion_position(mask: mx.array) -> int:
@@ -88,15 +95,39 @@ def first_completion_position(mask: mx.array) -> int:
     return int(cols[0]) if len(cols) else 0
 
 
-def sequence_logps(model, inputs, targets, mask, with_entropy: bool = False, start: int | None = None):
-    """(sum of completion log-probs [B], completion token counts [B], entropy sum [B] or None).
+@dataclass
+class Scores:
+    """Completion log-probs of a batch, per token ([B, T], zero outside the completion, T the target
+    positions from the first completion position of the batch on) and per row."""
 
-    ``start`` (default: the first completion position in ``mask``) skips the output layer on
-    positions no row scores."""
+    tokens: mx.array  # log p(y_t | x, y_<t) on completion tokens
+    mask: mx.array  # 1 on completion tokens
+    entropy: mx.array | None = None  # per-row sum of the token entropies
+    tempered: mx.array | None = None  # log p_T(y_t | ...) at the sampling temperature, if asked
+
+    @property
+    def sum(self) -> mx.array:
+        """s(y) = sum over completion tokens of log p(y_t | x, y_<t), per row [B]."""
+        return self.tokens.sum(axis=-1)
+
+    @property
+    def counts(self) -> mx.array:
+        return self.mask.sum(axis=-1)
+
+
+def completion_logps(model, inputs, targets, mask, with_entropy: bool = False,
+                     temperature: float | None = None, start: int | None = None) -> Scores:
+    """Per-token completion log-probs of every row. ``start`` (default: the first completion
+    position in ``mask``) skips the output layer on positions no row scores."""
     if start is None:
         start = first_completion_position(mask)
-    logp, ent = token_logps(model, inputs, targets, with_entropy, start)
+    logp, ent, tempered = token_logps(model, inputs, targets, with_entropy, start, temperature)
     mask = mask[:, start:]
-    summed = (logp * mask).sum(axis=-1)
-    counts = mask.sum(axis=-1)
-    return summed, counts, (None if ent is None else (ent * mask).sum(axis=-1))
+    return Scores(logp * mask, mask, None if ent is None else (ent * mask).sum(axis=-1),
+                  None if tempered is None else tempered * mask)
+
+
+def sequence_logps(model, inputs, targets, mask, with_entropy: bool = False, start: int | None = None):
+    """(sum of completion log-probs [B], completion token counts [B], entropy sum [B] or None)."""
+    sc = completion_logps(model, inputs, targets, mask, with_entropy, start=start)
+    return sc.sum, sc.counts, sc.entropy

@@ -26,12 +26,12 @@ from mlx.utils import tree_map
 from . import decode
 from .errors import StopTraining
 from .judges.base import Verdict, verdict_metrics
-from .losses import dpo_loss, reward_stats, xpo_kl_bonus, xpo_paper_term
-from .metrics import JsonlLog, MetricsWindow
+from .losses import dpo_loss, dpo_scores, reward_stats, xpo_kl_bonus, xpo_kl_upstream, xpo_paper_term
+from .metrics import JsonlLog, MetricsWindow, merge_step_metrics
 from .reference import Reference
 from .rollout import Completion, SamplingConfig, sample_completions
-from .schedule import get_current_alpha
-from .scoring import pack, sequence_logps
+from .schedule import value_at_epoch
+from .scoring import completion_logps, pack
 
 
 @dataclass
@@ -108,7 +108,11 @@ def apply_missing_eos_penalty(v: Verdict, a: Completion, b: Completion, penalty:
     sb -= penalty * (not b.eos)
     if sa == sb:
         return Verdict.tied(raw=v.raw, scores=(sa, sb))
-    return Verdict(1 if sb > sa else 0, v.confidence, v.raw, False, (sa, sb))
+    winner = 1 if sb > sa else 0
+    conf = v.confidence  # the judge's confidence in its own winner: in the other one if flipped
+    if conf is not None and v.winner is not None and winner != v.winner:
+        conf = 1.0 - conf
+    return Verdict(winner, conf, v.raw, False, (sa, sb))
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -185,8 +189,17 @@ class OnlineTrainer:
             self.position += take
         return out
 
+    @property
+    def data_epoch(self) -> int:
+        """The epoch (pass over the training prompts) of the current step's first prompt: the
+        epoch the alpha/beta schedules follow (0 before the first step)."""
+        if self.step < 1:
+            return 0
+        return max(0, self.position - self.prompts_per_step) // max(1, len(self.train_set))
+
     def current(self, schedule) -> float:
-        return get_current_alpha(self.step, self.s.iters, schedule, self.steps_per_epoch)
+        """The value of an alpha/beta schedule for the current step's data epoch."""
+        return value_at_epoch(schedule, self.data_epoch)
 
     # ------------------------------------------------------------------ sampling and judging
 
@@ -227,8 +240,7 @@ class OnlineTrainer:
         metrics["time/rollout"] = metrics.get("time/rollout", 0.0) + time.perf_counter() - t0
         verdicts, secs, extra = self._judge(texts, triples)
         metrics["time/judge"] = metrics.get("time/judge", 0.0) + secs
-        for k, v in {**verdict_metrics(verdicts, secs), **extra}.items():
-            metrics[k] = metrics.get(k, 0.0) + v if k.startswith("judge/") and not k.endswith("consistency") else v
+        merge_step_metrics(metrics, {**verdict_metrics(verdicts, secs), **extra})
         comps = [c for a, b, _ in triples for c in (a, b)]
         metrics.setdefault("_eos", []).extend(c.eos for c in comps)
         metrics.setdefault("_gen_tokens", []).append(sum(len(c.tokens) for c in comps))
@@ -250,24 +262,21 @@ class OnlineTrainer:
         return pack(prompts, comps, pad_id=0)
 
     def _reference_logps(self, inputs, targets, mask):
+        """Per-token completion log-probs of the reference ([rows, T], no gradient)."""
         with self.ref.use() as ref_model:
-            s, _, _ = sequence_logps(ref_model, inputs, targets, mask)
-            mx.eval(s)
-        return mx.stop_gradient(s)
+            tok = completion_logps(ref_model, inputs, targets, mask).tokens
+            mx.eval(tok)
+        return mx.stop_gradient(tok)
 
-    def _loss_scores(self, s, ref_s, counts):
-        """The sequence scores the DPO loss compares: summed completion log-probs, or for ipo the
-        per-token means (``counts`` >= 1)."""
-        if self.s.loss_type == "ipo":
-            return s / counts, ref_s / counts
-        return s, ref_s
-
-    def _loss(self, model, inputs, targets, mask, ref_s, ref_flags, norm, beta, alpha):
+    def _loss(self, model, inputs, targets, mask, ref_tok, ref_flags, norm, beta, alpha):
         want_entropy = self.s.entropy_coef > 0
-        s, counts, ent = sequence_logps(model, inputs, targets, mask, with_entropy=want_entropy)
+        kl_form = self.s.uses_xpo and self.s.xpo_bonus == "kl" and alpha > 0
+        sc = completion_logps(model, inputs, targets, mask, with_entropy=want_entropy,
+                              temperature=self.s.sampling.temperature if kl_form else None)
+        s, ref_s, ent = sc.sum, ref_tok.sum(axis=-1), sc.entropy
         P = s.shape[0] // 2
-        counts = mx.maximum(counts, 1.0)
-        pol, ref = self._loss_scores(s, ref_s, counts)
+        counts = mx.maximum(sc.counts, 1.0)
+        pol, ref = dpo_scores(s, ref_s, counts, self.s.loss_type)
         pol_c, pol_r, ref_c, ref_r = pol[:P], pol[P:], ref[:P], ref[P:]
         l_dpo = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, self.s.loss_type, self.s.delta)
         if not self.s.uses_xpo:
@@ -275,8 +284,10 @@ class OnlineTrainer:
         elif self.s.paper_form:
             pol_yref = mx.where(ref_flags, s[:P], s[P:])
             l_xpo = xpo_paper_term(pol_yref, alpha)
+        elif self.s.xpo_bonus == "kl_upstream":
+            l_xpo = -xpo_kl_upstream(s[:P], s[P:], ref_s[:P], ref_s[P:], alpha)
         else:
-            l_xpo = -xpo_kl_bonus(s[:P], s[P:], ref_s[:P], ref_s[P:], alpha)
+            l_xpo = -xpo_kl_bonus(sc.tokens, ref_tok, sc.mask, alpha, sc.tempered)
         total = l_dpo + l_xpo
         if want_entropy:
             tok_ent = ent / counts
@@ -353,7 +364,8 @@ class OnlineTrainer:
         for (l_dpo, l_xpo, s, ref_s, counts, _), mb in stats:
             P = len(mb)
             pc, pr, rc, rr = s[:P], s[P:], ref_s[:P], ref_s[P:]
-            for k, v in reward_stats(pc, pr, rc, rr, beta).items():
+            pol, ref = dpo_scores(s, ref_s, counts, self.s.loss_type)
+            for k, v in reward_stats(pol[:P], pol[P:], ref[:P], ref[P:], beta).items():
                 cols[k].append(np.array(v))
             cols["loss/dpo"].append(np.array(l_dpo))
             cols["loss/xpo"].append(np.array(l_xpo))
@@ -401,13 +413,13 @@ class OnlineTrainer:
                     pairs.append(Pair(pid, text, c, rj))
             if pairs:
                 inputs, targets, mask = self._batch(pairs)
-                ref_s = self._reference_logps(inputs, targets, mask)
-                s, counts, _ = sequence_logps(self.model, inputs, targets, mask)
+                ref_s = self._reference_logps(inputs, targets, mask).sum(axis=-1)
+                sc = completion_logps(self.model, inputs, targets, mask)
                 P = len(pairs)
-                pol, ref = self._loss_scores(s, ref_s, mx.maximum(counts, 1.0))
+                pol, ref = dpo_scores(sc.sum, ref_s, mx.maximum(sc.counts, 1.0), self.s.loss_type)
                 dpo_losses.append(np.array(dpo_loss(pol[:P], pol[P:], ref[:P], ref[P:], beta,
                                                     self.s.loss_type, self.s.delta)))
-                rs = reward_stats(s[:P], s[P:], ref_s[:P], ref_s[P:], beta)
+                rs = reward_stats(pol[:P], pol[P:], ref[:P], ref[P:], beta)
                 accs.append(np.array(rs["rewards/accuracies"]))
                 margins.append(np.array(rs["rewards/margins"]))
         decided = wins + losses

@@ -46,7 +46,7 @@ def test_explicit_cli_beats_yaml():
     ({"beta": 0}, r"beta: 0 is not valid; must be > 0"),
     ({"top_p": 1.5}, r"top_p: 1.5 is not valid; must be <= 1.0"),
     ({"dpo_cpo_loss_type": "sigmoidd"}, r"valid: sigmoid, hinge, ipo, dpop"),
-    ({"xpo_bonus": "both"}, r"xpo_bonus: 'both' .* valid: kl, paper"),
+    ({"xpo_bonus": "both"}, r"xpo_bonus: 'both' .* valid: kl, kl_upstream, paper"),
     ({"alpha": [1e-4, "x"]}, r"alpha: .*expected a number"),
     ({"alpha": []}, r"alpha: \[\] .*at least one entry"),
     ({"qat_enable": True}, r"qat_enable: True .*QAT is not supported by --train-mode xpo"),

@@ -4,7 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_xpo_plugin.losses import dpo_loss, reward_stats, xpo_kl_bonus, xpo_paper_term
+from mlx_xpo_plugin.losses import (dpo_loss, dpo_scores, reward_stats, xpo_kl_bonus, xpo_kl_upstream,
+                                   xpo_paper_term)
 
 
 def np_logsig(x):
@@ -47,7 +48,7 @@ def test_xpo_terms_match_numpy():
     rng = np.random.default_rng(3)
     pc, pr, rc, rr = (rng.normal(-30, 5, 16).astype(np.float32) for _ in range(4))
     alpha = 1e-3
-    kl = np.array(xpo_kl_bonus(*(mx.array(x) for x in (pc, pr, rc, rr)), alpha))
+    kl = np.array(xpo_kl_upstream(*(mx.array(x) for x in (pc, pr, rc, rr)), alpha))
     np.testing.assert_allclose(kl, alpha * ((pc - rc) + (pr - rr)), rtol=1e-5)
     paper = np.array(xpo_paper_term(mx.array(pc), alpha))
     np.testing.assert_allclose(paper, alpha * pc, rtol=1e-6)
@@ -65,3 +66,23 @@ def test_reward_stats():
 def test_unknown_loss_type_is_a_clear_error():
     with pytest.raises(ValueError, match="dpo_cpo_loss_type.*sigmoid, hinge, ipo, dpop"):
         dpo_loss(mx.zeros(1), mx.zeros(1), mx.zeros(1), mx.zeros(1), 0.1, "nope")
+
+
+def test_kl_bonus_value_is_the_upstream_value_on_token_arrays():
+    """The 'kl' form reports the same number as upstream's formula; only its gradient differs."""
+    rng = np.random.default_rng(4)
+    pol, ref, tmp = (rng.normal(-3, 1, (6, 5)).astype(np.float32) for _ in range(3))
+    mask = (rng.uniform(size=(6, 5)) < 0.7).astype(np.float32)
+    got = np.array(xpo_kl_bonus(mx.array(pol * mask), mx.array(ref * mask), mx.array(mask), 1e-3,
+                                mx.array(tmp * mask)))
+    s, r = (pol * mask).sum(-1), (ref * mask).sum(-1)
+    np.testing.assert_allclose(got, 1e-3 * ((s[:3] - r[:3]) + (s[3:] - r[3:])), rtol=1e-5)
+
+
+def test_ipo_reward_metrics_use_the_per_token_means_the_loss_uses():
+    """Chosen long and rejected short: the summed margin is positive, the per-token one negative."""
+    s, ref, n = mx.array([-8.0, -1.0]), mx.array([-10.0, -2.0]), mx.array([8.0, 1.0])
+    pol, rf = dpo_scores(s, ref, n, "ipo")
+    acc = float(reward_stats(pol[:1], pol[1:], rf[:1], rf[1:], 0.1)["rewards/accuracies"][0])
+    acc_summed = float(reward_stats(s[:1], s[1:], ref[:1], ref[1:], 0.1)["rewards/accuracies"][0])
+    assert (acc, acc_summed) == (0.0, 1.0)  # summed: 2 - 1 > 0; per token: 0.25 - 1 < 0

@@ -79,7 +79,8 @@ class JudgeFactory:
 
 def verdict_metrics(verdicts: Sequence[Verdict], seconds: float) -> dict:
     """Counts every judge reports: ``judge/pairs``, ``judge/invalid``, ``judge/ties``, ``judge/seconds``
-    and, when pointwise scores are present, ``objective/scores_margin`` (mean |score_a - score_b|)."""
+    and, when pointwise scores are present, ``objective/scores_margin`` (mean |score_a - score_b|
+    over the ``judge/scored_pairs`` pairs that have scores)."""
     m = {
         "judge/pairs": len(verdicts),
         "judge/invalid": sum(v.invalid for v in verdicts),
@@ -89,4 +90,5 @@ def verdict_metrics(verdicts: Sequence[Verdict], seconds: float) -> dict:
     scored = [v.scores for v in verdicts if v.scores is not None]
     if scored:
         m["objective/scores_margin"] = sum(abs(a - b) for a, b in scored) / len(scored)
+        m["judge/scored_pairs"] = len(scored)
     return m

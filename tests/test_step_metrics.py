@@ -1,0 +1,122 @@
+"""Numbers that mean what their names say: judge metrics over micro-batches, ipo reward metrics,
+the schedule's epoch, sampling filters and the missing-EOS confidence."""
+
+import types
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_xpo_plugin.judges.base import Verdict
+from mlx_xpo_plugin.metrics import MetricsWindow, merge_step_metrics
+from mlx_xpo_plugin.rollout import Completion, SamplingConfig, sample_completions
+from mlx_xpo_plugin.runner import plan_steps
+from mlx_xpo_plugin.schedule import get_current_alpha
+from mlx_xpo_plugin.trainer import PromptSet, apply_missing_eos_penalty
+from test_trainer import FixedPairs, make_trainer, some_pairs
+
+
+class CallScriptedJudge:
+    """Call k returns the verdicts and last_metrics of script[k]."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, 0
+
+    def judge(self, prompts, pairs):
+        verdicts, self.last_metrics = self.script[self.calls % len(self.script)]
+        self.calls += 1
+        return verdicts[:len(pairs)]
+
+
+def test_judge_ratios_are_averaged_over_accumulation_micro_batches(lora_model, prompt_data_dir):
+    scored = lambda a, b: Verdict(0, None, None, False, (a, b))  # noqa: E731
+    judge = CallScriptedJudge([
+        ([scored(1.0, 0.0), scored(0.5, 0.0)],  # margins 1.0, 0.5
+         {"judge/position_consistency": 1.0, "judge/both_orders_valid": 2}),
+        ([scored(0.0, 0.25), Verdict.bad("?")],  # margin 0.25 on the one scored pair
+         {"judge/position_consistency": 0.0, "judge/both_orders_valid": 1}),
+    ])
+    t = make_trainer(lora_model, prompt_data_dir, judge=judge, batch_size=2,
+                     gradient_accumulation_steps=2, lr=0.0)
+    t.step = 1
+    m = {}
+    t.train_step(m)
+    assert judge.calls == 2
+    assert m["objective/scores_margin"] == pytest.approx((1.0 + 0.5 + 0.25) / 3)
+    assert m["judge/position_consistency"] == pytest.approx(2 / 3)
+    assert (m["judge/pairs"], m["judge/invalid"], m["judge/both_orders_valid"]) == (4, 1, 3)
+
+
+def test_judge_ratios_are_weighted_by_their_counts_over_a_report_window():
+    w = MetricsWindow()
+    w.add({"judge/position_consistency": 1.0, "judge/both_orders_valid": 3})
+    w.add({"judge/position_consistency": 0.0, "judge/both_orders_valid": 1})
+    out = w.report()
+    assert out["judge/position_consistency"] == pytest.approx(0.75)
+    assert out["judge/both_orders_valid"] == 4
+
+
+def test_merge_of_a_ratio_without_earlier_value_takes_the_new_one():
+    m = merge_step_metrics({}, {"objective/scores_margin": 0.3, "judge/scored_pairs": 2})
+    assert m == {"objective/scores_margin": 0.3, "judge/scored_pairs": 2}
+
+
+def test_ipo_reward_metrics_are_on_per_token_means(lora_model, prompt_data_dir):
+    """A chosen 8-token completion 2 nats above the reference and a 1-token rejected one 1 nat
+    above it: the summed margin is positive, the per-token margin (what ipo compares) negative."""
+    t = make_trainer(lora_model, prompt_data_dir, loss_type="ipo")
+    s, ref_s, counts = mx.array([-8.0, -1.0]), mx.array([-10.0, -2.0]), mx.array([8.0, 1.0])
+    aux = (mx.zeros(1), mx.zeros(1), s, ref_s, counts, None)
+    m = {}
+    t._pair_metrics([(aux, [None])], 0.1, m)
+    assert m["rewards/accuracies"] == 0.0
+    assert m["rewards/margins"] == pytest.approx(0.1 * (0.25 - 1.0))
+
+
+def test_schedule_follows_the_data_epoch_when_prompts_do_not_divide(lora_model, prompt_data_dir):
+    """10 prompts, 3 per step: step 8 starts at prompt 21, in the third pass over the data."""
+    model, tok, _ = lora_model
+    t = make_trainer(lora_model, prompt_data_dir, mode="xpo", batch_size=3, lr=0.0,
+                     alpha=[0.0, 1.0, 2.0, 3.0], iters=12)
+    t.train_set = PromptSet(t.train_set.ids[:10], t.train_set.texts[:10])
+    t.collect_pairs = FixedPairs(some_pairs(tok, 1))
+    alphas = []
+    for step in range(1, 9):
+        t.step = step
+        first = t.position
+        m = {}
+        t.train_step(m)
+        alphas.append((first // 10, m["alpha"]))
+    assert [a for _, a in alphas] == [float(e) for e, _ in alphas]
+    assert alphas[-1] == (2, 2.0)
+
+
+def test_steps_per_epoch_count_every_process_of_a_launch_group():
+    cfg = types.SimpleNamespace(batch_size=2, gradient_accumulation_steps=3, iters=None, epochs=2)
+    assert plan_steps(cfg, 60, world=1) == (20, 10, 6)
+    assert plan_steps(cfg, 60, world=2) == (10, 5, 12)
+
+
+def test_top_k_at_least_the_vocabulary_means_off(lora_model):
+    model, tok, _ = lora_model
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    out = []
+    for k in (0, 100_000):
+        mx.random.seed(5)
+        out.append([c.tokens for c in sample_completions(
+            model, tok, [prompt], 2, SamplingConfig(max_tokens=6, temperature=1.0, top_k=k))[0]])
+    assert out[0] == out[1]
+
+
+def test_a_winner_flipped_by_the_missing_eos_penalty_flips_the_confidence():
+    a, b = Completion([1], "a", True), Completion([2], "b", False)
+    flipped = apply_missing_eos_penalty(Verdict(1, 0.6), a, b, 0.5)
+    assert (flipped.winner, flipped.confidence) == (0, pytest.approx(0.4))
+    kept = apply_missing_eos_penalty(Verdict(1, 0.9), a, b, 0.5)
+    assert (kept.winner, kept.confidence) == (1, 0.9)
+
+
+@pytest.mark.parametrize("value", [np.float32(1e-4), np.float64(1e-4), np.int64(2), np.array(3e-4)])
+def test_get_current_alpha_accepts_numpy_scalars(value):
+    assert get_current_alpha(5, 10, value) == pytest.approx(float(value))
+    assert get_current_alpha(5, 10, [value, value], steps_per_epoch=2) == pytest.approx(float(value))

@@ -8,7 +8,7 @@ max_completion_length, iters, ...). The parent sets ``MLX_XPO_PLUGIN=0`` in the 
 "upstream" run, so that mlx-lm-lora's built-in modes are the ones imported.
 
 What runs:
-* ours:     ``mlx_xpo_plugin.api.train_mode(mode, settings, training_callback=cb)`` -- the same
+* ours:     ``mlx_xpo_plugin.api.train_method(XPO or OnlineDPO, settings, training_callback=cb)`` -- the same
             ``runner.run`` that ``mlx_lm_lora.train --train-mode xpo --config cfg.yaml`` runs.
 * upstream: ``mlx_lm_lora.train.run(args, training_callback=cb)`` with ``args`` merged exactly as
             upstream's ``main`` merges them (parser defaults <- given values <- CONFIG_DEFAULTS),
@@ -189,26 +189,29 @@ def run_upstream(mode, settings, cb, counter):
 
 
 def run_ours(mode, settings, cb, counter):
-    from mlx_xpo_plugin import trainer as TR
-    from mlx_xpo_plugin.api import train_mode
+    from mlx_xpo_plugin import online_dpo_trainer, pair_loss, rollout
+    from mlx_xpo_plugin.api import train_method
+    from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+    from mlx_xpo_plugin.xpo_trainer import XPO
 
-    orig_sample = TR.sample_completions
+    orig_sample = rollout.sample_completions
 
     def sample_completions(*a, **k):  # every rollout, compiled decoder or BatchGenerator
         rows = orig_sample(*a, **k)
         counter.lengths.extend(len(c.tokens) for row in rows for c in row)
         return rows
 
-    TR.sample_completions = sample_completions
-    orig_pack = TR.pack
+    rollout.sample_completions = online_dpo_trainer.sample_completions = sample_completions
+    orig_pack = pair_loss.pack
 
     def pack(prompts, completions, *a, **k):
         cb.add("scored_rows", len(prompts))
         cb.add("scored_tokens", sum(len(p) + len(c) for p, c in zip(prompts, completions)))
         return orig_pack(prompts, completions, *a, **k)
 
-    TR.pack = pack
-    rc = train_mode(mode, dict(settings), training_callback=cb, progress=True)
+    pair_loss.pack = pack
+    method = {"xpo": XPO, "online_dpo": OnlineDPO}[mode]
+    rc = train_method(method, dict(settings), training_callback=cb, progress=True)
     if rc != 0:
         raise SystemExit(f"our trainer exited with status {rc}")
     return {}

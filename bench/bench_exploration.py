@@ -39,12 +39,15 @@ import numpy as np
 from _common import RESULTS, cache_dir, model_path
 from mlx_xpo_plugin.data import load_prompts
 from mlx_xpo_plugin.judges.base import Verdict
-from mlx_xpo_plugin.losses import xpo_kl_bonus
 from mlx_xpo_plugin.reference import Reference
 from mlx_xpo_plugin.rollout import SamplingConfig, sample_completions
 from mlx_xpo_plugin.scoring import completion_logps, first_completion_position, pack
 from mlx_xpo_plugin.tiny import write_prompt_dataset
-from mlx_xpo_plugin.trainer import LoopSettings, OnlineTrainer, PromptSet
+from mlx_xpo_plugin.loop_settings import LoopSettings
+from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+from mlx_xpo_plugin.prompts import PromptSet
+from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.xpo_trainer import XPO, xpo_kl_bonus
 
 ALPHAS = [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 FORMS = ["kl", "kl_upstream", "paper"]
@@ -75,11 +78,12 @@ def load(path, seed):
 
 def trainer(model, tok, train, mode, form, alpha, seed, steps, letter, ad):
     extra = {} if mode == "online_dpo" else {"alpha": alpha, "xpo_bonus": form}
-    s = LoopSettings(mode=mode, iters=steps, batch_size=BATCH, seed=seed, adapter_path=ad, progress=False,
+    s = LoopSettings(iters=steps, batch_size=BATCH, seed=seed, adapter_path=ad, progress=False,
                      steps_per_report=10**9, steps_per_eval=10**9, save_every=10**9,
-                     sampling=SamplingConfig(max_tokens=MAX_TOKENS, temperature=TEMPERATURE), **extra)
-    t = OnlineTrainer(s, model, tok, Reference(model), LetterJudge(letter), optim.Adam(learning_rate=3e-3),
-                      train, None, log=lambda m: None)
+                     max_completion_length=MAX_TOKENS, temperature=TEMPERATURE, **extra)
+    method = (OnlineDPO if mode == "online_dpo" else XPO)(s)
+    t = OnlineTrainer(s, method, model, tok, Reference(model), LetterJudge(letter),
+                      optim.Adam(learning_rate=3e-3), train, None, log=lambda m: None)
     t.save = lambda final=False: None
     return t
 
@@ -197,8 +201,8 @@ def part_rare(path, train, test, seeds, steps, every, alphas, letter):
 
                 def validate():
                     curve.append((t.step * BATCH, win_rate(t, test, seed)))
-                t._validate = validate
-                t.s.steps_per_eval = every
+                t.validate = validate
+                t.settings.steps_per_eval = every
                 t.train()
             hit = next((p for p, w in curve if w >= 0.6), None)
             rows.append({"mode": mode, "form": form, "alpha": alpha, "seed": seed, "curve": curve,

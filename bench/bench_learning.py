@@ -27,10 +27,13 @@ from _common import RESULTS, cache_dir, model_path
 from mlx_xpo_plugin.data import load_prompts
 from mlx_xpo_plugin.judges.base import Verdict
 from mlx_xpo_plugin.reference import Reference
-from mlx_xpo_plugin.rollout import SamplingConfig
 from mlx_xpo_plugin.rules import prefer_letter_e
 from mlx_xpo_plugin.tiny import write_prompt_dataset
-from mlx_xpo_plugin.trainer import LoopSettings, OnlineTrainer, PromptSet
+from mlx_xpo_plugin.loop_settings import LoopSettings
+from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+from mlx_xpo_plugin.prompts import PromptSet
+from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.xpo_trainer import XPO
 
 CONFIGS = [
     ("online_dpo", "online_dpo", {}),
@@ -59,10 +62,11 @@ def one_run(model_path, data_dir, mode, extra, seed, steps, every, batch):
         train = load_prompts(data_dir, "train", tok, 200)
         test = load_prompts(data_dir, "test", tok, 200)
         test = PromptSet(test.ids * 2, test.texts * 2)
-        s = LoopSettings(mode=mode, iters=steps, batch_size=batch, seed=seed, adapter_path=ad, progress=False,
+        s = LoopSettings(iters=steps, batch_size=batch, seed=seed, adapter_path=ad, progress=False,
                          steps_per_report=every, steps_per_eval=every, save_every=10**9,
-                         sampling=SamplingConfig(max_tokens=16, temperature=1.0), **extra)
-        t = OnlineTrainer(s, model, tok, Reference(model), RuleJudge(), optim.Adam(learning_rate=3e-3),
+                         max_completion_length=16, temperature=1.0, **extra)
+        method = (OnlineDPO if mode == "online_dpo" else XPO)(s)
+        t = OnlineTrainer(s, method, model, tok, Reference(model), RuleJudge(), optim.Adam(learning_rate=3e-3),
                           train, None, log=lambda m: None)
         curve = []
 
@@ -71,7 +75,7 @@ def one_run(model_path, data_dir, mode, extra, seed, steps, every, batch):
             r = t.evaluate(test)
             curve.append({"pairs_judged": t.step * batch, "win_rate": r["win_rate"]})
 
-        t._validate = validate
+        t.validate = validate
         t.save = lambda final=False: None
         t.train()
         return curve

@@ -246,7 +246,7 @@ METHOD = (
     "`main` merges command-line flags (YAML `alpha`/`temperature`/`max_completion_length` would be "
     "ignored by upstream), and with `mx.device_info()` given the `max_recommended_working_set_size` key "
     "it reads on CPU (shim inside the benchmark process only). Ours runs through "
-    "`mlx_xpo_plugin.api.train_mode`, the same `runner.run` the CLI uses."
+    "`mlx_xpo_plugin.api.train_method`, the same `runner.run` the CLI uses."
 )
 
 

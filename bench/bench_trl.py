@@ -234,7 +234,7 @@ def render(data: dict) -> str:
 
 
 METHOD = (
-    "Ours: mlx-xpo-plugin on MLX (CPU), run through `mlx_xpo_plugin.api.train_mode` in a fresh process "
+    "Ours: mlx-xpo-plugin on MLX (CPU), run through `mlx_xpo_plugin.api.train_method` in a fresh process "
     "(`bench/_driver.py`), judge `mlx_xpo_plugin.rules:letter_e_reward` (pointwise reward function){bonus}. "
     "TRL: `trl.experimental.xpo.XPOTrainer` / `trl.experimental.online_dpo.OnlineDPOTrainer` 1.13.0 on "
     "PyTorch CPU in its own virtual environment (`bench/_trl_side.py`), the same model folder loaded with "

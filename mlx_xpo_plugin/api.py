@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Union
 
 from . import config as C
+from .runner import run
 
 
 def as_config(mode: str, config: Union[Mapping[str, Any], Any]):
@@ -20,8 +21,7 @@ def as_config(mode: str, config: Union[Mapping[str, Any], Any]):
     return C.resolve(mode, values, set(values), {})
 
 
-def train_mode(mode: str, config, training_callback=None, progress: bool = True) -> int:
-    """Resolve `config` for `mode` and run it; returns the exit status (0 on success).
-    Raises ConfigError on bad settings."""
-    from .runner import run
-    return run(as_config(mode, config), training_callback, progress=progress)
+def train_method(method_cls, config, training_callback=None, progress: bool = True) -> int:
+    """Resolve `config` for the method's mode and run it; returns the exit status (0 on
+    success). Raises ConfigError on bad settings."""
+    return run(as_config(method_cls.mode, config), method_cls, training_callback, progress=progress)

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
@@ -26,12 +29,23 @@ FINGERPRINT_KEYS = ("train_mode", "model", "train_type", "lora_parameters", "num
                     "seed", "reference_model_path")
 
 
+@dataclass
+class LoopState:
+    """What a resumed run needs besides the adapters and the optimizer state (data order and
+    sampling are functions of the seed, the position and the step)."""
+
+    step: int = 0  # optimizer steps done
+    position: int = 0  # prompts consumed, all processes together
+    nonfinite_run: int = 0  # consecutive steps with a non-finite loss
+    judge_state: Any = None  # the judge's get_state(), where it has internal randomness
+
+
 def fingerprint(cfg) -> dict:
     return {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
 
 
 def save_checkpoint(trainer, final: bool = False) -> None:
-    s = trainer.s
+    s = trainer.settings
     d = os.path.join(s.adapter_path, "checkpoint")
     os.makedirs(d, exist_ok=True)
     weights = ckpt.trainable_weights(trainer.model)
@@ -41,17 +55,16 @@ def save_checkpoint(trainer, final: bool = False) -> None:
     tag = {"step": str(trainer.step)}
     ckpt.save_arrays(os.path.join(d, "adapters.safetensors"), weights, tag)
     ckpt.save_arrays(os.path.join(d, "optimizer.safetensors"), ckpt.optimizer_arrays(trainer.opt), tag)
-    judge_state = trainer.judge.get_state() if hasattr(trainer.judge, "get_state") else None
+    trainer.state.position = trainer.order.position
+    trainer.state.judge_state = trainer.judge.get_state()
+    beta, alpha = trainer.schedule()
     state = {
         "format": 1,
-        "step": trainer.step,
+        **asdict(trainer.state),
         "iters": s.iters,
-        "position": trainer.position,
-        "epoch": trainer.position // max(1, len(trainer.train_set)),
-        "alpha": trainer.current(s.alpha) if s.uses_xpo else 0.0,
-        "beta": trainer.current(s.beta),
-        "nonfinite_run": trainer.nonfinite_run,
-        "judge_state": judge_state,
+        "epoch": trainer.order.epoch,
+        "alpha": alpha,
+        "beta": beta,
         "final": final,
         "fingerprint": getattr(trainer, "fingerprint", None),
         "config": getattr(trainer, "resolved_config", None),
@@ -104,9 +117,10 @@ def load_resume(path: str, cfg) -> dict:
 def restore(trainer, state: dict) -> None:
     trainer.model.load_weights(list(state["adapters"].items()), strict=False)
     trainer.opt.state = tree_unflatten(list(state["optimizer"].items()))
-    trainer.step = int(state["step"])
-    trainer.position = int(state["position"])
-    trainer.nonfinite_run = int(state.get("nonfinite_run", 0))
-    if state.get("judge_state") is not None and hasattr(trainer.judge, "set_state"):
-        trainer.judge.set_state(state["judge_state"])
+    trainer.state = LoopState(step=int(state["step"]), position=int(state["position"]),
+                              nonfinite_run=int(state.get("nonfinite_run", 0)),
+                              judge_state=state.get("judge_state"))
+    trainer.order.position = trainer.order.step_start = trainer.state.position
+    if trainer.state.judge_state is not None:
+        trainer.judge.set_state(trainer.state.judge_state)
     mx.eval(trainer.model.parameters())

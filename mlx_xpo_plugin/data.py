@@ -14,7 +14,7 @@ import os
 from typing import Optional
 
 from .errors import ConfigError
-from .trainer import PromptSet
+from .prompts import PromptSet
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -81,6 +81,14 @@ def check_data(data_dir: str, need_train: bool, need_test: bool) -> int:
     return n_train
 
 
+def truncate_prompt(ids, max_len: int) -> tuple[list, bool]:
+    """Keep the last `max_len` tokens (left truncation); returns (ids, truncated?)."""
+    ids = list(ids)
+    if len(ids) <= max_len:
+        return ids, False
+    return ids[len(ids) - max_len:], True
+
+
 def load_prompts(data_dir: str, split: str, tokenizer, max_prompt_tokens: int,
                  required: bool = True, warn=print) -> Optional[PromptSet]:
     path = split_path(data_dir, split)
@@ -91,10 +99,8 @@ def load_prompts(data_dir: str, split: str, tokenizer, max_prompt_tokens: int,
         toks = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
         if hasattr(toks, "input_ids"):
             toks = toks["input_ids"]
-        toks = list(toks)
-        if len(toks) > max_prompt_tokens:
-            toks = toks[len(toks) - max_prompt_tokens:]
-            truncated += 1
+        toks, cut = truncate_prompt(toks, max_prompt_tokens)
+        truncated += cut
         ids.append(toks)
         # the judge sees the user's text; a conversation is shown to it as rendered by the template
         texts.append(msgs[-1]["content"] if len(msgs) == 1 else

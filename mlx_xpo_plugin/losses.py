@@ -1,4 +1,4 @@
-"""DPO variants and the XPO term, as pure functions of arrays.
+"""DPO variants, as pure functions of arrays (XPO's exploration terms are in xpo_trainer.py).
 
 Notation, per pair: s_theta(y), s_ref(y) = summed completion log-probs under the policy and the
 reference (mean over completion tokens for ipo); r(y) = s_theta(y) - s_ref(y);
@@ -34,59 +34,6 @@ def dpo_loss(pol_c, pol_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid"
         penalty = mx.maximum(0.0, ref_c - pol_c)
         return nn.softplus(-beta * (h - delta * penalty))
     raise ValueError(f"dpo_cpo_loss_type: {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
-
-
-def xpo_kl_bonus(pol_tok, ref_tok, mask, alpha: float, sample_tok=None,
-                 reward_to_go: bool = True) -> mx.array:
-    """Per-pair exploration bonus of the 'kl' form (subtracted from the loss).
-
-    Token arrays are [2P, T] with rows = P chosen completions, then their P rejected partners;
-    ``mask`` marks completion tokens. With l_theta, l_ref the per-token log-probs of the policy and
-    the reference, and l_q those of the distribution the completions were sampled from
-    (``sample_tok``: the policy at the sampling temperature; ``pol_tok`` when None):
-
-    value     bonus = alpha * (KL^(y_c) + KL^(y_r)),   KL^(y) = sum_t l_theta(y_t) - l_ref(y_t)
-    gradient  alpha * sum_{i in (c, r)} sum_t (G_i(t) - G_j(t)) * grad l_q(y_i,t)
-              G_i(t) = sum_{t' >= t} l_q(y_i,t') - l_ref(y_i,t')     (reward-to-go; with
-              ``reward_to_go=False`` the whole-sequence sum), j = the pair's other completion.
-
-    For two independent samples y_c, y_r of q_theta this is the score-function (REINFORCE)
-    estimator of 2 * alpha * grad KL(q_theta || pi_ref) with the other sample's return as a
-    leave-one-out baseline: unbiased, since E_y[grad log q_theta(y)] = 0 and the baseline does
-    not depend on y_i. At temperature 1, q_theta = pi_theta. The value is the single-sample KL
-    estimate as before (what ``objective/kl`` and ``exploration_bonus`` report); only the
-    gradient differs from :func:`xpo_kl_upstream`, whose gradient alpha * grad s_theta(y) has
-    zero mean at temperature 1.
-    """
-    sg = mx.stop_gradient
-    q = pol_tok if sample_tok is None else sample_tok
-    P = pol_tok.shape[0] // 2
-    value = (sg(pol_tok - ref_tok) * mask).sum(axis=-1)
-    d = sg(q - ref_tok) * mask
-    if reward_to_go:
-        ret = mx.cumsum(d, axis=-1, reverse=True)
-    else:
-        ret = mx.broadcast_to(d.sum(axis=-1, keepdims=True), d.shape)
-    baseline = mx.concatenate([ret[P:], ret[:P]], axis=0)
-    surrogate = (sg(ret - baseline) * (q - sg(q)) * mask).sum(axis=-1)  # value 0, gradient as above
-    per_row = value + surrogate
-    return alpha * (per_row[:P] + per_row[P:])
-
-
-def xpo_kl_upstream(pol_c, pol_r, ref_c, ref_r, alpha: float) -> mx.array:
-    """Per-pair exploration bonus as mlx-lm-lora's XPO trainer computes it (subtracted from the
-    loss): alpha * (KL^(chosen) + KL^(rejected)), KL^(y) = s_theta(y) - s_ref(y), differentiated
-    as written. Its gradient, alpha * (grad s_theta(y_c) + grad s_theta(y_r)), is a score function
-    at samples of the policy: zero in expectation at temperature 1, so it adds noise, not
-    exploration (at other temperatures it has a temperature-dependent bias instead).
-    """
-    return alpha * ((pol_c - ref_c) + (pol_r - ref_r))
-
-
-def xpo_paper_term(pol_yref, alpha: float) -> mx.array:
-    """Per-pair XPO term of the paper / TRL form (added to the loss): alpha * log pi_theta(y_ref|x),
-    where y_ref is the completion sampled from the reference."""
-    return alpha * pol_yref
 
 
 def dpo_scores(s, ref_s, counts, loss_type: str):

@@ -8,18 +8,26 @@ import os
 from collections import defaultdict
 from typing import Optional
 
-#: How each metric combines over the micro-batches of a step and the steps of a report window:
-#: a count is summed; a ratio is a mean weighted by the count it names; every other key is a
-#: mean over steps (pair-level keys weighted by the step's valid pairs, see OnlineTrainer).
+#: How each metric combines over the micro-batches of a step and the steps of a report window
+#: (one table for every metric):
+#:   count  summed (COUNT_KEYS, and every other ``judge/...`` number that is not a ratio);
+#:   ratio  a mean weighted by the count it names (RATIO_WEIGHTS);
+#:   pair   a mean over the valid pairs of the window (the loss terms, rewards, log-probs);
+#:   step   a mean over the steps of the window (everything else: times, memory, alpha, ...).
 COUNT_KEYS = ("judge/pairs", "judge/invalid", "judge/ties", "judge/seconds", "pairs/valid",
-              "train/nonfinite_steps", "prompts/truncated")
+              "train/nonfinite_steps")
 RATIO_WEIGHTS = {"judge/position_consistency": "judge/both_orders_valid",
                  "objective/scores_margin": "judge/scored_pairs"}
+PAIR_PREFIXES = ("rewards/", "logps/", "loss/", "objective/")
+PAIR_KEYS = ("loss", "exploration_bonus")
 
 
 def is_count(key: str) -> bool:
-    """Counts are summed: COUNT_KEYS, and every ``judge/...`` number that is not a ratio."""
     return key in COUNT_KEYS or (key.startswith("judge/") and key not in RATIO_WEIGHTS)
+
+
+def is_pair_metric(key: str) -> bool:
+    return key not in RATIO_WEIGHTS and (key in PAIR_KEYS or key.startswith(PAIR_PREFIXES))
 
 
 def merge_step_metrics(step: dict, new: dict) -> dict:

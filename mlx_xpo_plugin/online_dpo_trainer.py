@@ -1,16 +1,45 @@
-"""Online DPO: the online preference loop with no exploration term (alpha = 0).
+"""Online DPO (Guo et al. 2024): for each prompt two completions are sampled from the policy, a
+judge picks the winner, and the DPO loss is applied to (chosen, rejected) on the fly.
 
-For each prompt two policy completions are sampled, a judge picks the winner, and the DPO loss is
-applied to (chosen, rejected) on the fly.
+:class:`OnlineDPO` is what the shared loop (trainer.py) asks a method for: how to sample a pair,
+which alpha a step uses, and the exploration term (none here). XPO extends it (xpo_trainer.py).
 """
 
 from __future__ import annotations
 
-from .api import train_mode
+import mlx.core as mx
+
+from .api import train_method
+from .rollout import sample_completions
 
 MODE = "online_dpo"
 
 
+class OnlineDPO:
+    """The online DPO method: two policy samples per prompt, no exploration term."""
+
+    mode = MODE
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def alpha(self, epoch: int) -> float:
+        """The exploration coefficient of a step in data epoch `epoch`: none."""
+        return 0.0
+
+    def rollout(self, model, tokenizer, reference, prompt_ids, sampling) -> list:
+        """Two policy completions per prompt, as samples ``(a, b, None)``."""
+        return [(a, b, None) for a, b in sample_completions(model, tokenizer, prompt_ids, 2, sampling)]
+
+    def scoring_temperature(self, alpha: float):
+        """The temperature whose log-probs the exploration term needs (None: none)."""
+        return None
+
+    def exploration_term(self, scores, ref_tok, ref_is_chosen, alpha: float) -> mx.array:
+        """Per-pair term added to the loss: zero."""
+        return mx.zeros((scores.tokens.shape[0] // 2,))
+
+
 def train_online_dpo(config, training_callback=None, progress: bool = True) -> int:
     """Train with Online DPO. `config`: dict of settings, OnlineArgs, or a YAML path."""
-    return train_mode(MODE, config, training_callback, progress)
+    return train_method(OnlineDPO, config, training_callback, progress)

@@ -10,7 +10,9 @@ from . import __version__
 from . import config as C
 from .hookspecs import hookimpl
 from .registry import TrainMode
+from .online_dpo_trainer import OnlineDPO, train_online_dpo
 from .runner import mode_main
+from .xpo_trainer import XPO, train_xpo
 
 _DESCRIPTIONS = {
     "xpo": "XPO: online DPO with an exploration bonus (alpha; per-epoch schedule)",
@@ -19,10 +21,9 @@ _DESCRIPTIONS = {
 
 
 def _mode(name: str) -> TrainMode:
-    from . import online_dpo_trainer, xpo_trainer
-    api = {"xpo": xpo_trainer.train_xpo, "online_dpo": online_dpo_trainer.train_online_dpo}[name]
+    method, api = {"xpo": (XPO, train_xpo), "online_dpo": (OnlineDPO, train_online_dpo)}[name]
     return TrainMode(
-        name=name, description=_DESCRIPTIONS[name], main=mode_main(name), train=api,
+        name=name, description=_DESCRIPTIONS[name], main=mode_main(method), train=api,
         settings=tuple(s for s in C.PLUGIN_SETTINGS if name in s.modes),
         needs_reference=True, needs_judge=True, dataset_kind="prompt",
         add_arguments=C.add_arguments, plugin=f"mlx-xpo-plugin {__version__}",

@@ -3,7 +3,8 @@
 All completions of a batch are generated together: by the compiled fixed-shape decoder of
 :mod:`.decode` where the model's cache allows it (plain KV caches, most models), else by mlx-lm's
 BatchGenerator. The sampled token ids travel unchanged to scoring; the text is decoded only for
-the judge. While sampling, a preloaded OpenBLAS leaves one core to the Python thread
+the judge. xpo's paper form and evaluation sample one policy and one reference completion per
+prompt (:func:`sample_policy_and_reference`). While sampling, a preloaded OpenBLAS leaves one core to the Python thread
 (:func:`.fast_blas.spare_core_for_python`).
 """
 
@@ -46,14 +47,6 @@ class Completion:
     eos: bool
 
 
-def truncate_prompt(ids: Sequence[int], max_len: int) -> tuple[list, bool]:
-    """Keep the last `max_len` tokens (left truncation); returns (ids, truncated?)."""
-    ids = list(ids)
-    if len(ids) <= max_len:
-        return ids, False
-    return ids[len(ids) - max_len:], True
-
-
 def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], n: int,
                        cfg: SamplingConfig) -> list[list[Completion]]:
     """`n` completions for each prompt, generated in one batch; result[i][j] is completion j of prompt i."""
@@ -81,6 +74,24 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[Sequence[i
             row.append(Completion(tokens=toks, text=tokenizer.decode(body), eos=ended))
         out.append(row)
     return out
+
+
+def sample_policy_and_reference(model: nn.Module, tokenizer, reference, prompts: Sequence[Sequence[int]],
+                                cfg: SamplingConfig) -> list[tuple[Completion, Completion]]:
+    """One policy and one reference completion per prompt: in one batch of policy rows then
+    reference rows where the reference allows it (:meth:`.reference.Reference.rows_split`, a
+    fixed-shape batch), else in two batches."""
+    P = len(prompts)
+    split = reference.rows_split(P, P) if decode.supports(model) else None
+    if split is not None:
+        with split as both_policies:
+            both = sample_completions(both_policies, tokenizer, list(prompts) * 2, 1, cfg)
+        pol, ref = both[:P], both[P:]
+    else:
+        pol = sample_completions(model, tokenizer, prompts, 1, cfg)
+        with reference.use() as ref_model:
+            ref = sample_completions(ref_model, tokenizer, prompts, 1, cfg)
+    return [(p[0], r[0]) for p, r in zip(pol, ref)]
 
 
 def _batch_generator(model, flat: list, cfg: SamplingConfig, eos_ids: list) -> list[list[int]]:

@@ -19,9 +19,9 @@ from . import config as C
 from .checkpoint import save_json
 from .errors import ConfigError
 from .fast_blas import banner_line as blas_line
-from .judges.base import JudgeContext
-from .rollout import SamplingConfig
-from .trainer import LoopSettings, OnlineTrainer
+from .judges.base import JudgeContext, as_judge
+from .loop_settings import from_config as loop_settings
+from .trainer import OnlineTrainer
 
 
 def plan_steps(cfg, n_prompts: int, world: int = 1) -> tuple[int, int, int]:
@@ -50,24 +50,6 @@ def resolve_local_model(setting: str, path: str) -> str:
         raise ConfigError(setting, path, "not a local model folder and not in the local Hugging Face "
                           "cache; this plugin does not download models",
                           "download it first (e.g. `hf download " + path + "`) or give a local path")
-
-
-def loop_settings(cfg, iters: int, progress: bool = True) -> LoopSettings:
-    return LoopSettings(
-        mode=cfg.train_mode, iters=iters, batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
-        alpha=cfg.alpha if cfg.train_mode == "xpo" else 0.0,
-        xpo_bonus=cfg.xpo_bonus, loss_type=cfg.dpo_cpo_loss_type, delta=cfg.delta,
-        sampling=SamplingConfig(max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p),
-        missing_eos_penalty=cfg.missing_eos_penalty, entropy_coef=cfg.entropy_coef,
-        steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval,
-        val_batches=cfg.val_batches, save_every=cfg.save_every,
-        log_completions_every=cfg.log_completions_every,
-        max_nonfinite_steps=cfg.max_nonfinite_steps, seed=cfg.seed,
-        adapter_path=cfg.adapter_path, progress=progress,
-    )
 
 
 def build_optimizer(cfg):
@@ -157,8 +139,9 @@ def judge_weights(cfg, model_path: str, model, separate):
     return None
 
 
-def run(cfg, training_callback=None, progress: bool = True) -> int:
-    """Run a resolved config (see config.resolve). Returns the exit status."""
+def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
+    """Run a resolved config (see config.resolve) with a method (online_dpo_trainer.OnlineDPO,
+    xpo_trainer.XPO). Returns the exit status."""
     from mlx_lm import load as mlx_load
     from mlx_lm_lora.utils import from_pretrained
 
@@ -199,10 +182,10 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     shared = judge_weights(cfg, model_path, model, separate)
     if shared is not None:
         print("judge: shares the reference's weights (no extra copy)")
-    judge = build_judge(cfg.judge, JudgeContext(
+    judge = as_judge(build_judge(cfg.judge, JudgeContext(
         cfg.judge_system, dict(cfg.judge_config),
         reference_model=shared, reference_tokenizer=tokenizer if shared is not None else None,
-        reference_model_path=cfg.judge if shared is not None else cfg.reference_model_path, seed=cfg.seed))
+        reference_model_path=cfg.judge if shared is not None else cfg.reference_model_path, seed=cfg.seed)))
     if cfg.grad_checkpoint and cfg.train:
         from mlx_lm.tuner.trainer import grad_checkpoint
         grad_checkpoint(model.layers[0])  # recompute layer activations in the backward pass
@@ -216,7 +199,8 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     if cfg.train:
         iters, steps_per_epoch, per_step = plan_steps(cfg, len(train_set), mx.distributed.init().size())
         opt = build_optimizer(cfg)
-        trainer = OnlineTrainer(loop_settings(cfg, iters, progress), model, tokenizer, reference, judge,
+        settings = loop_settings(cfg, iters, progress)
+        trainer = OnlineTrainer(settings, method_cls(settings), model, tokenizer, reference, judge,
                                 opt, train_set, valid_set, training_callback)
         trainer.fingerprint = fingerprint(cfg)
         trainer.resolved_config = {k: v for k, v in vars(cfg).items()}
@@ -236,7 +220,8 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     if cfg.test and status == 0:
         test_set = load_prompts(cfg.data, "test", tokenizer, max_prompt)
         if trainer is None:
-            trainer = OnlineTrainer(loop_settings(cfg, 1, progress), model, tokenizer, reference, judge,
+            settings = loop_settings(cfg, 1, progress)
+            trainer = OnlineTrainer(settings, method_cls(settings), model, tokenizer, reference, judge,
                                     build_optimizer(cfg), test_set, None, training_callback)
         res = trainer.evaluate(test_set, cfg.test_batches)
         save_json(os.path.join(cfg.adapter_path, "test_metrics.json"), res)
@@ -246,19 +231,19 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
         save_pretrained_merged(model=model, tokenizer=tokenizer, save_path=os.path.join(cfg.adapter_path, "fused"),
                                de_quantize=quantization(cfg) is None)
         print(f"fused model: {os.path.join(cfg.adapter_path, 'fused')}")
-    if hasattr(judge, "close"):
-        judge.close()
+    judge.close()
     return status
 
 
-def mode_main(mode_name: str):
-    """The ``TrainMode.main`` of an online mode: (args namespace, explicit keys) -> exit status."""
+def mode_main(method_cls):
+    """The ``TrainMode.main`` of an online method: (args namespace, explicit keys) -> exit status."""
+    mode_name = method_cls.mode
 
     def main(args, explicit: set, training_callback=None) -> int:
         try:  # both host paths print mode.banner() before calling this
             cli = dict(vars(args)) if not isinstance(args, dict) else dict(args)
             cfg = C.resolve(mode_name, cli, set(explicit), C.load_yaml(cli.get("config")))
-            return run(cfg, training_callback)
+            return run(cfg, method_cls, training_callback)
         except ConfigError as e:
             err(str(e))
             return 2

@@ -1,24 +1,116 @@
-"""XPO: the online preference loop plus the exploration term and its alpha schedule.
+"""XPO (Xie et al. 2024): online DPO plus an exploration term, with a per-epoch alpha schedule.
 
-Three forms (``xpo_bonus``; losses.py has the formulas):
-  kl:           loss = L_DPO - alpha * (KL^(chosen) + KL^(rejected)),  KL^(y) = s_theta(y) - s_ref(y),
+Three forms of the term (``xpo_bonus``), per pair, with s(y) the summed completion log-probs:
+
+  kl:           loss = L_DPO - alpha * (KL^(y_c) + KL^(y_r)),  KL^(y) = s_theta(y) - s_ref(y),
                 differentiated as the score-function estimate of grad KL(q_theta || pi_ref)
-  kl_upstream:  the same value differentiated as written (mlx-lm-lora; zero-mean gradient at T = 1)
+                (:func:`xpo_kl_bonus`)
+  kl_upstream:  the same value differentiated as written (mlx-lm-lora; :func:`xpo_kl_upstream`)
   paper (TRL):  the pair is one policy sample and one reference sample y_ref;
-                loss = L_DPO + alpha * log pi_theta(y_ref | x)
-alpha is a float or a per-epoch list (see schedule.get_current_alpha).
+                loss = L_DPO + alpha * log pi_theta(y_ref | x)   (:func:`xpo_paper_term`)
+
+alpha is a number or a per-epoch list (:func:`get_current_alpha`).
 """
 
 from __future__ import annotations
 
-from .api import train_mode
-from .schedule import get_current_alpha
+import mlx.core as mx
 
-__all__ = ["train_xpo", "get_current_alpha"]
+from .api import train_method
+from .online_dpo_trainer import OnlineDPO
+from .rollout import sample_policy_and_reference
+from .schedule import get_current_alpha, value_at_epoch
+
+__all__ = ["XPO", "train_xpo", "get_current_alpha", "xpo_kl_bonus", "xpo_kl_upstream", "xpo_paper_term"]
 
 MODE = "xpo"
 
 
+def xpo_kl_bonus(pol_tok, ref_tok, mask, alpha: float, sample_tok=None,
+                 reward_to_go: bool = True) -> mx.array:
+    """Per-pair exploration bonus of the 'kl' form (subtracted from the loss).
+
+    Token arrays are [2P, T] with rows = P chosen completions, then their P rejected partners;
+    ``mask`` marks completion tokens. With l_theta, l_ref the per-token log-probs of the policy and
+    the reference, and l_q those of the distribution the completions were sampled from
+    (``sample_tok``: the policy at the sampling temperature; ``pol_tok`` when None):
+
+    value     bonus = alpha * (KL^(y_c) + KL^(y_r)),   KL^(y) = sum_t l_theta(y_t) - l_ref(y_t)
+    gradient  alpha * sum_{i in (c, r)} sum_t (G_i(t) - G_j(t)) * grad l_q(y_i,t)
+              G_i(t) = sum_{t' >= t} l_q(y_i,t') - l_ref(y_i,t')     (reward-to-go; with
+              ``reward_to_go=False`` the whole-sequence sum), j = the pair's other completion.
+
+    For two independent samples y_c, y_r of q_theta this is the score-function (REINFORCE)
+    estimator of 2 * alpha * grad KL(q_theta || pi_ref) with the other sample's return as a
+    leave-one-out baseline: unbiased, since E_y[grad log q_theta(y)] = 0 and the baseline does
+    not depend on y_i. At temperature 1, q_theta = pi_theta. The value is the single-sample KL
+    estimate (what ``objective/kl`` and ``exploration_bonus`` report); only the gradient differs
+    from :func:`xpo_kl_upstream`, whose gradient alpha * grad s_theta(y) has zero mean at
+    temperature 1.
+    """
+    sg = mx.stop_gradient
+    q = pol_tok if sample_tok is None else sample_tok
+    P = pol_tok.shape[0] // 2
+    value = (sg(pol_tok - ref_tok) * mask).sum(axis=-1)
+    d = sg(q - ref_tok) * mask
+    if reward_to_go:
+        ret = mx.cumsum(d, axis=-1, reverse=True)
+    else:
+        ret = mx.broadcast_to(d.sum(axis=-1, keepdims=True), d.shape)
+    baseline = mx.concatenate([ret[P:], ret[:P]], axis=0)
+    surrogate = (sg(ret - baseline) * (q - sg(q)) * mask).sum(axis=-1)  # value 0, gradient as above
+    per_row = value + surrogate
+    return alpha * (per_row[:P] + per_row[P:])
+
+
+def xpo_kl_upstream(pol_c, pol_r, ref_c, ref_r, alpha: float) -> mx.array:
+    """Per-pair exploration bonus as mlx-lm-lora's XPO trainer computes it (subtracted from the
+    loss): alpha * (KL^(chosen) + KL^(rejected)), KL^(y) = s_theta(y) - s_ref(y), differentiated
+    as written. Its gradient, alpha * (grad s_theta(y_c) + grad s_theta(y_r)), is a score function
+    at samples of the policy: zero in expectation at temperature 1, so it adds noise, not
+    exploration (at other temperatures it has a temperature-dependent bias instead).
+    """
+    return alpha * ((pol_c - ref_c) + (pol_r - ref_r))
+
+
+def xpo_paper_term(pol_yref, alpha: float) -> mx.array:
+    """Per-pair XPO term of the paper / TRL form (added to the loss): alpha * log pi_theta(y_ref|x),
+    where y_ref is the completion sampled from the reference."""
+    return alpha * pol_yref
+
+
+class XPO(OnlineDPO):
+    """The XPO method: online DPO's loop with an exploration term and an alpha schedule."""
+
+    mode = MODE
+
+    @property
+    def form(self) -> str:
+        return self.settings.xpo_bonus
+
+    def alpha(self, epoch: int) -> float:
+        return value_at_epoch(self.settings.alpha, epoch)
+
+    def rollout(self, model, tokenizer, reference, prompt_ids, sampling) -> list:
+        """The paper form pairs a policy sample with a reference sample (ref_side 1)."""
+        if self.form != "paper":
+            return super().rollout(model, tokenizer, reference, prompt_ids, sampling)
+        both = sample_policy_and_reference(model, tokenizer, reference, prompt_ids, sampling)
+        return [(p, r, 1) for p, r in both]
+
+    def scoring_temperature(self, alpha: float):
+        return self.settings.temperature if self.form == "kl" and alpha > 0 else None
+
+    def exploration_term(self, scores, ref_tok, ref_is_chosen, alpha: float) -> mx.array:
+        P = scores.tokens.shape[0] // 2
+        s, ref_s = scores.sum, ref_tok.sum(axis=-1)
+        if self.form == "paper":
+            return xpo_paper_term(mx.where(ref_is_chosen, s[:P], s[P:]), alpha)
+        if self.form == "kl_upstream":
+            return -xpo_kl_upstream(s[:P], s[P:], ref_s[:P], ref_s[P:], alpha)
+        return -xpo_kl_bonus(scores.tokens, ref_tok, scores.mask, alpha, scores.tempered)
+
+
 def train_xpo(config, training_callback=None, progress: bool = True) -> int:
     """Train with XPO. `config`: dict of settings, OnlineArgs, or a YAML path. Returns 0 on success."""
-    return train_mode(MODE, config, training_callback, progress)
+    return train_method(XPO, config, training_callback, progress)

@@ -115,7 +115,7 @@ def test_loop_settings_defaults_match_the_settings_table():
     """The Python-level LoopSettings (built directly by the API's power users and the benches) and
     the CLI/YAML table must not drift apart."""
     import dataclasses
-    from mlx_xpo_plugin.trainer import LoopSettings
+    from mlx_xpo_plugin.loop_settings import LoopSettings
     fields = {f.name: f.default for f in dataclasses.fields(LoopSettings)
               if f.default is not dataclasses.MISSING}
     shared = [n for n in fields if n in C.SETTINGS and n not in ("adapter_path", "iters")]

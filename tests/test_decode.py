@@ -191,19 +191,19 @@ def test_no_row_split_for_dora_or_a_separate_reference(tiny_model_path, tiny_mod
 
 
 def test_the_paper_rollout_samples_both_policies_in_one_batch(lora_model, monkeypatch):
-    from mlx_xpo_plugin import trainer as T
+    from mlx_xpo_plugin import rollout as R
+    from mlx_xpo_plugin.loop_settings import LoopSettings
     from mlx_xpo_plugin.reference import Reference, adapters_off
+    from mlx_xpo_plugin.xpo_trainer import XPO
     model, tok, _ = lora_model
     model = with_live_adapters(model)
     calls = []
-    real = T.sample_completions
-    monkeypatch.setattr(T, "sample_completions", lambda m, t, p, n, c: (calls.append(len(p) * n), real(m, t, p, n, c))[1])
-    fake = type("Fake", (), {})()
-    fake.s = type("S", (), {"sampling": SamplingConfig(max_tokens=6, temperature=0.0)})()
-    fake.model, fake.tokenizer, fake.ref = model, tok, Reference(model)
-    triples = T.OnlineTrainer._rollout(fake, PROMPTS, paper=True)
-    assert calls == [2 * len(PROMPTS)]
+    real = R.sample_completions
+    monkeypatch.setattr(R, "sample_completions", lambda m, t, p, n, c: (calls.append(len(p) * n), real(m, t, p, n, c))[1])
     greedy = SamplingConfig(max_tokens=6, temperature=0.0)
+    xpo = XPO(LoopSettings(iters=1, xpo_bonus="paper"))
+    triples = xpo.rollout(model, tok, Reference(model), PROMPTS, greedy)
+    assert calls == [2 * len(PROMPTS)]
     pol = real(model, tok, PROMPTS, 1, greedy)
     with adapters_off(model) as base:
         ref = real(base, tok, PROMPTS, 1, greedy)

@@ -12,8 +12,9 @@ from conftest import RuleJudge
 from mlx_xpo_plugin.checkpoint_state import load_resume
 from mlx_xpo_plugin.data import load_prompts
 from mlx_xpo_plugin.reference import Reference
-from mlx_xpo_plugin.rollout import SamplingConfig
-from mlx_xpo_plugin.trainer import LoopSettings, OnlineTrainer
+from mlx_xpo_plugin.loop_settings import LoopSettings
+from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.xpo_trainer import XPO
 
 
 class StopAt:
@@ -22,7 +23,7 @@ class StopAt:
 
     def on_train_loss_report(self, info):
         if info["iteration"] == self.step:
-            self.trainer._interrupted = 1
+            self.trainer.stop_requests = 1
 
     def on_val_loss_report(self, info):
         pass
@@ -31,11 +32,11 @@ class StopAt:
 def trainer_for(lora_model, data_dir, ad, start, callback=None):
     model, tok, _ = lora_model
     model.update(tree_unflatten(start))
-    s = LoopSettings(mode="xpo", iters=6, batch_size=2, alpha=[1e-3, 1e-4], steps_per_report=1,
+    s = LoopSettings(iters=6, batch_size=2, alpha=[1e-3, 1e-4], steps_per_report=1,
                      steps_per_eval=1000, save_every=1000, adapter_path=ad, progress=False,
-                     sampling=SamplingConfig(max_tokens=8, temperature=1.0))
+                     max_completion_length=8, temperature=1.0)
     tr = load_prompts(data_dir, "train", tok, 200)
-    t = OnlineTrainer(s, model, tok, Reference(model), RuleJudge(), optim.Adam(learning_rate=1e-2), tr,
+    t = OnlineTrainer(s, XPO(s), model, tok, Reference(model), RuleJudge(), optim.Adam(learning_rate=1e-2), tr,
                       None, callback, log=lambda m: None)
     return t
 
@@ -77,7 +78,7 @@ def test_a_checkpoint_torn_between_files_is_refused(lora_model, prompt_data_dir,
     model = lora_model[0]
     start = [(k, mx.array(v)) for k, v in tree_flatten(model.trainable_parameters())]
     t = trainer_for(lora_model, prompt_data_dir, str(tmp_path / "ad"), start)
-    t.s.iters = 2
+    t.settings.iters = 2
     t.train()
     d = tmp_path / "ad" / "checkpoint"
     weights, _ = mx.load(str(d / "adapters.safetensors"), return_metadata=True)

@@ -5,7 +5,8 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_xpo_plugin.reference import adapters_off
-from mlx_xpo_plugin.rollout import SamplingConfig, sample_completions, truncate_prompt
+from mlx_xpo_plugin.data import truncate_prompt
+from mlx_xpo_plugin.rollout import SamplingConfig, sample_completions
 from mlx_xpo_plugin.scoring import pack, sequence_logps
 
 

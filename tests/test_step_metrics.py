@@ -12,7 +12,9 @@ from mlx_xpo_plugin.metrics import MetricsWindow, merge_step_metrics
 from mlx_xpo_plugin.rollout import Completion, SamplingConfig, sample_completions
 from mlx_xpo_plugin.runner import plan_steps
 from mlx_xpo_plugin.schedule import get_current_alpha
-from mlx_xpo_plugin.trainer import PromptSet, apply_missing_eos_penalty
+from mlx_xpo_plugin.pair_loss import PairLoss, pair_metrics
+from mlx_xpo_plugin.pairs import apply_missing_eos_penalty
+from mlx_xpo_plugin.prompts import PromptOrder, PromptSet
 from test_trainer import FixedPairs, make_trainer, some_pairs
 
 
@@ -64,11 +66,9 @@ def test_merge_of_a_ratio_without_earlier_value_takes_the_new_one():
 def test_ipo_reward_metrics_are_on_per_token_means(lora_model, prompt_data_dir):
     """A chosen 8-token completion 2 nats above the reference and a 1-token rejected one 1 nat
     above it: the summed margin is positive, the per-token margin (what ipo compares) negative."""
-    t = make_trainer(lora_model, prompt_data_dir, loss_type="ipo")
+    t = make_trainer(lora_model, prompt_data_dir, dpo_cpo_loss_type="ipo")
     s, ref_s, counts = mx.array([-8.0, -1.0]), mx.array([-10.0, -2.0]), mx.array([8.0, 1.0])
-    aux = (mx.zeros(1), mx.zeros(1), s, ref_s, counts, None)
-    m = {}
-    t._pair_metrics([(aux, [None])], 0.1, m)
+    m = pair_metrics([PairLoss(mx.zeros(1), mx.zeros(1), s, ref_s, counts, None)], 0.1, "ipo")
     assert m["rewards/accuracies"] == 0.0
     assert m["rewards/margins"] == pytest.approx(0.1 * (0.25 - 1.0))
 
@@ -79,11 +79,12 @@ def test_schedule_follows_the_data_epoch_when_prompts_do_not_divide(lora_model, 
     t = make_trainer(lora_model, prompt_data_dir, mode="xpo", batch_size=3, lr=0.0,
                      alpha=[0.0, 1.0, 2.0, 3.0], iters=12)
     t.train_set = PromptSet(t.train_set.ids[:10], t.train_set.texts[:10])
+    t.order = PromptOrder(10, seed=0, batch_size=3)
     t.collect_pairs = FixedPairs(some_pairs(tok, 1))
     alphas = []
     for step in range(1, 9):
         t.step = step
-        first = t.position
+        first = t.order.position
         m = {}
         t.train_step(m)
         alphas.append((first // 10, m["alpha"]))

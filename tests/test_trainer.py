@@ -13,24 +13,32 @@ from conftest import RuleJudge
 from mlx_xpo_plugin.data import load_prompts
 from mlx_xpo_plugin.judges.base import Verdict
 from mlx_xpo_plugin.reference import Reference
-from mlx_xpo_plugin.rollout import Completion, SamplingConfig
-from mlx_xpo_plugin.trainer import (LoopSettings, OnlineTrainer, Pair, PromptSet,
-                                    apply_missing_eos_penalty)
+from mlx_xpo_plugin import evaluation
+from mlx_xpo_plugin import trainer as trainer_module
+from mlx_xpo_plugin.loop_settings import LoopSettings
+from mlx_xpo_plugin.rollout import Completion
+from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+from mlx_xpo_plugin.pair_loss import pack_pairs
+from mlx_xpo_plugin.pairs import Pair, apply_missing_eos_penalty
+from mlx_xpo_plugin.prompts import PromptSet
+from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.xpo_trainer import XPO
 
 
 def params(model):
     return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
 
 
-def make_trainer(lora_model, data_dir, judge=None, lr=1e-3, **kw):
+def make_trainer(lora_model, data_dir, judge=None, lr=1e-3, mode="online_dpo", **kw):
     model, tok, ad = lora_model
     tr = load_prompts(data_dir, "train", tok, 200)
     va = load_prompts(data_dir, "valid", tok, 200)
-    s = LoopSettings(**{**dict(mode="online_dpo", iters=4, batch_size=2, sampling=SamplingConfig(max_tokens=8, temperature=1.0),
+    s = LoopSettings(**{**dict(iters=4, batch_size=2, max_completion_length=8, temperature=1.0,
                                steps_per_report=2, steps_per_eval=1000, save_every=1000, adapter_path=ad,
                                progress=False), **kw})
-    return OnlineTrainer(s, model, tok, Reference(model), judge or RuleJudge(), optim.SGD(learning_rate=lr),
-                         tr, va, log=lambda m: None)
+    method = {"online_dpo": OnlineDPO, "xpo": XPO}[mode](s)
+    return OnlineTrainer(s, method, model, tok, Reference(model), judge or RuleJudge(),
+                         optim.SGD(learning_rate=lr), tr, va, log=lambda m: None)
 
 
 class FixedPairs:
@@ -143,7 +151,7 @@ def test_the_loop_learns_the_judges_preference(lora_model, prompt_data_dir, mode
     """A rule judge (more 'e' wins): after 30 steps the policy beats the frozen reference on
     held-out prompts well above chance."""
     model, tok, ad = lora_model
-    t = run_loop(lora_model, prompt_data_dir, mode, 40, sampling=SamplingConfig(max_tokens=16, temperature=1.0), **kw)
+    t = run_loop(lora_model, prompt_data_dir, mode, 40, max_completion_length=16, temperature=1.0, **kw)
     test = load_prompts(prompt_data_dir, "test", tok, 200)
     test = PromptSet(test.ids * 3, test.texts * 3)  # 72 judged pairs: a tighter estimate
     mx.random.seed(123)
@@ -168,18 +176,18 @@ def test_same_seed_same_metrics(lora_model, prompt_data_dir):
     for _ in range(2):
         model.update(tree_unflatten(start))
         t = run_loop(lora_model, prompt_data_dir, "xpo", 4, alpha=1e-3)
-        rows = [json.loads(l) for l in open(os.path.join(t.s.adapter_path, "metrics.jsonl"))]
+        rows = [json.loads(l) for l in open(os.path.join(t.settings.adapter_path, "metrics.jsonl"))]
         out.append([(r["loss"], r["rewards/margins"]) for r in rows if "loss" in r])
     assert len(out[0]) == 2 and out[0] == out[1]
 
 
-def test_nonfinite_losses_skip_updates_and_stop_the_run(lora_model, prompt_data_dir):
+def test_nonfinite_losses_skip_updates_and_stop_the_run(lora_model, prompt_data_dir, monkeypatch):
     model, tok, ad = lora_model
     logs = []
     t = make_trainer(lora_model, prompt_data_dir, lr=1.0, iters=10, max_nonfinite_steps=3)
     t.log = logs.append
     t.collect_pairs = FixedPairs(some_pairs(tok))
-    t._reference_logps = lambda inputs, targets, mask: mx.full(mask.shape, float("nan"))
+    monkeypatch.setattr(trainer_module, "reference_logps", lambda ref, inputs, targets, mask: mx.full(mask.shape, float("nan")))
     before = params(model)
     res = t.train()
     assert res["step"] == 3 and "3 consecutive non-finite" in res["stop_reason"]
@@ -198,7 +206,7 @@ def test_entropy_coef_adds_the_token_entropy_bonus(lora_model, prompt_data_dir):
         t.collect_pairs = FixedPairs(pairs)
         t.step = 1
         losses[coef] = t.train_step({})
-    inputs, targets, mask = t._batch(pairs)
+    inputs, targets, mask = pack_pairs(pairs)
     from mlx_xpo_plugin.scoring import sequence_logps
     _, counts, ent = sequence_logps(model, inputs, targets, mask, with_entropy=True)
     tok_ent = np.array(ent) / np.array(counts)
@@ -213,7 +221,7 @@ class FirstWins:
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "sigmoid"])
-def test_the_validation_loss_is_the_configured_loss(lora_model, prompt_data_dir, loss_type):
+def test_the_validation_loss_is_the_configured_loss(lora_model, prompt_data_dir, loss_type, monkeypatch):
     """ipo compares per-token mean log-probs (so long completions do not dominate); the validation
     loss is that same loss on the judged policy-vs-reference pairs."""
     from mlx_xpo_plugin.losses import dpo_loss
@@ -223,9 +231,10 @@ def test_the_validation_loss_is_the_configured_loss(lora_model, prompt_data_dir,
     rng = np.random.default_rng(1)
     model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
                                  for k, v in tree_flatten(model.trainable_parameters())]))
-    t = make_trainer(lora_model, prompt_data_dir, judge=FirstWins(), loss_type=loss_type, beta=0.5, batch_size=3)
+    t = make_trainer(lora_model, prompt_data_dir, judge=FirstWins(), dpo_cpo_loss_type=loss_type, beta=0.5, batch_size=3)
     pairs = some_pairs(tok, n=3)  # chosen (the "policy" side) lengths 3, 4, 5; rejected 6, 5, 4
-    t._rollout = lambda ids, paper: [(p.chosen, p.rejected, 1) for p in pairs]
+    monkeypatch.setattr(evaluation, "sample_policy_and_reference",
+                        lambda model, tok, ref, ids, cfg: [(p.chosen, p.rejected) for p in pairs])
     res = t.evaluate(PromptSet([p.prompt_ids for p in pairs], [p.prompt_text for p in pairs]))
     inputs, targets, mask = pack([p.prompt_ids for p in pairs] * 2,
                                  [p.chosen.tokens for p in pairs] + [p.rejected.tokens for p in pairs])

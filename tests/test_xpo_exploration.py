@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_xpo_plugin.losses import xpo_kl_bonus, xpo_kl_upstream, xpo_paper_term
+from mlx_xpo_plugin.xpo_trainer import xpo_kl_bonus, xpo_kl_upstream, xpo_paper_term
 
 V = 4
 COMPLETIONS = [(0,)] + [(a, b) for a in range(1, V) for b in range(V)]
@@ -200,7 +200,7 @@ def test_trainer_kl_forms_report_the_same_loss_and_differ_in_the_update(
         model.update(tree_unflatten([(k, mx.array(v)) for k, v in start.items()]))
         t = make_trainer(lora_model, prompt_data_dir, mode="xpo", alpha=1.0, xpo_bonus=form, lr=0.1,
                          micro_batch_size=4,
-                         sampling=SamplingConfig(max_tokens=8, temperature=temperature))
+                         max_completion_length=8, temperature=temperature)
         t.collect_pairs = FixedPairs(some_pairs(tok))
         t.step = 1
         m = {}

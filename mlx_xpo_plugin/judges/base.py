@@ -43,13 +43,67 @@ class Verdict:
 
 @runtime_checkable
 class PairwiseJudge(Protocol):
-    """``judge(prompts, pairs)``: ``pairs[i] = (completion_a, completion_b)`` for ``prompts[i]``.
-
-    A judge may set ``last_metrics`` (a dict of extra ``judge/...`` numbers for the last call,
-    e.g. ``judge/position_consistency``) and may define ``close()``.
-    """
+    """``judge(prompts, pairs)``: ``pairs[i] = (completion_a, completion_b)`` for ``prompts[i]``;
+    one Verdict per pair. That is all a judge must have; :class:`Judge` gives the loop the rest."""
 
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]: ...
+
+
+class Judge:
+    """A pairwise judge as the loop sees it: the required ``judge`` and the optional parts, each
+    with a default. Built-in judges subclass it; :func:`as_judge` wraps any other object that has
+    ``judge`` (a plugin's), taking whichever optional parts it defines.
+
+    - ``last_metrics``: extra ``judge/...`` numbers of the last call (default: none);
+    - ``get_state()`` / ``set_state(state)``: internal randomness a resumed run must restore
+      (default: none, so nothing to restore);
+    - ``close()``: release resources at the end of a run (default: nothing to release).
+    """
+
+    last_metrics: dict = {}
+
+    def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
+        raise NotImplementedError
+
+    def get_state(self) -> Any:
+        return None
+
+    def set_state(self, state: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Adapted(Judge):
+    """Any object with ``judge``, seen as a :class:`Judge`."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def judge(self, prompts, pairs):
+        return self.inner.judge(prompts, pairs)
+
+    @property
+    def last_metrics(self) -> dict:
+        return dict(getattr(self.inner, "last_metrics", None) or {})
+
+    def get_state(self):
+        return self.inner.get_state() if hasattr(self.inner, "get_state") else None
+
+    def set_state(self, state) -> None:
+        if hasattr(self.inner, "set_state"):
+            self.inner.set_state(state)
+
+    def close(self) -> None:
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
+
+def as_judge(obj) -> Judge:
+    """``obj`` itself when it is a :class:`Judge`, else ``obj`` wrapped as one (None stays None:
+    a loop whose pairs never reach a judge)."""
+    return obj if obj is None or isinstance(obj, Judge) else _Adapted(obj)
 
 
 @dataclass

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ConfigError
-from .base import JudgeContext, Verdict
+from .base import Judge, JudgeContext, Verdict
 from .common import Option, resolve_options
 
 OPTIONS = {
@@ -184,7 +184,7 @@ def _err(e: BaseException) -> str:
     return f"error: {type(e).__name__}: {e}"
 
 
-class FunctionJudge:
+class FunctionJudge(Judge):
     """A PairwiseJudge around a user's Python callable (see the module docstring)."""
 
     def __init__(self, fn: Callable, batched: bool = False, pointwise: bool = False, name: str = ""):

@@ -40,7 +40,7 @@ import urllib.request
 from typing import Optional, Sequence
 
 from ..errors import ConfigError
-from .base import JudgeContext, Verdict
+from .base import Judge, JudgeContext, Verdict
 from .common import Option, judge_in_order, pair_messages, resolve_options
 from .parse import parse_answer
 
@@ -81,7 +81,7 @@ class _Failed(Exception):
     """A request that failed for good (after retries)."""
 
 
-class HTTPJudge:
+class HTTPJudge(Judge):
     """A PairwiseJudge that asks an OpenAI-compatible chat-completions endpoint."""
 
     def __init__(self, url: str, rubric: Optional[str] = None, seed: int = 0, **options):

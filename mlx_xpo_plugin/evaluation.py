@@ -1,0 +1,61 @@
+"""Evaluation: a policy sample against a reference sample per prompt, judged.
+
+Reports the win-rate (wins / decided pairs), ties and invalid verdicts, and on the decided pairs
+the configured DPO loss and the implicit-reward accuracy and margin (the same pair loss as in
+training, without the exploration term). Runs in eval mode (no dropout).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .losses import dpo_scores, reward_stats
+from .pair_loss import pack_pairs, pair_loss, reference_logps
+from .pairs import Pair
+from .rollout import sample_policy_and_reference
+
+
+def evaluate(trainer, prompts, max_batches: int = -1) -> dict:
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(trainer, prompts, max_batches)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(t, prompts, max_batches: int) -> dict:
+    s, bs = t.settings, t.settings.batch_size
+    n = len(prompts) if max_batches is None or max_batches < 0 else min(len(prompts), max_batches * bs)
+    wins = losses = ties = invalid = 0
+    cols = {"loss": [], "rewards/accuracies": [], "rewards/margins": []}
+    beta, _ = t.schedule()
+    for i in range(0, n, bs):
+        batch = prompts.subset(range(i, min(n, i + bs)))
+        samples = sample_policy_and_reference(t.model, t.tokenizer, t.reference, batch.ids, s.sampling)
+        verdicts = t.judge.judge(batch.texts, [(p.text, r.text) for p, r in samples])
+        pairs = []
+        for pid, text, (p, r), v in zip(batch.ids, batch.texts, samples, verdicts):
+            ties, invalid = ties + v.tie, invalid + v.invalid
+            if v.winner is not None:
+                wins, losses = wins + (v.winner == 0), losses + (v.winner == 1)
+                pairs.append(Pair(pid, text, *((p, r) if v.winner == 0 else (r, p))))
+        if pairs:
+            inputs, targets, mask = pack_pairs(pairs)
+            ref_tok = reference_logps(t.reference, inputs, targets, mask)
+            res = pair_loss(t.model, inputs, targets, mask, ref_tok, mx.array([False] * len(pairs)),
+                            t.method, s, beta, 0.0)
+            P = len(pairs)
+            pol, ref = dpo_scores(res.policy, res.reference, res.counts, s.dpo_cpo_loss_type)
+            rs = reward_stats(pol[:P], pol[P:], ref[:P], ref[P:], beta)
+            cols["loss"].append(np.array(res.dpo))
+            cols["rewards/accuracies"].append(np.array(rs["rewards/accuracies"]))
+            cols["rewards/margins"].append(np.array(rs["rewards/margins"]))
+    decided = wins + losses
+    out = {"win_rate": wins / decided if decided else float("nan"), "wins": wins, "losses": losses,
+           "ties": ties, "invalid": invalid, "pairs": wins + losses + ties + invalid}
+    if cols["loss"]:
+        out.update({k: float(np.concatenate(v).mean()) for k, v in cols.items()})
+    return out

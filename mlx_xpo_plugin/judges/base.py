@@ -101,9 +101,11 @@ class _Adapted(Judge):
 
 
 def as_judge(obj) -> Judge:
-    """``obj`` itself when it is a :class:`Judge`, else ``obj`` wrapped as one (None stays None:
-    a loop whose pairs never reach a judge)."""
-    return obj if obj is None or isinstance(obj, Judge) else _Adapted(obj)
+    """``obj`` itself when it is a :class:`Judge`, else ``obj`` wrapped as one. None gives a judge
+    that cannot judge, for a loop whose pairs come from elsewhere."""
+    if obj is None:
+        return Judge()
+    return obj if isinstance(obj, Judge) else _Adapted(obj)
 
 
 @dataclass

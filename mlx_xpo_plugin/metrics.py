@@ -8,6 +8,8 @@ import os
 from collections import defaultdict
 from typing import Optional
 
+from .jsonio import dumps
+
 #: summed over the window (counts); every other key is a weighted mean over the window
 COUNT_KEYS = ("judge/pairs", "judge/invalid", "judge/ties", "judge/seconds", "pairs/valid",
               "train/nonfinite_steps", "prompts/truncated")
@@ -72,4 +74,4 @@ class JsonlLog:
 
     def write(self, obj: dict):
         with open(self.path, "a") as f:
-            f.write(json.dumps(obj, default=float) + "\n")
+            f.write(dumps(obj) + "\n")

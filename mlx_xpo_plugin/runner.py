@@ -20,6 +20,7 @@ from .checkpoint import save_json
 from .errors import ConfigError
 from .fast_blas import banner_line as blas_line
 from .judges.base import JudgeContext
+from .quantized import folder_quantization, quantized_layers, refuse_full
 from .rollout import SamplingConfig
 from .trainer import LoopSettings, OnlineTrainer
 
@@ -91,7 +92,11 @@ def preflight(cfg) -> None:
     if cfg.train and per_step > n_train:
         raise ConfigError("batch_size", cfg.batch_size, f"batch_size x gradient_accumulation_steps "
                           f"({per_step}) is larger than the {n_train} training prompts")
-    resolve_local_model("model", cfg.model)
+    model_dir = resolve_local_model("model", cfg.model)
+    if cfg.train and cfg.train_type == "full":
+        q = folder_quantization(model_dir)  # the folder says so: refused before loading it
+        if q:
+            raise refuse_full(cfg.model, q)
     if cfg.reference_model_path:
         resolve_local_model("reference_model_path", cfg.reference_model_path)
     check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
@@ -174,6 +179,9 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
         lora = {**lora_parameters(cfg), "use_dora": cfg.train_type == "dora", "num_layers": cfg.num_layers}
     model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
                                           lora_config=lora, quantized_load=quantization(cfg))
+    if cfg.train and cfg.train_type == "full" and quantized_layers(model):  # the loaded model decides
+        q = quantized_layers(model)
+        raise refuse_full(cfg.model, f"{len(q)} quantized layers, e.g. {q[0]}")
     if cfg.train:
         write_adapter_config(cfg)
     elif os.path.isfile(trained):

@@ -19,6 +19,7 @@ from mlx.utils import tree_unflatten
 
 from . import checkpoint as ckpt
 from .errors import ConfigError
+from .faults import capture, restore as restore_judge
 
 #: settings that must match for a checkpoint to be resumed
 FINGERPRINT_KEYS = ("train_mode", "model", "train_type", "lora_parameters", "num_layers",
@@ -41,7 +42,7 @@ def save_checkpoint(trainer, final: bool = False) -> None:
     tag = {"step": str(trainer.step)}
     ckpt.save_arrays(os.path.join(d, "adapters.safetensors"), weights, tag)
     ckpt.save_arrays(os.path.join(d, "optimizer.safetensors"), ckpt.optimizer_arrays(trainer.opt), tag)
-    judge_state = trainer.judge.get_state() if hasattr(trainer.judge, "get_state") else None
+    judge_state = capture(trainer.judge)  # its declared state and the global random states
     state = {
         "format": 1,
         "step": trainer.step,
@@ -107,6 +108,5 @@ def restore(trainer, state: dict) -> None:
     trainer.step = int(state["step"])
     trainer.position = int(state["position"])
     trainer.nonfinite_run = int(state.get("nonfinite_run", 0))
-    if state.get("judge_state") is not None and hasattr(trainer.judge, "set_state"):
-        trainer.judge.set_state(state["judge_state"])
+    restore_judge(trainer.judge, state.get("judge_state"), log=trainer.log)
     mx.eval(trainer.model.parameters())

@@ -14,6 +14,12 @@ from .jsonio import dumps
 COUNT_KEYS = ("judge/pairs", "judge/invalid", "judge/ties", "judge/seconds", "pairs/valid",
               "train/nonfinite_steps", "prompts/truncated")
 
+COUNT_PREFIXES = ("judge/errors/",)  # judge/errors/<kind>: failed judge requests by kind
+
+
+def is_count(key: str) -> bool:
+    return key in COUNT_KEYS or key.startswith(COUNT_PREFIXES)
+
 
 class MetricsWindow:
     """Collects per-step values between two reports; ``report()`` returns the means and resets.
@@ -38,7 +44,7 @@ class MetricsWindow:
             if v is None:
                 continue
             v = float(v)
-            if k in COUNT_KEYS:
+            if is_count(k):
                 self._sum[k] += v
                 self._w[k] = 1.0
             elif weight > 0 and math.isfinite(v):
@@ -46,7 +52,7 @@ class MetricsWindow:
                 self._w[k] += weight
 
     def report(self) -> dict:
-        out = {k: (self._sum[k] if k in COUNT_KEYS else self._sum[k] / self._w[k])
+        out = {k: (self._sum[k] if is_count(k) else self._sum[k] / self._w[k])
                for k in self._sum if self._w[k] > 0}
         self.reset()
         return out

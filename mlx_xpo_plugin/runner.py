@@ -18,6 +18,7 @@ import mlx.optimizers as optim
 from . import config as C
 from .checkpoint import save_json
 from .errors import ConfigError
+from .faults import EXIT_JUDGE, JudgeFailure
 from .fast_blas import banner_line as blas_line
 from .judges.base import JudgeContext
 from .quantized import folder_quantization, quantized_layers, refuse_full
@@ -57,7 +58,8 @@ def loop_settings(cfg, iters: int, progress: bool = True) -> LoopSettings:
         steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval,
         val_batches=cfg.val_batches, save_every=cfg.save_every,
         log_completions_every=cfg.log_completions_every,
-        max_nonfinite_steps=cfg.max_nonfinite_steps, seed=cfg.seed,
+        max_nonfinite_steps=cfg.max_nonfinite_steps, max_judgeless_steps=cfg.max_judgeless_steps,
+        seed=cfg.seed,
         adapter_path=cfg.adapter_path, progress=progress,
     )
 
@@ -220,6 +222,7 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
         trainer = OnlineTrainer(loop_settings(cfg, iters, progress), model, tokenizer, reference, judge,
                                 opt, train_set, valid_set, training_callback)
         trainer.fingerprint = fingerprint(cfg)
+        trainer.judge.name = cfg.judge  # named in judge-failure messages
         trainer.resolved_config = {k: v for k, v in vars(cfg).items()}
         resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
         print(f"training {iters} steps ({steps_per_epoch} per epoch, {per_step} prompts per step, "
@@ -233,12 +236,14 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
             print(f"stopped at step {result['step']} of {iters}: {why}; checkpoint saved.")
             print(f"resume with: mlx_lm_lora.train --train-mode {cfg.train_mode} "
                   f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {out}")
-            status = 130 if result["interrupted"] else (0 if "judge" in why else 1)
+            status = (130 if result["interrupted"] else trainer.guard.status if trainer.guard.status
+                      else 0 if "judge" in why else 1)  # exit statuses: README, "Faults"
     if cfg.test and status == 0:
         test_set = load_prompts(cfg.data, "test", tokenizer, max_prompt)
         if trainer is None:
             trainer = OnlineTrainer(loop_settings(cfg, 1, progress), model, tokenizer, reference, judge,
                                     build_optimizer(cfg), test_set, None, training_callback)
+            trainer.judge.name = cfg.judge
         res = trainer.evaluate(test_set, cfg.test_batches)
         save_json(os.path.join(cfg.adapter_path, "test_metrics.json"), res)
         print("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
@@ -263,6 +268,9 @@ def mode_main(mode_name: str):
         except ConfigError as e:
             err(str(e))
             return 2
+        except JudgeFailure as e:  # the judge raised outside training (the test phase)
+            err(str(e))
+            return EXIT_JUDGE
         except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, test, fuse)
             err("interrupted")
             return 130

@@ -195,7 +195,8 @@ class Guard:
         kinds = {key.split("/", 2)[2]: int(v) for key, v in k.items()
                  if key.startswith("judge/errors/") and v}
         errors = sum(kinds.values()) or int(k.get("judge/http_errors", 0) + k.get("judge/function_errors", 0))
-        kind_text = f" ({', '.join(f'{n} {c}' for n, c in sorted(kinds.items()))})" if kinds else ""
+        kind_text = (" (" + ", ".join(f"{c} {n.replace('_', ' ')}" for n, c in sorted(kinds.items()))
+                     + ")") if kinds else ""
         last = " ".join(str(t.judge.last_bad).split())[:200] if t.judge.last_bad is not None else None
         return (f"the judge {t.judge.name!r} gave no valid pair in {k['steps']} consecutive steps "
                 f"(steps {first}-{t.step}, max_judgeless_steps={t.s.max_judgeless_steps}): "

@@ -60,3 +60,63 @@ def test_sigkill_after_a_periodic_checkpoint_then_resume_is_bit_identical_with_a
     assert all(np.array_equal(np.array(want[k]), np.array(got[k])) for k in want)  # bit for bit
     steps = [x["step"] for x in rows(part) if "loss" in x or "judge/pairs" in x]
     assert steps == list(range(1, 13))  # nothing lost, nothing repeated
+
+
+def endpoint_serving(n_requests):
+    """An endpoint answering "0" to its first `n_requests` requests, then gone (connection refused)."""
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"content": "0"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = HTTPServer(("127.0.0.1", 0), H)
+
+    def serve():
+        for _ in range(n_requests):
+            server.handle_request()
+        server.server_close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_judge_that_goes_away_stops_the_run_with_a_checkpoint_before_it(tiny_model_path,
+                                                                           prompt_data_dir, tmp_path):
+    out = tmp_path / "ad"
+    # 2 requests validate step 0, then 2 per step: the endpoint answers steps 1-3 and then is gone
+    url = endpoint_serving(2 + 3 * 2)
+    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=400,
+                                         steps_per_report=1, steps_per_eval=1000, val_batches=1,
+                                         max_judgeless_steps=3, judge=url,
+                                         judge_config={"max_retries": 0, "timeout": 5}))
+    r = run(["--train-mode", "xpo", "--config", cfg])
+    assert r.returncode == 3, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "Traceback" not in r.stderr
+    stop = [l for l in r.stdout.splitlines() if l.startswith("stopped at step")]
+    assert len(stop) == 1, r.stdout[-3000:]
+    assert stop[0].startswith(f"stopped at step 3 of 400: the judge '{url}' gave no valid pair in 3 "
+                              "consecutive steps (steps 4-6, max_judgeless_steps=3): 6 pairs, 6 errors "
+                              "(6 connection refused), 0 invalid answers, 0 ties; last answer: "), stop[0]
+    assert "Connection refused" in stop[0] and "redoes those steps" in stop[0]
+    assert f"--resume-adapter-file {out}" in r.stdout
+    state = json.load(open(out / "checkpoint" / "state.json"))
+    assert state["step"] == 3 and state["position"] == 6 and not state["final"]
+    train = [loads_strict(l) for l in open(out / "metrics.jsonl")]
+    refused = {x["step"]: x.get("judge/errors/connection_refused") for x in train if "judge/pairs" in x}
+    assert refused == {1: None, 2: None, 3: None, 4: 2, 5: 2, 6: 2}
+
+    # the endpoint is back (another port here): the resumed run redoes steps 4-6 and goes on
+    url2 = endpoint_serving(3 * 2 + 2)
+    r = run(["--train-mode", "xpo", "--config", cfg, "--resume-adapter-file", str(out),
+             "--judge", url2, "--iters", "6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [x["step"] for x in rows(out) if "judge/pairs" in x]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert all("judge/errors/connection_refused" not in x for x in rows(out))

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from typing import Any, Callable, Optional
 
@@ -204,3 +206,14 @@ class Guard:
                 f"answers, {ties} ties" + (f"; last answer: {last}" if last else "")
                 + f"; the checkpoint is the state after step {first - 1}, so a resumed run "
                 "redoes those steps")
+
+
+def intact_checkpoint(adapter_path: str) -> str:
+    """After a failed save: which checkpoint is still there to resume from, in words."""
+    path = os.path.join(adapter_path, "checkpoint", "state.json")
+    try:
+        with open(path) as f:
+            step = json.load(f)["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint had been saved yet"
+    return f"the checkpoint of step {step} ({os.path.dirname(path)}) is intact: make room, then resume"

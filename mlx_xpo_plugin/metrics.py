@@ -8,6 +8,7 @@ import os
 from collections import defaultdict
 from typing import Optional
 
+from .errors import SaveFailed
 from .jsonio import dumps
 
 #: summed over the window (counts); every other key is a weighted mean over the window
@@ -79,5 +80,8 @@ class JsonlLog:
             os.remove(path)
 
     def write(self, obj: dict):
-        with open(self.path, "a") as f:
-            f.write(dumps(obj) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(dumps(obj) + "\n")
+        except OSError as e:  # disk full / unwritable: stop cleanly (the runner says what is kept)
+            raise SaveFailed(f"writing {self.path} failed: {e.strerror or e}") from e

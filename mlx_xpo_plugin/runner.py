@@ -17,11 +17,12 @@ import mlx.optimizers as optim
 
 from . import config as C
 from .checkpoint import save_json
-from .errors import ConfigError
-from .faults import EXIT_JUDGE, JudgeFailure
+from .errors import ConfigError, SaveFailed
+from .faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
 from .fast_blas import banner_line as blas_line
 from .judges.base import JudgeContext
 from .quantized import folder_quantization, quantized_layers, refuse_full
+from .run_lock import check_writable, hold
 from .rollout import SamplingConfig
 from .trainer import LoopSettings, OnlineTrainer
 
@@ -84,9 +85,11 @@ def quantization(cfg) -> Optional[dict]:
 
 
 def preflight(cfg) -> None:
-    """Every check that needs no model: data files, model paths, judge, resume file."""
+    """Every check that needs no model: data files, model paths, judge, resume file, output folder."""
     from .data import check_data
     from .registry import check_judge
+    if cfg.train:
+        check_writable("adapter_path", cfg.adapter_path)
     if cfg.train_type == "full" and quantization(cfg):
         raise ConfigError("train_type", "full", "a quantized base cannot be fully fine-tuned; use lora or dora")
     n_train = check_data(cfg.data, need_train=cfg.train, need_test=cfg.test)
@@ -155,8 +158,23 @@ def judge_weights(cfg, model_path: str, model, separate):
     return None
 
 
+def resume_command(cfg) -> str:
+    return (f"mlx_lm_lora.train --train-mode {cfg.train_mode} "
+            f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {cfg.adapter_path}")
+
+
 def run(cfg, training_callback=None, progress: bool = True) -> int:
     """Run a resolved config (see config.resolve). Returns the exit status."""
+    preflight(cfg)
+    if mx.distributed.init().rank() != 0:  # data parallel: only rank 0 prints and writes
+        sys.stdout = open(os.devnull, "w")
+    elif cfg.train:
+        with hold("adapter_path", cfg.adapter_path):  # one training run per adapter_path
+            return _run(cfg, training_callback, progress)
+    return _run(cfg, training_callback, progress)
+
+
+def _run(cfg, training_callback, progress: bool) -> int:
     from mlx_lm import load as mlx_load
     from mlx_lm_lora.utils import from_pretrained
 
@@ -165,9 +183,6 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     from .reference import Reference
     from .registry import build_judge
 
-    preflight(cfg)
-    if mx.distributed.init().rank() != 0:  # data parallel: only rank 0 prints and writes
-        sys.stdout = open(os.devnull, "w")
     mx.random.seed(cfg.seed)
     blas = blas_line()  # which BLAS MLX multiplies with (Linux CPUs; see fast_blas)
     if blas:
@@ -227,15 +242,19 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
         resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
         print(f"training {iters} steps ({steps_per_epoch} per epoch, {per_step} prompts per step, "
               f"2 completions each)")
-        result = trainer.train(resume)
+        try:
+            result = trainer.train(resume)
+        except SaveFailed as e:  # disk full / unwritable during a save: the last checkpoint is kept
+            err(f"{e}; {intact_checkpoint(cfg.adapter_path)}")
+            print(f"resume with: {resume_command(cfg)}")
+            return e.exit_status
         out = cfg.adapter_path
         print(f"adapters: {os.path.join(out, 'adapters.safetensors')}")
         print(f"metrics:  {os.path.join(out, 'metrics.jsonl')}   samples: {os.path.join(out, 'completions.jsonl')}")
         if result["interrupted"] or result["stop_reason"]:
             why = result["stop_reason"] or "interrupted"
             print(f"stopped at step {result['step']} of {iters}: {why}; checkpoint saved.")
-            print(f"resume with: mlx_lm_lora.train --train-mode {cfg.train_mode} "
-                  f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {out}")
+            print(f"resume with: {resume_command(cfg)}")
             status = (130 if result["interrupted"] else trainer.guard.status if trainer.guard.status
                       else 0 if "judge" in why else 1)  # exit statuses: README, "Faults"
     if cfg.test and status == 0:

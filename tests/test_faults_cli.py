@@ -120,3 +120,42 @@ def test_a_judge_that_goes_away_stops_the_run_with_a_checkpoint_before_it(tiny_m
     steps = [x["step"] for x in rows(out) if "judge/pairs" in x]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert all("judge/errors/connection_refused" not in x for x in rows(out))
+
+
+GATED_JUDGE = """
+import os, time
+def judge(prompt, a, b):
+    open(os.environ["GATE"], "a").close()  # says: training is under way
+    time.sleep(0.2)
+    return 0
+"""
+
+
+def test_a_second_run_on_the_same_adapter_path_is_refused_and_a_killed_run_leaves_no_lock(
+        tiny_model_path, prompt_data_dir, tmp_path):
+    out, gate = tmp_path / "ad", tmp_path / "gate"
+    (tmp_path / "gated.py").write_text(GATED_JUDGE)
+    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=400,
+                                         steps_per_eval=1000, judge=f"{tmp_path / 'gated.py'}:judge"))
+    first = subprocess.Popen([TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "GATE": str(gate)})
+    try:
+        deadline = time.time() + 120
+        while not gate.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert gate.exists()
+        r = run(["--train-mode", "online_dpo", "--config", cfg], timeout=60)
+        assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+        errs = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        assert len(errs) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert errs[0].startswith(f"error: adapter_path: {str(out)!r} is not valid; is in use by "
+                                  f"another training run (pid {first.pid} on ")
+        assert "mlx_lm_lora.train --train-mode xpo" in errs[0] and "Loading model" not in r.stdout
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+    assert (out / ".lock").exists()  # the file stays, the lock does not
+    r = run(["--train-mode", "xpo", "--config", cfg, "--iters", "1", "--judge",
+             "mlx_xpo_plugin.rules:prefer_letter_e"])
+    assert r.returncode == 0, r.stderr[-3000:]

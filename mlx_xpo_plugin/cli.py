@@ -99,7 +99,8 @@ def evaluate(ns) -> int:
     lo, hi = wilson(res["wins"], res["wins"] + res["losses"])
     res["win_rate_ci95"] = [lo, hi]
     if ns.json:
-        print(json.dumps(res))
+        from .jsonio import dumps  # strict JSON: an undefined win-rate is null, not NaN
+        print(dumps(res))
     else:
         print(f"\n| win-rate vs reference | 95% CI | wins | losses | ties | invalid |\n|---|---|---|---|---|---|\n"
               f"| {res['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | {res['wins']} | {res['losses']} | "

@@ -25,6 +25,7 @@ from mlx.utils import tree_map
 
 from . import decode
 from .errors import StopTraining
+from .faults import Guard, JudgeFailure
 from .judges.base import Verdict, verdict_metrics
 from .losses import dpo_loss, dpo_scores, reward_stats, xpo_kl_bonus, xpo_kl_upstream, xpo_paper_term
 from .metrics import JsonlLog, MetricsWindow, merge_step_metrics
@@ -77,6 +78,7 @@ class LoopSettings:
     save_every: int = 100
     log_completions_every: Optional[int] = None
     max_nonfinite_steps: int = 3
+    max_judgeless_steps: Optional[int] = 10  # None: no limit
     seed: int = 0
     adapter_path: str = "adapters"
     progress: bool = True
@@ -143,6 +145,7 @@ class OnlineTrainer:
         self.completions_log = None
         self._value_and_grad = nn.value_and_grad(model, self._loss)
         self._last_val: dict = {}
+        self.guard = Guard(self)  # wraps self.judge; judge failures, rollback (faults.py)
 
     # ------------------------------------------------------------------ data order
 
@@ -314,7 +317,9 @@ class OnlineTrainer:
         if n_valid == 0:
             self.log(f"step {self.step}: no valid pair ({int(metrics.get('judge/invalid', 0))} invalid, "
                      f"{int(metrics.get('judge/ties', 0))} ties): no update")
+            self.guard.no_valid_pair(metrics)
             return None
+        self.guard.valid_pair()
         norm = float(n_valid)  # the loss is averaged over valid pairs of the whole (global) window
         grads, loss_sum, stats = None, 0.0, []
         t_ref = t_pol = 0.0
@@ -469,7 +474,9 @@ class OnlineTrainer:
         if self.rank != 0 or self.valid_set is None or len(self.valid_set) == 0:
             return
         t0 = time.perf_counter()
-        res = self.evaluate(self.valid_set, self.s.val_batches)
+        res = self.guard.validate(lambda: self.evaluate(self.valid_set, self.s.val_batches))
+        if res is None:  # the judge raised: the run stops (faults.Guard.validate)
+            return
         row = {"step": self.step, **{f"val_{k}": v for k, v in res.items()},
                "val_seconds": time.perf_counter() - t0}
         self._last_val = row
@@ -517,6 +524,7 @@ class OnlineTrainer:
             if not resumed:
                 self._validate()  # the baseline: step 0, before any update
             while self.step < self.s.iters and not self._interrupted and not self.stop_reason:
+                self.guard.begin_step()
                 self.step += 1
                 # each step's randomness is a function of (seed, step): resuming needs no RNG state
                 mx.random.seed(step_seed(self.s.seed, self.step) + 7919 * self.rank)
@@ -526,8 +534,11 @@ class OnlineTrainer:
                 try:
                     loss = self.train_step(metrics)
                 except StopTraining as e:
-                    self.step -= 1
+                    self.guard.roll_back_step()  # the step made no update: resume redoes it
                     self.stop_reason = f"stopped by the judge ({e or 'q'})"
+                    break
+                except JudgeFailure as e:  # no update was made: back to the step's start
+                    self.guard.judge_crashed(e)
                     break
                 dt = time.perf_counter() - t0
                 eos = metrics.pop("_eos", [])
@@ -557,6 +568,7 @@ class OnlineTrainer:
                 self._report(self.window.report(), None)
             # still under our handlers: a Ctrl-C during this save exits at once, and the previous
             # checkpoint survives because every file is replaced atomically
+            self.guard.before_final_save()
             self.save(final=self.step >= self.s.iters)
         finally:
             pbar.close()

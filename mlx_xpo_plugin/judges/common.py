@@ -130,6 +130,31 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
 # order shuffling and both orders
 
 
+def rng_state(rng: random.Random) -> list:
+    """The state of a judge's ``random.Random`` as JSON (for ``get_state``; see base.py)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state) -> None:
+    """Restore what :func:`rng_state` returned (``set_state``)."""
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+
+
+class SeededOrder:
+    """Mixin of the judges whose only state is ``self.rng`` (the pair-order shuffle): they declare
+    it, so that a resumed run shows the same pairs in the same order as an uninterrupted one."""
+
+    rng: random.Random
+
+    def get_state(self) -> dict:
+        return {"rng": rng_state(self.rng)}
+
+    def set_state(self, state: dict) -> None:
+        set_rng_state(self.rng, state["rng"])
+
+
 def draw_flips(rng: random.Random, n: int) -> list[bool]:
     """Which pairs to show swapped (position-bias control), from the judge's seeded ``rng``."""
     return [rng.random() < 0.5 for _ in range(n)]

@@ -16,6 +16,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from mlx_xpo_plugin.jsonio import dumps as strict_dumps
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 DRIVER = BENCH / "_driver.py"
@@ -229,6 +231,6 @@ def rerender(name: str, render) -> None:
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
-    j.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    j.write_text(strict_dumps(data, indent=1) + "\n")  # strict JSON: NaN -> null
     m.write_text(markdown.rstrip() + "\n")
     return j, m

@@ -46,6 +46,7 @@ import time
 
 
 from _proc import proc_status_kb  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from mlx_xpo_plugin.jsonio import dumps as strict_dumps  # noqa: E402
 
 
 def install_device_info_shim():
@@ -260,7 +261,7 @@ def main():
         **extra,
     }
     with open(out_path, "w") as f:
-        json.dump(result, f, indent=1, default=float)
+        f.write(strict_dumps(result, indent=1))  # strict JSON: NaN -> null
 
 
 def blas_libraries_mapped() -> list:

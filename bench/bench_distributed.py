@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from _common import RESULTS, data_path, model_path
+from mlx_xpo_plugin.jsonio import dumps as strict_dumps
 
 
 
@@ -70,7 +71,7 @@ def main(argv=None):
              f"| 1 | {ns.global_batch} | {one:.3f} | {ns.global_batch / one:.1f} | 1.00 |\n"
              f"| 2 (ring) | {ns.global_batch // 2} | {two:.3f} | {ns.global_batch / two:.1f} | {one / two:.2f} |\n")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distributed.json").write_text(json.dumps({"settings": vars(ns), "runs": res}, indent=1))
+    (RESULTS / "distributed.json").write_text(strict_dumps({"settings": vars(ns), "runs": res}, indent=1))
     (RESULTS / "distributed.md").write_text(
         f"Data parallel, {ns.preset} model, global batch {ns.global_batch}, {ns.length}-token completions, "
         f"rule judge, {ns.iters} steps (step 1 excluded), alternating 1/2/1/2 processes, best of each:\n\n{table}")

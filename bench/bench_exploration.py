@@ -38,7 +38,7 @@ import numpy as np
 
 from _common import RESULTS, cache_dir, model_path
 from mlx_xpo_plugin.data import load_prompts
-from mlx_xpo_plugin.judges.base import Verdict
+from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.reference import Reference
 from mlx_xpo_plugin.rollout import SamplingConfig, sample_completions
 from mlx_xpo_plugin.scoring import completion_logps, first_completion_position, pack

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import platform
 import random
 import statistics
@@ -31,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mlx_xpo_plugin.judges.common import pair_messages  # noqa: E402
+from mlx_xpo_plugin.jsonio import dumps as strict_dumps  # noqa: E402
 from mlx_xpo_plugin.judges.llm import LLMJudge  # noqa: E402
 from mlx_xpo_plugin.tiny import build_tiny_model, embedded_prompts  # noqa: E402
 
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(strict_dumps(report, indent=2) + "\n")
 
     print("| preset | judge | pairs/s (median) | min | max | vs upstream | labels / ties / invalid |")
     print("|---|---|---:|---:|---:|---:|---|")

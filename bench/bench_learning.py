@@ -14,7 +14,6 @@ Writes bench/results/learning.json, learning.md and learning.png.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,8 @@ import mlx.optimizers as optim
 
 from _common import RESULTS, cache_dir, model_path
 from mlx_xpo_plugin.data import load_prompts
-from mlx_xpo_plugin.judges.base import Verdict
+from mlx_xpo_plugin.jsonio import dumps as strict_dumps
+from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.reference import Reference
 from mlx_xpo_plugin.rules import prefer_letter_e
 from mlx_xpo_plugin.tiny import write_prompt_dataset
@@ -101,7 +101,7 @@ def main(argv=None):
                   flush=True)
         results[label] = curves
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "learning.json").write_text(json.dumps({"settings": vars(ns), "results": results}, indent=1))
+    (RESULTS / "learning.json").write_text(strict_dumps({"settings": vars(ns), "results": results}, indent=1))
     pairs = [c["pairs_judged"] for c in next(iter(results.values()))[0]]
     lines = ["| config | " + " | ".join(f"{p} pairs" for p in pairs) + " |",
              "|---|" + "---|" * len(pairs)]

@@ -5,12 +5,13 @@ A run that is killed mid-save leaves the previous file intact.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
+from .jsonio import dumps
 
 
 def atomic_write_bytes(path: str, write) -> None:
@@ -32,9 +33,11 @@ def save_arrays(path: str, arrays: dict, metadata: dict | None = None) -> None:
 
 
 def save_json(path: str, obj) -> None:
+    text = dumps(obj, indent=2)  # strict JSON: NaN/inf become null
+
     def w(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+            f.write(text)
     atomic_write_bytes(path, w)
 
 

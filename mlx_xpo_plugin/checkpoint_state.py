@@ -2,12 +2,14 @@
 
 <adapter_path>/adapters.safetensors          the current adapters (what mlx_lm loads)
 <adapter_path>/NNNNNNN_adapters.safetensors  a copy every save_every steps
-<adapter_path>/checkpoint/adapters.safetensors, optimizer.safetensors, state.json
+<adapter_path>/checkpoint/adapters-NNNNNNN.safetensors, optimizer-NNNNNNN.safetensors, state.json
     adapters and optimizer state (each tagged with its step), step, data-order position (sampling
-    is reseeded from (seed, step) every step), schedule position, the resolved config
+    is reseeded from (seed, step) every step), schedule position, the judge's state, the config
 
-state.json is written last, so a checkpoint is complete iff state.json names the step that both
-arrays files are tagged with; a run killed between the files is refused, never half-resumed. Every file is written atomically (temporary file, then rename).
+state.json is written last and names the arrays files of its step (older checkpoints: the
+unnumbered names); the previous step's files are removed only after it is written. So a run
+killed, or a disk that fills up, anywhere during a save leaves the previous checkpoint complete.
+Every file is written atomically (temporary file, then rename); a failed write raises SaveFailed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import mlx.core as mx
 from mlx.utils import tree_unflatten
 
 from . import checkpoint as ckpt
-from .errors import ConfigError
+from .errors import ConfigError, SaveFailed
+from .faults import capture, restore as restore_judge
 
 #: settings that must match for a checkpoint to be resumed
 FINGERPRINT_KEYS = ("train_mode", "model", "train_type", "lora_parameters", "num_layers",
@@ -46,6 +49,17 @@ def fingerprint(cfg) -> dict:
 
 def save_checkpoint(trainer, final: bool = False) -> None:
     s = trainer.settings
+    try:
+        _save(trainer, final)
+    except OSError as e:  # disk full, unwritable folder: the previous checkpoint is untouched
+        _remove_unreferenced(os.path.join(s.adapter_path, "checkpoint"))  # frees the space it took
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise SaveFailed(f"saving the checkpoint of step {trainer.step} failed: "
+                         f"{e.strerror or e}{where}", os.path.join(s.adapter_path, "checkpoint")) from e
+
+
+def _save(trainer, final: bool) -> None:
+    s = trainer.settings
     d = os.path.join(s.adapter_path, "checkpoint")
     os.makedirs(d, exist_ok=True)
     weights = ckpt.trainable_weights(trainer.model)
@@ -53,10 +67,11 @@ def save_checkpoint(trainer, final: bool = False) -> None:
     if not final:
         ckpt.save_arrays(os.path.join(s.adapter_path, f"{trainer.step:07d}_adapters.safetensors"), weights)
     tag = {"step": str(trainer.step)}
-    ckpt.save_arrays(os.path.join(d, "adapters.safetensors"), weights, tag)
-    ckpt.save_arrays(os.path.join(d, "optimizer.safetensors"), ckpt.optimizer_arrays(trainer.opt), tag)
+    files = {name: f"{name}-{trainer.step:07d}.safetensors" for name in ("adapters", "optimizer")}
+    ckpt.save_arrays(os.path.join(d, files["adapters"]), weights, tag)
+    ckpt.save_arrays(os.path.join(d, files["optimizer"]), ckpt.optimizer_arrays(trainer.opt), tag)
     trainer.state.position = trainer.order.position
-    trainer.state.judge_state = trainer.judge.get_state()
+    trainer.state.judge_state = capture(trainer.judge)  # its declared state and the global random states
     beta, alpha = trainer.schedule()
     state = {
         "format": 1,
@@ -68,8 +83,22 @@ def save_checkpoint(trainer, final: bool = False) -> None:
         "final": final,
         "fingerprint": getattr(trainer, "fingerprint", None),
         "config": getattr(trainer, "resolved_config", None),
+        "files": files,
     }
-    ckpt.save_json(os.path.join(d, "state.json"), state)
+    ckpt.save_json(os.path.join(d, "state.json"), state)  # the commit point
+    _remove_unreferenced(d)  # only now are the files of the previous checkpoint unused
+
+
+def _remove_unreferenced(d: str) -> None:
+    """Remove the arrays files in ``d`` that its state.json does not name (best effort)."""
+    try:
+        with open(os.path.join(d, "state.json")) as f:
+            keep = set((json.load(f).get("files") or {}).values())
+        for name in os.listdir(d):
+            if name.endswith(".safetensors") and keep and name not in keep:
+                os.remove(os.path.join(d, name))
+    except (OSError, ValueError):
+        pass
 
 
 def find_checkpoint(path: str) -> str:
@@ -104,8 +133,9 @@ def check_resume(path: str, cfg) -> tuple[str, dict]:
 def load_resume(path: str, cfg) -> dict:
     """The checked checkpoint with its optimizer state and adapters."""
     d, state = check_resume(path, cfg)
+    files = state.get("files") or {n: f"{n}.safetensors" for n in ("adapters", "optimizer")}
     for name in ("adapters", "optimizer"):
-        arrays, meta = mx.load(os.path.join(d, f"{name}.safetensors"), return_metadata=True)
+        arrays, meta = mx.load(os.path.join(d, files[name]), return_metadata=True)
         if meta.get("step") != str(state["step"]):
             raise ConfigError("resume_adapter_file", path, f"the checkpoint is incomplete ({name} from step "
                               f"{meta.get('step')}, state from step {state['step']}); the run was killed "
@@ -121,6 +151,5 @@ def restore(trainer, state: dict) -> None:
                               nonfinite_run=int(state.get("nonfinite_run", 0)),
                               judge_state=state.get("judge_state"))
     trainer.order.position = trainer.order.step_start = trainer.state.position
-    if trainer.state.judge_state is not None:
-        trainer.judge.set_state(trainer.state.judge_state)
+    restore_judge(trainer.judge, trainer.state.judge_state, log=trainer.log)
     mx.eval(trainer.model.parameters())

@@ -86,20 +86,22 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def evaluate(ns) -> int:
     from . import config as C
+    from .online_dpo_trainer import OnlineDPO
     from .runner import run
     values = {"model": ns.model, "adapter_path": ns.adapter_path, "data": ns.data, "judge": ns.judge,
               "train": False, "test": True, "test_batches": -1, "batch_size": ns.batch_size,
               "max_completion_length": ns.max_completion_length, "seed": ns.seed,
               "temperature": ns.temperature, "train_type": ns.train_type}
     cfg = C.resolve("online_dpo", values, set(values), C.load_yaml(ns.config) if ns.config else {})
-    rc = run(cfg, progress=False)
+    rc = run(cfg, OnlineDPO, progress=False)  # evaluation only: the method's sampling is not used
     if rc:
         return rc
     res = json.load(open(os.path.join(ns.adapter_path, "test_metrics.json")))
     lo, hi = wilson(res["wins"], res["wins"] + res["losses"])
     res["win_rate_ci95"] = [lo, hi]
     if ns.json:
-        print(json.dumps(res))
+        from .jsonio import dumps  # strict JSON: an undefined win-rate is null, not NaN
+        print(dumps(res))
     else:
         print(f"\n| win-rate vs reference | 95% CI | wins | losses | ties | invalid |\n|---|---|---|---|---|---|\n"
               f"| {res['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | {res['wins']} | {res['losses']} | "

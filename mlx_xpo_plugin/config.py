@@ -87,6 +87,9 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
        "every N steps (default: steps_per_report).", nullable=True, minimum=1),
     _S("max_nonfinite_steps", "int", 3, "Stop after this many consecutive steps with a "
        "non-finite loss (each one is skipped).", minimum=1),
+    _S("max_judgeless_steps", "int", 10, "Stop (exit status 3) after this many consecutive steps "
+       "in which the judge gave no valid pair (errors, invalid answers, ties); the checkpoint is "
+       "the state before them. Empty: no limit.", nullable=True, minimum=1),
 )
 
 #: Upstream settings our modes read; validated with the same machinery (not re-documented).

@@ -19,3 +19,17 @@ class ConfigError(ValueError):
 
 class StopTraining(Exception):
     """Raised (e.g. by the human judge on 'q') to end training cleanly: adapters are saved."""
+
+
+class SaveFailed(OSError):
+    """Writing a checkpoint or a log failed (disk full, unwritable folder); the previous checkpoint
+    is intact. ``str(err)`` is the one-line message; ``checkpoint`` the folder to resume from."""
+
+    exit_status = 4
+
+    def __init__(self, message: str, checkpoint: str = ""):
+        super().__init__(message)
+        self.message, self.checkpoint = message, checkpoint
+
+    def __str__(self):
+        return self.message

@@ -19,7 +19,7 @@ LOOP_KEYS = (
     "batch_size", "gradient_accumulation_steps", "micro_batch_size", "beta", "alpha", "xpo_bonus",
     "dpo_cpo_loss_type", "delta", "max_completion_length", "temperature", "top_p", "top_k", "min_p",
     "missing_eos_penalty", "entropy_coef", "steps_per_report", "steps_per_eval", "val_batches",
-    "save_every", "log_completions_every", "max_nonfinite_steps", "seed", "adapter_path",
+    "save_every", "log_completions_every", "max_nonfinite_steps", "max_judgeless_steps", "seed", "adapter_path",
 )
 
 

@@ -8,6 +8,9 @@ import os
 from collections import defaultdict
 from typing import Optional
 
+from .errors import SaveFailed
+from .jsonio import dumps
+
 #: How each metric combines over the micro-batches of a step and the steps of a report window
 #: (one table for every metric):
 #:   count  summed (COUNT_KEYS, and every other ``judge/...`` number that is not a ratio);
@@ -45,7 +48,6 @@ def merge_step_metrics(step: dict, new: dict) -> dict:
         else:
             step[k] = v
     return step
-
 
 class MetricsWindow:
     """Collects per-step values between two reports; ``report()`` returns the means and resets.
@@ -106,5 +108,8 @@ class JsonlLog:
             os.remove(path)
 
     def write(self, obj: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(obj, default=float) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(dumps(obj) + "\n")
+        except OSError as e:  # disk full / unwritable: stop cleanly (the runner says what is kept)
+            raise SaveFailed(f"writing {self.path} failed: {e.strerror or e}") from e

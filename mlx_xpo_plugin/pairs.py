@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
-from .judges.base import Verdict, verdict_metrics
+from .contracts import Verdict
 from .rollout import Completion
 
 
@@ -47,6 +47,23 @@ def apply_missing_eos_penalty(v: Verdict, a: Completion, b: Completion, penalty:
     if conf is not None and v.winner is not None and winner != v.winner:
         conf = 1.0 - conf
     return Verdict(winner, conf, v.raw, False, (sa, sb))
+
+
+def verdict_metrics(verdicts: Sequence[Verdict], seconds: float) -> dict:
+    """Counts every judge reports: ``judge/pairs``, ``judge/invalid``, ``judge/ties``, ``judge/seconds``
+    and, when pointwise scores are present, ``objective/scores_margin`` (mean |score_a - score_b|
+    over the ``judge/scored_pairs`` pairs that have scores)."""
+    m = {
+        "judge/pairs": len(verdicts),
+        "judge/invalid": sum(v.invalid for v in verdicts),
+        "judge/ties": sum(v.tie for v in verdicts),
+        "judge/seconds": seconds,
+    }
+    scored = [v.scores for v in verdicts if v.scores is not None]
+    if scored:
+        m["objective/scores_margin"] = sum(abs(a - b) for a, b in scored) / len(scored)
+        m["judge/scored_pairs"] = len(scored)
+    return m
 
 
 def judge_samples(judge, texts: list, samples: list, penalty: Optional[float]) -> tuple[list, dict, float]:

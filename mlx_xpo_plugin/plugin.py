@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from . import __version__
 from . import config as C
-from .hookspecs import hookimpl
-from .registry import TrainMode
-from .online_dpo_trainer import OnlineDPO, train_online_dpo
+from .contracts import TrainMode, hookimpl
+from .judges.builtin import BUILTIN_JUDGE_FACTORIES
+from .online_dpo_trainer import OnlineDPO
 from .runner import mode_main
-from .xpo_trainer import XPO, train_xpo
+from .xpo_trainer import XPO
 
 _DESCRIPTIONS = {
     "xpo": "XPO: online DPO with an exploration bonus (alpha; per-epoch schedule)",
@@ -21,11 +21,9 @@ _DESCRIPTIONS = {
 
 
 def _mode(name: str) -> TrainMode:
-    method, api = {"xpo": (XPO, train_xpo), "online_dpo": (OnlineDPO, train_online_dpo)}[name]
+    method = {"xpo": XPO, "online_dpo": OnlineDPO}[name]
     return TrainMode(
-        name=name, description=_DESCRIPTIONS[name], main=mode_main(method), train=api,
-        settings=tuple(s for s in C.PLUGIN_SETTINGS if name in s.modes),
-        needs_reference=True, needs_judge=True, dataset_kind="prompt",
+        name=name, description=_DESCRIPTIONS[name], main=mode_main(method),
         add_arguments=C.add_arguments, plugin=f"mlx-xpo-plugin {__version__}",
     )
 
@@ -38,6 +36,5 @@ def register_train_modes(register):
 
 @hookimpl
 def register_judges(register):
-    from .judges.builtin import BUILTIN_JUDGE_FACTORIES
     for factory in BUILTIN_JUDGE_FACTORIES:
         register(factory)

@@ -7,52 +7,18 @@ Built-in modes and judges register through the same hooks as third-party plugins
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import pluggy
 
 from . import hookspecs
+from .contracts import ENTRY_POINT_GROUP, PROJECT, JudgeContext, JudgeFactory, PairwiseJudge, TrainMode
 from .errors import ConfigError
-from .judges.base import JudgeContext, JudgeFactory, PairwiseJudge
 
-#: upstream mlx-lm-lora 5.10.2's own --train-mode choices
-BUILTIN_TRAIN_MODES = (
-    "sft", "dpo", "dsla", "ftpo", "cpo", "orpo", "grpo", "klpo",
-    "online_dpo", "xpo", "rlhf_reinforce", "ppo",
-)
-
-
-@dataclass
-class TrainMode:
-    """A train mode a plugin offers to ``mlx_lm_lora.train``.
-
-    ``main(args, explicit)`` owns the whole run of the mode: ``args`` is upstream's namespace after
-    its YAML/default merge, ``explicit`` the set of setting names given on the command line (or in
-    the dict passed to ``main``); it validates before loading anything and returns an exit status.
-    ``train`` / ``evaluate`` are the Python API of the mode; ``settings`` its schema.
-    """
-
-    name: str
-    description: str
-    main: Callable[[Any, set], int]
-    train: Optional[Callable] = None
-    evaluate: Optional[Callable] = None
-    settings: tuple = ()
-    needs_reference: bool = True
-    needs_judge: bool = True
-    dataset_kind: str = "prompt"  # what each dataset row must carry
-    add_arguments: Optional[Callable[[Any], None]] = None  # add CLI flags to upstream's parser
-    plugin: str = ""  # "<distribution> <version>", filled in at registration
-
-    @property
-    def replaces_builtin(self) -> bool:
-        return self.name in BUILTIN_TRAIN_MODES
-
-    def banner(self) -> str:
-        """The line a run prints so that the user sees which implementation runs."""
-        s = f"{self.name}: {self.plugin}"
-        return s + (", replaces the built-in mode" if self.replaces_builtin else "")
+#: this project's own plugin: registered by name when it is not installed as a distribution
+BUILTIN_PLUGIN = "mlx_xpo_plugin.plugin"
 
 
 class DuplicateRegistration(RuntimeError):
@@ -82,13 +48,13 @@ def _plugin_label(pm: pluggy.PluginManager, plugin) -> str:
 
 
 def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     if load_entry_points:
-        pm.load_setuptools_entrypoints(hookspecs.ENTRY_POINT_GROUP)
-    from . import plugin as builtin
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    builtin = importlib.import_module(BUILTIN_PLUGIN)  # by name, as an entry point is loaded
     if not pm.is_registered(builtin):  # not installed as a distribution (e.g. a source checkout)
-        pm.register(builtin, name="mlx_xpo_plugin.plugin")
+        pm.register(builtin, name=BUILTIN_PLUGIN)
     for p in extra_plugins:
         pm.register(p)
     return pm

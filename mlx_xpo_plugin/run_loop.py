@@ -17,6 +17,7 @@ import numpy as np
 
 from .checkpoint_state import restore
 from .errors import StopTraining
+from .faults import JudgeFailure
 from .metrics import JsonlLog, MetricsWindow, is_pair_metric
 
 PHASES = ("time/rollout", "time/judge", "time/reference", "time/policy", "time/optimizer")
@@ -132,6 +133,7 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
             if not resumed:
                 rep.validate()  # the baseline: step 0, before any update
             while t.step < s.iters and not t.stop_requests and not t.stop_reason:
+                t.guard.begin_step()
                 t.step += 1
                 mx.random.seed(step_seed(s.seed, t.step) + 7919 * t.rank)
                 mx.reset_peak_memory()
@@ -140,8 +142,11 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
                 try:
                     loss = t.train_step(metrics)
                 except StopTraining as e:
-                    t.step -= 1
+                    t.guard.roll_back_step()  # the step made no update: resume redoes it
                     t.stop_reason = f"stopped by the judge ({e or 'q'})"
+                    break
+                except JudgeFailure as e:  # no update was made: back to the step's start
+                    t.guard.judge_crashed(e)
                     break
                 step_row(metrics, time.perf_counter() - t0, t.opt.learning_rate)
                 if loss is None:
@@ -158,6 +163,7 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
                 rep.report()
             # still under our handlers: a Ctrl-C during this save exits at once, and the previous
             # checkpoint survives because every file is replaced atomically
+            t.guard.before_final_save()
             t.save(final=t.step >= s.iters)
         finally:
             pbar.close()

@@ -17,10 +17,13 @@ import mlx.optimizers as optim
 
 from . import config as C
 from .checkpoint import save_json
-from .errors import ConfigError
+from .errors import ConfigError, SaveFailed
+from .faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
 from .fast_blas import banner_line as blas_line
-from .judges.base import JudgeContext, as_judge
+from .contracts import JudgeContext, as_judge
 from .loop_settings import from_config as loop_settings
+from .quantized import folder_quantization, quantized_layers, refuse_full
+from .run_lock import check_writable, hold
 from .trainer import OnlineTrainer
 
 
@@ -72,9 +75,11 @@ def quantization(cfg) -> Optional[dict]:
 
 
 def preflight(cfg) -> None:
-    """Every check that needs no model: data files, model paths, judge, resume file."""
+    """Every check that needs no model: data files, model paths, judge, resume file, output folder."""
     from .data import check_data
     from .registry import check_judge
+    if cfg.train:
+        check_writable("adapter_path", cfg.adapter_path)
     if cfg.train_type == "full" and quantization(cfg):
         raise ConfigError("train_type", "full", "a quantized base cannot be fully fine-tuned; use lora or dora")
     n_train = check_data(cfg.data, need_train=cfg.train, need_test=cfg.test)
@@ -82,7 +87,11 @@ def preflight(cfg) -> None:
     if cfg.train and per_step > n_train:
         raise ConfigError("batch_size", cfg.batch_size, f"batch_size x gradient_accumulation_steps "
                           f"({per_step}) is larger than the {n_train} training prompts")
-    resolve_local_model("model", cfg.model)
+    model_dir = resolve_local_model("model", cfg.model)
+    if cfg.train and cfg.train_type == "full":
+        q = folder_quantization(model_dir)  # the folder says so: refused before loading it
+        if q:
+            raise refuse_full(cfg.model, q)
     if cfg.reference_model_path:
         resolve_local_model("reference_model_path", cfg.reference_model_path)
     check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
@@ -139,9 +148,24 @@ def judge_weights(cfg, model_path: str, model, separate):
     return None
 
 
+def resume_command(cfg) -> str:
+    return (f"mlx_lm_lora.train --train-mode {cfg.train_mode} "
+            f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {cfg.adapter_path}")
+
+
 def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
     """Run a resolved config (see config.resolve) with a method (online_dpo_trainer.OnlineDPO,
     xpo_trainer.XPO). Returns the exit status."""
+    preflight(cfg)
+    if mx.distributed.init().rank() != 0:  # data parallel: only rank 0 prints and writes
+        sys.stdout = open(os.devnull, "w")
+    elif cfg.train:
+        with hold("adapter_path", cfg.adapter_path):  # one training run per adapter_path
+            return _run(cfg, method_cls, training_callback, progress)
+    return _run(cfg, method_cls, training_callback, progress)
+
+
+def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     from mlx_lm import load as mlx_load
     from mlx_lm_lora.utils import from_pretrained
 
@@ -150,9 +174,6 @@ def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
     from .reference import Reference
     from .registry import build_judge
 
-    preflight(cfg)
-    if mx.distributed.init().rank() != 0:  # data parallel: only rank 0 prints and writes
-        sys.stdout = open(os.devnull, "w")
     mx.random.seed(cfg.seed)
     blas = blas_line()  # which BLAS MLX multiplies with (Linux CPUs; see fast_blas)
     if blas:
@@ -166,6 +187,9 @@ def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
         lora = {**lora_parameters(cfg), "use_dora": cfg.train_type == "dora", "num_layers": cfg.num_layers}
     model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
                                           lora_config=lora, quantized_load=quantization(cfg))
+    if cfg.train and cfg.train_type == "full" and quantized_layers(model):  # the loaded model decides
+        q = quantized_layers(model)
+        raise refuse_full(cfg.model, f"{len(q)} quantized layers, e.g. {q[0]}")
     if cfg.train:
         write_adapter_config(cfg)
     elif os.path.isfile(trained):
@@ -203,26 +227,33 @@ def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
         trainer = OnlineTrainer(settings, method_cls(settings), model, tokenizer, reference, judge,
                                 opt, train_set, valid_set, training_callback)
         trainer.fingerprint = fingerprint(cfg)
+        trainer.judge.name = cfg.judge  # named in judge-failure messages
         trainer.resolved_config = {k: v for k, v in vars(cfg).items()}
         resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
         print(f"training {iters} steps ({steps_per_epoch} per epoch, {per_step} prompts per step, "
               f"2 completions each)")
-        result = trainer.train(resume)
+        try:
+            result = trainer.train(resume)
+        except SaveFailed as e:  # disk full / unwritable during a save: the last checkpoint is kept
+            err(f"{e}; {intact_checkpoint(cfg.adapter_path)}")
+            print(f"resume with: {resume_command(cfg)}")
+            return e.exit_status
         out = cfg.adapter_path
         print(f"adapters: {os.path.join(out, 'adapters.safetensors')}")
         print(f"metrics:  {os.path.join(out, 'metrics.jsonl')}   samples: {os.path.join(out, 'completions.jsonl')}")
         if result["interrupted"] or result["stop_reason"]:
             why = result["stop_reason"] or "interrupted"
             print(f"stopped at step {result['step']} of {iters}: {why}; checkpoint saved.")
-            print(f"resume with: mlx_lm_lora.train --train-mode {cfg.train_mode} "
-                  f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {out}")
-            status = 130 if result["interrupted"] else (0 if "judge" in why else 1)
+            print(f"resume with: {resume_command(cfg)}")
+            status = (130 if result["interrupted"] else trainer.guard.status if trainer.guard.status
+                      else 0 if "judge" in why else 1)  # exit statuses: README, "Faults"
     if cfg.test and status == 0:
         test_set = load_prompts(cfg.data, "test", tokenizer, max_prompt)
         if trainer is None:
             settings = loop_settings(cfg, 1, progress)
             trainer = OnlineTrainer(settings, method_cls(settings), model, tokenizer, reference, judge,
                                     build_optimizer(cfg), test_set, None, training_callback)
+            trainer.judge.name = cfg.judge
         res = trainer.evaluate(test_set, cfg.test_batches)
         save_json(os.path.join(cfg.adapter_path, "test_metrics.json"), res)
         print("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
@@ -247,6 +278,9 @@ def mode_main(method_cls):
         except ConfigError as e:
             err(str(e))
             return 2
+        except JudgeFailure as e:  # the judge raised outside training (the test phase)
+            err(str(e))
+            return EXIT_JUDGE
         except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, test, fuse)
             err("interrupted")
             return 130

@@ -25,7 +25,8 @@ from mlx.utils import tree_map
 
 from .checkpoint_state import LoopState, save_checkpoint
 from .evaluation import evaluate
-from .judges.base import as_judge
+from .faults import Guard
+from .contracts import as_judge
 from .metrics import merge_step_metrics
 from .pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
 from .pairs import completion_records, judge_samples, keep_decided
@@ -60,6 +61,7 @@ class OnlineTrainer:
         self.completions_log = None
         os.makedirs(settings.adapter_path, exist_ok=True)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
+        self.guard = Guard(self)  # wraps the judge: judge failures and rollbacks (faults.py)
 
     @property
     def step(self) -> int:
@@ -90,7 +92,9 @@ class OnlineTrainer:
         if n_valid == 0:
             self.log(f"step {self.step}: no valid pair ({int(metrics.get('judge/invalid', 0))} invalid, "
                      f"{int(metrics.get('judge/ties', 0))} ties): no update")
+            self.guard.no_valid_pair(metrics)
             return None
+        self.guard.valid_pair()
         grads, loss_sum, results = self.score_and_differentiate(pairs, n_valid, beta, alpha, metrics)
         if results:
             metrics.update(pair_metrics(results, beta, s.dpo_cpo_loss_type))
@@ -178,7 +182,7 @@ class OnlineTrainer:
         """Win-rate against the reference on the validation prompts (process 0; None if none)."""
         if self.rank != 0 or self.valid_set is None or len(self.valid_set) == 0:
             return None
-        return self.evaluate(self.valid_set, self.settings.val_batches)
+        return self.guard.validate(lambda: self.evaluate(self.valid_set, self.settings.val_batches))
 
     def log_completions(self, texts, samples, verdicts) -> None:
         every = self.settings.log_completions_every or self.settings.steps_per_report

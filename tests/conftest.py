@@ -41,7 +41,7 @@ class RuleJudge:
         self.calls = 0
 
     def judge(self, prompts, pairs):
-        from mlx_xpo_plugin.judges.base import Verdict
+        from mlx_xpo_plugin.contracts import Verdict
         self.calls += 1
         out = []
         for a, b in pairs:

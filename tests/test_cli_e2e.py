@@ -209,5 +209,5 @@ def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tiny_model_pa
     state = json.load(open(out / "checkpoint" / "state.json"))  # complete, parseable
     import mlx.core as mx
     for name in ("adapters", "optimizer"):
-        _, meta = mx.load(str(out / "checkpoint" / f"{name}.safetensors"), return_metadata=True)
+        _, meta = mx.load(str(out / "checkpoint" / state["files"][name]), return_metadata=True)
         assert meta["step"] == str(state["step"])

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_xpo_plugin.errors import ConfigError
-from mlx_xpo_plugin.judges.base import JudgeContext, Verdict
+from mlx_xpo_plugin.contracts import JudgeContext, Verdict
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.judges.function import (FunctionJudge, answer_to_verdict, load_callable,
                                             scores_to_verdict, split_spec)

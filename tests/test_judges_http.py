@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mlx_xpo_plugin.errors import ConfigError
-from mlx_xpo_plugin.judges.base import JudgeContext
+from mlx_xpo_plugin.contracts import JudgeContext
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.judges.http import HTTPJudge, normalise_url
 from mlx_xpo_plugin.judges.parse import parse_answer
@@ -229,7 +229,7 @@ def test_retries_are_bounded(stub):
     assert time.monotonic() - t0 < 5
     assert v.invalid and v.raw == {"error": "HTTP 500 Internal Server Error"}
     assert stub.seen["always-500"] == 4
-    assert j.last_metrics == {"judge/http_errors": 1, "judge/unparsed": 0,
+    assert j.last_metrics == {"judge/http_errors": 1, "judge/unparsed": 0, "judge/errors/http_500": 1,
                               "judge/http_retries": 3, "judge/swapped": 0}
     j.close()
 
@@ -238,6 +238,7 @@ def test_client_errors_are_not_retried(stub):
     j = make(stub, shuffle=False, max_retries=3)
     v = j.judge(["http-404"], [("a", "b")])[0]
     assert v.invalid and "HTTP 404" in v.raw["error"] and stub.seen["http-404"] == 1
+    assert j.last_metrics["judge/errors/http_404"] == 1  # errors counted by kind
     j.close()
 
 
@@ -249,6 +250,7 @@ def test_timeout(stub):
     assert vs[0].invalid and "timed out" in vs[0].raw["error"].lower()
     assert vs[1].winner == 1
     assert j.last_metrics["judge/http_errors"] == 1 and j.last_metrics["judge/http_retries"] == 1
+    assert j.last_metrics["judge/errors/timeout"] == 1
     j.close()
 
 
@@ -258,7 +260,7 @@ def test_bad_replies(stub, prompt, needle):
     j = make(stub, shuffle=False)
     v = j.judge([prompt], [("a", "b")])[0]
     assert v.invalid and needle in v.raw["error"]
-    assert j.last_metrics["judge/http_errors"] == 1
+    assert j.last_metrics["judge/http_errors"] == 1 and j.last_metrics["judge/errors/bad_reply"] == 1
     j.close()
 
 
@@ -277,6 +279,7 @@ def test_connection_refused():
     assert time.monotonic() - t0 < 5
     assert all(v.invalid for v in vs)
     assert j.last_metrics == {"judge/http_errors": 2, "judge/unparsed": 0,
+                              "judge/errors/connection_refused": 2,
                               "judge/http_retries": 2, "judge/swapped": 0}
     j.close()
 

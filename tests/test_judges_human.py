@@ -14,7 +14,7 @@ import time
 import pytest
 
 from mlx_xpo_plugin.errors import ConfigError, StopTraining
-from mlx_xpo_plugin.judges.base import JudgeContext
+from mlx_xpo_plugin.contracts import JudgeContext
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.judges.human import HINT, QUESTION, HumanJudge
 from mlx_xpo_plugin.registry import Registry, build_judge, check_judge
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a POSI
 SCRIPT = textwrap.dedent("""
     import json, sys
     from mlx_xpo_plugin.errors import StopTraining
-    from mlx_xpo_plugin.judges.base import JudgeContext
+    from mlx_xpo_plugin.contracts import JudgeContext
     from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F
     from mlx_xpo_plugin.registry import Registry, build_judge
 
@@ -127,7 +127,7 @@ def test_pty_quit_stops_training(terminal):
 def test_not_a_tty_fails_fast(tmp_path):
     code = ("from mlx_xpo_plugin.registry import Registry, check_judge;"
             "from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F;"
-            "from mlx_xpo_plugin.judges.base import JudgeContext;"
+            "from mlx_xpo_plugin.contracts import JudgeContext;"
             "check_judge('human', JudgeContext(), Registry(judges={f.name: f for f in F}))")
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL,

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_xpo_plugin.errors import ConfigError
-from mlx_xpo_plugin.judges.base import JudgeContext, Verdict
+from mlx_xpo_plugin.contracts import JudgeContext, Verdict
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.judges.common import (DEFAULT_RUBRIC, combine_orders, draw_flips,
                                           pair_messages, unflip)
@@ -420,7 +420,7 @@ def test_build_loads_a_model_folder(tiny_model_path, registry):
 def test_check_is_cheap(tiny_model_path):
     code = ("import sys; from mlx_xpo_plugin.registry import Registry, check_judge;"
             "from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F;"
-            "from mlx_xpo_plugin.judges.base import JudgeContext;"
+            "from mlx_xpo_plugin.contracts import JudgeContext;"
             "r = Registry(judges={f.name: f for f in F});"
             f"print(check_judge({tiny_model_path!r}, JudgeContext(), r).name,"
             " 'mlx_lm' in sys.modules, 'mlx.core' in sys.modules)")

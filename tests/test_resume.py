@@ -81,7 +81,8 @@ def test_a_checkpoint_torn_between_files_is_refused(lora_model, prompt_data_dir,
     t.settings.iters = 2
     t.train()
     d = tmp_path / "ad" / "checkpoint"
-    weights, _ = mx.load(str(d / "adapters.safetensors"), return_metadata=True)
-    mx.save_safetensors(str(d / "adapters.safetensors"), weights, metadata={"step": "3"})  # newer than state
+    name = json.load(open(d / "state.json"))["files"]["adapters"]
+    weights, _ = mx.load(str(d / name), return_metadata=True)
+    mx.save_safetensors(str(d / name), weights, metadata={"step": "3"})  # newer than state
     with pytest.raises(ConfigError, match="incomplete .*adapters from step 3, state from step 2"):
         load_resume(str(tmp_path / "ad"), types.SimpleNamespace())

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_xpo_plugin.judges.base import JudgeContext
+from mlx_xpo_plugin.contracts import JudgeContext
 from mlx_xpo_plugin.reference import BaseView
 from mlx_xpo_plugin.registry import build_judge
 

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_xpo_plugin.judges.base import Verdict
+from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.metrics import MetricsWindow, merge_step_metrics
 from mlx_xpo_plugin.rollout import Completion, SamplingConfig, sample_completions
 from mlx_xpo_plugin.runner import plan_steps

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from conftest import RuleJudge
 from mlx_xpo_plugin.data import load_prompts
-from mlx_xpo_plugin.judges.base import Verdict
+from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.reference import Reference
 from mlx_xpo_plugin import evaluation
 from mlx_xpo_plugin import trainer as trainer_module

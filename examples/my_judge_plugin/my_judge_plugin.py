@@ -12,10 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from mlx_xpo_plugin.errors import ConfigError
-from mlx_xpo_plugin.hookspecs import hookimpl
-from mlx_xpo_plugin.judges.base import JudgeFactory, Verdict
-from mlx_xpo_plugin.registry import TrainMode
+from mlx_xpo_plugin import ConfigError, JudgeFactory, TrainMode, Verdict, hookimpl
 
 
 class ShortestJudge:

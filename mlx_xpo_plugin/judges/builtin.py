@@ -9,7 +9,7 @@ inside ``build`` only.
 from __future__ import annotations
 
 from . import function, http, human, llm
-from .base import JudgeFactory
+from ..contracts import JudgeFactory
 
 BUILTIN_JUDGE_FACTORIES: list[JudgeFactory] = [
     JudgeFactory("human", human.matches, human.build, human.check, priority=100),

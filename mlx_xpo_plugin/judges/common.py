@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ConfigError
-from .base import Verdict
+from ..contracts import Judge, Verdict
 
 # ---------------------------------------------------------------------------------------------
 # judge_config validation
@@ -128,6 +128,31 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # order shuffling and both orders
+
+
+def rng_state(rng: random.Random) -> list:
+    """The state of a judge's ``random.Random`` as JSON (for ``get_state``; see base.py)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state) -> None:
+    """Restore what :func:`rng_state` returned (``set_state``)."""
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+
+
+class SeededOrder(Judge):
+    """Mixin of the judges whose only state is ``self.rng`` (the pair-order shuffle): they declare
+    it, so that a resumed run shows the same pairs in the same order as an uninterrupted one."""
+
+    rng: random.Random
+
+    def get_state(self) -> dict:
+        return {"rng": rng_state(self.rng)}
+
+    def set_state(self, state: dict) -> None:
+        set_rng_state(self.rng, state["rng"])
 
 
 def draw_flips(rng: random.Random, n: int) -> list[bool]:

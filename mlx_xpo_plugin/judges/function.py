@@ -28,7 +28,9 @@ The callable takes one of three forms.
 
 A file is loaded with ``importlib.util.spec_from_file_location``; while it runs, its folder is on
 ``sys.path`` so that it may import its neighbours. A function judge is plain code, so pairs are
-shown in their given order (no shuffling).
+shown in their given order (no shuffling). Checkpoints keep the global ``random`` and
+``numpy.random`` states, so a function drawing from them resumes exactly; a callable with random
+state of its own declares it with ``get_state()`` / ``set_state(state)`` attributes.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ConfigError
-from .base import Judge, JudgeContext, Verdict
+from ..contracts import Judge, JudgeContext, Verdict
 from .common import Option, resolve_options
 
 OPTIONS = {
@@ -191,6 +193,19 @@ class FunctionJudge(Judge):
         self.fn, self.batched, self.pointwise = fn, bool(batched), bool(pointwise)
         self.name = name or getattr(fn, "__name__", repr(fn))
         self.last_metrics: dict = {}
+
+    # resume (see faults.py): the wrapper keeps no state; the global random / numpy.random draws of
+    # the callable are in every checkpoint; a callable with its own state gives get_state/set_state
+    @property
+    def stateless(self) -> bool:
+        return not (hasattr(self.fn, "get_state") and hasattr(self.fn, "set_state"))
+
+    def get_state(self):
+        return None if self.stateless else self.fn.get_state()
+
+    def set_state(self, state) -> None:
+        if not self.stateless:
+            self.fn.set_state(state)
 
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         if len(prompts) != len(pairs):

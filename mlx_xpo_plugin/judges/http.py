@@ -20,8 +20,9 @@ retried with exponential backoff ``backoff * 2**attempt``, ``backoff`` default 0
 Failures never become labels and never hang training: every request has a timeout, retries are
 bounded, and the whole call has a deadline. HTTP errors, timeouts, bad JSON and unparseable
 answers are invalid verdicts; ``last_metrics`` counts ``judge/http_errors`` (pairs whose request
-failed after its retries), ``judge/http_retries`` and ``judge/unparsed`` (answers received but not
-understood).
+failed after its retries), by kind as ``judge/errors/<kind>`` (``connection_refused``,
+``timeout``, ``connection``, ``http_<status>``, ``bad_reply``, ``deadline``),
+``judge/http_retries`` and ``judge/unparsed`` (answers received but not understood).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ import urllib.request
 from typing import Optional, Sequence
 
 from ..errors import ConfigError
-from .base import Judge, JudgeContext, Verdict
-from .common import Option, judge_in_order, pair_messages, resolve_options
+from ..contracts import JudgeContext, Verdict
+from .common import Option, SeededOrder, judge_in_order, pair_messages, resolve_options
 from .parse import parse_answer
 
 OPTIONS = {
@@ -78,10 +79,20 @@ def matches(spec: str) -> bool:
 
 
 class _Failed(Exception):
-    """A request that failed for good (after retries)."""
+    """A request that failed for good (after retries): (text, retries, kind)."""
 
 
-class HTTPJudge(Judge):
+def error_kind(e: BaseException) -> str:
+    """The kind a failed request is counted under (``judge/errors/<kind>``)."""
+    reason = getattr(e, "reason", e)
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection_refused"
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "timeout"
+    return "connection"  # reset, DNS failure, TLS error, bad HTTP framing
+
+
+class HTTPJudge(SeededOrder):
     """A PairwiseJudge that asks an OpenAI-compatible chat-completions endpoint."""
 
     def __init__(self, url: str, rubric: Optional[str] = None, seed: int = 0, **options):
@@ -121,7 +132,7 @@ class HTTPJudge(Judge):
 
     def _post(self, data: bytes) -> tuple[dict, int]:
         """The decoded JSON reply and the number of retries used; raises _Failed."""
-        retries, last = 0, ""
+        retries, last, kind = 0, "", "connection"
         for attempt in range(self.max_retries + 1):
             if attempt:
                 retries += 1
@@ -132,36 +143,36 @@ class HTTPJudge(Judge):
                 with self._opener.open(req, timeout=self.timeout) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}"
+                last, kind = f"HTTP {e.code} {e.reason}", f"http_{e.code}"
                 try:
                     e.close()
                 except Exception:
                     pass
                 if e.code in _RETRY_STATUS:
                     continue
-                raise _Failed(last, retries)
+                raise _Failed(last, retries, kind)
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                     OSError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
-                last = f"{type(reason).__name__}: {reason}"
+                last, kind = f"{type(reason).__name__}: {reason}", error_kind(e)
                 continue
             try:
                 return json.loads(raw.decode("utf-8")), retries
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise _Failed(f"bad JSON: {e}", retries)
-        raise _Failed(last, retries)
+                raise _Failed(f"bad JSON: {e}", retries, "bad_reply")
+        raise _Failed(last, retries, kind)
 
     def _ask(self, prompt: str, first: str, second: str) -> tuple[Verdict, str, int]:
-        """(verdict, outcome, retries); outcome is 'ok', 'unparsed' or 'error'."""
+        """(verdict, outcome, retries); outcome is 'ok', 'unparsed' or an error kind."""
         try:
             reply, retries = self._post(self._body(prompt, first, second))
         except _Failed as e:
-            return Verdict.bad({"error": e.args[0]}), "error", e.args[1]
+            return Verdict.bad({"error": e.args[0]}), e.args[2], e.args[1]
         try:
             content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             return Verdict.bad({"error": "no choices[0].message.content in the reply",
-                                "reply": str(reply)[:200]}), "error", retries
+                                "reply": str(reply)[:200]}), "bad_reply", retries
         w = parse_answer(content)
         if w is None:
             return Verdict.bad(content), "unparsed", retries
@@ -177,20 +188,22 @@ class HTTPJudge(Judge):
         futures = [self._pool.submit(self._ask, p, a, b) for p, a, b in triples]
         per_round = -(-len(futures) // self.concurrency) if futures else 0
         done, _ = cf.wait(futures, timeout=self._deadline() * max(per_round, 1))
-        verdicts, errors, unparsed, retries = [], 0, 0, 0
+        verdicts, unparsed, retries, kinds = [], 0, 0, {}
         for f in futures:
             if f not in done:
                 f.cancel()
                 verdicts.append(Verdict.bad({"error": "deadline exceeded"}))
-                errors += 1
+                kinds["deadline"] = kinds.get("deadline", 0) + 1
                 continue
             v, outcome, r = f.result()
             verdicts.append(v)
-            errors += outcome == "error"
+            if outcome not in ("ok", "unparsed"):
+                kinds[outcome] = kinds.get(outcome, 0) + 1
             unparsed += outcome == "unparsed"
             retries += r
-        return verdicts, {"judge/http_errors": errors, "judge/unparsed": unparsed,
-                          "judge/http_retries": retries}
+        return verdicts, {"judge/http_errors": sum(kinds.values()), "judge/unparsed": unparsed,
+                          "judge/http_retries": retries,
+                          **{f"judge/errors/{k}": n for k, n in sorted(kinds.items())}}
 
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         def ordered(triples):

@@ -23,8 +23,8 @@ import sys
 from typing import Optional, Sequence, TextIO
 
 from ..errors import ConfigError, StopTraining
-from .base import Judge, JudgeContext, Verdict
-from .common import Option, draw_flips, resolve_options, unflip
+from ..contracts import JudgeContext, Verdict
+from .common import Option, SeededOrder, draw_flips, resolve_options, unflip
 
 OPTIONS = {"shuffle": Option("bool", False)}
 
@@ -35,7 +35,7 @@ _ANSWERS = {"1": 0, "a": 0, "2": 1, "b": 1}
 RULE = "=" * 72
 
 
-class HumanJudge(Judge):
+class HumanJudge(SeededOrder):
     """A PairwiseJudge that asks a person at the terminal (see the module docstring)."""
 
     def __init__(self, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,

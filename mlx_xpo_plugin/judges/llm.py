@@ -50,8 +50,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from .base import Judge, JudgeContext, Verdict
-from .common import Option, judge_in_order, pair_messages, render_chat, resolve_options
+from ..contracts import JudgeContext, Verdict
+from .common import Option, SeededOrder, judge_in_order, pair_messages, render_chat, resolve_options
 from .parse import LABELS, parse_answer
 
 OPTIONS = {
@@ -167,7 +167,7 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
 # the judge
 
 
-class LLMJudge(Judge):
+class LLMJudge(SeededOrder):
     """A PairwiseJudge backed by an MLX language model (see the module docstring)."""
 
     def __init__(self, model, tokenizer, rubric: Optional[str] = None, seed: int = 0, **options):

@@ -1,15 +1,58 @@
-"""The pairwise-judge protocol, its Verdict, and how a ``judge`` setting becomes a judge.
+"""What a plugin author needs, in one leaf module (re-exported by the package): the hook markers,
+:class:`TrainMode`, and the pairwise-judge contract (:class:`Verdict`, :class:`PairwiseJudge` and
+the :class:`Judge` base with its optional parts, :class:`JudgeFactory`, :class:`JudgeContext`).
 
 A judge sees prompts and completion pairs as text and returns one Verdict per pair:
 ``winner`` 0 (first completion better), 1 (second better) or None. None is either a tie
 (``tie=True``) or an invalid answer; the trainer drops both and counts them. No invalid
 answer ever becomes a label.
+
+This module imports nothing of this package: everything else may import it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+
+import pluggy
+
+#: pluggy's project name, shared with a patched mlx-lm-lora, and the entry-point group
+PROJECT = "mlx_lm_lora"
+ENTRY_POINT_GROUP = "mlx_lm_lora"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: upstream mlx-lm-lora 5.10.2's own --train-mode choices
+BUILTIN_TRAIN_MODES = (
+    "sft", "dpo", "dsla", "ftpo", "cpo", "orpo", "grpo", "klpo",
+    "online_dpo", "xpo", "rlhf_reinforce", "ppo",
+)
+
+
+@dataclass
+class TrainMode:
+    """A train mode a plugin offers to ``mlx_lm_lora.train``.
+
+    ``main(args, explicit)`` owns the whole run of the mode: ``args`` is upstream's namespace after
+    its YAML/default merge, ``explicit`` the set of setting names given on the command line (or in
+    the dict passed to ``main``); it validates before loading anything and returns an exit status.
+    """
+
+    name: str
+    description: str
+    main: Callable[[Any, set], int]
+    add_arguments: Optional[Callable[[Any], None]] = None  # add CLI flags to upstream's parser
+    plugin: str = ""  # "<distribution> <version>", filled in at registration
+
+    @property
+    def replaces_builtin(self) -> bool:
+        return self.name in BUILTIN_TRAIN_MODES
+
+    def banner(self) -> str:
+        """The line a run prints so that the user sees which implementation runs."""
+        s = f"{self.name}: {self.plugin}"
+        return s + (", replaces the built-in mode" if self.replaces_builtin else "")
 
 
 @dataclass(frozen=True)
@@ -56,11 +99,13 @@ class Judge:
 
     - ``last_metrics``: extra ``judge/...`` numbers of the last call (default: none);
     - ``get_state()`` / ``set_state(state)``: internal randomness a resumed run must restore
-      (default: none, so nothing to restore);
+      (JSON), or ``stateless = True`` for a judge without any; a judge that declares neither
+      is resumed with a warning that the run may not repeat exactly (:meth:`declares_state`);
     - ``close()``: release resources at the end of a run (default: nothing to release).
     """
 
     last_metrics: dict = {}
+    stateless: bool = False
 
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         raise NotImplementedError
@@ -70,6 +115,10 @@ class Judge:
 
     def set_state(self, state: Any) -> None:
         pass
+
+    def declares_state(self) -> bool:
+        """No randomness of its own, or its state in get_state/set_state."""
+        return bool(self.stateless) or type(self).get_state is not Judge.get_state
 
     def close(self) -> None:
         pass
@@ -94,6 +143,13 @@ class _Adapted(Judge):
     def set_state(self, state) -> None:
         if hasattr(self.inner, "set_state"):
             self.inner.set_state(state)
+
+    @property
+    def stateless(self) -> bool:
+        return bool(getattr(self.inner, "stateless", False))
+
+    def declares_state(self) -> bool:
+        return self.stateless or (hasattr(self.inner, "get_state") and hasattr(self.inner, "set_state"))
 
     def close(self) -> None:
         if hasattr(self.inner, "close"):
@@ -131,20 +187,3 @@ class JudgeFactory:
     build: Callable[[str, JudgeContext], PairwiseJudge]
     check: Optional[Callable[[str, JudgeContext], None]] = None
     priority: int = 0
-
-
-def verdict_metrics(verdicts: Sequence[Verdict], seconds: float) -> dict:
-    """Counts every judge reports: ``judge/pairs``, ``judge/invalid``, ``judge/ties``, ``judge/seconds``
-    and, when pointwise scores are present, ``objective/scores_margin`` (mean |score_a - score_b|
-    over the ``judge/scored_pairs`` pairs that have scores)."""
-    m = {
-        "judge/pairs": len(verdicts),
-        "judge/invalid": sum(v.invalid for v in verdicts),
-        "judge/ties": sum(v.tie for v in verdicts),
-        "judge/seconds": seconds,
-    }
-    scored = [v.scores for v in verdicts if v.scores is not None]
-    if scored:
-        m["objective/scores_margin"] = sum(abs(a - b) for a, b in scored) / len(scored)
-        m["judge/scored_pairs"] = len(scored)
-    return m

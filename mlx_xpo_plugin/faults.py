@@ -1,0 +1,229 @@
+"""What the online loop does when its judge fails, and the judge's part of a resumable state.
+
+* Judge state. A judge with internal randomness declares it with ``get_state()`` (JSON) and
+  ``set_state(state)``; one without declares ``stateless = True``. Checkpoints also keep the
+  global ``random`` and ``numpy.random`` states (what a function judge may draw from). A judge that
+  declares neither is resumed with a warning saying the run may not repeat exactly.
+* A judge that raises: :class:`GuardedJudge` turns the exception into :class:`JudgeFailure`; the
+  loop rolls back to the start of the step (no update was made yet), saves that checkpoint and
+  stops with :data:`EXIT_JUDGE`.
+* A judge that answers nothing usable: after ``max_judgeless_steps`` consecutive steps without a
+  valid pair the run stops with :data:`EXIT_JUDGE`; its checkpoint is rolled back to the last step
+  before that streak, so a resumed run redoes those steps (no prompt is lost).
+* Validation draws judge randomness without consuming the training stream's (state restored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .errors import StopTraining
+from .contracts import Judge, as_judge
+
+EXIT_JUDGE = 3  #: the judge failed (raised, or no valid pair for max_judgeless_steps steps)
+
+
+class JudgeFailure(RuntimeError):
+    """The judge raised an exception; ``str()`` is the one-line message a user sees."""
+
+
+class GuardedJudge(Judge):
+    """The trainer's judge: calls the user's judge, turns its exceptions into JudgeFailure (a
+    StopTraining passes through) and remembers the last invalid answer for messages."""
+
+    def __init__(self, inner, name: Optional[str] = None):
+        self.inner = as_judge(inner)
+        self.name = name or getattr(inner, "name", None) or type(inner).__name__
+        self.last_bad: Any = None
+
+    def judge(self, prompts, pairs):
+        try:
+            verdicts = self.inner.judge(prompts, pairs)
+        except StopTraining:
+            raise
+        except Exception as e:
+            msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            raise JudgeFailure(f"the judge {self.name!r} raised {msg}") from e
+        bad = [v.raw for v in verdicts if v.winner is None and not v.tie]
+        if bad:
+            self.last_bad = bad[-1]
+        return verdicts
+
+    @property
+    def last_metrics(self):
+        return self.inner.last_metrics
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state) -> None:
+        self.inner.set_state(state)
+
+    @property
+    def stateless(self) -> bool:
+        return self.inner.stateless
+
+    def declares_state(self) -> bool:
+        return self.inner.declares_state()
+
+    def close(self):
+        self.inner.close()
+
+
+def _unwrap(judge) -> Judge:
+    judge = as_judge(judge)
+    while isinstance(judge, GuardedJudge):
+        judge = judge.inner
+    return getattr(judge, "inner", judge)  # a plugin's object: named by its own type
+
+
+def capture(judge) -> dict:
+    """The judge's declared state plus the global random states, as JSON."""
+    j = as_judge(judge)
+    py = random.getstate()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"judge": j.get_state(), "declared": j.declares_state(), "kind": type(_unwrap(j)).__name__,
+            "python_random": [py[0], list(py[1]), py[2]],
+            "numpy_random": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)]}
+
+
+def restore(judge, state: Optional[dict], log: Callable[[str], None] = print) -> None:
+    """Put back what :func:`capture` returned; says so when the judge's state cannot be restored."""
+    j = as_judge(judge)
+    kind = type(_unwrap(j)).__name__
+    if not isinstance(state, dict) or "python_random" not in state:
+        if not j.stateless:
+            log("resume: this checkpoint has no judge state (an older version made it): a judge "
+                "that shuffles or samples may not repeat the uninterrupted run exactly")
+        return
+    v, internal, g = state["python_random"]
+    random.setstate((v, tuple(internal), g))
+    name, keys, pos, has_gauss, gauss = state["numpy_random"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if state.get("judge") is not None:
+        if j.declares_state():
+            j.set_state(state["judge"])
+        else:
+            log(f"resume: the checkpoint holds a judge state ({state.get('kind')}) but this judge "
+                f"({kind}) has no set_state: the run may not repeat exactly")
+    elif not j.declares_state():
+        log(f"resume: the judge ({kind}) declares no state (neither get_state/set_state "
+            "nor stateless = True): if it draws random numbers of its own, this run will not "
+            "repeat the uninterrupted one exactly")
+
+
+class Guard:
+    """The loop's fault handling (see the module docstring); one per OnlineTrainer."""
+
+    def __init__(self, trainer):
+        self.t = trainer
+        trainer.judge = GuardedJudge(trainer.judge)
+        self.status: Optional[int] = None  # the exit status a stop asks for (None: the default)
+        self._snap: Optional[dict] = None  # the state at the start of the current step
+        self._streak_start: Optional[dict] = None  # ... of the first step of a judgeless streak
+        self._streak: dict = {}
+        self._rollback: Optional[dict] = None
+
+    # -- the resumable state at a step boundary
+    def snapshot(self) -> dict:
+        t = self.t
+        return {"state": dataclasses.replace(t.state), "position": t.order.position,
+                "judge": capture(t.judge)}
+
+    def _apply(self, snap: dict) -> None:
+        t = self.t
+        t.state = dataclasses.replace(snap["state"])
+        t.order.position = t.order.step_start = snap["position"]
+        restore(t.judge, snap["judge"], log=lambda m: None)
+
+    def begin_step(self) -> None:
+        self._snap = self.snapshot()
+
+    def before_final_save(self) -> None:
+        """Roll back to the step a stop asked for (its checkpoint is the one saved next)."""
+        if self._rollback is not None:
+            self._apply(self._rollback)
+            self._rollback = None
+
+    def roll_back_step(self) -> None:
+        """The step in progress stops before its update: its checkpoint is the step's start
+        (step, data position and judge state), so that a resumed run redoes the step."""
+        self._rollback = self._snap
+
+    # -- a judge that raised
+    def judge_crashed(self, e: JudgeFailure) -> None:
+        """The step in progress made no update: roll back to its start, stop with EXIT_JUDGE."""
+        step = self.t.step
+        self.roll_back_step()
+        self.status = EXIT_JUDGE
+        self.t.stop_reason = f"{e} at step {step}; the checkpoint is the state before that step"
+
+    def validate(self, evaluate: Callable[[], dict]) -> Optional[dict]:
+        """Run a validation without consuming the training stream's judge randomness; a judge
+        that raises stops the run (the step's update is kept), returning None."""
+        before = capture(self.t.judge)
+        try:
+            return evaluate()
+        except JudgeFailure as e:
+            self.status = EXIT_JUDGE
+            self.t.stop_reason = f"{e} during the validation of step {self.t.step}"
+            return None
+        except StopTraining as e:  # e.g. the human judge's 'q'
+            self.t.stop_reason = f"stopped by the judge ({e or 'q'})"
+            return None
+        finally:
+            restore(self.t.judge, before, log=lambda m: None)
+
+    # -- the failure budget
+    def valid_pair(self) -> None:
+        self._streak, self._streak_start = {}, None
+
+    def no_valid_pair(self, metrics: dict) -> None:
+        """Count a step without a valid pair; after max_judgeless_steps in a row, stop."""
+        if not self._streak:
+            self._streak_start = self._snap
+        k = self._streak
+        k["steps"] = k.get("steps", 0) + 1
+        for key, v in metrics.items():
+            if key.startswith("judge/") and key != "judge/seconds" and isinstance(v, (int, float)):
+                k[key] = k.get(key, 0) + v
+        limit = self.t.settings.max_judgeless_steps
+        if not limit or k["steps"] < limit:
+            return
+        self.status = EXIT_JUDGE
+        self._rollback = self._streak_start
+        self.t.stop_reason = self.describe_streak()
+
+    def describe_streak(self) -> str:
+        k, t = self._streak, self.t
+        first = (self._streak_start or {"step": t.step - 1})["step"] + 1
+        pairs, invalid, ties = (int(k.get(f"judge/{x}", 0)) for x in ("pairs", "invalid", "ties"))
+        kinds = {key.split("/", 2)[2]: int(v) for key, v in k.items()
+                 if key.startswith("judge/errors/") and v}
+        errors = sum(kinds.values()) or int(k.get("judge/http_errors", 0) + k.get("judge/function_errors", 0))
+        kind_text = (" (" + ", ".join(f"{c} {n.replace('_', ' ')}" for n, c in sorted(kinds.items()))
+                     + ")") if kinds else ""
+        last = " ".join(str(t.judge.last_bad).split())[:200] if t.judge.last_bad is not None else None
+        return (f"the judge {t.judge.name!r} gave no valid pair in {k['steps']} consecutive steps "
+                f"(steps {first}-{t.step}, max_judgeless_steps={t.settings.max_judgeless_steps}): "
+                f"{pairs} pairs, {errors} errors{kind_text}, {max(0, invalid - errors)} invalid "
+                f"answers, {ties} ties" + (f"; last answer: {last}" if last else "")
+                + f"; the checkpoint is the state after step {first - 1}, so a resumed run "
+                "redoes those steps")
+
+
+def intact_checkpoint(adapter_path: str) -> str:
+    """After a failed save: which checkpoint is still there to resume from, in words."""
+    path = os.path.join(adapter_path, "checkpoint", "state.json")
+    try:
+        with open(path) as f:
+            step = json.load(f)["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint had been saved yet"
+    return f"the checkpoint of step {step} ({os.path.dirname(path)}) is intact: make room, then resume"

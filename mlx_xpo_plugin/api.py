@@ -4,24 +4,24 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Union
 
-from . import config as C
+from . import config
 from .runner import run
 
 
-def as_config(mode: str, config: Union[Mapping[str, Any], Any]):
+def as_config(mode: str, source: Union[Mapping[str, Any], Any]):
     """A dict (every key counts as given), an OnlineArgs, or a path to a YAML file -> OnlineArgs."""
-    if isinstance(config, C.OnlineArgs):
-        values = dict(vars(config))
-    elif isinstance(config, str):
-        values = {**C.load_yaml(config), "config": config}
+    if isinstance(source, config.OnlineArgs):
+        values = dict(vars(source))
+    elif isinstance(source, str):
+        values = {**config.load_yaml(source), "config": source}
     else:
-        values = dict(config)
+        values = dict(source)
     values.setdefault("train", True)
     values["train_mode"] = mode
-    return C.resolve(mode, values, set(values), {})
+    return config.resolve(mode, values, set(values), {})
 
 
-def train_method(method_cls, config, training_callback=None, progress: bool = True) -> int:
-    """Resolve `config` for the method's mode and run it; returns the exit status (0 on
-    success). Raises ConfigError on bad settings."""
-    return run(as_config(method_cls.mode, config), method_cls, training_callback, progress=progress)
+def train_method(method_cls, source, training_callback=None, progress: bool = True) -> int:
+    """Resolve `source` (see :func:`as_config`) for the method's mode and run it; returns the
+    exit status (0 on success). Raises ConfigError on bad settings."""
+    return run(as_config(method_cls.mode, source), method_cls, training_callback, progress=progress)

@@ -45,9 +45,5 @@ def trainable_weights(model) -> dict:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_adapters(model, path: str) -> None:
-    save_arrays(path, trainable_weights(model))
-
-
 def optimizer_arrays(optimizer) -> dict:
     return {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}

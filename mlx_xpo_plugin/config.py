@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 ONLINE_MODES = ("xpo", "online_dpo")
 
@@ -32,6 +32,9 @@ class Setting:
     minimum: Optional[float] = None  # inclusive
     maximum: Optional[float] = None  # inclusive
     exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    pattern: Optional[str] = None  # a str must match it (re.fullmatch); `help` says what it means
+    secret: bool = False  # a value that may be a credential is never echoed in full
     nullable: bool = False
     studio: bool = False  # shown in MLX-LoRA-Studio's Online Preference block
     modes: tuple = ONLINE_MODES
@@ -42,59 +45,59 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
 
-_S = Setting
+
 #: The online-preference settings this plugin adds or redefines.
 PLUGIN_SETTINGS: tuple[Setting, ...] = (
-    _S("beta", "floats", 0.1, "DPO temperature; a list gives one value per epoch (last held).",
+    Setting("beta", "floats", 0.1, "DPO temperature; a list gives one value per epoch (last held).",
        minimum=0.0, exclusive_minimum=True),
-    _S("alpha", "floats", 1e-5, "XPO exploration-bonus coefficient; a float, or a per-epoch list "
+    Setting("alpha", "floats", 1e-5, "XPO exploration-bonus coefficient; a float, or a per-epoch list "
        "such as 1e-4,1e-5,1e-6 (last entry held to the end).", minimum=0.0, studio=True,
        modes=("xpo",)),
-    _S("xpo_bonus", "str", "kl", "XPO term. 'kl': + alpha * (KL on chosen + KL on rejected), its "
+    Setting("xpo_bonus", "str", "kl", "XPO term. 'kl': + alpha * (KL on chosen + KL on rejected), its "
        "gradient a score-function estimate of grad KL(policy at the sampling temperature || "
        "reference). 'kl_upstream': the same value differentiated as written (mlx-lm-lora's "
        "formula; zero-mean gradient at temperature 1). 'paper': a policy sample vs a reference "
        "sample, loss + alpha * log pi(y_ref) (the XPO paper and TRL).",
        choices=("kl", "kl_upstream", "paper"), modes=("xpo",)),
-    _S("dpo_cpo_loss_type", "str", "sigmoid", "DPO loss variant.",
+    Setting("dpo_cpo_loss_type", "str", "sigmoid", "DPO loss variant.",
        choices=("sigmoid", "hinge", "ipo", "dpop")),
-    _S("delta", "float", 50.0, "Drift-penalty coefficient of the dpop loss.", minimum=0.0),
-    _S("judge", "str", "Qwen/Qwen3-0.6B", "Pairwise judge: 'human', an http(s):// "
+    Setting("delta", "float", 50.0, "Drift-penalty coefficient of the dpop loss.", minimum=0.0),
+    Setting("judge", "str", "Qwen/Qwen3-0.6B", "Pairwise judge: 'human', an http(s):// "
        "OpenAI-compatible endpoint, 'module:callable' / 'file.py:callable', or an MLX model "
        "path or id.", studio=True),
-    _S("judge_system", "str", None, "Rubric system prompt for model and endpoint judges.",
+    Setting("judge_system", "str", None, "Rubric system prompt for model and endpoint judges.",
        nullable=True, studio=True),
-    _S("judge_config", "dict", {}, "Judge adapter options (see the judge section of the README)."),
-    _S("max_completion_length", "int", 512, "Maximum sampled completion length in tokens.",
+    Setting("judge_config", "dict", {}, "Judge adapter options (see the judge section of the README)."),
+    Setting("max_completion_length", "int", 512, "Maximum sampled completion length in tokens.",
        minimum=1, studio=True),
-    _S("temperature", "float", 0.8, "Sampling temperature of the policy (0 = greedy). Applied after "
+    Setting("temperature", "float", 0.8, "Sampling temperature of the policy (0 = greedy). Applied after "
        "top_p/top_k/min_p, which filter the untempered distribution (as mlx_lm.generate does; "
        "HF/TRL filter the tempered one).",
        minimum=0.0, studio=True),
-    _S("top_p", "float", 1.0, "Nucleus sampling: keep the smallest token set with this mass "
+    Setting("top_p", "float", 1.0, "Nucleus sampling: keep the smallest token set with this mass "
        "(1 = off).", minimum=0.0, maximum=1.0, exclusive_minimum=True),
-    _S("top_k", "int", 0, "Sample from the k most likely tokens only (0, or k >= the "
+    Setting("top_k", "int", 0, "Sample from the k most likely tokens only (0, or k >= the "
        "vocabulary size, = off).", minimum=0),
-    _S("min_p", "float", 0.0, "Drop tokens below min_p times the top token's probability "
+    Setting("min_p", "float", 0.0, "Drop tokens below min_p times the top token's probability "
        "(0 = off).", minimum=0.0, maximum=1.0),
-    _S("reference_model_path", "str", None, "Frozen reference model. Empty with LoRA/DoRA: "
+    Setting("reference_model_path", "str", None, "Frozen reference model. Empty with LoRA/DoRA: "
        "the base model with adapters off (no second copy).", nullable=True),
-    _S("missing_eos_penalty", "float", None, "Subtracted from the judge's preference score of a "
+    Setting("missing_eos_penalty", "float", None, "Subtracted from the judge's preference score of a "
        "completion that ended without EOS (as in TRL).", nullable=True, minimum=0.0),
-    _S("entropy_coef", "float", 0.0, "Entropy bonus on the policy's completion tokens "
+    Setting("entropy_coef", "float", 0.0, "Entropy bonus on the policy's completion tokens "
        "(the recipe's entropy_regularization); 0 = off.", minimum=0.0),
-    _S("log_completions_every", "int", None, "Write sample completions to completions.jsonl "
+    Setting("log_completions_every", "int", None, "Write sample completions to completions.jsonl "
        "every N steps (default: steps_per_report).", nullable=True, minimum=1),
-    _S("max_nonfinite_steps", "int", 3, "Stop after this many consecutive steps with a "
+    Setting("max_nonfinite_steps", "int", 3, "Stop after this many consecutive steps with a "
        "non-finite loss (each one is skipped).", minimum=1),
-    _S("max_judgeless_steps", "int", 10, "Stop (exit status 3) after this many consecutive steps "
+    Setting("max_judgeless_steps", "int", 10, "Stop (exit status 3) after this many consecutive steps "
        "in which the judge gave no valid pair (errors, invalid answers, ties); the checkpoint is "
        "the state before them. Empty: no limit.", nullable=True, minimum=1),
 )
 
 #: Upstream settings our modes read; validated with the same machinery (not re-documented).
 UPSTREAM_SETTINGS: tuple[Setting, ...] = tuple(
-    _S(n, k, d, h, choices=c, minimum=mn, nullable=nl, plugin=False, **kw)
+    Setting(n, k, d, h, choices=c, minimum=mn, nullable=nl, plugin=False, **kw)
     for n, k, d, h, c, mn, nl, kw in [
         ("model", "str", "mlx_model", "Base model path or id.", None, None, False, {}),
         ("data", "str", "data/", "Folder with train/valid/test.jsonl prompt files.", None, None, False, {}),
@@ -177,15 +180,31 @@ def _check_number(s: Setting, v, where: str):
     if isinstance(v, float) and not math.isfinite(v):
         raise ConfigError(where, v, "expected a finite number")
     lo, hi = s.minimum, s.maximum
+    upper = (f"< {hi}" if s.exclusive_maximum else f"<= {hi}") if hi is not None else ""
     if lo is not None and (v < lo or (s.exclusive_minimum and v == lo)):
         rng = f"> {lo}" if s.exclusive_minimum else f">= {lo}"
-        raise ConfigError(where, v, f"must be {rng}" + (f" and <= {hi}" if hi is not None else ""))
-    if hi is not None and v > hi:
-        raise ConfigError(where, v, f"must be <= {hi}")
+        raise ConfigError(where, v, f"must be {rng}" + (f" and {upper}" if upper else ""))
+    if hi is not None and (v > hi or (s.exclusive_maximum and v == hi)):
+        raise ConfigError(where, v, f"must be {upper}")
 
 
 def check_value(s: Setting, v) -> Any:
-    """Validate (and normalise) one value against its setting; raises ConfigError."""
+    """Validate (and normalise) one value against its setting; raises ConfigError (a secret's
+    value is shown redacted)."""
+    try:
+        return _check_value(s, v)
+    except ConfigError as e:
+        if not s.secret:
+            raise
+        raise ConfigError(e.setting, redact(v), e.valid, e.hint) from None
+
+
+def redact(v) -> str:
+    s = str(v)
+    return (s[:3] + "..." + f"({len(s)} characters)") if len(s) > 3 else "***"
+
+
+def _check_value(s: Setting, v) -> Any:
     if v is None:
         if s.nullable or s.default is None:
             return None
@@ -220,13 +239,10 @@ def check_value(s: Setting, v) -> Any:
             raise ConfigError(s.name, v, "expected a string")
         if s.choices and v not in s.choices:
             raise ConfigError(s.name, v, "valid: " + ", ".join(s.choices))
+        if s.pattern and not re.fullmatch(s.pattern, v):
+            raise ConfigError(s.name, v, f"expected {s.help}")
         return v
     raise AssertionError(s.kind)
-
-
-def did_you_mean(name: str, candidates) -> str:
-    m = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean '{m[0]}'?" if m else ""
 
 
 def load_yaml(path) -> dict:

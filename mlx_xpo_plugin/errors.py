@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class ConfigError(ValueError):
     """Bad input. ``str(err)`` is the one-line message a user sees; CLIs exit with status 2."""
@@ -15,6 +17,12 @@ class ConfigError(ValueError):
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
+
+
+def did_you_mean(name: str, candidates) -> str:
+    """'did you mean 'x'?' for the closest candidate, or ''."""
+    m = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"did you mean {m[0]!r}?" if m else ""
 
 
 class StopTraining(Exception):

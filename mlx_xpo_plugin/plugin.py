@@ -7,7 +7,7 @@ as third-party plugins do.
 from __future__ import annotations
 
 from . import __version__
-from . import config as C
+from . import config
 from .contracts import TrainMode, hookimpl
 from .judges.builtin import BUILTIN_JUDGE_FACTORIES
 from .online_dpo_trainer import OnlineDPO
@@ -24,7 +24,7 @@ def _mode(name: str) -> TrainMode:
     method = {"xpo": XPO, "online_dpo": OnlineDPO}[name]
     return TrainMode(
         name=name, description=_DESCRIPTIONS[name], main=mode_main(method),
-        add_arguments=C.add_arguments, plugin=f"mlx-xpo-plugin {__version__}",
+        add_arguments=config.add_arguments, plugin=f"mlx-xpo-plugin {__version__}",
     )
 
 

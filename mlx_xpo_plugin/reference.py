@@ -79,10 +79,6 @@ class Reference:
             raise ValueError("the reference needs adapters to switch off (LoRA/DoRA) or a separate "
                              "model (full fine-tuning or reference_model_path)")
 
-    @property
-    def shares_weights(self) -> bool:
-        return self.separate is None
-
     def rows_split(self, n_policy: int, n_reference: int):
         """A context giving a module that computes the policy on the first ``n_policy`` rows of a
         batch and the reference on the next ``n_reference`` (every row keeps its place in the

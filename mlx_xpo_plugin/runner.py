@@ -15,13 +15,14 @@ from typing import Optional
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from . import config as C
+from . import config
 from .checkpoint import save_json
 from .errors import ConfigError, SaveFailed
 from .faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
 from .fast_blas import banner_line as blas_line
 from .contracts import JudgeContext, as_judge
 from .loop_settings import from_config as loop_settings
+from .models import model_folder, same_folder
 from .quantized import folder_quantization, quantized_layers, refuse_full
 from .run_lock import check_writable, hold
 from .trainer import OnlineTrainer
@@ -38,21 +39,6 @@ def plan_steps(cfg, n_prompts: int, world: int = 1) -> tuple[int, int, int]:
 
 def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
-
-
-def resolve_local_model(setting: str, path: str) -> str:
-    """A local folder, or a hub id already in the local cache; never downloads."""
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise ConfigError(setting, path, "is a file; expected a model folder (config.json, *.safetensors)")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path, local_files_only=True)
-    except Exception:
-        raise ConfigError(setting, path, "not a local model folder and not in the local Hugging Face "
-                          "cache; this plugin does not download models",
-                          "download it first (e.g. `hf download " + path + "`) or give a local path")
 
 
 def build_optimizer(cfg):
@@ -87,13 +73,13 @@ def preflight(cfg) -> None:
     if cfg.train and per_step > n_train:
         raise ConfigError("batch_size", cfg.batch_size, f"batch_size x gradient_accumulation_steps "
                           f"({per_step}) is larger than the {n_train} training prompts")
-    model_dir = resolve_local_model("model", cfg.model)
+    model_dir = model_folder("model", cfg.model)
     if cfg.train and cfg.train_type == "full":
         q = folder_quantization(model_dir)  # the folder says so: refused before loading it
         if q:
             raise refuse_full(cfg.model, q)
     if cfg.reference_model_path:
-        resolve_local_model("reference_model_path", cfg.reference_model_path)
+        model_folder("reference_model_path", cfg.reference_model_path)
     check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
                                         reference_model_path=cfg.reference_model_path, seed=cfg.seed))
     if cfg.resume_adapter_file:
@@ -115,7 +101,7 @@ def _adopt_adapter_config(cfg) -> None:
 
 def lora_parameters(cfg) -> dict:
     """rank / dropout / scale: the user's values over the defaults."""
-    return dict(C.SETTINGS["lora_parameters"].default, **(cfg.lora_parameters or {}))
+    return dict(config.SETTINGS["lora_parameters"].default, **(cfg.lora_parameters or {}))
 
 
 def write_adapter_config(cfg) -> None:
@@ -127,10 +113,6 @@ def write_adapter_config(cfg) -> None:
     })
 
 
-def _same_model(a: Optional[str], b: Optional[str]) -> bool:
-    return bool(a and b) and os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
-
-
 def judge_weights(cfg, model_path: str, model, separate):
     """The already-loaded weights a model judge can share, or None (the judge loads its own).
 
@@ -138,9 +120,9 @@ def judge_weights(cfg, model_path: str, model, separate):
     the policy with adapters off (LoRA/DoRA), or the frozen copy loaded for full fine-tuning.
     """
     from .reference import BaseView
-    if cfg.reference_model_path and _same_model(cfg.judge, cfg.reference_model_path):
+    if cfg.reference_model_path and same_folder(cfg.judge, cfg.reference_model_path):
         return separate
-    if _same_model(cfg.judge, cfg.model) or _same_model(cfg.judge, model_path):
+    if same_folder(cfg.judge, cfg.model) or same_folder(cfg.judge, model_path):
         if cfg.train_type in ("lora", "dora"):
             return BaseView(model)
         if not cfg.reference_model_path:
@@ -178,7 +160,7 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     blas = blas_line()  # which BLAS MLX multiplies with (Linux CPUs; see fast_blas)
     if blas:
         print(blas)
-    model_path = resolve_local_model("model", cfg.model)
+    model_path = model_folder("model", cfg.model)
     trained = os.path.join(cfg.adapter_path, "adapters.safetensors")
     if not cfg.train and os.path.isfile(trained):
         _adopt_adapter_config(cfg)  # evaluate adapters as they were trained
@@ -197,7 +179,7 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
         print(f"adapters: loaded {trained}")
     separate = None
     if cfg.reference_model_path or cfg.train_type == "full":
-        separate, _ = mlx_load(resolve_local_model("reference_model_path", cfg.reference_model_path or model_path))
+        separate, _ = mlx_load(model_folder("reference_model_path", cfg.reference_model_path or model_path))
         separate.freeze()
         print(f"reference: frozen model from {cfg.reference_model_path or model_path}")
     else:
@@ -273,11 +255,11 @@ def mode_main(method_cls):
     def main(args, explicit: set, training_callback=None) -> int:
         try:  # both host paths print mode.banner() before calling this
             cli = dict(vars(args)) if not isinstance(args, dict) else dict(args)
-            cfg = C.resolve(mode_name, cli, set(explicit), C.load_yaml(cli.get("config")))
+            cfg = config.resolve(mode_name, cli, set(explicit), config.load_yaml(cli.get("config")))
             return run(cfg, method_cls, training_callback)
         except ConfigError as e:
             err(str(e))
-            return 2
+            return e.exit_status
         except JudgeFailure as e:  # the judge raised outside training (the test phase)
             err(str(e))
             return EXIT_JUDGE

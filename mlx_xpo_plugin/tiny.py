@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 PRESETS = {
@@ -62,12 +61,6 @@ def write_prompt_dataset(directory: Path, seed: int = 0, n_valid: int = 24, n_te
             for p in rows:
                 f.write(json.dumps({"prompt": p}) + "\n")
     return directory
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    preset: str = "tiny"
-    seed: int = 0
 
 
 def _train_tokenizer(vocab_size: int, out: Path) -> None:

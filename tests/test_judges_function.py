@@ -162,8 +162,8 @@ def test_file_that_raises_on_import(tmp_path, registry):
 @pytest.mark.parametrize("cfg, needle", [
     ({"batchd": True}, "did you mean 'batched'"),
     ({"pointwize": True}, "did you mean 'pointwise'"),
-    ({"batched": "yes"}, "judge_config.batched: 'yes' is not valid; must be true or false"),
-    ({"pointwise": 1}, "must be true or false"),
+    ({"batched": "yes"}, "judge_config.batched: 'yes' is not valid; expected true or false"),
+    ({"pointwise": 1}, "expected true or false"),
 ])
 def test_bad_judge_config(cfg, needle, user_module, registry):
     with pytest.raises(ConfigError) as e:

@@ -315,8 +315,8 @@ def test_normalise_url(url, want):
     ("http://127.0.0.1:8080", {"concurency": 2}, "did you mean 'concurrency'"),
     ("http://127.0.0.1:8080", {"api_key": "sk-123"}, "did you mean 'api_key_env'"),
     ("http://127.0.0.1:8080", {"timeout": -1}, "judge_config.timeout: -1 is not valid"),
-    ("http://127.0.0.1:8080", {"max_retries": 1.5}, "must be an integer"),
-    ("http://127.0.0.1:8080", {"model": 3}, "must be a string"),
+    ("http://127.0.0.1:8080", {"max_retries": 1.5}, "expected an integer"),
+    ("http://127.0.0.1:8080", {"model": 3}, "expected a string"),
     ("http://127.0.0.1:8080", {"api_key_env": "XPO_SURELY_UNSET_VAR_123"}, "is not set"),
 ])
 def test_check_errors(spec, cfg, needle, registry):

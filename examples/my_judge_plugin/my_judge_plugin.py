@@ -70,4 +70,4 @@ def register_judges(register):
 @hookimpl
 def register_train_modes(register):
     register(TrainMode(name="count_prompts", description="count the training prompts",
-                       main=count_prompts_main, needs_reference=False, needs_judge=False))
+                       main=count_prompts_main))

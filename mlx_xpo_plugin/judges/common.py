@@ -3,85 +3,38 @@ shuffling with a correct (invalid-preserving) map back, and combining both order
 
 from __future__ import annotations
 
-import difflib
-import math
-import numbers
+import dataclasses
 import random
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-from ..errors import ConfigError
+from ..config import Setting, check_value
+from ..errors import ConfigError, did_you_mean
 from ..contracts import Judge, Verdict
 
 # ---------------------------------------------------------------------------------------------
 # judge_config validation
 
 
-@dataclass(frozen=True)
-class Option:
-    """One ``judge_config`` key: its kind ('bool', 'int', 'number', 'str' or a tuple of allowed
-    strings), its default, an optional extra test ``ok(value) -> bool`` described by ``rule``."""
-
-    kind: Any
-    default: Any
-    ok: Optional[Callable[[Any], bool]] = None
-    rule: str = ""
-    secret: bool = False  # a value that may be a credential is never echoed in full
+def options(*settings: Setting) -> dict[str, Setting]:
+    """A judge's ``judge_config`` keys: each a :class:`..config.Setting` (validated like every
+    other setting), renamed ``judge_config.<key>`` for its messages."""
+    return {s.name: dataclasses.replace(s, name=f"judge_config.{s.name}") for s in settings}
 
 
-def _kind_ok(kind, v) -> bool:
-    if isinstance(kind, tuple):
-        return isinstance(v, str) and v in kind
-    if kind == "bool":
-        return isinstance(v, bool)
-    if kind == "int":
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-    if kind == "number":
-        return (isinstance(v, numbers.Real) and not isinstance(v, bool)
-                and math.isfinite(float(v)))
-    if kind == "str":
-        return isinstance(v, str)
-    raise AssertionError(kind)
-
-
-def _kind_text(kind) -> str:
-    if isinstance(kind, tuple):
-        return "one of " + ", ".join(repr(k) for k in kind)
-    return {"bool": "true or false", "int": "an integer", "number": "a number",
-            "str": "a string"}[kind]
-
-
-def _redact(v) -> str:
-    s = str(v)
-    return (s[:3] + "..." + f"({len(s)} characters)") if len(s) > 3 else "***"
-
-
-def resolve_options(judge_kind: str, config, schema: dict[str, Option]) -> dict:
-    """Validate ``config`` (the ``judge_config`` dict) against ``schema``; return every option
-    with defaults filled in. Unknown keys get a did-you-mean; wrong types name the key."""
-    if config is None:
-        config = {}
-    if not isinstance(config, dict):
-        raise ConfigError("judge_config", config, "must be a mapping of option names to values")
-    for key in config:
+def resolve_options(judge_kind: str, judge_config, schema: dict[str, Setting]) -> dict:
+    """Validate ``judge_config`` against ``schema``; return every option with defaults filled in.
+    Unknown keys get a did-you-mean."""
+    if judge_config is None:
+        judge_config = {}
+    if not isinstance(judge_config, dict):
+        raise ConfigError("judge_config", judge_config, "must be a mapping of option names to values")
+    for key in judge_config:
         if key not in schema:
             valid = ", ".join(sorted(schema)) or "none"
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else ""
-            raise ConfigError("judge_config", key,
-                              f"unknown option for the {judge_kind} judge; valid options: {valid}",
-                              hint)
-    out = {}
-    for key, opt in schema.items():
-        v = config.get(key, opt.default)
-        if key in config:
-            shown = _redact(v) if opt.secret else v
-            if not _kind_ok(opt.kind, v):
-                raise ConfigError(f"judge_config.{key}", shown, f"must be {_kind_text(opt.kind)}")
-            if opt.ok is not None and not opt.ok(v):
-                raise ConfigError(f"judge_config.{key}", shown, f"must be {opt.rule}")
-        out[key] = v
-    return out
+            raise ConfigError("judge_config", key, f"unknown option for the {judge_kind} judge; valid "
+                              f"options: {valid}", did_you_mean(str(key), schema))
+    return {key: check_value(s, judge_config[key]) if key in judge_config else s.default
+            for key, s in schema.items()}
 
 
 # ---------------------------------------------------------------------------------------------

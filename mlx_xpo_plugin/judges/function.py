@@ -35,7 +35,6 @@ state of its own declares it with ``get_state()`` / ``set_state(state)`` attribu
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -47,14 +46,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..errors import ConfigError
+from ..config import Setting
+from ..errors import ConfigError, did_you_mean
 from ..contracts import Judge, JudgeContext, Verdict
-from .common import Option, resolve_options
+from .common import options, resolve_options
 
-OPTIONS = {
-    "batched": Option("bool", None),
-    "pointwise": Option("bool", None),
-}
+OPTIONS = options(
+    Setting("batched", "bool", None, "call the function once with every pair (default: detected)"),
+    Setting("pointwise", "bool", None, "the function scores one completion (default: detected)"),
+)
 
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -132,9 +132,8 @@ def load_callable(spec: str) -> Callable:
     for name in attr.split("."):
         if not hasattr(obj, name):
             names = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(name, names, n=1)
             raise ConfigError("judge", spec, f"{where!r} has no attribute {name!r}",
-                              f"did you mean {close[0]!r}?" if close else "")
+                              did_you_mean(name, names))
         obj = getattr(obj, name)
     if not callable(obj):
         raise ConfigError("judge", spec, f"{attr!r} is not callable (it is a {type(obj).__name__})")

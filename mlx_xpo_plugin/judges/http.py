@@ -42,23 +42,23 @@ from typing import Optional, Sequence
 
 from ..errors import ConfigError
 from ..contracts import JudgeContext, Verdict
-from .common import Option, SeededOrder, judge_in_order, pair_messages, resolve_options
+from ..config import Setting
+from .common import SeededOrder, judge_in_order, options, pair_messages, resolve_options
 from .parse import parse_answer
 
-OPTIONS = {
-    "model": Option("str", None),
-    "api_key_env": Option("str", None, lambda v: bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v)),
-                          "the NAME of an environment variable (letters, digits, _), "
-                          "never the key itself", secret=True),
-    "timeout": Option("number", 30.0, lambda v: 0 < v <= 3600, "in (0, 3600] seconds"),
-    "max_retries": Option("int", 2, lambda v: 0 <= v <= 10, "between 0 and 10"),
-    "backoff": Option("number", 0.5, lambda v: 0 <= v <= 60, "in [0, 60] seconds"),
-    "concurrency": Option("int", 4, lambda v: 1 <= v <= 64, "between 1 and 64"),
-    "max_tokens": Option("int", 8, lambda v: 1 <= v <= 4096, "between 1 and 4096"),
-    "temperature": Option("number", 0.0, lambda v: 0 <= v <= 2, "in [0, 2]"),
-    "shuffle": Option("bool", True),
-    "both_orders": Option("bool", False),
-}
+OPTIONS = options(
+    Setting("model", "str", None, "the model name sent to the endpoint"),
+    Setting("api_key_env", "str", None, "the NAME of an environment variable (letters, digits, _), "
+            "never the key itself", pattern=r"[A-Za-z_][A-Za-z0-9_]*", secret=True),
+    Setting("timeout", "float", 30.0, "seconds per request", minimum=0, exclusive_minimum=True, maximum=3600),
+    Setting("max_retries", "int", 2, "retries of a failed request", minimum=0, maximum=10),
+    Setting("backoff", "float", 0.5, "seconds before the first retry (doubled each time)", minimum=0, maximum=60),
+    Setting("concurrency", "int", 4, "requests in flight", minimum=1, maximum=64),
+    Setting("max_tokens", "int", 8, "tokens of the answer", minimum=1, maximum=4096),
+    Setting("temperature", "float", 0.0, "the judge's sampling temperature", minimum=0, maximum=2),
+    Setting("shuffle", "bool", True, "show each pair in a random order"),
+    Setting("both_orders", "bool", False, "judge both orders, keep consistent verdicts"),
+)
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}

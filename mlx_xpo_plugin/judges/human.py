@@ -24,9 +24,10 @@ from typing import Optional, Sequence, TextIO
 
 from ..errors import ConfigError, StopTraining
 from ..contracts import JudgeContext, Verdict
-from .common import Option, SeededOrder, draw_flips, resolve_options, unflip
+from ..config import Setting
+from .common import SeededOrder, draw_flips, options, resolve_options, unflip
 
-OPTIONS = {"shuffle": Option("bool", False)}
+OPTIONS = options(Setting("shuffle", "bool", False, "show each pair in a random order"))
 
 QUESTION = "Which is better? [1/a] first, [2/b] second, [s] skip, [q] quit: "
 HINT = "Please type 1 (or a), 2 (or b), s to skip, or q to quit."

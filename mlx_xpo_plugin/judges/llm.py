@@ -51,86 +51,37 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..contracts import JudgeContext, Verdict
-from .common import Option, SeededOrder, judge_in_order, pair_messages, render_chat, resolve_options
+from ..models import model_folder, same_folder
+from ..config import Setting
+from .common import SeededOrder, judge_in_order, options, pair_messages, render_chat, resolve_options
 from .parse import LABELS, parse_answer
 
-OPTIONS = {
-    "mode": Option(("logits", "generate"), "logits"),
-    "both_orders": Option("bool", False),
-    "shuffle": Option("bool", True),
-    "tie_margin": Option("number", 0.02, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "min_label_prob": Option("number", 0.0, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "max_tokens": Option("int", 8, lambda v: 1 <= v <= 256, "between 1 and 256"),
-    "batch_size": Option("int", 8, lambda v: v >= 1, "at least 1"),
-}
+OPTIONS = options(
+    Setting("mode", "str", "logits", "how the answer is read", choices=("logits", "generate")),
+    Setting("both_orders", "bool", False, "judge both orders, keep consistent verdicts"),
+    Setting("shuffle", "bool", True, "show each pair in a random order"),
+    Setting("tie_margin", "float", 0.02, "label probabilities closer than this tie",
+            minimum=0.0, maximum=1.0, exclusive_maximum=True),
+    Setting("min_label_prob", "float", 0.0, "less mass on the labels is an invalid answer",
+            minimum=0.0, maximum=1.0, exclusive_maximum=True),
+    Setting("max_tokens", "int", 8, "tokens generated in generate mode", minimum=1, maximum=256),
+    Setting("batch_size", "int", 8, "pairs per forward pass", minimum=1),
+)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # ---------------------------------------------------------------------------------------------
 # where the model comes from
 
 
-def _same_path(a: str, b: Optional[str]) -> bool:
-    if not b:
-        return False
-    if a == b:
-        return True
-    try:
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    except (OSError, RuntimeError):
-        return False
-
-
-def _hf_cached(repo_id: str) -> Optional[str]:
-    """The local snapshot folder of ``repo_id`` when config and weights are already cached."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        hit = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:
-        return None
-    if not isinstance(hit, str):
-        return None
-    folder = Path(hit).parent
-    if any(folder.glob("*.safetensors")):
-        return str(folder)
-    return None
-
-
 def resolve_model(spec: str, ctx: JudgeContext) -> Optional[str]:
     """The local folder to load, or None to reuse ``ctx.reference_model``. ConfigError otherwise."""
     if (ctx.reference_model is not None and ctx.reference_tokenizer is not None
-            and _same_path(spec, ctx.reference_model_path)):
+            and same_folder(spec, ctx.reference_model_path)):
         return None
-    p = Path(spec).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ConfigError("judge", spec, "is a file; a model judge needs a model folder",
-                              "for a Python judge write 'path/file.py:callable'")
-        if not (p / "config.json").is_file():
-            raise ConfigError("judge", spec, "the folder has no config.json, so it is not a model "
-                              "folder mlx_lm can load")
-        return str(p)
-    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
-        cached = _hf_cached(spec)
-        if cached:
-            return cached
-        raise ConfigError(
-            "judge", spec,
-            "no such local folder, and it looks like a Hugging Face model id: this plugin never "
-            "downloads models",
-            f"download it yourself (e.g. `hf download {spec} --local-dir models/judge`) "
-            "and set judge to that folder")
-    raise ConfigError("judge", spec,
-                      "no such model folder; use 'human', an http(s):// URL, 'module:callable', "
-                      "'path/file.py:callable' or a local model folder")
-
-
-# ---------------------------------------------------------------------------------------------
-# tokens
+    return model_folder("judge", spec, otherwise="use 'human', an http(s):// URL, 'module:callable', "
+                        "'path/file.py:callable' or a local model folder",
+                        file_hint="for a Python judge write 'path/file.py:callable'")
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -393,7 +344,7 @@ def matches(spec: str) -> bool:
 
 def check(spec: str, ctx: JudgeContext) -> None:
     resolve_options("model", ctx.judge_config, OPTIONS)
-    if _same_path(spec, ctx.reference_model_path):
+    if same_folder(spec, ctx.reference_model_path):
         return  # the trainer loads (and checks) its reference model itself
     resolve_model(spec, ctx)
 

@@ -8,9 +8,6 @@ hookimpl = pluggy.HookimplMarker("mlx_lm_lora")
 class ClashMode:
     name = "echo_mode"
     description = "test mode whose name clashes with echo_plugin's"
-    needs_reference = False
-    needs_judge = False
-    dataset_kind = "prompt"
     add_arguments = None
     plugin = ""
 

@@ -15,9 +15,6 @@ hookimpl = pluggy.HookimplMarker("mlx_lm_lora")
 class EchoMode:
     name = "echo_mode"
     description = "test mode: writes its arguments as JSON and exits"
-    needs_reference = False
-    needs_judge = False
-    dataset_kind = "prompt"
     plugin = ""  # filled in by a host that labels modes (mlx_xpo_plugin.registry)
 
     def banner(self):

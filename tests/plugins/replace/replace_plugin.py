@@ -15,9 +15,6 @@ hookimpl = pluggy.HookimplMarker("mlx_lm_lora")
 class ReplacingDPO:
     name = "dpo"
     description = "test mode replacing the built-in dpo"
-    needs_reference = False
-    needs_judge = False
-    dataset_kind = "preference"
     add_arguments = None
     plugin = ""
 

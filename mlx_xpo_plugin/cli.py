@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError
+from .fast_blas import request
 
 
 def _console(name: str) -> str:
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    request()  # one of this project's commands: a fast BLAS goes under MLX (see fast_blas)
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)

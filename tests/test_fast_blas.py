@@ -300,3 +300,34 @@ def test_the_real_openblas_runs_on_one_core_fewer_while_decoding(threads):
     assert out["before"] == out["after"] == int(threads)
     assert out["inside"] == max(1, min(int(threads), out["cores"] - 1))
     assert out["max_abs_err"] < 1e-3
+
+
+class FakeLib:
+    """A loaded library with a prefixed OpenBLAS thread API (ctypes functions get restype/argtypes)."""
+
+    class Fn:
+        def __init__(self, f):
+            self.f = f
+
+        def __call__(self, *a):
+            return self.f(*a)
+
+    def __init__(self, threads, prefix="scipy_"):
+        self.threads = threads
+        setattr(self, prefix + "openblas_get_num_threads", self.Fn(lambda: self.threads))
+        setattr(self, prefix + "openblas_set_num_threads", self.Fn(lambda n: setattr(self, "threads", n)))
+
+
+@pytest.mark.parametrize("threads, cores, env, after", [
+    (2, 2, {}, 1), (16, 16, {}, 15), (4, 16, {}, 4), (1, 1, {}, 1),
+    (2, 2, {"OPENBLAS_NUM_THREADS": "2"}, 2),  # the user's count wins
+    (2, 2, {"OMP_NUM_THREADS": "2"}, 2)])
+def test_the_pip_openblas_leaves_a_core_unless_the_user_set_its_threads(monkeypatch, threads, cores, env, after):
+    monkeypatch.setattr(fast_blas, "usable_cores", lambda: cores)
+    lib = FakeLib(threads)
+    got = fast_blas.spare_a_core(lib, "scipy_", env)
+    assert lib.threads == after and got == (None if env else after)
+
+
+def test_a_library_without_the_prefixed_thread_api_is_left_alone():
+    assert fast_blas.spare_a_core(FakeLib(4, prefix=""), "scipy_", {}) is None

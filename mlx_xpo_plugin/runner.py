@@ -19,6 +19,7 @@ from . import config as C
 from .checkpoint import save_json
 from .errors import ConfigError
 from .fast_blas import banner_line as blas_line
+from .hints import command
 from .judges.base import JudgeContext
 from .rollout import SamplingConfig
 from .trainer import LoopSettings, OnlineTrainer
@@ -26,6 +27,27 @@ from .trainer import LoopSettings, OnlineTrainer
 
 def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
+
+
+def kernel_cache(env=None, version: str | None = None) -> str:
+    """Where MLX's CPU backend keeps the kernels it compiles: ``<temp>/mlx/<version>/cpu``, with
+    ``<temp>`` as C++'s ``temp_directory_path()`` finds it (TMPDIR, TMP, TEMP, TEMPDIR, /tmp)."""
+    env = os.environ if env is None else env
+    temp = next((env[k] for k in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if env.get(k)), "/tmp")
+    return os.path.join(temp, "mlx", version or mx.__version__, "cpu")
+
+
+def kernel_note(device=None, env=None, version: str | None = None) -> Optional[str]:
+    """A line saying that the first steps compile kernels, when MLX runs on the CPU and its kernel
+    cache holds none yet (a first run: step 1 then takes many times longer than the next)."""
+    if (device or mx.default_device()) != mx.cpu:
+        return None
+    d = kernel_cache(env, version)
+    try:
+        cold = not any(n.startswith("lib") and n.endswith(".so") for n in os.listdir(d))
+    except OSError:  # not there yet
+        cold = True
+    return f"compiling kernels (once; MLX keeps them in {d}): the first step takes longer" if cold else None
 
 
 def resolve_local_model(setting: str, path: str) -> str:
@@ -165,6 +187,9 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     blas = blas_line()  # which BLAS MLX multiplies with (Linux CPUs; see fast_blas)
     if blas:
         print(blas)
+    note = kernel_note()
+    if note:
+        print(note)
     model_path = resolve_local_model("model", cfg.model)
     trained = os.path.join(cfg.adapter_path, "adapters.safetensors")
     if not cfg.train and os.path.isfile(trained):
@@ -223,7 +248,7 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
         if result["interrupted"] or result["stop_reason"]:
             why = result["stop_reason"] or "interrupted"
             print(f"stopped at step {result['step']} of {iters}: {why}; checkpoint saved.")
-            print(f"resume with: mlx_lm_lora.train --train-mode {cfg.train_mode} "
+            print(f"resume with: {command('mlx_lm_lora.train')} --train-mode {cfg.train_mode} "
                   f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {out}")
             status = 130 if result["interrupted"] else (0 if "judge" in why else 1)
     if cfg.test and status == 0:

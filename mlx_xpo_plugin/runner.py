@@ -102,6 +102,14 @@ def quantization(cfg) -> Optional[dict]:
     return None
 
 
+def ignored_judge_system(judge_system, factory) -> Optional[str]:
+    """A note when ``judge_system`` is set for a kind of judge that reads no system prompt."""
+    if judge_system and not getattr(factory, "uses_judge_system", True):
+        return (f"note: judge_system is set, but the {factory.name} judge ignores it (only model and "
+                "http judges read a system prompt)")
+    return None
+
+
 def preflight(cfg) -> None:
     """Every check that needs no model: data files, model paths, judge, resume file."""
     from .data import check_data
@@ -116,8 +124,11 @@ def preflight(cfg) -> None:
     resolve_local_model("model", cfg.model)
     if cfg.reference_model_path:
         resolve_local_model("reference_model_path", cfg.reference_model_path)
-    check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
-                                        reference_model_path=cfg.reference_model_path, seed=cfg.seed))
+    factory = check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
+                                                  reference_model_path=cfg.reference_model_path, seed=cfg.seed))
+    note = ignored_judge_system(cfg.judge_system, factory)
+    if note:
+        print(note, file=sys.stderr)
     if cfg.resume_adapter_file:
         from .checkpoint_state import check_resume
         check_resume(cfg.resume_adapter_file, cfg)
@@ -241,6 +252,8 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
         resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
         print(f"training {iters} steps ({steps_per_epoch} per epoch, {per_step} prompts per step, "
               f"2 completions each)")
+        if resume:
+            print(f"resuming from step {resume['step']} of {iters}")
         result = trainer.train(resume)
         out = cfg.adapter_path
         print(f"adapters: {os.path.join(out, 'adapters.safetensors')}")

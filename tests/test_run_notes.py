@@ -27,3 +27,13 @@ def test_an_empty_or_missing_kernel_cache_is_said(tmp_path):
 def test_nothing_is_said_off_the_cpu(tmp_path):
     assert runner.kernel_note(mx.gpu, {"TMPDIR": str(tmp_path)}, "9.9") is None
 
+
+def test_a_judge_system_the_judge_ignores_is_noted():
+    from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
+    kinds = {f.name: f for f in BUILTIN_JUDGE_FACTORIES}
+    note = runner.ignored_judge_system("Prefer polite answers.", kinds["function"])
+    assert note.startswith("note: judge_system is set, but the function judge ignores it") and "\n" not in note
+    assert runner.ignored_judge_system("Prefer polite answers.", kinds["human"]) is not None
+    assert runner.ignored_judge_system("Prefer polite answers.", kinds["llm"]) is None
+    assert runner.ignored_judge_system("Prefer polite answers.", kinds["http"]) is None
+    assert runner.ignored_judge_system(None, kinds["function"]) is None

@@ -19,12 +19,12 @@ symbol scope before ``mlx.core`` is loaded takes precedence over the bundled one
 
 and only where it helps: on Linux, with the reference BLAS bundled in the installed mlx, and (by
 default) in processes that run this project's commands: those that import ``mlx_lm_lora.train``
-(its console script, ``python -m``), ``mlx-xpo``, or import ``mlx.core`` through this package's
-modules (the Python API) before anything else did. ``MLX_XPO_BLAS_SCOPE=all`` applies it to every
-MLX process of the environment. Nothing is loaded on macOS (Accelerate, Metal) or with a CUDA
-build. Any failure leaves MLX exactly as shipped; in this project's commands the run's banner says
-why (:func:`banner_line`), elsewhere one stderr line does. Standard library only: this runs at
-import time.
+(its console script, ``python -m``), run ``mlx-xpo``, import :mod:`mlx_xpo_plugin.api`, or
+import ``mlx.core`` through this package's modules, before anything else imported ``mlx.core``.
+``MLX_XPO_BLAS_SCOPE=all`` applies it to every MLX process of the environment. Nothing is loaded
+on macOS (Accelerate, Metal) or with a CUDA build. Any failure leaves MLX exactly as shipped; in
+this project's commands the run's banner says why (:func:`banner_line`), elsewhere one stderr
+line does. Standard library only: this runs at import time.
 
 While completions are decoded token by token, :func:`spare_core_for_python` keeps that OpenBLAS
 on one core fewer than the process may use (see there).
@@ -226,8 +226,8 @@ def banner_line() -> str | None:
         off = os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() in ("0", "false", "no", "off")
         STATE.update(blas="bundled reference BLAS (slow)", loaded=None, prefix="",
                      why="the start-up hook is off (MLX_XPO_PLUGIN=0)" if off else
-                     "mlx.core was imported before this package chose a BLAS (import mlx_xpo_plugin's "
-                     f"modules first, or set {SCOPE_ENV}=all)")
+                     "mlx.core was imported before this package chose a BLAS (import mlx_xpo_plugin.api "
+                     f"before mlx, or set {SCOPE_ENV}=all)")
     if not STATE or (STATE.get("blas") == "as shipped with mlx" and not STATE.get("why")):
         return None
     if STATE.get("loaded"):

@@ -147,7 +147,8 @@ def test_by_default_another_mlx_program_keeps_mlx_as_shipped():
 
 @linux_cpu
 @pytest.mark.parametrize("first", ["import mlx_lm_lora.train",  # what its console script and python -m do
-                                   "import mlx_xpo_plugin.runner",  # the Python API importing mlx.core
+                                   "import mlx_xpo_plugin.runner",  # our modules importing mlx.core
+                                   "import mlx_xpo_plugin.api",  # the Python API, before the user's mlx
                                    "from mlx_xpo_plugin import fast_blas; fast_blas.request()"])
 def test_this_projects_commands_get_the_fast_blas_by_default(first):
     out = probe({"MLX_XPO_BLAS": BUNDLED}, first=first, scope=None)

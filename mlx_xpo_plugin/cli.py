@@ -56,7 +56,8 @@ def demo(ns) -> int:
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [_console("mlx_lm_lora.train"), "--train-mode", "xpo", "--config", str(cfg_path)]
     print("[demo] running:", " ".join([command("mlx_lm_lora.train"), *cmd[1:]]))
-    rc = subprocess.call(cmd)
+    env = {**os.environ, "MLX_XPO_VERBOSE": "1"} if ns.verbose else None  # see runner.verbose
+    rc = subprocess.call(cmd, env=env)
     if rc != 0:
         print(f"[demo] training exited with status {rc}", file=sys.stderr)
         return rc
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="runs/demo", help="adapter folder (default: runs/demo)")
     d.add_argument("--iters", type=int, default=40, help="training steps (default: 40)")
     d.add_argument("--cache", default=None, help="where the tiny model is cached")
+    d.add_argument("-v", "--verbose", action="store_true", help="the run's detail lines too (model loading, ...)")
     d.set_defaults(func=demo)
     s = sub.add_parser("schema", help="JSON Schema of the settings")
     s.add_argument("--markdown", action="store_true", help="the README settings table instead")

@@ -7,6 +7,8 @@ reference (adapters off, or a frozen model), the judge, the prompts; train; test
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import sys
@@ -27,6 +29,20 @@ from .trainer import LoopSettings, OnlineTrainer
 
 def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
+
+
+VERBOSE_ENV = "MLX_XPO_VERBOSE"
+
+
+def verbose(env=None) -> bool:
+    """Whether a run prints its detail lines too (upstream's model-loading lines, how the reference
+    and the judge are held): ``MLX_XPO_VERBOSE=1`` (``mlx-xpo demo -v`` sets it); default off."""
+    value = (os.environ if env is None else env).get(VERBOSE_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(VERBOSE_ENV, value, "use 1 (detail lines too) or 0 (the default)")
 
 
 def kernel_cache(env=None, version: str | None = None) -> str:
@@ -192,6 +208,7 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     from .registry import build_judge
 
     preflight(cfg)
+    loud = verbose()
     if mx.distributed.init().rank() != 0:  # data parallel: only rank 0 prints and writes
         sys.stdout = open(os.devnull, "w")
     mx.random.seed(cfg.seed)
@@ -208,8 +225,9 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     lora = None
     if cfg.train_type in ("lora", "dora"):
         lora = {**lora_parameters(cfg), "use_dora": cfg.train_type == "dora", "num_layers": cfg.num_layers}
-    model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
-                                          lora_config=lora, quantized_load=quantization(cfg))
+    with contextlib.nullcontext() if loud else contextlib.redirect_stdout(io.StringIO()):  # upstream's "Loading ..."
+        model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
+                                              lora_config=lora, quantized_load=quantization(cfg))
     if cfg.train:
         write_adapter_config(cfg)
     elif os.path.isfile(trained):
@@ -219,12 +237,13 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     if cfg.reference_model_path or cfg.train_type == "full":
         separate, _ = mlx_load(resolve_local_model("reference_model_path", cfg.reference_model_path or model_path))
         separate.freeze()
-        print(f"reference: frozen model from {cfg.reference_model_path or model_path}")
-    else:
+        if loud:
+            print(f"reference: frozen model from {cfg.reference_model_path or model_path}")
+    elif loud:
         print("reference: the base weights with adapters switched off (no second copy)")
     reference = Reference(model, separate)
     shared = judge_weights(cfg, model_path, model, separate)
-    if shared is not None:
+    if shared is not None and loud:
         print("judge: shares the reference's weights (no extra copy)")
     judge = build_judge(cfg.judge, JudgeContext(
         cfg.judge_system, dict(cfg.judge_config),

@@ -32,6 +32,16 @@ def test_demo_trains_through_the_upstream_cli_and_explains_results(demo_run):
     assert (out / "adapters.safetensors").is_file()
 
 
+def test_demo_output_is_quiet_by_default_and_verbose_on_request(demo_run, monkeypatch, tmp_path):
+    _, cache, stdout = demo_run
+    assert "Loading model" not in stdout and "reference: the base weights" not in stdout
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: calls.append(env) or 3)
+    args = ["demo", "--cache", str(cache), "--output", str(tmp_path / "o"), "--iters", "1"]
+    assert cli.main(args) == 3 and calls[-1] is None  # the environment as it is: quiet
+    assert cli.main(["demo", "-v", *args[1:]]) == 3 and calls[-1]["MLX_XPO_VERBOSE"] == "1"
+
+
 def test_demo_says_it_builds_the_model_when_it_does_and_reuses_it_after(demo_run, tmp_path):
     _, cache, stdout = demo_run
     assert "building the embedded tiny model" in stdout and "(cached)" not in stdout  # a fresh cache

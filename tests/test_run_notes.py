@@ -37,3 +37,13 @@ def test_a_judge_system_the_judge_ignores_is_noted():
     assert runner.ignored_judge_system("Prefer polite answers.", kinds["llm"]) is None
     assert runner.ignored_judge_system("Prefer polite answers.", kinds["http"]) is None
     assert runner.ignored_judge_system(None, kinds["function"]) is None
+
+
+def test_the_verbose_setting():
+    import pytest
+    from mlx_xpo_plugin.errors import ConfigError
+    assert runner.verbose({}) is False and runner.verbose({"MLX_XPO_VERBOSE": "0"}) is False
+    assert runner.verbose({"MLX_XPO_VERBOSE": "1"}) is True and runner.verbose({"MLX_XPO_VERBOSE": " Yes "}) is True
+    with pytest.raises(ConfigError) as e:
+        runner.verbose({"MLX_XPO_VERBOSE": "loud"})
+    assert str(e.value) == "MLX_XPO_VERBOSE: 'loud' is not valid; use 1 (detail lines too) or 0 (the default)"

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Union
 
 from . import config as C
+from .fast_blas import request
+
+request()  # a program that imports the API is one of this project's: a fast BLAS goes under MLX
 
 
 def as_config(mode: str, config: Union[Mapping[str, Any], Any]):

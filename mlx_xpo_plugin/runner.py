@@ -7,6 +7,8 @@ reference (adapters off, or a frozen model), the judge, the prompts; train; test
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import sys
@@ -20,6 +22,7 @@ from .checkpoint import save_json
 from .errors import ConfigError, SaveFailed
 from .faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
 from .fast_blas import banner_line as blas_line
+from .hints import command
 from .judges.base import JudgeContext
 from .quantized import folder_quantization, quantized_layers, refuse_full
 from .run_lock import check_writable, hold
@@ -38,6 +41,41 @@ def plan_steps(cfg, n_prompts: int, world: int = 1) -> tuple[int, int, int]:
 
 def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
+
+
+VERBOSE_ENV = "MLX_XPO_VERBOSE"
+
+
+def verbose(env=None) -> bool:
+    """Whether a run prints its detail lines too (upstream's model-loading lines, how the reference
+    and the judge are held): ``MLX_XPO_VERBOSE=1`` (``mlx-xpo demo -v`` sets it); default off."""
+    value = (os.environ if env is None else env).get(VERBOSE_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(VERBOSE_ENV, value, "use 1 (detail lines too) or 0 (the default)")
+
+
+def kernel_cache(env=None, version: str | None = None) -> str:
+    """Where MLX's CPU backend keeps the kernels it compiles: ``<temp>/mlx/<version>/cpu``, with
+    ``<temp>`` as C++'s ``temp_directory_path()`` finds it (TMPDIR, TMP, TEMP, TEMPDIR, /tmp)."""
+    env = os.environ if env is None else env
+    temp = next((env[k] for k in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if env.get(k)), "/tmp")
+    return os.path.join(temp, "mlx", version or mx.__version__, "cpu")
+
+
+def kernel_note(device=None, env=None, version: str | None = None) -> Optional[str]:
+    """A line saying that the first steps compile kernels, when MLX runs on the CPU and its kernel
+    cache holds none yet (a first run: step 1 then takes many times longer than the next)."""
+    if (device or mx.default_device()) != mx.cpu:
+        return None
+    d = kernel_cache(env, version)
+    try:
+        cold = not any(n.startswith("lib") and n.endswith(".so") for n in os.listdir(d))
+    except OSError:  # not there yet
+        cold = True
+    return f"compiling kernels (once; MLX keeps them in {d}): the first step takes longer" if cold else None
 
 
 def resolve_local_model(setting: str, path: str) -> str:
@@ -93,6 +131,14 @@ def quantization(cfg) -> Optional[dict]:
     return None
 
 
+def ignored_judge_system(judge_system, factory) -> Optional[str]:
+    """A note when ``judge_system`` is set for a kind of judge that reads no system prompt."""
+    if judge_system and not getattr(factory, "uses_judge_system", True):
+        return (f"note: judge_system is set, but the {factory.name} judge ignores it (only model and "
+                "http judges read a system prompt)")
+    return None
+
+
 def preflight(cfg) -> None:
     """Every check that needs no model: data files, model paths, judge, resume file, output folder."""
     from .data import check_data
@@ -113,8 +159,11 @@ def preflight(cfg) -> None:
             raise refuse_full(cfg.model, q)
     if cfg.reference_model_path:
         resolve_local_model("reference_model_path", cfg.reference_model_path)
-    check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
-                                        reference_model_path=cfg.reference_model_path, seed=cfg.seed))
+    factory = check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
+                                                  reference_model_path=cfg.reference_model_path, seed=cfg.seed))
+    note = ignored_judge_system(cfg.judge_system, factory)
+    if note:
+        print(note, file=sys.stderr)
     if cfg.resume_adapter_file:
         from .checkpoint_state import check_resume
         check_resume(cfg.resume_adapter_file, cfg)
@@ -168,7 +217,7 @@ def judge_weights(cfg, model_path: str, model, separate):
 
 
 def resume_command(cfg) -> str:
-    return (f"mlx_lm_lora.train --train-mode {cfg.train_mode} "
+    return (f"{command('mlx_lm_lora.train')} --train-mode {cfg.train_mode} "
             f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {cfg.adapter_path}")
 
 
@@ -192,10 +241,14 @@ def _run(cfg, training_callback, progress: bool) -> int:
     from .reference import Reference
     from .registry import build_judge
 
+    loud = verbose()
     mx.random.seed(cfg.seed)
     blas = blas_line()  # which BLAS MLX multiplies with (Linux CPUs; see fast_blas)
     if blas:
         print(blas)
+    note = kernel_note()
+    if note:
+        print(note)
     model_path = resolve_local_model("model", cfg.model)
     trained = os.path.join(cfg.adapter_path, "adapters.safetensors")
     if not cfg.train and os.path.isfile(trained):
@@ -203,8 +256,9 @@ def _run(cfg, training_callback, progress: bool) -> int:
     lora = None
     if cfg.train_type in ("lora", "dora"):
         lora = {**lora_parameters(cfg), "use_dora": cfg.train_type == "dora", "num_layers": cfg.num_layers}
-    model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
-                                          lora_config=lora, quantized_load=quantization(cfg))
+    with contextlib.nullcontext() if loud else contextlib.redirect_stdout(io.StringIO()):  # upstream's "Loading ..."
+        model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
+                                              lora_config=lora, quantized_load=quantization(cfg))
     if cfg.train and cfg.train_type == "full" and quantized_layers(model):  # the loaded model decides
         q = quantized_layers(model)
         raise refuse_full(cfg.model, f"{len(q)} quantized layers, e.g. {q[0]}")
@@ -217,12 +271,13 @@ def _run(cfg, training_callback, progress: bool) -> int:
     if cfg.reference_model_path or cfg.train_type == "full":
         separate, _ = mlx_load(resolve_local_model("reference_model_path", cfg.reference_model_path or model_path))
         separate.freeze()
-        print(f"reference: frozen model from {cfg.reference_model_path or model_path}")
-    else:
+        if loud:
+            print(f"reference: frozen model from {cfg.reference_model_path or model_path}")
+    elif loud:
         print("reference: the base weights with adapters switched off (no second copy)")
     reference = Reference(model, separate)
     shared = judge_weights(cfg, model_path, model, separate)
-    if shared is not None:
+    if shared is not None and loud:
         print("judge: shares the reference's weights (no extra copy)")
     judge = build_judge(cfg.judge, JudgeContext(
         cfg.judge_system, dict(cfg.judge_config),
@@ -249,6 +304,8 @@ def _run(cfg, training_callback, progress: bool) -> int:
         resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
         print(f"training {iters} steps ({steps_per_epoch} per epoch, {per_step} prompts per step, "
               f"2 completions each)")
+        if resume:
+            print(f"resuming from step {resume['step']} of {iters}")
         try:
             result = trainer.train(resume)
         except SaveFailed as e:  # disk full / unwritable during a save: the last checkpoint is kept

@@ -75,6 +75,7 @@ class JudgeFactory:
     build: Callable[[str, JudgeContext], PairwiseJudge]
     check: Optional[Callable[[str, JudgeContext], None]] = None
     priority: int = 0
+    uses_judge_system: bool = True  # False: the judge_system setting means nothing to this kind
 
 
 def verdict_metrics(verdicts: Sequence[Verdict], seconds: float) -> dict:

@@ -51,9 +51,9 @@ def data_path() -> str:
 
 
 def shared_blas() -> str | None:
-    """The BLAS both sides run MLX on: our start-up hook's choice (the system's OpenBLAS, or
-    ``MLX_XPO_BLAS``; ``MLX_XPO_BLAS=off`` measures MLX's bundled reference BLAS), given to
-    upstream through ``LD_PRELOAD`` since upstream runs without our hook."""
+    """The BLAS both sides run MLX on: our start-up hook's choice (``MLX_XPO_BLAS``, the system's
+    OpenBLAS, scipy-openblas32; ``MLX_XPO_BLAS=off`` measures MLX's bundled reference BLAS), loaded
+    by _driver.py in both sides' processes since upstream runs without our hook."""
     from mlx_xpo_plugin.fast_blas import bundled_reference_blas, choose
     import mlx  # noqa: F401  (bundled_reference_blas looks next to it)
     return choose()[0] if bundled_reference_blas() else None
@@ -63,9 +63,6 @@ def env_for(impl: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MLX_XPO_PLUGIN"}
     if impl == "upstream":
         env["MLX_XPO_PLUGIN"] = "0"
-    blas = shared_blas()
-    if blas:  # the same library on both sides (ours loads it anyway; LD_PRELOAD makes it certain)
-        env["LD_PRELOAD"] = " ".join(x for x in (blas, env.get("LD_PRELOAD")) if x)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

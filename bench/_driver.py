@@ -5,7 +5,8 @@
 SPEC: {"impl": "ours" | "upstream", "mode": "xpo" | "online_dpo", "settings": {...}}, where
 settings are the run's settings exactly as a user would give them (model, data, judge, batch_size,
 max_completion_length, iters, ...). The parent sets ``MLX_XPO_PLUGIN=0`` in the environment of an
-"upstream" run, so that mlx-lm-lora's built-in modes are the ones imported.
+"upstream" run, so that mlx-lm-lora's built-in modes are the ones imported. Both sides get the
+BLAS our start-up hook would choose (``fast_blas.preload``, called here before ``mlx.core``).
 
 What runs:
 * ours:     ``mlx_xpo_plugin.api.train_method(XPO or OnlineDPO, settings, training_callback=cb)`` -- the same
@@ -223,6 +224,8 @@ def main():
     out_path = sys.argv[2]
     impl, mode, settings = spec["impl"], spec["mode"], spec["settings"]
     t_start = time.perf_counter()
+    from mlx_xpo_plugin import fast_blas
+    fast_blas.preload()  # the same BLAS on both sides: upstream runs without our start-up hook
     import mlx.core as mx  # noqa: F401
     import mlx_lm  # noqa: F401
     import mlx_lm_lora.train  # noqa: F401  (both sides load models through mlx_lm_lora.utils)
@@ -247,7 +250,7 @@ def main():
     result = {
         "impl": impl, "mode": mode, "settings": settings, "device_info_shim": shim,
         "plugin_env": os.environ.get("MLX_XPO_PLUGIN"),
-        "blas_libraries_mapped": blas_libraries_mapped(),
+        "blas_libraries_mapped": blas_libraries_mapped(), "blas": fast_blas.banner_line(),
         "steps": steps,
         "rss_after_imports_mb": rss_after_imports_kb / 1024,
         "peak_rss_mb": proc_status_kb("VmHWM") / 1024,
@@ -270,7 +273,7 @@ def blas_libraries_mapped() -> list:
         names = {line.split()[-1] for line in open("/proc/self/maps") if len(line.split()) >= 6}
     except OSError:
         return []
-    return sorted(os.path.basename(n) for n in names if "blas" in os.path.basename(n).lower())
+    return sorted(os.path.basename(n) for n in names if "blas" in os.path.basename(n).lower() or "shim" in n)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ QUICK_ARGS = {
     "judge": ["--repeats", "3"],
     "learning": ["--seeds", "1"],
     "startup": ["--runs", "5"],
+    "blas": ["--rounds", "2"],
 }
 #: scripts left out unless named in --only, and why
 OPTIONAL = {"trl": "builds its own 1.5 GB virtual environment (torch + TRL); run it with --only trl"}

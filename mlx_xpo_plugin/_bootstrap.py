@@ -3,45 +3,21 @@
 It must stay cheap and can never fail: it only puts a tiny finder at the front of
 ``sys.meta_path``, which ignores every import except two:
 
-* ``mlx.core``: :func:`mlx_xpo_plugin.fast_blas.preload` first puts a fast BLAS under MLX on
-  Linux CPUs (standard library only; see that module), then the import proceeds as usual;
-* ``mlx_lm_lora.train``: only then is :mod:`mlx_xpo_plugin.activation` imported (and through
-  it pluggy, our registry, ...).
+* ``mlx.core``: in this project's commands (or everywhere with ``MLX_XPO_BLAS_SCOPE=all``),
+  :func:`mlx_xpo_plugin.fast_blas.preload` first puts a fast BLAS under MLX on Linux CPUs
+  (standard library only; see that module), then the import proceeds as usual;
+* ``mlx_lm_lora.train``: marks the process as one of this project's commands
+  (:func:`mlx_xpo_plugin.fast_blas.request`), and only then is :mod:`mlx_xpo_plugin.activation`
+  imported (and through it pluggy, our registry, ...).
 
 ``MLX_XPO_PLUGIN=0`` in the environment turns the whole thing off (the .pth line then does not
 even import this module; the check here covers other ways of importing it).
 Keep ``mlx_xpo_plugin/__init__.py`` free of imports: it runs in every interpreter too.
 """
 
-import os
 import sys
 
-TARGET = "mlx_lm_lora.train"
-MLX_CORE = "mlx.core"
-_OFF = ("0", "false", "no", "off")
-
-
-def enabled() -> bool:
-    return os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() not in _OFF
-
-
-_reported = False
-
-
-def report(exc) -> None:
-    """Say once, on one stderr line, that activation failed and upstream runs unchanged."""
-    global _reported
-    if _reported:
-        return
-    _reported = True
-    try:
-        what = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-        what = " ".join(str(what).split())
-        sys.stderr.write(f"mlx-xpo-plugin: activation failed ({what}); mlx-lm-lora runs "
-                         f"unchanged (set MLX_XPO_PLUGIN=0 to silence this)\n")
-    except Exception:
-        pass
-
+from mlx_xpo_plugin.startup import MLX_CORE, TARGET, enabled, report
 
 class TrainModuleFinder:
     """``sys.meta_path`` entry that hands ``mlx_lm_lora.train`` to the activation code (and
@@ -53,13 +29,17 @@ class TrainModuleFinder:
         if fullname == MLX_CORE:
             try:
                 from mlx_xpo_plugin import fast_blas
-                fast_blas.preload()
+                why = fast_blas.in_scope()
+                if why:
+                    fast_blas.preload(quiet=why == "ours")  # our runs' banner says what happened
             except Exception as e:  # never break an import
                 report(e)
             return None
         if fullname != TARGET:
             return None
         try:
+            from mlx_xpo_plugin import fast_blas
+            fast_blas.request()
             from mlx_xpo_plugin import activation
             return activation.find_spec(self, fullname, path, target)
         except Exception as e:  # never break an import

@@ -30,7 +30,7 @@ import os
 import sys
 from importlib.machinery import PathFinder
 
-from ._bootstrap import TARGET, enabled, report
+from .startup import TARGET, enabled, report
 
 #: what ``python -m mlx_lm_lora.train`` runs as ``__main__`` once activation is in place
 RUN_AS_MAIN = "import sys\nfrom mlx_lm_lora.train import main\nsys.exit(main())\n"

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Union
 
 from . import config
-from .runner import run
+from .fast_blas import request
+
+request()  # a program that imports the API is one of this project's: a fast BLAS goes under MLX
 
 
 def as_config(mode: str, source: Union[Mapping[str, Any], Any]):
@@ -24,4 +26,5 @@ def as_config(mode: str, source: Union[Mapping[str, Any], Any]):
 def train_method(method_cls, source, training_callback=None, progress: bool = True) -> int:
     """Resolve `source` (see :func:`as_config`) for the method's mode and run it; returns the
     exit status (0 on success). Raises ConfigError on bad settings."""
+    from .runner import run  # here, not above: mlx.core must load after request() chose the BLAS
     return run(as_config(method_cls.mode, source), method_cls, training_callback, progress=progress)

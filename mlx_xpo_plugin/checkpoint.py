@@ -1,6 +1,8 @@
 """Atomic saves: write to a temporary file in the same folder, then rename over the target.
 
-A run that is killed mid-save leaves the previous file intact.
+A run that is killed mid-save leaves the previous file intact. The file gets the mode ``open()``
+would give a new file (0666 less the umask), as every other output of a run; the temporary file
+is created 0600.
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ from mlx.utils import tree_flatten
 from .jsonio import dumps
 
 
+def new_file_mode() -> int:
+    """0666 less the process's umask: the mode ``open(path, "w")`` gives a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str, write) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -21,6 +30,7 @@ def atomic_write_bytes(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError
+from .fast_blas import request
+from .hints import command
 
 
 def _console(name: str) -> str:
@@ -25,11 +27,18 @@ def _console(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
+def demo_model_line(cache: Path) -> str:
+    """What the demo says about its model: built now, or reused from ``cache``."""
+    if (cache / "demo-model" / "config.json").exists():  # written last by build_tiny_model
+        return f"[demo] using the embedded tiny model and prompts cached under {cache}"
+    return f"[demo] building the embedded tiny model and prompts under {cache} (once; later runs reuse them) ..."
+
+
 def demo(ns) -> int:
     from .tiny import build_tiny_model, default_cache_dir, write_prompt_dataset
     cache = Path(ns.cache or default_cache_dir())
     t0 = time.time()
-    print(f"[demo] building the embedded tiny model and prompts under {cache} (cached) ...")
+    print(demo_model_line(cache))
     model = build_tiny_model(cache / "demo-model", preset="tiny", seed=0)
     data = write_prompt_dataset(cache / "demo-data")
     out = Path(ns.output).resolve()
@@ -46,8 +55,9 @@ def demo(ns) -> int:
     import yaml
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [_console("mlx_lm_lora.train"), "--train-mode", "xpo", "--config", str(cfg_path)]
-    print("[demo] running:", " ".join(cmd))
-    rc = subprocess.call(cmd)
+    print("[demo] running:", " ".join([command("mlx_lm_lora.train"), *cmd[1:]]))
+    env = {**os.environ, "MLX_XPO_VERBOSE": "1"} if ns.verbose else None  # see runner.verbose
+    rc = subprocess.call(cmd, env=env)
     if rc != 0:
         print(f"[demo] training exited with status {rc}", file=sys.stderr)
         return rc
@@ -63,7 +73,11 @@ def demo(ns) -> int:
             print(f"    step {r['step']:>4}: {r['val_win_rate']:.2f}  ({r['val_wins']} won, {r['val_losses']} lost, "
                   f"{r['val_ties']} ties)")
         print("  0.5 is chance; above it the policy learned what the judge prefers.")
-    print(f"  plot:        mlx-xpo plot {out}   (needs the 'plot' extra: pip install 'mlx-xpo-plugin[plot]')")
+    try:
+        print(f"  plot:        {write_plot(str(out))}  (the training curves)")
+    except ImportError:  # matplotlib is the optional 'plot' extra
+        print(f"  plot:        {command('mlx-xpo')} plot {out}   (needs the 'plot' extra: "
+              "pip install 'mlx-xpo-plugin[plot]')")
     return 0
 
 
@@ -84,16 +98,46 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (mid - half, mid + half)
 
 
+#: what ``eval`` takes from the training run saved in the adapter folder, unless given
+FROM_TRAINING = ("model", "data", "judge", "judge_system", "judge_config", "max_completion_length",
+                 "temperature", "top_p", "top_k", "min_p", "max_seq_length", "reference_model_path")
+
+
+def trained_settings(adapter_path: str) -> dict:
+    """The settings of the run that trained ``adapter_path`` (its checkpoint/state.json; the model
+    from adapter_config.json otherwise), limited to :data:`FROM_TRAINING`; {} when there are none."""
+    cfg = {}
+    for name, key in (("checkpoint/state.json", "config"), ("adapter_config.json", None)):
+        path = os.path.join(adapter_path, name)
+        if not cfg and os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            cfg = (saved.get(key) if key else saved) or {}
+    return {k: cfg[k] for k in FROM_TRAINING if cfg.get(k) is not None}
+
+
 def evaluate(ns) -> int:
+    import contextlib
     from . import config as C
     from .online_dpo_trainer import OnlineDPO
     from .runner import run
-    values = {"model": ns.model, "adapter_path": ns.adapter_path, "data": ns.data, "judge": ns.judge,
-              "train": False, "test": True, "test_batches": -1, "batch_size": ns.batch_size,
-              "max_completion_length": ns.max_completion_length, "seed": ns.seed,
-              "temperature": ns.temperature, "train_type": ns.train_type}
+    given = {"model": ns.model, "data": ns.data, "judge": ns.judge, "seed": ns.seed,
+             "max_completion_length": ns.max_completion_length, "temperature": ns.temperature}
+    given = {k: v for k, v in given.items() if v is not None}
+    trained = {k: v for k, v in trained_settings(ns.adapter_path).items() if k not in given}
+    for key in ("model", "data", "judge"):
+        if key not in given and key not in trained:
+            raise ConfigError(key, None, f"not given, and {ns.adapter_path!r} holds no training run's settings "
+                              "(checkpoint/state.json)", f"pass --{key}")
+    values = {**trained, **given, "adapter_path": ns.adapter_path, "train": False, "test": True,
+              "test_batches": -1, "batch_size": ns.batch_size, "train_type": ns.train_type}
     cfg = C.resolve("online_dpo", values, set(values), C.load_yaml(ns.config) if ns.config else {})
-    rc = run(cfg, OnlineDPO, progress=False)  # evaluation only: the method's sampling is not used
+    # with --json, stdout carries the JSON object only: every other line goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
+        if trained:
+            print("eval: from the training run: " + ", ".join(
+                f"{k}={trained[k]}" if k in ("max_completion_length", "temperature") else k for k in trained))
+        rc = run(cfg, OnlineDPO, progress=False)  # evaluation only: the method's sampling is unused
     if rc:
         return rc
     res = json.load(open(os.path.join(ns.adapter_path, "test_metrics.json")))
@@ -115,17 +159,24 @@ PLOT_KEYS = [("loss", "loss"), ("rewards/accuracies", "accuracy"), ("rewards/mar
 
 
 def plot(ns) -> int:
+    if not os.path.isfile(os.path.join(ns.adapter_path, "metrics.jsonl")):
+        print(f"error: adapter_path: {ns.adapter_path!r} has no metrics.jsonl", file=sys.stderr)
+        return 2
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        print(write_plot(ns.adapter_path, ns.output))
     except ImportError:
         print("error: plot needs matplotlib: pip install 'mlx-xpo-plugin[plot]'", file=sys.stderr)
         return 2
-    path = os.path.join(ns.adapter_path, "metrics.jsonl")
-    if not os.path.isfile(path):
-        print(f"error: adapter_path: {ns.adapter_path!r} has no metrics.jsonl", file=sys.stderr)
-        return 2
+    return 0
+
+
+def write_plot(adapter_path: str, output: str | None = None) -> str:
+    """PNG of the curves in ``adapter_path``/metrics.jsonl; returns its path. ImportError without
+    matplotlib (the optional 'plot' extra)."""
+    import matplotlib  # optional dependency: imported only here
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(adapter_path, "metrics.jsonl")
     rows = [json.loads(l) for l in open(path) if l.strip()]
     for r in rows:
         if r.get("judge/pairs"):
@@ -142,12 +193,12 @@ def plot(ns) -> int:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"training curves: {ns.adapter_path}")
+    fig.suptitle(f"training curves: {adapter_path}")
     fig.tight_layout()
-    out = ns.output or os.path.join(ns.adapter_path, "training.png")
+    out = output or os.path.join(adapter_path, "training.png")
     fig.savefig(out, dpi=90)
-    print(out)
-    return 0
+    plt.close(fig)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,23 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="offline XPO demo on an embedded tiny model")
     d.add_argument("--output", default="runs/demo", help="adapter folder (default: runs/demo)")
-    d.add_argument("--iters", type=int, default=40)
+    d.add_argument("--iters", type=int, default=40, help="training steps (default: 40)")
     d.add_argument("--cache", default=None, help="where the tiny model is cached")
+    d.add_argument("-v", "--verbose", action="store_true", help="the run's detail lines too (model loading, ...)")
     d.set_defaults(func=demo)
     s = sub.add_parser("schema", help="JSON Schema of the settings")
     s.add_argument("--markdown", action="store_true", help="the README settings table instead")
     s.set_defaults(func=schema)
-    e = sub.add_parser("eval", help="win-rate of adapters vs the reference")
-    e.add_argument("--model", required=True)
+    e = sub.add_parser("eval", help="win-rate of adapters vs the reference",
+                       description="Win-rate of trained adapters against the reference on test.jsonl. "
+                       "model, data, judge (and its system prompt and config), completion length and "
+                       "sampling settings default to the training run's, read from the adapter folder.")
     e.add_argument("--adapter-path", required=True)
-    e.add_argument("--data", required=True, help="folder with test.jsonl")
-    e.add_argument("--judge", required=True)
+    e.add_argument("--model", default=None, help="default: the training run's")
+    e.add_argument("--data", default=None, help="folder with test.jsonl (default: the training run's)")
+    e.add_argument("--judge", default=None, help="default: the training run's")
     e.add_argument("--config", default=None)
     e.add_argument("--train-type", default="lora", choices=["lora", "dora", "full"])
     e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--max-completion-length", type=int, default=64)
-    e.add_argument("--temperature", type=float, default=0.8)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-completion-length", type=int, default=None, help="default: the training run's")
+    e.add_argument("--temperature", type=float, default=None, help="default: the training run's")
+    e.add_argument("--seed", type=int, default=None)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=evaluate)
     pl = sub.add_parser("plot", help="PNG of training curves")
@@ -183,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    request()  # one of this project's commands: a fast BLAS goes under MLX (see fast_blas)
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)

@@ -337,17 +337,23 @@ def _check_cross(a) -> None:
 # ---------------------------------------------------------------- CLI flags, JSON Schema, docs
 
 
+def yaml_text(value) -> str:
+    """``value`` as YAML writes it on one line (``null``, ``true``, ``1.0e-05``, ``[0.1, 0.2]``)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip().removesuffix("\n...")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the plugin's flags to upstream's parser; fix type/help of options upstream already has.
+    """Add the plugin's flags to upstream's parser, all in one help group; fix type/help of options
+    upstream already has (moved into that group).
 
     Defaults stay None (argparse), so that YAML values are never masked; the schema default
     applies when neither the command line nor the YAML gives a value.
     """
     existing = {a.dest: a for a in parser._actions}
-    group = None
+    group = parser.add_argument_group("online preference (xpo, online_dpo; mlx-xpo-plugin)")
     for s in PLUGIN_SETTINGS:
         kind = {"floats": parse_floats, "float": float, "int": int, "str": str}.get(s.kind)
-        help_ = f"[{'/'.join(s.modes)}] {s.help} Default: {s.default!r}."
+        help_ = f"[{'/'.join(s.modes)}] {s.help} Default: {yaml_text(s.default)}."
         if s.choices:
             help_ += " One of: " + ", ".join(s.choices) + "."
         if s.name in existing:
@@ -355,11 +361,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             act.help = help_
             if s.name == "alpha":  # upstream's type=list[float] splits '1e-4' into characters
                 act.type = parse_floats
+            for other in parser._action_groups:  # shown with ours, not in upstream's group
+                if act in other._group_actions:
+                    other._group_actions.remove(act)
+            group._group_actions.append(act)
             continue
         if s.kind == "dict":
             kind = yaml.safe_load
-        if group is None:
-            group = parser.add_argument_group("online preference (xpo, online_dpo; mlx-xpo-plugin)")
         group.add_argument(s.flag, dest=s.name, type=kind, default=None, help=help_)
 
 
@@ -401,7 +409,7 @@ def settings_markdown() -> str:
             "|---|---|---|---|---|---|"]
     for s in PLUGIN_SETTINGS:
         valid = ", ".join(s.choices) if s.choices else _range_text(s)
-        rows.append(f"| `{s.name}` | {', '.join(s.modes)} | `{s.default!r}` | {valid} | "
+        rows.append(f"| `{s.name}` | {', '.join(s.modes)} | `{yaml_text(s.default)}` | {valid} | "
                     f"{'yes' if s.studio else ''} | {s.help} |")
     return "\n".join(rows)
 

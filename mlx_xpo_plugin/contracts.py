@@ -187,3 +187,4 @@ class JudgeFactory:
     build: Callable[[str, JudgeContext], PairwiseJudge]
     check: Optional[Callable[[str, JudgeContext], None]] = None
     priority: int = 0
+    uses_judge_system: bool = True  # False: the judge_system setting means nothing to this kind

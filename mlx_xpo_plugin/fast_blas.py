@@ -1,22 +1,30 @@
 """A fast BLAS under MLX on Linux CPUs.
 
 The Linux ``mlx[cpu]`` wheel bundles the *reference* (netlib) BLAS
-(``site-packages/mlx_cpu.libs/libblas-*.so``). Its ``cblas_sgemm`` ran at 3-5 GFLOP/s on this
-project's 2-core test machine, where OpenBLAS ran the same products at 60-170 GFLOP/s, and
-matrix products are most of a training step (rollout, judge, scoring and backward alike).
+(``site-packages/mlx_cpu.libs/libblas-*.so``), many times slower than OpenBLAS on the same
+products (bench/results/blas.md), and matrix products are most of a training step (rollout,
+judge, scoring and backward alike).
 
 MLX calls BLAS through the dynamic linker, and a library loaded into the process's *global*
 symbol scope before ``mlx.core`` is loaded takes precedence over the bundled one. So when
 ``mlx.core`` is first imported, the start-up hook (:mod:`mlx_xpo_plugin._bootstrap`) calls
-:func:`preload`, which loads, with ``RTLD_GLOBAL``:
+:func:`preload`, which loads, with ``RTLD_GLOBAL``, the first of:
 
-* the file named by ``MLX_XPO_BLAS`` (``MLX_XPO_BLAS=off`` keeps the bundled BLAS), else
-* the system's OpenBLAS if there is one (Debian/Ubuntu: ``apt install libopenblas0-pthread``;
-  Fedora: ``dnf install openblas``),
+* the file named by ``MLX_XPO_BLAS`` (``MLX_XPO_BLAS=off`` keeps the bundled BLAS);
+* the system's OpenBLAS (Debian/Ubuntu: ``apt install libopenblas0-pthread``; Fedora: ``dnf
+  install openblas``);
+* the OpenBLAS of the ``scipy-openblas32`` wheel, a dependency of this package on Linux x86-64 and
+  AArch64 (no root needed). It exports its routines with a ``scipy_`` prefix, so
+  :mod:`.blas_shim` puts the plain names MLX imports in the global scope, bound to them.
 
-and only where it helps: on Linux, with the reference BLAS bundled in the installed mlx.
-Nothing is loaded on macOS (Accelerate) or with a CUDA build. Any failure leaves MLX exactly as
-shipped and is said once, on one stderr line. Standard library only: this runs at import time.
+and only where it helps: on Linux, with the reference BLAS bundled in the installed mlx, and (by
+default) in processes that run this project's commands: those that import ``mlx_lm_lora.train``
+(its console script, ``python -m``), run ``mlx-xpo``, import :mod:`mlx_xpo_plugin.api`, or
+import ``mlx.core`` through this package's modules, before anything else imported ``mlx.core``.
+``MLX_XPO_BLAS_SCOPE=all`` applies it to every MLX process of the environment. Nothing is loaded
+on macOS (Accelerate, Metal) or with a CUDA build. Any failure leaves MLX exactly as shipped; in
+this project's commands the run's banner says why (:func:`banner_line`), elsewhere one stderr
+line does. Standard library only: this runs at import time.
 
 While completions are decoded token by token, :func:`spare_core_for_python` keeps that OpenBLAS
 on one core fewer than the process may use (see there).
@@ -30,15 +38,22 @@ import ctypes.util
 import glob
 import os
 import sys
+from importlib.machinery import PathFinder
 
 ENV = "MLX_XPO_BLAS"
+SCOPE_ENV = "MLX_XPO_BLAS_SCOPE"
+SCOPES = ("commands", "all")
+PIP_PACKAGE = "scipy-openblas32"
+PREFIXES = ("", "scipy_")  # how a candidate may name cblas_sgemm
 _OFF = ("0", "false", "no", "off", "bundled", "reference")
-HINT = ("install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread) and it is used "
-        f"automatically, or set {ENV}=/path/to/libopenblas.so")
+HINT = (f"pip install {PIP_PACKAGE} (no root needed), or install OpenBLAS (Debian/Ubuntu: apt install "
+        f"libopenblas0-pthread), and it is used automatically; or set {ENV}=/path/to/libopenblas.so")
 
 #: what happened, for the run's banner: {"blas": what MLX multiplies with, "loaded": the preloaded
-#: file or None, "why": the reason for the choice}
+#: file or None, "prefix": of its routine names, "why": the reason for the choice}
 STATE: dict = {}
+_LIB = []  # the loaded library's handle (for its thread-count functions)
+_REQUESTED = []  # non-empty once request() was called
 
 
 def bundled_reference_blas(site_dir: str | None = None) -> str | None:
@@ -49,14 +64,30 @@ def bundled_reference_blas(site_dir: str | None = None) -> str | None:
         mlx = sys.modules.get("mlx")
         paths = list(getattr(mlx, "__path__", None) or [])
         if not paths:
+            spec = PathFinder.find_spec("mlx")  # not imported yet: where it would come from
+            paths = list(spec.submodule_search_locations or []) if spec else []
+        if not paths:
             return None
         site_dir = os.path.dirname(os.path.abspath(paths[0]))
     found = sorted(glob.glob(os.path.join(site_dir, "mlx_cpu.libs", "libblas*.so*")))
     return found[0] if found else None
 
 
-def choose(env: dict | None = None) -> tuple[str | None, str]:
-    """(library to load or None, why): ``MLX_XPO_BLAS`` first, then the system's OpenBLAS."""
+def pip_openblas(path: list | None = None) -> str | None:
+    """The library of the installed ``scipy-openblas32`` wheel, found without importing it."""
+    spec = PathFinder.find_spec("scipy_openblas32", path)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(glob.glob(os.path.join(folder, "lib", "libscipy_openblas*.so")))
+        if found:
+            return found[0]
+    return None
+
+
+def choose(env: dict | None = None, system=None, pip=None) -> tuple[str | None, str]:
+    """(library to load or None, why): ``MLX_XPO_BLAS``, the system's OpenBLAS, scipy-openblas32.
+
+    ``system`` and ``pip`` find the last two (default: :func:`ctypes.util.find_library` and
+    :func:`pip_openblas`); a test passes its own."""
     env = os.environ if env is None else env
     value = env.get(ENV, "").strip()
     if value.lower() in _OFF:
@@ -65,37 +96,139 @@ def choose(env: dict | None = None) -> tuple[str | None, str]:
         if not os.path.isfile(value):
             return None, f"{ENV}={value!r} is not a file; the bundled reference BLAS is kept"
         return value, f"{ENV}={value}"
-    name = ctypes.util.find_library("openblas")
-    if name is None:
-        return None, "no OpenBLAS found: " + HINT
-    return name, "the system's OpenBLAS"
+    name = (system or (lambda: ctypes.util.find_library("openblas")))()
+    if name is not None:
+        return name, "the system's OpenBLAS"
+    name = (pip or pip_openblas)()
+    if name is not None:
+        return name, f"the {PIP_PACKAGE} package"
+    return None, "no OpenBLAS found: " + HINT
 
 
-def preload() -> dict:
-    """Load the chosen BLAS globally, before ``mlx.core``; returns (and keeps) :data:`STATE`."""
+def request() -> None:
+    """Mark this process as one that runs this project's commands: :func:`in_scope` says yes."""
+    _REQUESTED.append(True)
+
+
+def scope(env: dict | None = None) -> tuple[str, str | None]:
+    """(``commands`` or ``all``, a one-line complaint about a bad ``MLX_XPO_BLAS_SCOPE`` or None)."""
+    value = (os.environ if env is None else env).get(SCOPE_ENV, "").strip()
+    if value.lower() in ("", *SCOPES):
+        return (value.lower() or "commands"), None
+    return "commands", (f"{SCOPE_ENV}={value!r} is not one of {', '.join(SCOPES)}; "
+                        f"using commands (this project's commands only)")
+
+
+def _imported_by_us(frame) -> bool:
+    """True when a module of this package (other than the start-up hook) is on the import stack."""
+    while frame is not None:
+        name = frame.f_globals.get("__name__") or ""
+        if name.startswith("mlx_xpo_plugin") and name not in (
+                "mlx_xpo_plugin._bootstrap", "mlx_xpo_plugin.fast_blas", "mlx_xpo_plugin.blas_shim"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def in_scope(env: dict | None = None, frame=None) -> str | None:
+    """Whether :func:`preload` applies to this process (see the module's docstring): ``"ours"``
+    (one of this project's commands), ``"all"`` (``MLX_XPO_BLAS_SCOPE=all``) or None."""
+    where, complaint = scope(env)
+    if complaint:
+        sys.stderr.write(f"mlx-xpo-plugin: {complaint}\n")
+    if _REQUESTED or _imported_by_us(frame or sys._getframe(1)):
+        return "ours"
+    return "all" if where == "all" else None
+
+
+def _exported_prefix(lib) -> str | None:
+    for prefix in PREFIXES:
+        try:
+            getattr(lib, prefix + "cblas_sgemm")
+            return prefix
+        except AttributeError:
+            continue
+    return None
+
+
+def _load(path: str) -> tuple[str, int | None]:
+    """Load ``path`` globally and make its routines MLX's; returns (their name prefix, the thread
+    count set by :func:`spare_a_core` or None)."""
+    lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    prefix = _exported_prefix(lib)
+    if prefix is None:
+        raise OSError(f"it exports no cblas_sgemm (nor {', '.join(p + 'cblas_sgemm' for p in PREFIXES if p)})")
+    threads = None
+    if prefix:
+        from . import blas_shim  # only for prefixed libraries
+        blas_shim.forward_loaded(lib, prefix)
+        threads = spare_a_core(lib, prefix)
+    _LIB[:] = [lib]
+    return prefix, threads
+
+
+#: the environment variables OpenBLAS reads its thread count from (the user's choice wins)
+THREAD_ENVS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def spare_a_core(lib, prefix: str, env: dict | None = None) -> int | None:
+    """Run a prefixed (pip) OpenBLAS on at most ``usable_cores() - 1`` threads, unless the user
+    set its thread count; returns the count set, or None.
+
+    Its workers wait for each other by spinning without giving the core away (no ``sched_yield``,
+    unlike Debian's build), so when the process or the machine has more runnable threads than
+    cores (MLX's stream thread, the Python thread, other jobs) a product can stall for a scheduler
+    time slice. One core fewer keeps a core for the rest (README, "Speed on Linux CPUs": measured).
+    """
+    env = os.environ if env is None else env
+    if any(env.get(k, "").strip() for k in THREAD_ENVS):
+        return None
+    api = _threads_api(lib, prefix)
+    if api is None:
+        return None
+    get, put = api
+    wanted = max(1, min(get(), usable_cores() - 1))
+    put(wanted)
+    return wanted
+
+
+def preload(quiet: bool = False) -> dict:
+    """Load the chosen BLAS globally, before ``mlx.core``; returns (and keeps) :data:`STATE`.
+
+    A failure is written to stderr unless ``quiet`` (the start-up hook passes True in this
+    project's commands, whose banner says it: :func:`banner_line`)."""
     if STATE:
         return STATE
     bundled = bundled_reference_blas()
     if bundled is None or "mlx.core" in sys.modules:
-        STATE.update(blas="as shipped with mlx", loaded=None, why="")
+        why = "mlx.core was imported before the BLAS could be chosen" if bundled else ""
+        STATE.update(blas="as shipped with mlx", loaded=None, prefix="", why=why)
         return STATE
     path, why = choose()
-    STATE.update(blas="bundled reference BLAS (slow)", loaded=None, why=why)
-    if path is None and os.environ.get(ENV, "").strip().lower() not in _OFF + ("",):
-        sys.stderr.write(f"mlx-xpo-plugin: {why}\n")  # a setting that names no file: say so at once
+    STATE.update(blas="bundled reference BLAS (slow)", loaded=None, prefix="", why=why)
+    failed = path is None and os.environ.get(ENV, "").strip().lower() not in _OFF + ("",)
     if path is not None:
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            STATE.update(blas=f"{os.path.basename(path)} (preloaded for MLX)", loaded=path)
+            prefix, threads = _load(path)
+            where = f"{why}; {threads} thread{'s' * (threads != 1)}" if threads else why
+            STATE.update(prefix=prefix, loaded=path, blas=f"{os.path.basename(path)} (preloaded for MLX; {where})")
         except OSError as e:
             STATE["why"] = f"{why}: could not be loaded ({e}); the bundled reference BLAS is kept"
-            sys.stderr.write(f"mlx-xpo-plugin: {STATE['why']}\n")
+            failed = True
+    if failed and not quiet:
+        sys.stderr.write(f"mlx-xpo-plugin: {STATE['why']}\n")
     return STATE
 
 
 def banner_line() -> str | None:
     """One line for a run's banner on Linux CPUs (None where MLX's own BLAS is used)."""
-    if not STATE or STATE.get("blas") == "as shipped with mlx":
+    if not STATE and bundled_reference_blas() is not None:  # the hook was off or out of scope
+        off = os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() in ("0", "false", "no", "off")
+        STATE.update(blas="bundled reference BLAS (slow)", loaded=None, prefix="",
+                     why="the start-up hook is off (MLX_XPO_PLUGIN=0)" if off else
+                     "mlx.core was imported before this package chose a BLAS (import mlx_xpo_plugin.api "
+                     f"before mlx, or set {SCOPE_ENV}=all)")
+    if not STATE or (STATE.get("blas") == "as shipped with mlx" and not STATE.get("why")):
         return None
     if STATE.get("loaded"):
         return f"BLAS: {STATE['blas']}"
@@ -110,18 +243,28 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _openblas_threads(path: str | None):
+def _threads_api(lib, prefix: str = ""):
+    """(get, set) of the thread count of the loaded OpenBLAS ``lib``, or None; ``prefix`` of its
+    names (``scipy_openblas_set_num_threads`` in scipy-openblas32)."""
+    try:
+        get = getattr(lib, prefix + "openblas_get_num_threads")
+        put = getattr(lib, prefix + "openblas_set_num_threads")
+    except AttributeError:  # not an OpenBLAS (e.g. MLX_XPO_BLAS names another BLAS)
+        return None
+    get.restype, get.argtypes = ctypes.c_int, []
+    put.restype, put.argtypes = None, [ctypes.c_int]
+    return get, put
+
+
+def _openblas_threads(path: str | None, prefix: str = ""):
     """(get, set) of the thread count of the OpenBLAS loaded from ``path``, or None."""
     if not path:
         return None
     try:
         lib = ctypes.CDLL(path)  # already loaded: the same handle
-        get, put = lib.openblas_get_num_threads, lib.openblas_set_num_threads
-    except (OSError, AttributeError):  # not an OpenBLAS (e.g. MLX_XPO_BLAS names another BLAS)
+    except OSError:
         return None
-    get.restype, get.argtypes = ctypes.c_int, []
-    put.restype, put.argtypes = None, [ctypes.c_int]
-    return get, put
+    return _threads_api(lib, prefix)
 
 
 @contextlib.contextmanager
@@ -131,14 +274,12 @@ def spare_core_for_python():
     Token-by-token decoding keeps two threads of the process busy: MLX's stream thread runs step
     t while the Python thread builds step t+1. A decode step's matrix products have one row per
     sequence, too few to gain from being split across threads, and OpenBLAS's idle workers spin
-    (``sched_yield``) between calls, taking the core the Python thread needs. Measured on the
-    2-core test machine (small preset with LoRA, 4 rows x 64 tokens, 8 alternating runs in one
-    process): 605 -> 498 ms per rollout; the scoring forward/backward (87 tokens per row) did not
-    gain, so the count goes back on exit. Pending MLX work is finished on entry and on exit, so
+    (``sched_yield``) between calls, taking the core the Python thread needs (README, "Sampling":
+    measured); the scoring forward/backward did not gain, so the count goes back on exit. Pending MLX work is finished on entry and on exit, so
     the count never changes under a running product. A no-op unless this module preloaded an
     OpenBLAS.
     """
-    api = _openblas_threads(STATE["loaded"]) if STATE.get("loaded") else None
+    api = _openblas_threads(STATE["loaded"], STATE.get("prefix", "")) if STATE.get("loaded") else None
     if api is None:
         yield
         return

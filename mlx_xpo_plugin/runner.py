@@ -7,6 +7,8 @@ reference (adapters off, or a frozen model), the judge, the prompts; train; test
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import sys
@@ -21,6 +23,7 @@ from .errors import ConfigError, SaveFailed
 from .faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
 from .fast_blas import banner_line as blas_line
 from .contracts import JudgeContext, as_judge
+from .hints import command
 from .loop_settings import from_config as loop_settings
 from .models import model_folder, same_folder
 from .quantized import folder_quantization, quantized_layers, refuse_full
@@ -41,6 +44,60 @@ def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+VERBOSE_ENV = "MLX_XPO_VERBOSE"
+
+
+def verbose(env=None) -> bool:
+    """Whether a run prints its detail lines too (upstream's model-loading lines, how the reference
+    and the judge are held): ``MLX_XPO_VERBOSE=1`` (``mlx-xpo demo -v`` sets it); default off."""
+    value = (os.environ if env is None else env).get(VERBOSE_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(VERBOSE_ENV, value, "use 1 (detail lines too) or 0 (the default)")
+
+
+def kernel_cache(env=None, version: str | None = None) -> str:
+    """Where MLX's CPU backend keeps the kernels it compiles: ``<temp>/mlx/<version>/cpu``, with
+    ``<temp>`` as C++'s ``temp_directory_path()`` finds it (TMPDIR, TMP, TEMP, TEMPDIR, /tmp)."""
+    env = os.environ if env is None else env
+    temp = next((env[k] for k in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if env.get(k)), "/tmp")
+    return os.path.join(temp, "mlx", version or mx.__version__, "cpu")
+
+
+def kernel_note(device=None, env=None, version: str | None = None) -> Optional[str]:
+    """A line saying that the first steps compile kernels, when MLX runs on the CPU and its kernel
+    cache holds none yet (a first run: step 1 then takes many times longer than the next)."""
+    if (device or mx.default_device()) != mx.cpu:
+        return None
+    d = kernel_cache(env, version)
+    try:
+        cold = not any(n.startswith("lib") and n.endswith(".so") for n in os.listdir(d))
+    except OSError:  # not there yet
+        cold = True
+    return f"compiling kernels (once; MLX keeps them in {d}): the first step takes longer" if cold else None
+
+
+def loop_settings(cfg, iters: int, progress: bool = True) -> LoopSettings:
+    return LoopSettings(
+        mode=cfg.train_mode, iters=iters, batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
+        alpha=cfg.alpha if cfg.train_mode == "xpo" else 0.0,
+        xpo_bonus=cfg.xpo_bonus, loss_type=cfg.dpo_cpo_loss_type, delta=cfg.delta,
+        sampling=SamplingConfig(max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p),
+        missing_eos_penalty=cfg.missing_eos_penalty, entropy_coef=cfg.entropy_coef,
+        steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval,
+        val_batches=cfg.val_batches, save_every=cfg.save_every,
+        log_completions_every=cfg.log_completions_every,
+        max_nonfinite_steps=cfg.max_nonfinite_steps, max_judgeless_steps=cfg.max_judgeless_steps,
+        seed=cfg.seed,
+        adapter_path=cfg.adapter_path, progress=progress,
+    )
+
+
 def build_optimizer(cfg):
     from mlx_lm.tuner.utils import build_schedule
     lr = build_schedule(cfg.lr_schedule) if cfg.lr_schedule else cfg.learning_rate
@@ -57,6 +114,14 @@ def quantization(cfg) -> Optional[dict]:
         return {"bits": 8, "group_size": 64}
     if cfg.load_in_mxfp4:
         return {"bits": 4, "group_size": 32, "mode": "mxfp4"}
+    return None
+
+
+def ignored_judge_system(judge_system, factory) -> Optional[str]:
+    """A note when ``judge_system`` is set for a kind of judge that reads no system prompt."""
+    if judge_system and not getattr(factory, "uses_judge_system", True):
+        return (f"note: judge_system is set, but the {factory.name} judge ignores it (only model and "
+                "http judges read a system prompt)")
     return None
 
 
@@ -80,8 +145,11 @@ def preflight(cfg) -> None:
             raise refuse_full(cfg.model, q)
     if cfg.reference_model_path:
         model_folder("reference_model_path", cfg.reference_model_path)
-    check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
-                                        reference_model_path=cfg.reference_model_path, seed=cfg.seed))
+    factory = check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
+                                                  reference_model_path=cfg.reference_model_path, seed=cfg.seed))
+    note = ignored_judge_system(cfg.judge_system, factory)
+    if note:
+        print(note, file=sys.stderr)
     if cfg.resume_adapter_file:
         from .checkpoint_state import check_resume
         check_resume(cfg.resume_adapter_file, cfg)
@@ -131,7 +199,7 @@ def judge_weights(cfg, model_path: str, model, separate):
 
 
 def resume_command(cfg) -> str:
-    return (f"mlx_lm_lora.train --train-mode {cfg.train_mode} "
+    return (f"{command('mlx_lm_lora.train')} --train-mode {cfg.train_mode} "
             f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {cfg.adapter_path}")
 
 
@@ -156,10 +224,14 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     from .reference import Reference
     from .registry import build_judge
 
+    loud = verbose()
     mx.random.seed(cfg.seed)
     blas = blas_line()  # which BLAS MLX multiplies with (Linux CPUs; see fast_blas)
     if blas:
         print(blas)
+    note = kernel_note()
+    if note:
+        print(note)
     model_path = model_folder("model", cfg.model)
     trained = os.path.join(cfg.adapter_path, "adapters.safetensors")
     if not cfg.train and os.path.isfile(trained):
@@ -167,8 +239,9 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     lora = None
     if cfg.train_type in ("lora", "dora"):
         lora = {**lora_parameters(cfg), "use_dora": cfg.train_type == "dora", "num_layers": cfg.num_layers}
-    model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
-                                          lora_config=lora, quantized_load=quantization(cfg))
+    with contextlib.nullcontext() if loud else contextlib.redirect_stdout(io.StringIO()):  # upstream's "Loading ..."
+        model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
+                                              lora_config=lora, quantized_load=quantization(cfg))
     if cfg.train and cfg.train_type == "full" and quantized_layers(model):  # the loaded model decides
         q = quantized_layers(model)
         raise refuse_full(cfg.model, f"{len(q)} quantized layers, e.g. {q[0]}")
@@ -181,12 +254,13 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     if cfg.reference_model_path or cfg.train_type == "full":
         separate, _ = mlx_load(model_folder("reference_model_path", cfg.reference_model_path or model_path))
         separate.freeze()
-        print(f"reference: frozen model from {cfg.reference_model_path or model_path}")
-    else:
+        if loud:
+            print(f"reference: frozen model from {cfg.reference_model_path or model_path}")
+    elif loud:
         print("reference: the base weights with adapters switched off (no second copy)")
     reference = Reference(model, separate)
     shared = judge_weights(cfg, model_path, model, separate)
-    if shared is not None:
+    if shared is not None and loud:
         print("judge: shares the reference's weights (no extra copy)")
     judge = as_judge(build_judge(cfg.judge, JudgeContext(
         cfg.judge_system, dict(cfg.judge_config),
@@ -214,6 +288,8 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
         resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
         print(f"training {iters} steps ({steps_per_epoch} per epoch, {per_step} prompts per step, "
               f"2 completions each)")
+        if resume:
+            print(f"resuming from step {resume['step']} of {iters}")
         try:
             result = trainer.train(resume)
         except SaveFailed as e:  # disk full / unwritable during a save: the last checkpoint is kept

@@ -32,6 +32,34 @@ def test_demo_trains_through_the_upstream_cli_and_explains_results(demo_run):
     assert (out / "adapters.safetensors").is_file()
 
 
+def test_demo_output_is_quiet_by_default_and_verbose_on_request(demo_run, monkeypatch, tmp_path):
+    _, cache, stdout = demo_run
+    assert "Loading model" not in stdout and "reference: the base weights" not in stdout
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: calls.append(env) or 3)
+    args = ["demo", "--cache", str(cache), "--output", str(tmp_path / "o"), "--iters", "1"]
+    assert cli.main(args) == 3 and calls[-1] is None  # the environment as it is: quiet
+    assert cli.main(["demo", "-v", *args[1:]]) == 3 and calls[-1]["MLX_XPO_VERBOSE"] == "1"
+
+
+def test_demo_says_it_builds_the_model_when_it_does_and_reuses_it_after(demo_run, tmp_path):
+    _, cache, stdout = demo_run
+    assert "building the embedded tiny model" in stdout and "(cached)" not in stdout  # a fresh cache
+    assert cli.demo_model_line(cache) == f"[demo] using the embedded tiny model and prompts cached under {cache}"
+    assert "building" in cli.demo_model_line(tmp_path / "empty")
+
+
+def test_demo_writes_the_plot_when_matplotlib_is_installed(demo_run):
+    out, _, stdout = demo_run
+    try:
+        import matplotlib  # noqa: F401  (the optional 'plot' extra, which make installs)
+    except ImportError:
+        pytest.skip("matplotlib is not installed")
+    png = out / "training.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot:        {png}" in stdout and "pip install" not in stdout
+
+
 def test_plot_writes_a_png(demo_run):
     out, _, _ = demo_run
     r = subprocess.run([MLX_XPO, "plot", str(out)], capture_output=True, text=True, timeout=120)
@@ -62,6 +90,24 @@ def test_eval_reports_win_rate_with_interval(demo_run):
     assert res["pairs"] == 24 and res["wins"] + res["losses"] + res["ties"] + res["invalid"] == 24
     lo, hi = res["win_rate_ci95"]
     assert 0 <= lo <= res["win_rate"] <= hi <= 1
+
+
+def test_eval_takes_the_training_runs_settings_and_prints_only_json(demo_run):
+    out, cache, _ = demo_run
+    r = subprocess.run([MLX_XPO, "eval", "--adapter-path", str(out), "--json"], capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)  # stdout is the JSON object and nothing else
+    assert res["pairs"] == 24 and 0 <= res["win_rate"] <= 1
+    assert "eval: from the training run: model, data, judge" in r.stderr
+    assert "max_completion_length=16" in r.stderr and "temperature=1.0" in r.stderr  # the demo's
+    assert "Loading" not in r.stdout and "BLAS" not in r.stdout
+
+
+def test_eval_without_a_training_run_names_what_is_missing(tmp_path, capsys):
+    assert cli.main(["eval", "--adapter-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model: None is not valid; not given" in err and "pass --model" in err
 
 
 def test_wilson_interval():

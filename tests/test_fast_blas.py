@@ -35,6 +35,48 @@ def test_no_bundled_reference_blas_outside_linux_cpu_wheels(tmp_path):
     assert fast_blas.bundled_reference_blas(str(tmp_path)) is None
 
 
+SYSTEM, PIP = "/usr/lib/libopenblas.so.0", "/venv/scipy_openblas32/lib/libscipy_openblas.so"
+
+
+@pytest.mark.parametrize("env, system, pip, expected", [
+    ({}, SYSTEM, PIP, SYSTEM),       # the system's OpenBLAS stays the first choice
+    ({}, None, PIP, PIP),            # else the pip-installed one
+    ({}, None, None, None),          # else the bundled reference BLAS, with a hint
+    ({"MLX_XPO_BLAS": "off"}, SYSTEM, PIP, None),
+])
+def test_discovery_order(env, system, pip, expected):
+    path, why = fast_blas.choose(env, system=lambda: system, pip=lambda: pip)
+    assert path == expected
+    if expected is None and not env:
+        assert "pip install scipy-openblas32" in why and "MLX_XPO_BLAS" in why
+
+
+def test_a_named_file_wins_over_every_installed_blas(tmp_path):
+    f = tmp_path / "libmine.so"
+    f.write_bytes(b"")
+    assert fast_blas.choose({"MLX_XPO_BLAS": str(f)}, system=lambda: SYSTEM, pip=lambda: PIP)[0] == str(f)
+
+
+def test_the_pip_openblas_is_found_on_the_path_without_importing_it(tmp_path):
+    lib = tmp_path / "scipy_openblas32" / "lib"
+    lib.mkdir(parents=True)
+    (tmp_path / "scipy_openblas32" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    assert fast_blas.pip_openblas([str(tmp_path)]) is None  # the package without its library
+    (lib / "libscipy_openblas.so").write_bytes(b"")
+    assert fast_blas.pip_openblas([str(tmp_path)]) == str(lib / "libscipy_openblas.so")
+    assert fast_blas.pip_openblas([str(tmp_path / "elsewhere")]) is None
+
+
+@pytest.mark.parametrize("value, where, complaint", [
+    ("", "commands", False), ("all", "all", False), (" ALL ", "all", False), ("commands", "commands", False),
+    ("everything", "commands", True)])
+def test_scope_setting(value, where, complaint):
+    got, said = fast_blas.scope({"MLX_XPO_BLAS_SCOPE": value})
+    assert got == where and (said is not None) == complaint
+    if complaint:
+        assert "MLX_XPO_BLAS_SCOPE='everything'" in said and "commands, all" in said and "\n" not in said
+
+
 PROBE = r"""
 import ctypes, json, sys
 import numpy as np
@@ -56,14 +98,21 @@ except AttributeError:
 rng = np.random.default_rng(0)
 a, b = rng.standard_normal((64, 96), dtype=np.float32), rng.standard_normal((96, 80), dtype=np.float32)
 err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max())
-print(json.dumps({"state": fast_blas.STATE, "owner": owner, "max_abs_err": err}))
+m = rng.standard_normal((32, 32), dtype=np.float32) + 32 * np.eye(32, dtype=np.float32)
+inv_err = float(np.abs(np.array(mx.linalg.inv(mx.array(m), stream=mx.cpu)) @ m - np.eye(32)).max())  # LAPACK
+maps = open("/proc/self/maps").read()
+print(json.dumps({"state": fast_blas.STATE, "owner": owner, "max_abs_err": err, "inv_err": inv_err,
+                  "shim_mapped": "mlx-xpo-blas-shim" in maps}))
 """
 
 
-def probe(env):
-    e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN")}
-    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env={**e, **env},
-                       timeout=120)
+def probe(env, first="", scope="all"):
+    """PROBE in a fresh interpreter, after ``first``; ``scope``: MLX_XPO_BLAS_SCOPE (None: unset)."""
+    e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN", "MLX_XPO_BLAS_SCOPE")}
+    if scope is not None:
+        e["MLX_XPO_BLAS_SCOPE"] = scope
+    r = subprocess.run([sys.executable, "-c", first + "\n" + PROBE], capture_output=True, text=True,
+                       env={**e, **env}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return {**json.loads(r.stdout.strip().splitlines()[-1]), "stderr": r.stderr}
 
@@ -91,8 +140,54 @@ def test_plugin_off_means_no_preload():
 
 
 @linux_cpu
-@pytest.mark.skipif(__import__("ctypes.util").util.find_library("openblas") is None,
-                    reason="no system OpenBLAS on this machine")
+def test_by_default_another_mlx_program_keeps_mlx_as_shipped():
+    out = probe({}, scope=None)
+    assert out["state"] == {} and out["owner"] is None and out["max_abs_err"] < 1e-3
+
+
+@linux_cpu
+@pytest.mark.parametrize("first", ["import mlx_lm_lora.train",  # what its console script and python -m do
+                                   "import mlx_xpo_plugin.runner",  # our modules importing mlx.core
+                                   "import mlx_xpo_plugin.api",  # the Python API, before the user's mlx
+                                   "from mlx_xpo_plugin import fast_blas; fast_blas.request()"])
+def test_this_projects_commands_get_the_fast_blas_by_default(first):
+    out = probe({"MLX_XPO_BLAS": BUNDLED}, first=first, scope=None)
+    assert out["state"]["loaded"] == BUNDLED and os.path.realpath(out["owner"]) == os.path.realpath(BUNDLED)
+
+
+PIP_LIB = fast_blas.pip_openblas()
+SYSTEM_LIB = __import__("ctypes.util").util.find_library("openblas")
+
+
+@linux_cpu
+@pytest.mark.skipif(PIP_LIB is None, reason="scipy-openblas32 is not installed")
+@pytest.mark.parametrize("named", [False, True])
+def test_the_pip_openblas_takes_mlxs_products_through_the_shim(named):
+    if not named and SYSTEM_LIB is not None:
+        pytest.skip("a system OpenBLAS is installed: it is chosen first")
+    out = probe({"MLX_XPO_BLAS": PIP_LIB} if named else {})
+    assert out["state"]["loaded"] == PIP_LIB and out["state"]["prefix"] == "scipy_"
+    assert os.path.realpath(out["owner"]) == os.path.realpath(PIP_LIB)  # MLX's cblas_sgemm is OpenBLAS's
+    assert out["shim_mapped"] and out["max_abs_err"] < 1e-3 and out["inv_err"] < 1e-3
+
+
+@linux_cpu
+@pytest.mark.parametrize("setting", ["missing", "not-a-library"])
+def test_a_failed_choice_is_said_once_in_our_commands(tmp_path, setting):
+    bad = tmp_path / "libbad.so"
+    if setting == "not-a-library":
+        bad.write_text("not an ELF file")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_PLUGIN", "MLX_XPO_BLAS_SCOPE")}
+    code = "import mlx_lm_lora.train\nfrom mlx_xpo_plugin import fast_blas\nprint(fast_blas.banner_line())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**env, "MLX_XPO_BLAS": str(bad)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = "is not a file" if setting == "missing" else "could not be loaded"
+    assert (r.stdout + r.stderr).count(said) == 1 and str(bad) in r.stdout
+
+
+@linux_cpu
+@pytest.mark.skipif(SYSTEM_LIB is None, reason="no system OpenBLAS on this machine")
 def test_the_system_openblas_takes_the_matrix_products():
     out = probe({})
     assert "openblas" in os.path.basename(out["owner"]).lower()
@@ -112,7 +207,7 @@ class FakeOpenBLAS:
     def __init__(self, threads):
         self.threads, self.history = threads, []
 
-    def api(self, path):
+    def api(self, path, prefix=""):
         return (lambda: self.threads), self.put
 
     def put(self, n):
@@ -180,23 +275,25 @@ import numpy as np
 import mlx.core as mx
 from mlx_xpo_plugin import fast_blas
 lib = ctypes.CDLL(fast_blas.STATE["loaded"])
-before = lib.openblas_get_num_threads()
+prefix = fast_blas.STATE["prefix"]
+get = getattr(lib, prefix + "openblas_get_num_threads")
+before = get()
 a = np.random.default_rng(0).standard_normal((4, 256), dtype=np.float32)
 b = np.random.default_rng(1).standard_normal((256, 768), dtype=np.float32)
 with fast_blas.spare_core_for_python():
-    inside = lib.openblas_get_num_threads()
+    inside = get()
     err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max())
-print(json.dumps({"before": before, "inside": inside, "after": lib.openblas_get_num_threads(),
+print(json.dumps({"before": before, "inside": inside, "after": get(),
                   "cores": fast_blas.usable_cores(), "max_abs_err": err}))
 """
 
 
 @linux_cpu
-@pytest.mark.skipif(__import__("ctypes.util").util.find_library("openblas") is None,
-                    reason="no system OpenBLAS on this machine")
+@pytest.mark.skipif(SYSTEM_LIB is None and PIP_LIB is None, reason="no OpenBLAS on this machine")
 @pytest.mark.parametrize("threads", ["2", "1"])
 def test_the_real_openblas_runs_on_one_core_fewer_while_decoding(threads):
     e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN")}
+    e["MLX_XPO_BLAS_SCOPE"] = "all"
     r = subprocess.run([sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True,
                        env={**e, "OPENBLAS_NUM_THREADS": threads}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -204,3 +301,34 @@ def test_the_real_openblas_runs_on_one_core_fewer_while_decoding(threads):
     assert out["before"] == out["after"] == int(threads)
     assert out["inside"] == max(1, min(int(threads), out["cores"] - 1))
     assert out["max_abs_err"] < 1e-3
+
+
+class FakeLib:
+    """A loaded library with a prefixed OpenBLAS thread API (ctypes functions get restype/argtypes)."""
+
+    class Fn:
+        def __init__(self, f):
+            self.f = f
+
+        def __call__(self, *a):
+            return self.f(*a)
+
+    def __init__(self, threads, prefix="scipy_"):
+        self.threads = threads
+        setattr(self, prefix + "openblas_get_num_threads", self.Fn(lambda: self.threads))
+        setattr(self, prefix + "openblas_set_num_threads", self.Fn(lambda n: setattr(self, "threads", n)))
+
+
+@pytest.mark.parametrize("threads, cores, env, after", [
+    (2, 2, {}, 1), (16, 16, {}, 15), (4, 16, {}, 4), (1, 1, {}, 1),
+    (2, 2, {"OPENBLAS_NUM_THREADS": "2"}, 2),  # the user's count wins
+    (2, 2, {"OMP_NUM_THREADS": "2"}, 2)])
+def test_the_pip_openblas_leaves_a_core_unless_the_user_set_its_threads(monkeypatch, threads, cores, env, after):
+    monkeypatch.setattr(fast_blas, "usable_cores", lambda: cores)
+    lib = FakeLib(threads)
+    got = fast_blas.spare_a_core(lib, "scipy_", env)
+    assert lib.threads == after and got == (None if env else after)
+
+
+def test_a_library_without_the_prefixed_thread_api_is_left_alone():
+    assert fast_blas.spare_a_core(FakeLib(4, prefix=""), "scipy_", {}) is None

@@ -132,6 +132,23 @@ def test_file_may_import_its_neighbours(tmp_path, registry):
     assert str(tmp_path) not in sys.path
 
 
+def test_a_module_in_the_working_directory_is_found_as_a_console_script_runs(tmp_path, monkeypatch, registry):
+    # the README's `judge: my_judges:prefer_short`, run from the folder holding my_judges.py: a console
+    # script has its own bin/ folder first on sys.path, not the working directory
+    (tmp_path / "my_judges_cwd_xpo.py").write_text("def prefer_short(p, a, b):\n    return 0 if len(a) <= len(b) else 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    j = build_judge("my_judges_cwd_xpo:prefer_short", JudgeContext(), registry)
+    assert [v.winner for v in j.judge(["p", "q"], [("a", "bb"), ("ccc", "d")])] == [0, 1]
+    assert str(tmp_path) not in sys.path  # put back as it was
+
+
+def test_a_module_that_cannot_be_imported_suggests_the_file_form(registry):
+    with pytest.raises(ConfigError) as e:
+        check_judge("no_such_pkg_xpo.judges:prefer_short", JudgeContext(), registry)
+    assert "'path/to/no_such_pkg_xpo/judges.py:prefer_short'" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("no/such/file.py:f", "does not exist"),
     ("no_such_module_xpo_12345:f", "cannot import the module"),

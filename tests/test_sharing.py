@@ -33,8 +33,10 @@ def test_judge_on_the_base_view_matches_a_separately_loaded_base(lora_model, tin
     assert all(x is y for x, y in zip(p1, p2)) and not any("lora" in k for k, _ in tree_flatten(BaseView(model).parameters()))
 
 
-def test_run_with_the_policy_as_judge_loads_no_extra_copy(tiny_model_path, prompt_data_dir, tmp_path, capsys):
+def test_run_with_the_policy_as_judge_loads_no_extra_copy(tiny_model_path, prompt_data_dir, tmp_path, capsys,
+                                                          monkeypatch):
     from mlx_xpo_plugin.xpo_trainer import train_xpo
+    monkeypatch.setenv("MLX_XPO_VERBOSE", "1")  # upstream's loading lines and ours are detail lines
     out = tmp_path / "ad"
     rc = train_xpo({"model": tiny_model_path, "data": prompt_data_dir, "adapter_path": str(out), "iters": 2,
                     "batch_size": 2, "judge": tiny_model_path, "max_completion_length": 6,

@@ -22,7 +22,8 @@ def cfg(model, data, out, **kw):
     {"train_type": "lora", "load_in_4bits": True},
     {"train_type": "lora", "load_in_8bits": True, "xpo_bonus": "paper"},
 ])
-def test_variants_train_and_write_adapters(tiny_model_path, prompt_data_dir, tmp_path, kw, capsys):
+def test_variants_train_and_write_adapters(tiny_model_path, prompt_data_dir, tmp_path, kw, capsys, monkeypatch):
+    monkeypatch.setenv("MLX_XPO_VERBOSE", "1")  # the reference line is a detail line
     out = tmp_path / "ad"
     assert train_xpo(cfg(tiny_model_path, prompt_data_dir, out, **kw), progress=False) == 0
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]

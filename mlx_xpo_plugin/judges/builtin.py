@@ -12,8 +12,9 @@ from . import function, http, human, llm
 from ..contracts import JudgeFactory
 
 BUILTIN_JUDGE_FACTORIES: list[JudgeFactory] = [
-    JudgeFactory("human", human.matches, human.build, human.check, priority=100),
+    JudgeFactory("human", human.matches, human.build, human.check, priority=100, uses_judge_system=False),
     JudgeFactory("http", http.matches, http.build, http.check, priority=90),
-    JudgeFactory("function", function.matches, function.build, function.check, priority=80),
+    JudgeFactory("function", function.matches, function.build, function.check, priority=80,
+                 uses_judge_system=False),
     JudgeFactory("llm", llm.matches, llm.build, llm.check, priority=0),
 ]

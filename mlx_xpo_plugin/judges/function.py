@@ -110,6 +110,23 @@ def _load_file(path: Path, spec: str):
     return module
 
 
+def _import_with_cwd(name: str):
+    """``importlib.import_module(name)``, with the working directory importable (last on the path,
+    for the import only) as it is for ``python -c`` but not for a console script."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            try:
+                sys.path.remove(cwd)
+            except ValueError:
+                pass
+
+
 def load_callable(spec: str) -> Callable:
     """Import the callable a spec names; ConfigError with a one-line reason when it can't."""
     parts = split_spec(spec)
@@ -124,10 +141,12 @@ def load_callable(spec: str) -> Callable:
         module = _load_file(path.resolve(), spec)
     else:
         try:
-            module = importlib.import_module(where)
+            module = _import_with_cwd(where)
         except Exception as e:
+            as_file = where.replace(".", "/") + ".py"
             raise ConfigError("judge", spec, f"cannot import the module {where!r}",
-                              f"{type(e).__name__}: {e}") from e
+                              f"{type(e).__name__}: {e}; for a file, write "
+                              f"'path/to/{as_file}:{attr}'") from e
     obj: Any = module
     for name in attr.split("."):
         if not hasattr(obj, name):

@@ -1,0 +1,32 @@
+"""The start-up hook's switch and its one error line, shared by the hook (_bootstrap.py) and the
+activation code (activation.py). Standard library only: it is imported in every interpreter of an
+environment with the hook installed."""
+
+import os
+import sys
+
+TARGET = "mlx_lm_lora.train"
+MLX_CORE = "mlx.core"
+_OFF = ("0", "false", "no", "off")
+
+
+def enabled() -> bool:
+    return os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() not in _OFF
+
+
+_reported = False
+
+
+def report(exc) -> None:
+    """Say once, on one stderr line, that activation failed and upstream runs unchanged."""
+    global _reported
+    if _reported:
+        return
+    _reported = True
+    try:
+        what = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        what = " ".join(str(what).split())
+        sys.stderr.write(f"mlx-xpo-plugin: activation failed ({what}); mlx-lm-lora runs "
+                         f"unchanged (set MLX_XPO_PLUGIN=0 to silence this)\n")
+    except Exception:
+        pass

@@ -1,0 +1,33 @@
+"""pyproject.toml: what a build and an install need, checked where a wrong bound would only show on
+another machine (an older setuptools without build isolation, a platform without the BLAS wheel)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+PYPROJECT = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+
+
+def lower_bound(requirements, name):
+    for req in requirements:
+        m = re.match(rf"{re.escape(name)}\s*>=\s*([0-9]+)", req)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def test_the_build_asks_for_a_setuptools_that_reads_the_license_form_used():
+    bound = lower_bound(PYPROJECT["build-system"]["requires"], "setuptools")
+    assert bound is not None
+    if isinstance(PYPROJECT["project"].get("license"), str):  # an SPDX expression (PEP 639)
+        assert bound >= 77, f"license = {PYPROJECT['project']['license']!r} needs setuptools >= 77, not >= {bound}"
+
+
+def test_the_fast_blas_wheel_is_a_linux_only_dependency():
+    deps = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("scipy-openblas32")]
+    assert len(deps) == 1
+    marker = deps[0].split(";", 1)[1]
+    assert "sys_platform == 'linux'" in marker  # never on macOS (Accelerate/Metal) or Windows
+    assert "x86_64" in marker and "aarch64" in marker  # the platforms it has wheels for

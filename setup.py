@@ -1,8 +1,8 @@
 """Everything is configured in pyproject.toml; this file only adds the build step that puts
 ``mlx_xpo_plugin.pth`` at the top of site-packages, for ``pip install .`` and
-``pip install -e .`` alike. The .pth holds one line that imports ``mlx_xpo_plugin._bootstrap``
+``pip install -e .`` alike. The .pth holds one line that imports ``mlx_xpo_plugin.host._bootstrap``
 unless ``MLX_XPO_PLUGIN=0`` (path 2: our train modes in a stock mlx-lm-lora; see
-mlx_xpo_plugin/activation.py).
+mlx_xpo_plugin/host/activation.py).
 
 * regular wheel: the file is written into ``build_lib``, whose top level becomes site-packages.
 * editable wheel (PEP 660): setuptools' ``editable_wheel`` runs the build sub-commands with
@@ -19,11 +19,11 @@ from setuptools.command.build import build
 PTH_NAME = "mlx_xpo_plugin.pth"
 # One line, as setuptools' own distutils-precedence.pth: with MLX_XPO_PLUGIN=0 nothing is imported.
 PTH_TEXT = ("import os; os.environ.get('MLX_XPO_PLUGIN', '1').strip().lower() in "
-            "('0', 'false', 'no', 'off') or __import__('mlx_xpo_plugin._bootstrap')\n")
+            "('0', 'false', 'no', 'off') or __import__('mlx_xpo_plugin.host._bootstrap')\n")
 
 
 class build_pth(Command):
-    description = f"write {PTH_NAME} (start-up hook of mlx_xpo_plugin.activation)"
+    description = f"write {PTH_NAME} (start-up hook of mlx_xpo_plugin.host.activation)"
     user_options = []
 
     def initialize_options(self):

@@ -16,7 +16,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from mlx_xpo_plugin.jsonio import dumps as strict_dumps
+from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -24,20 +24,20 @@ DRIVER = BENCH / "_driver.py"
 
 
 def cache_dir() -> Path:
-    from mlx_xpo_plugin.tiny import default_cache_dir
+    from mlx_xpo_plugin.commands.tiny import default_cache_dir
     return Path(os.environ.get("MLX_XPO_BENCH_CACHE") or default_cache_dir() / "bench")
 
 
 def model_path(preset: str) -> str:
     """The embedded random-weight model of `preset` (built once, then reused)."""
-    from mlx_xpo_plugin.tiny import build_tiny_model
+    from mlx_xpo_plugin.commands.tiny import build_tiny_model
     return str(build_tiny_model(cache_dir() / f"model-{preset}", preset=preset, seed=0))
 
 
 def data_path() -> str:
     """The embedded prompt set with train.jsonl only: no valid.jsonl, so neither trainer validates
     during the timed steps (upstream validates at step 1 and at the last step when it has one)."""
-    from mlx_xpo_plugin.tiny import write_prompt_dataset
+    from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
     d = cache_dir() / "data-train-only"
     if not (d / "train.jsonl").exists():
         tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
@@ -54,7 +54,7 @@ def shared_blas() -> str | None:
     """The BLAS both sides run MLX on: our start-up hook's choice (``MLX_XPO_BLAS``, the system's
     OpenBLAS, scipy-openblas32; ``MLX_XPO_BLAS=off`` measures MLX's bundled reference BLAS), loaded
     by _driver.py in both sides' processes since upstream runs without our hook."""
-    from mlx_xpo_plugin.fast_blas import bundled_reference_blas, choose
+    from mlx_xpo_plugin.host.fast_blas import bundled_reference_blas, choose
     import mlx  # noqa: F401  (bundled_reference_blas looks next to it)
     return choose()[0] if bundled_reference_blas() else None
 

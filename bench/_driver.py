@@ -47,7 +47,7 @@ import time
 
 
 from _proc import proc_status_kb  # noqa: E402  (bench/ is sys.path[0] when run as a script)
-from mlx_xpo_plugin.jsonio import dumps as strict_dumps  # noqa: E402
+from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps  # noqa: E402
 
 
 def install_device_info_shim():
@@ -191,7 +191,9 @@ def run_upstream(mode, settings, cb, counter):
 
 
 def run_ours(mode, settings, cb, counter):
-    from mlx_xpo_plugin import online_dpo_trainer, pair_loss, rollout
+    from mlx_xpo_plugin import online_dpo_trainer
+    from mlx_xpo_plugin.loop import pair_loss
+    from mlx_xpo_plugin.compute import rollout
     from mlx_xpo_plugin.api import train_method
     from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
     from mlx_xpo_plugin.xpo_trainer import XPO
@@ -224,12 +226,12 @@ def main():
     out_path = sys.argv[2]
     impl, mode, settings = spec["impl"], spec["mode"], spec["settings"]
     t_start = time.perf_counter()
-    from mlx_xpo_plugin import fast_blas
+    from mlx_xpo_plugin.host import fast_blas
     fast_blas.preload()  # the same BLAS on both sides: upstream runs without our start-up hook
     import mlx.core as mx  # noqa: F401
     import mlx_lm  # noqa: F401
     import mlx_lm_lora.train  # noqa: F401  (both sides load models through mlx_lm_lora.utils)
-    import mlx_xpo_plugin.runner  # noqa: F401
+    import mlx_xpo_plugin.commands.runner  # noqa: F401
     shim = install_device_info_shim()
     rss_after_imports_kb = proc_status_kb("VmRSS")
     t_imported = time.perf_counter()

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from _common import RESULTS, data_path, model_path
-from mlx_xpo_plugin.jsonio import dumps as strict_dumps
+from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps
 
 
 

@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,16 +36,16 @@ import mlx.optimizers as optim
 import numpy as np
 
 from _common import RESULTS, cache_dir, model_path
-from mlx_xpo_plugin.data import load_prompts
+from mlx_xpo_plugin.commands.data import load_prompts
 from mlx_xpo_plugin.contracts import Verdict
-from mlx_xpo_plugin.reference import Reference
-from mlx_xpo_plugin.rollout import SamplingConfig, sample_completions
-from mlx_xpo_plugin.scoring import completion_logps, first_completion_position, pack
-from mlx_xpo_plugin.tiny import write_prompt_dataset
-from mlx_xpo_plugin.loop_settings import LoopSettings
+from mlx_xpo_plugin.compute.reference import Reference
+from mlx_xpo_plugin.compute.rollout import SamplingConfig, sample_completions
+from mlx_xpo_plugin.compute.scoring import completion_logps, first_completion_position, pack
+from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
+from mlx_xpo_plugin.loop.settings import LoopSettings
 from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
-from mlx_xpo_plugin.prompts import PromptSet
-from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.loop.prompts import PromptSet
+from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO, xpo_kl_bonus
 
 ALPHAS = [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]

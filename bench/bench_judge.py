@@ -8,7 +8,7 @@ Each repeat times every judge once on all pairs; the order of the judges alterna
 repeats (A B, B A, ...), after one untimed warm-up call each. Prints a Markdown table (median,
 min and max pairs/s, and the ratio of medians against upstream) and writes JSON to
 ``bench/results/judge.json``. Nothing is downloaded: the models are built offline by
-``mlx_xpo_plugin.tiny``.
+``mlx_xpo_plugin.commands.tiny``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mlx_xpo_plugin.judges.common import pair_messages  # noqa: E402
-from mlx_xpo_plugin.jsonio import dumps as strict_dumps  # noqa: E402
+from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps  # noqa: E402
 from mlx_xpo_plugin.judges.llm import LLMJudge  # noqa: E402
-from mlx_xpo_plugin.tiny import build_tiny_model, embedded_prompts  # noqa: E402
+from mlx_xpo_plugin.commands.tiny import build_tiny_model, embedded_prompts  # noqa: E402
 
 WORDS = ("yes sure what a lovely day i like it a lot the answer is simple it is good and kind "
          "sea fox winter bridge coffee moon park rain boat path bread library storm kite").split()

@@ -23,16 +23,16 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from _common import RESULTS, cache_dir, model_path
-from mlx_xpo_plugin.data import load_prompts
-from mlx_xpo_plugin.jsonio import dumps as strict_dumps
+from mlx_xpo_plugin.commands.data import load_prompts
+from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps
 from mlx_xpo_plugin.contracts import Verdict
-from mlx_xpo_plugin.reference import Reference
+from mlx_xpo_plugin.compute.reference import Reference
 from mlx_xpo_plugin.rules import prefer_letter_e
-from mlx_xpo_plugin.tiny import write_prompt_dataset
-from mlx_xpo_plugin.loop_settings import LoopSettings
+from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
+from mlx_xpo_plugin.loop.settings import LoopSettings
 from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
-from mlx_xpo_plugin.prompts import PromptSet
-from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.loop.prompts import PromptSet
+from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO
 
 CONFIGS = [

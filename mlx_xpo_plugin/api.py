@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Union
 
-from . import config
-from .fast_blas import request
+from mlx_xpo_plugin import config
+from mlx_xpo_plugin.host.fast_blas import request
 
 request()  # a program that imports the API is one of this project's: a fast BLAS goes under MLX
 
@@ -26,5 +26,5 @@ def as_config(mode: str, source: Union[Mapping[str, Any], Any]):
 def train_method(method_cls, source, training_callback=None, progress: bool = True) -> int:
     """Resolve `source` (see :func:`as_config`) for the method's mode and run it; returns the
     exit status (0 on success). Raises ConfigError on bad settings."""
-    from .runner import run  # here, not above: mlx.core must load after request() chose the BLAS
+    from mlx_xpo_plugin.commands.runner import run  # here, not above: mlx.core must load after request() chose the BLAS
     return run(as_config(method_cls.mode, source), method_cls, training_callback, progress=progress)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
+from mlx_xpo_plugin.errors import ConfigError, did_you_mean
 
 ONLINE_MODES = ("xpo", "online_dpo")
 
@@ -169,14 +169,14 @@ def parse_floats(text: str) -> Any:
     return vals[0] if len(vals) == 1 else vals
 
 
-def _type_name(s: Setting) -> str:
+def type_name(s: Setting) -> str:
     return {"floats": "a number or a list of numbers", "float": "a number", "int": "an integer",
             "str": "a string", "bool": "true or false", "dict": "a mapping"}[s.kind]
 
 
 def _check_number(s: Setting, v, where: str):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (s.kind == "int" and not isinstance(v, int)):
-        raise ConfigError(where, v, f"expected {_type_name(s)}")
+        raise ConfigError(where, v, f"expected {type_name(s)}")
     if isinstance(v, float) and not math.isfinite(v):
         raise ConfigError(where, v, "expected a finite number")
     lo, hi = s.minimum, s.maximum
@@ -208,13 +208,13 @@ def _check_value(s: Setting, v) -> Any:
     if v is None:
         if s.nullable or s.default is None:
             return None
-        raise ConfigError(s.name, v, f"expected {_type_name(s)}")
+        raise ConfigError(s.name, v, f"expected {type_name(s)}")
     if s.kind == "floats":
         if isinstance(v, str):
             try:
                 v = parse_floats(v)
             except argparse.ArgumentTypeError:
-                raise ConfigError(s.name, v, f"expected {_type_name(s)}")
+                raise ConfigError(s.name, v, f"expected {type_name(s)}")
         if isinstance(v, (list, tuple)):
             if not v:
                 raise ConfigError(s.name, v, "a schedule needs at least one entry")
@@ -332,94 +332,3 @@ def _check_cross(a) -> None:
     for key in lp:
         if key not in ("rank", "dropout", "scale", "keys", "alpha"):
             raise ConfigError(f"lora_parameters.{key}", lp[key], "unknown key; valid: rank, dropout, scale, keys")
-
-
-# ---------------------------------------------------------------- CLI flags, JSON Schema, docs
-
-
-def yaml_text(value) -> str:
-    """``value`` as YAML writes it on one line (``null``, ``true``, ``1.0e-05``, ``[0.1, 0.2]``)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip().removesuffix("\n...")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the plugin's flags to upstream's parser, all in one help group; fix type/help of options
-    upstream already has (moved into that group).
-
-    Defaults stay None (argparse), so that YAML values are never masked; the schema default
-    applies when neither the command line nor the YAML gives a value.
-    """
-    existing = {a.dest: a for a in parser._actions}
-    group = parser.add_argument_group("online preference (xpo, online_dpo; mlx-xpo-plugin)")
-    for s in PLUGIN_SETTINGS:
-        kind = {"floats": parse_floats, "float": float, "int": int, "str": str}.get(s.kind)
-        help_ = f"[{'/'.join(s.modes)}] {s.help} Default: {yaml_text(s.default)}."
-        if s.choices:
-            help_ += " One of: " + ", ".join(s.choices) + "."
-        if s.name in existing:
-            act = existing[s.name]
-            act.help = help_
-            if s.name == "alpha":  # upstream's type=list[float] splits '1e-4' into characters
-                act.type = parse_floats
-            for other in parser._action_groups:  # shown with ours, not in upstream's group
-                if act in other._group_actions:
-                    other._group_actions.remove(act)
-            group._group_actions.append(act)
-            continue
-        if s.kind == "dict":
-            kind = yaml.safe_load
-        group.add_argument(s.flag, dest=s.name, type=kind, default=None, help=help_)
-
-
-def json_schema() -> dict:
-    """JSON Schema (draft 2020-12) of a YAML config for the plugin's modes."""
-    def one(s: Setting) -> dict:
-        t = {"float": {"type": "number"}, "int": {"type": "integer"}, "str": {"type": "string"},
-             "bool": {"type": "boolean"}, "dict": {"type": "object"}}.get(s.kind)
-        if s.kind == "floats":
-            num = {"type": "number"}
-            t = {"oneOf": [num, {"type": "array", "items": num, "minItems": 1}]}
-        t = dict(t)
-        num_target = t if "type" in t else None
-        if num_target is not None:
-            if s.minimum is not None:
-                num_target["exclusiveMinimum" if s.exclusive_minimum else "minimum"] = s.minimum
-            if s.maximum is not None:
-                num_target["maximum"] = s.maximum
-        if s.choices:
-            t["enum"] = list(s.choices)
-        if s.nullable:
-            t = {"anyOf": [t, {"type": "null"}]}
-        t["description"] = s.help
-        if s.default is not None:
-            t["default"] = s.default
-        return t
-
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "mlx-xpo-plugin config (xpo, online_dpo)",
-        "type": "object",
-        "properties": {s.name: one(s) for s in SETTINGS.values()},
-    }
-
-
-def settings_markdown() -> str:
-    """The README's settings table, generated from PLUGIN_SETTINGS."""
-    rows = ["| Setting | Modes | Default | Valid | Studio | What it changes |",
-            "|---|---|---|---|---|---|"]
-    for s in PLUGIN_SETTINGS:
-        valid = ", ".join(s.choices) if s.choices else _range_text(s)
-        rows.append(f"| `{s.name}` | {', '.join(s.modes)} | `{yaml_text(s.default)}` | {valid} | "
-                    f"{'yes' if s.studio else ''} | {s.help} |")
-    return "\n".join(rows)
-
-
-def _range_text(s: Setting) -> str:
-    parts = [_type_name(s)]
-    if s.minimum is not None:
-        parts.append((">" if s.exclusive_minimum else ">=") + f" {s.minimum}")
-    if s.maximum is not None:
-        parts.append(f"<= {s.maximum}")
-    if s.nullable:
-        parts.append("or empty")
-    return " ".join(parts)

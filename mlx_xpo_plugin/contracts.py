@@ -130,6 +130,10 @@ class _Adapted(Judge):
     def __init__(self, inner):
         self.inner = inner
 
+    @property
+    def name(self) -> str:
+        return getattr(self.inner, "name", None) or type(self.inner).__name__
+
     def judge(self, prompts, pairs):
         return self.inner.judge(prompts, pairs)
 

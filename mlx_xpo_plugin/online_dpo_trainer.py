@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .api import train_method
-from .rollout import sample_completions
+from mlx_xpo_plugin.api import train_method
+from mlx_xpo_plugin.compute.rollout import sample_completions
 
 MODE = "online_dpo"
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .api import train_method
-from .online_dpo_trainer import OnlineDPO
-from .rollout import sample_policy_and_reference
-from .schedule import get_current_alpha, value_at_epoch
+from mlx_xpo_plugin.api import train_method
+from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+from mlx_xpo_plugin.compute.rollout import sample_policy_and_reference
+from mlx_xpo_plugin.loop.schedule import get_current_alpha, value_at_epoch
 
 __all__ = ["XPO", "train_xpo", "get_current_alpha", "xpo_kl_bonus", "xpo_kl_upstream", "xpo_paper_term"]
 

@@ -9,12 +9,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm_lora.utils import from_pretrained
 
-from mlx_xpo_plugin.data import load_prompts
-from mlx_xpo_plugin.reference import Reference
-from mlx_xpo_plugin.rollout import Completion
-from mlx_xpo_plugin.loop_settings import LoopSettings
-from mlx_xpo_plugin.pairs import Pair
-from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.commands.data import load_prompts
+from mlx_xpo_plugin.compute.reference import Reference
+from mlx_xpo_plugin.compute.rollout import Completion
+from mlx_xpo_plugin.loop.settings import LoopSettings
+from mlx_xpo_plugin.loop.pairs import Pair
+from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO
 
 model_path, data_dir, out_file, bs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

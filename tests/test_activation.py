@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_xpo_plugin import activation
+from mlx_xpo_plugin.host import activation
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 BIN = Path(sys.executable).parent
@@ -58,14 +58,15 @@ def echo(tmp_path, name="echo.json"):
 def test_pth_is_installed_and_startup_stays_cheap():
     pth = Path(sysconfig.get_paths()["purelib"], "mlx_xpo_plugin.pth")
     line, = pth.read_text().splitlines()
-    assert line.startswith("import ") and "__import__('mlx_xpo_plugin._bootstrap')" in line
+    assert line.startswith("import ") and "__import__('mlx_xpo_plugin.host._bootstrap')" in line
     code = ("import sys, json; print(json.dumps([sorted(sys.modules), "
             "[type(f).__name__ for f in sys.meta_path]]))")
     r = run([sys.executable, "-c", code])
     mods, finders = json.loads(r.stdout)
     assert finders[0] == "TrainModuleFinder"
     ours = {m for m in mods if m.startswith("mlx_xpo_plugin")}
-    assert ours == {"mlx_xpo_plugin", "mlx_xpo_plugin._bootstrap"}
+    assert ours == {"mlx_xpo_plugin", "mlx_xpo_plugin.host", "mlx_xpo_plugin.host._bootstrap",
+                    "mlx_xpo_plugin.host.startup"}  # standard library only
     heavy = ("mlx", "mlx_lm", "mlx_lm_lora", "pluggy", "yaml")
     assert not [m for m in mods if m.split(".")[0] in heavy]
     off = run([sys.executable, "-c", code], env={"MLX_XPO_PLUGIN": "0"})
@@ -140,7 +141,7 @@ def test_builtin_modes_still_run_upstream(tmp_path):
 
 
 def test_help_lists_the_plugin_modes():
-    from mlx_xpo_plugin.registry import default_registry
+    from mlx_xpo_plugin.host.registry import default_registry
     r = run([CONSOLE_SCRIPT, "--help"], "echo")
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
@@ -176,7 +177,7 @@ def test_clashing_plugins_are_reported_naming_both():
 def test_exception_inside_the_finder_never_breaks_the_import(tmp_path):
     """Make the activation module itself unimportable: the finder reports and steps aside."""
     (tmp_path / "sitecustomize.py").write_text(
-        "import sys\nsys.modules['mlx_xpo_plugin.activation'] = None\n")
+        "import sys\nsys.modules['mlx_xpo_plugin.host.activation'] = None\n")
     r = run([CONSOLE_SCRIPT, "--help"], env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0 and "{sft,dpo," in r.stdout
     (line,) = activation_lines(r)

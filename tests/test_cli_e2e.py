@@ -55,7 +55,7 @@ def test_xpo_yaml_only_values_are_used(tiny_model_path, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "xpo: mlx-xpo-plugin" in r.stdout and "replaces the built-in mode" in r.stdout
     import mlx.core  # noqa: F401  (bundled_reference_blas looks next to it)
-    from mlx_xpo_plugin.fast_blas import bundled_reference_blas, choose
+    from mlx_xpo_plugin.host.fast_blas import bundled_reference_blas, choose
     if bundled_reference_blas():  # Linux mlx[cpu]: the run says which BLAS MLX multiplies with, once
         assert "\nBLAS: " in r.stdout and (r.stdout + r.stderr).count("BLAS") == 1
         if choose()[0]:  # an OpenBLAS is installed (the scipy-openblas32 dependency): MLX runs on it

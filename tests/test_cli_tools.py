@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_xpo_plugin import cli
+from mlx_xpo_plugin.commands import cli
 
 MLX_XPO = str(Path(sys.executable).with_name("mlx-xpo"))
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mlx_xpo_plugin import config as C
+from mlx_xpo_plugin import config_views
 from mlx_xpo_plugin.errors import ConfigError
 
 BASE = {"train": True, "model": "m", "data": "d"}
@@ -70,7 +71,7 @@ def test_alpha_is_rejected_for_online_dpo():
 def test_cli_alpha_parses_float_and_list():
     p = argparse.ArgumentParser()
     p.add_argument("--alpha", type=list[float], default=[1e-5])  # as upstream declares it
-    C.add_arguments(p)
+    config_views.add_arguments(p)
     assert p.parse_args(["--alpha", "1e-4"]).alpha == 1e-4
     assert p.parse_args(["--alpha", "1e-4,1e-5,1e-6"]).alpha == [1e-4, 1e-5, 1e-6]
     assert p.parse_args(["--xpo-bonus", "paper"]).xpo_bonus == "paper"
@@ -78,7 +79,7 @@ def test_cli_alpha_parses_float_and_list():
 
 
 def test_json_schema_covers_every_setting():
-    s = C.json_schema()
+    s = config_views.json_schema()
     assert set(C.SETTINGS) <= set(s["properties"])
     assert s["properties"]["dpo_cpo_loss_type"]["enum"] == ["sigmoid", "hinge", "ipo", "dpop"]
     assert s["properties"]["temperature"]["default"] == 0.8
@@ -89,7 +90,7 @@ def test_readme_table_matches_schema():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     start, end = "<!-- settings:start -->", "<!-- settings:end -->"
     table = readme[readme.index(start) + len(start): readme.index(end)].strip()
-    assert table == C.settings_markdown(), "README settings table is stale: run `mlx-xpo schema --markdown`"
+    assert table == config_views.settings_markdown(), "README settings table is stale: run `mlx-xpo schema --markdown`"
 
 
 settings_strategy = st.dictionaries(
@@ -115,7 +116,7 @@ def test_loop_settings_defaults_match_the_settings_table():
     """The Python-level LoopSettings (built directly by the API's power users and the benches) and
     the CLI/YAML table must not drift apart."""
     import dataclasses
-    from mlx_xpo_plugin.loop_settings import LoopSettings
+    from mlx_xpo_plugin.loop.settings import LoopSettings
     fields = {f.name: f.default for f in dataclasses.fields(LoopSettings)
               if f.default is not dataclasses.MISSING}
     shared = [n for n in fields if n in C.SETTINGS and n not in ("adapter_path", "iters")]

@@ -5,7 +5,7 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mlx_xpo_plugin.data import load_prompts, read_rows
+from mlx_xpo_plugin.commands.data import load_prompts, read_rows
 from mlx_xpo_plugin.errors import ConfigError
 
 

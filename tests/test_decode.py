@@ -8,8 +8,8 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_xpo_plugin import decode
-from mlx_xpo_plugin.rollout import SamplingConfig, sample_completions
+from mlx_xpo_plugin.compute import decode
+from mlx_xpo_plugin.compute.rollout import SamplingConfig, sample_completions
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 250], [11, 7], [300, 4, 4, 60, 2]]  # three lengths: left padding
 
@@ -155,7 +155,7 @@ def test_the_model_keeps_its_own_weight_objects(lora_model):
 
 
 def test_one_batch_of_policy_and_reference_rows_gives_each_policys_own_tokens(lora_model):
-    from mlx_xpo_plugin.reference import Reference, adapters_off
+    from mlx_xpo_plugin.compute.reference import Reference, adapters_off
     model = with_live_adapters(lora_model[0])
     greedy = make_sampler(temp=0.0)
     policy = decode.generate(model, PROMPTS, 12, greedy, stop_ids=[])
@@ -170,7 +170,7 @@ def test_one_batch_of_policy_and_reference_rows_gives_each_policys_own_tokens(lo
 
 def test_the_row_split_leaves_the_model_as_it_was(lora_model):
     from mlx_lm.tuner.lora import LoRALinear
-    from mlx_xpo_plugin.reference import Reference
+    from mlx_xpo_plugin.compute.reference import Reference
     model = with_live_adapters(lora_model[0])
     before = tree_flatten(model.parameters())
     with Reference(model).rows_split(1, 1) as both:
@@ -182,7 +182,7 @@ def test_the_row_split_leaves_the_model_as_it_was(lora_model):
 
 def test_no_row_split_for_dora_or_a_separate_reference(tiny_model_path, tiny_model, tmp_path):
     from mlx_lm_lora.utils import from_pretrained
-    from mlx_xpo_plugin.reference import Reference
+    from mlx_xpo_plugin.compute.reference import Reference
     dora, _, _ = from_pretrained(tiny_model_path, new_adapter_path=str(tmp_path / "ad"),
                                  lora_config={"rank": 4, "dropout": 0.0, "scale": 10.0, "use_dora": True,
                                               "num_layers": -1})
@@ -191,9 +191,9 @@ def test_no_row_split_for_dora_or_a_separate_reference(tiny_model_path, tiny_mod
 
 
 def test_the_paper_rollout_samples_both_policies_in_one_batch(lora_model, monkeypatch):
-    from mlx_xpo_plugin import rollout as R
-    from mlx_xpo_plugin.loop_settings import LoopSettings
-    from mlx_xpo_plugin.reference import Reference, adapters_off
+    from mlx_xpo_plugin.compute import rollout as R
+    from mlx_xpo_plugin.loop.settings import LoopSettings
+    from mlx_xpo_plugin.compute.reference import Reference, adapters_off
     from mlx_xpo_plugin.xpo_trainer import XPO
     model, tok, _ = lora_model
     model = with_live_adapters(model)

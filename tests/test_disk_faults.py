@@ -8,7 +8,11 @@ import os
 import mlx.core as mx
 import numpy as np
 
-from mlx_xpo_plugin import api, checkpoint, runner
+from mlx_xpo_plugin import api
+
+from mlx_xpo_plugin.loop import atomic as checkpoint
+
+from mlx_xpo_plugin.commands import runner
 from mlx_xpo_plugin.xpo_trainer import XPO
 from test_cli_e2e import base_cfg, run, small_data, write_cfg
 
@@ -66,7 +70,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_resumable(
 
 
 def test_disk_full_on_the_metrics_log_is_a_clear_error(tiny_model_path, tmp_path, monkeypatch, capsys):
-    from mlx_xpo_plugin import metrics
+    from mlx_xpo_plugin.loop import metrics
     data = small_data(tmp_path, n_train=8)
     out = tmp_path / "ad"
     real_open = open

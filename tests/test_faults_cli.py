@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import mlx.core as mx
 import numpy as np
 
-from mlx_xpo_plugin.jsonio import loads_strict
+from mlx_xpo_plugin.loop.jsonio import loads_strict
 from test_cli_e2e import TRAIN, base_cfg, rows, run, write_cfg
 
 

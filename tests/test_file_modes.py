@@ -7,7 +7,7 @@ import stat
 import mlx.core as mx
 import pytest
 
-from mlx_xpo_plugin import checkpoint as ckpt
+from mlx_xpo_plugin.loop import atomic as ckpt
 
 
 @pytest.fixture(params=[0o022, 0o002, 0o077])

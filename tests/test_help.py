@@ -3,6 +3,7 @@
 import argparse
 
 from mlx_xpo_plugin import config as C
+from mlx_xpo_plugin import config_views
 
 
 def parser_with_upstream_options():
@@ -15,7 +16,7 @@ def parser_with_upstream_options():
 
 def test_every_plugin_option_is_in_one_group_with_yaml_defaults():
     p = parser_with_upstream_options()
-    C.add_arguments(p)
+    config_views.add_arguments(p)
     ours = [g for g in p._action_groups if g.title.startswith("online preference")]
     assert len(ours) == 1
     dests = {a.dest for a in ours[0]._group_actions}
@@ -32,4 +33,4 @@ def test_every_plugin_option_is_in_one_group_with_yaml_defaults():
 def test_yaml_text_reads_back_as_the_value():
     import yaml
     for v in (None, True, False, 1e-05, 0.1, [1e-4, 1e-5], "kl", {}, 512, "Qwen/Qwen3-0.6B"):
-        assert yaml.safe_load(C.yaml_text(v)) == v and "\n" not in C.yaml_text(v)
+        assert yaml.safe_load(config_views.yaml_text(v)) == v and "\n" not in config_views.yaml_text(v)

@@ -4,7 +4,7 @@ import os
 import sys
 from pathlib import Path
 
-from mlx_xpo_plugin import hints
+from mlx_xpo_plugin.commands import hints
 
 BIN = Path(sys.executable).parent
 

@@ -17,7 +17,7 @@ from mlx_xpo_plugin.contracts import JudgeContext, Verdict
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.judges.function import (FunctionJudge, answer_to_verdict, load_callable,
                                             scores_to_verdict, split_spec)
-from mlx_xpo_plugin.registry import Registry, build_judge, check_judge, judge_factory_for
+from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge, judge_factory_for
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "judges.py"

@@ -22,7 +22,7 @@ from mlx_xpo_plugin.contracts import JudgeContext
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.judges.http import HTTPJudge, normalise_url
 from mlx_xpo_plugin.judges.parse import parse_answer
-from mlx_xpo_plugin.registry import Registry, build_judge, check_judge
+from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from mlx_xpo_plugin.errors import ConfigError, StopTraining
 from mlx_xpo_plugin.contracts import JudgeContext
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.judges.human import HINT, QUESTION, HumanJudge
-from mlx_xpo_plugin.registry import Registry, build_judge, check_judge
+from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a POSIX pty")
 
@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     from mlx_xpo_plugin.errors import StopTraining
     from mlx_xpo_plugin.contracts import JudgeContext
     from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F
-    from mlx_xpo_plugin.registry import Registry, build_judge
+    from mlx_xpo_plugin.host.registry import Registry, build_judge
 
     judge = build_judge("human", JudgeContext(), Registry(judges={f.name: f for f in F}))
     try:
@@ -125,7 +125,7 @@ def test_pty_quit_stops_training(terminal):
 
 
 def test_not_a_tty_fails_fast(tmp_path):
-    code = ("from mlx_xpo_plugin.registry import Registry, check_judge;"
+    code = ("from mlx_xpo_plugin.host.registry import Registry, check_judge;"
             "from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F;"
             "from mlx_xpo_plugin.contracts import JudgeContext;"
             "check_judge('human', JudgeContext(), Registry(judges={f.name: f for f in F}))")

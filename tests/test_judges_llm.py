@@ -22,8 +22,8 @@ from mlx_xpo_plugin.judges.common import (DEFAULT_RUBRIC, combine_orders, draw_f
                                           pair_messages, unflip)
 from mlx_xpo_plugin.judges.llm import LLMJudge, label_token_ids
 from mlx_xpo_plugin.judges.parse import parse_answer
-from mlx_xpo_plugin.registry import Registry, build_judge, check_judge
-from mlx_xpo_plugin.tiny import embedded_prompts
+from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge
+from mlx_xpo_plugin.commands.tiny import embedded_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -418,7 +418,7 @@ def test_build_loads_a_model_folder(tiny_model_path, registry):
 
 
 def test_check_is_cheap(tiny_model_path):
-    code = ("import sys; from mlx_xpo_plugin.registry import Registry, check_judge;"
+    code = ("import sys; from mlx_xpo_plugin.host.registry import Registry, check_judge;"
             "from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F;"
             "from mlx_xpo_plugin.contracts import JudgeContext;"
             "r = Registry(judges={f.name: f for f in F});"

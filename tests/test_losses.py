@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_xpo_plugin.losses import dpo_loss, dpo_scores, reward_stats
+from mlx_xpo_plugin.loop.losses import dpo_loss, dpo_scores, reward_stats
 from mlx_xpo_plugin.xpo_trainer import xpo_kl_bonus, xpo_kl_upstream, xpo_paper_term
 
 

@@ -31,7 +31,8 @@ def test_full_on_a_quantized_folder_is_refused_before_loading(q4_model, tmp_path
 
 
 def test_the_loaded_model_decides_when_the_folder_does_not_say(q4_model, tmp_path, monkeypatch):
-    from mlx_xpo_plugin import api, runner
+    from mlx_xpo_plugin import api
+    from mlx_xpo_plugin.commands import runner
     from mlx_xpo_plugin.errors import ConfigError
     from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
     monkeypatch.setattr(runner, "folder_quantization", lambda folder: None)

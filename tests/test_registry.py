@@ -13,7 +13,7 @@ import pytest
 
 from mlx_xpo_plugin import __version__
 from mlx_xpo_plugin.contracts import BUILTIN_TRAIN_MODES
-from mlx_xpo_plugin.registry import DuplicateRegistration, collect, get_train_mode, make_plugin_manager
+from mlx_xpo_plugin.host.registry import DuplicateRegistration, collect, get_train_mode, make_plugin_manager
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
@@ -26,11 +26,11 @@ def fresh_registry(monkeypatch, *plugin_dirs):
 
 
 def test_builtins_register_through_the_entry_point_hook():
-    eps = [ep for ep in md.entry_points(group="mlx_lm_lora") if ep.value == "mlx_xpo_plugin.plugin"]
+    eps = [ep for ep in md.entry_points(group="mlx_lm_lora") if ep.value == "mlx_xpo_plugin.host.builtins"]
     assert eps, "mlx-xpo-plugin is not installed with its mlx_lm_lora entry point"
     pm = make_plugin_manager()
     owners = {impl.plugin.__name__ for impl in pm.hook.register_train_modes.get_hookimpls()}
-    assert "mlx_xpo_plugin.plugin" in owners
+    assert "mlx_xpo_plugin.host.builtins" in owners
     reg = collect(pm)
     for name in ("xpo", "online_dpo"):
         mode = reg.modes[name]

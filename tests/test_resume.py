@@ -9,11 +9,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from conftest import RuleJudge
-from mlx_xpo_plugin.checkpoint_state import load_resume
-from mlx_xpo_plugin.data import load_prompts
-from mlx_xpo_plugin.reference import Reference
-from mlx_xpo_plugin.loop_settings import LoopSettings
-from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.loop.checkpoints import load_resume
+from mlx_xpo_plugin.commands.data import load_prompts
+from mlx_xpo_plugin.compute.reference import Reference
+from mlx_xpo_plugin.loop.settings import LoopSettings
+from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO
 
 

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_xpo_plugin.checkpoint_state import load_resume
-from mlx_xpo_plugin.data import load_prompts
-from mlx_xpo_plugin.faults import EXIT_JUDGE
+from mlx_xpo_plugin.loop.checkpoints import load_resume
+from mlx_xpo_plugin.commands.data import load_prompts
+from mlx_xpo_plugin.loop.faults import EXIT_JUDGE
 from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.judges.function import FunctionJudge
 from mlx_xpo_plugin.judges.http import HTTPJudge
 from mlx_xpo_plugin.judges.llm import LLMJudge
-from mlx_xpo_plugin.reference import Reference
-from mlx_xpo_plugin.loop_settings import LoopSettings
-from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.compute.reference import Reference
+from mlx_xpo_plugin.loop.settings import LoopSettings
+from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO
 
 

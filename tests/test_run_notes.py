@@ -3,7 +3,7 @@ hung), and a judge_system that the chosen judge ignores."""
 
 import mlx.core as mx
 
-from mlx_xpo_plugin import runner
+from mlx_xpo_plugin.commands import runner
 
 
 def test_the_kernel_cache_follows_the_temp_directory_as_cpp_finds_it():

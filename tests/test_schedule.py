@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from mlx_xpo_plugin.schedule import get_current_alpha
+from mlx_xpo_plugin.loop.schedule import get_current_alpha
 
 
 def test_float_is_returned_unchanged():

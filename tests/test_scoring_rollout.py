@@ -4,10 +4,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_xpo_plugin.reference import adapters_off
-from mlx_xpo_plugin.data import truncate_prompt
-from mlx_xpo_plugin.rollout import SamplingConfig, sample_completions
-from mlx_xpo_plugin.scoring import pack, sequence_logps
+from mlx_xpo_plugin.compute.reference import adapters_off
+from mlx_xpo_plugin.commands.data import truncate_prompt
+from mlx_xpo_plugin.compute.rollout import SamplingConfig, sample_completions
+from mlx_xpo_plugin.compute.scoring import pack, sequence_logps
 
 
 def manual_logps(model, prompt, completion):
@@ -127,7 +127,7 @@ def test_adapters_off_is_exactly_the_base(lora_model, tiny_model):
 
 
 def test_output_layer_only_on_scored_positions_gives_the_same_scores(tiny_model):
-    from mlx_xpo_plugin import scoring
+    from mlx_xpo_plugin.compute import scoring
     model, _ = tiny_model
     assert scoring._split_ok(model)  # qwen2: the fast path is active
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]

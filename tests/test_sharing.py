@@ -9,8 +9,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_xpo_plugin.contracts import JudgeContext
-from mlx_xpo_plugin.reference import BaseView
-from mlx_xpo_plugin.registry import build_judge
+from mlx_xpo_plugin.compute.reference import BaseView
+from mlx_xpo_plugin.host.registry import build_judge
 
 
 def test_judge_on_the_base_view_matches_a_separately_loaded_base(lora_model, tiny_model, tiny_model_path):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from mlx_xpo_plugin.contracts import Verdict
-from mlx_xpo_plugin.metrics import MetricsWindow, merge_step_metrics
-from mlx_xpo_plugin.rollout import Completion, SamplingConfig, sample_completions
-from mlx_xpo_plugin.runner import plan_steps
-from mlx_xpo_plugin.schedule import get_current_alpha
-from mlx_xpo_plugin.pair_loss import PairLoss, pair_metrics
-from mlx_xpo_plugin.pairs import apply_missing_eos_penalty
-from mlx_xpo_plugin.prompts import PromptOrder, PromptSet
+from mlx_xpo_plugin.loop.metrics import MetricsWindow, merge_step_metrics
+from mlx_xpo_plugin.compute.rollout import Completion, SamplingConfig, sample_completions
+from mlx_xpo_plugin.commands.runner import plan_steps
+from mlx_xpo_plugin.loop.schedule import get_current_alpha
+from mlx_xpo_plugin.loop.pair_loss import PairLoss, pair_metrics
+from mlx_xpo_plugin.loop.pairs import apply_missing_eos_penalty
+from mlx_xpo_plugin.loop.prompts import PromptOrder, PromptSet
 from test_trainer import FixedPairs, make_trainer, some_pairs
 
 
@@ -63,10 +63,9 @@ def test_merge_of_a_ratio_without_earlier_value_takes_the_new_one():
     assert m == {"objective/scores_margin": 0.3, "judge/scored_pairs": 2}
 
 
-def test_ipo_reward_metrics_are_on_per_token_means(lora_model, prompt_data_dir):
+def test_ipo_reward_metrics_are_on_per_token_means():
     """A chosen 8-token completion 2 nats above the reference and a 1-token rejected one 1 nat
     above it: the summed margin is positive, the per-token margin (what ipo compares) negative."""
-    t = make_trainer(lora_model, prompt_data_dir, dpo_cpo_loss_type="ipo")
     s, ref_s, counts = mx.array([-8.0, -1.0]), mx.array([-10.0, -2.0]), mx.array([8.0, 1.0])
     m = pair_metrics([PairLoss(mx.zeros(1), mx.zeros(1), s, ref_s, counts, None)], 0.1, "ipo")
     assert m["rewards/accuracies"] == 0.0

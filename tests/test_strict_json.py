@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_xpo_plugin.checkpoint import save_json
-from mlx_xpo_plugin.jsonio import dumps, loads_strict
-from mlx_xpo_plugin.metrics import JsonlLog
+from mlx_xpo_plugin.loop.atomic import save_json
+from mlx_xpo_plugin.loop.jsonio import dumps, loads_strict
+from mlx_xpo_plugin.loop.metrics import JsonlLog
 from test_cli_e2e import base_cfg, run, small_data, write_cfg
 
 

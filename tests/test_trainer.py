@@ -10,18 +10,18 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from conftest import RuleJudge
-from mlx_xpo_plugin.data import load_prompts
+from mlx_xpo_plugin.commands.data import load_prompts
 from mlx_xpo_plugin.contracts import Verdict
-from mlx_xpo_plugin.reference import Reference
-from mlx_xpo_plugin import evaluation
-from mlx_xpo_plugin import trainer as trainer_module
-from mlx_xpo_plugin.loop_settings import LoopSettings
-from mlx_xpo_plugin.rollout import Completion
+from mlx_xpo_plugin.compute.reference import Reference
+from mlx_xpo_plugin.loop import evaluation
+from mlx_xpo_plugin.loop import trainer as trainer_module
+from mlx_xpo_plugin.loop.settings import LoopSettings
+from mlx_xpo_plugin.compute.rollout import Completion
 from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
-from mlx_xpo_plugin.pair_loss import pack_pairs
-from mlx_xpo_plugin.pairs import Pair, apply_missing_eos_penalty
-from mlx_xpo_plugin.prompts import PromptSet
-from mlx_xpo_plugin.trainer import OnlineTrainer
+from mlx_xpo_plugin.loop.pair_loss import pack_pairs
+from mlx_xpo_plugin.loop.pairs import Pair, apply_missing_eos_penalty
+from mlx_xpo_plugin.loop.prompts import PromptSet
+from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO
 
 
@@ -207,7 +207,7 @@ def test_entropy_coef_adds_the_token_entropy_bonus(lora_model, prompt_data_dir):
         t.step = 1
         losses[coef] = t.train_step({})
     inputs, targets, mask = pack_pairs(pairs)
-    from mlx_xpo_plugin.scoring import sequence_logps
+    from mlx_xpo_plugin.compute.scoring import sequence_logps
     _, counts, ent = sequence_logps(model, inputs, targets, mask, with_entropy=True)
     tok_ent = np.array(ent) / np.array(counts)
     expected = -0.5 * np.mean(0.5 * (tok_ent[:2] + tok_ent[2:]))
@@ -224,9 +224,9 @@ class FirstWins:
 def test_the_validation_loss_is_the_configured_loss(lora_model, prompt_data_dir, loss_type, monkeypatch):
     """ipo compares per-token mean log-probs (so long completions do not dominate); the validation
     loss is that same loss on the judged policy-vs-reference pairs."""
-    from mlx_xpo_plugin.losses import dpo_loss
-    from mlx_xpo_plugin.reference import adapters_off
-    from mlx_xpo_plugin.scoring import pack, sequence_logps
+    from mlx_xpo_plugin.loop.losses import dpo_loss
+    from mlx_xpo_plugin.compute.reference import adapters_off
+    from mlx_xpo_plugin.compute.scoring import pack, sequence_logps
     model, tok, _ = lora_model
     rng = np.random.default_rng(1)
     model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))

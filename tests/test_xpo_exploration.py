@@ -173,7 +173,7 @@ def test_kl_form_one_token_case():
 
 
 def test_tempered_scores_are_log_softmax_of_logits_over_temperature(tiny_model):
-    from mlx_xpo_plugin.scoring import completion_logps, pack
+    from mlx_xpo_plugin.compute.scoring import completion_logps, pack
     model, _ = tiny_model
     inputs, targets, mask = pack([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]])
     sc = completion_logps(model, inputs, targets, mask, temperature=0.7, start=0)
@@ -190,7 +190,6 @@ def test_trainer_kl_forms_report_the_same_loss_and_differ_in_the_update(
         lora_model, prompt_data_dir, temperature):
     from test_trainer import FixedPairs, make_trainer, params, some_pairs
     from mlx.utils import tree_unflatten
-    from mlx_xpo_plugin.rollout import SamplingConfig
     model, tok, _ = lora_model
     start = params(model)
     rng = np.random.default_rng(0)  # adapters away from zero, so policy != reference

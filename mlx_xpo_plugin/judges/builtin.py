@@ -8,8 +8,8 @@ inside ``build`` only.
 
 from __future__ import annotations
 
-from . import function, http, human, llm
-from ..contracts import JudgeFactory
+from mlx_xpo_plugin.judges import function, http, human, llm
+from mlx_xpo_plugin.contracts import JudgeFactory
 
 BUILTIN_JUDGE_FACTORIES: list[JudgeFactory] = [
     JudgeFactory("human", human.matches, human.build, human.check, priority=100, uses_judge_system=False),

@@ -7,9 +7,9 @@ import dataclasses
 import random
 from typing import Optional, Sequence
 
-from ..config import Setting, check_value
-from ..errors import ConfigError, did_you_mean
-from ..contracts import Judge, Verdict
+from mlx_xpo_plugin.config import Setting, check_value
+from mlx_xpo_plugin.errors import ConfigError, did_you_mean
+from mlx_xpo_plugin.contracts import Judge, Verdict
 
 # ---------------------------------------------------------------------------------------------
 # judge_config validation

@@ -46,10 +46,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..config import Setting
-from ..errors import ConfigError, did_you_mean
-from ..contracts import Judge, JudgeContext, Verdict
-from .common import options, resolve_options
+from mlx_xpo_plugin.config import Setting
+from mlx_xpo_plugin.errors import ConfigError, did_you_mean
+from mlx_xpo_plugin.contracts import Judge, JudgeContext, Verdict
+from mlx_xpo_plugin.judges.common import options, resolve_options
 
 OPTIONS = options(
     Setting("batched", "bool", None, "call the function once with every pair (default: detected)"),

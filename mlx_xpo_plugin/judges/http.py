@@ -32,7 +32,6 @@ import http.client
 import json
 import os
 import random
-import re
 import socket
 import time
 import urllib.error
@@ -40,11 +39,11 @@ import urllib.parse
 import urllib.request
 from typing import Optional, Sequence
 
-from ..errors import ConfigError
-from ..contracts import JudgeContext, Verdict
-from ..config import Setting
-from .common import SeededOrder, judge_in_order, options, pair_messages, resolve_options
-from .parse import parse_answer
+from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.contracts import JudgeContext, Verdict
+from mlx_xpo_plugin.config import Setting
+from mlx_xpo_plugin.judges.common import SeededOrder, judge_in_order, options, pair_messages, resolve_options
+from mlx_xpo_plugin.judges.parse import parse_answer
 
 OPTIONS = options(
     Setting("model", "str", None, "the model name sent to the endpoint"),

@@ -22,10 +22,10 @@ import random
 import sys
 from typing import Optional, Sequence, TextIO
 
-from ..errors import ConfigError, StopTraining
-from ..contracts import JudgeContext, Verdict
-from ..config import Setting
-from .common import SeededOrder, draw_flips, options, resolve_options, unflip
+from mlx_xpo_plugin.errors import ConfigError, StopTraining
+from mlx_xpo_plugin.contracts import JudgeContext, Verdict
+from mlx_xpo_plugin.config import Setting
+from mlx_xpo_plugin.judges.common import SeededOrder, draw_flips, options, resolve_options, unflip
 
 OPTIONS = options(Setting("shuffle", "bool", False, "show each pair in a random order"))
 

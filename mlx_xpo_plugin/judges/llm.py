@@ -42,19 +42,17 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..contracts import JudgeContext, Verdict
-from ..models import model_folder, same_folder
-from ..config import Setting
-from .common import SeededOrder, judge_in_order, options, pair_messages, render_chat, resolve_options
-from .parse import LABELS, parse_answer
+from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.contracts import JudgeContext, Verdict
+from mlx_xpo_plugin.compute.models import model_folder, same_folder
+from mlx_xpo_plugin.config import Setting
+from mlx_xpo_plugin.judges.common import SeededOrder, judge_in_order, options, pair_messages, render_chat, resolve_options
+from mlx_xpo_plugin.judges.parse import LABELS, parse_answer
 
 OPTIONS = options(
     Setting("mode", "str", "logits", "how the answer is read", choices=("logits", "generate")),
@@ -156,7 +154,7 @@ class LLMJudge(SeededOrder):
         if self._can_batch is None:
             from mlx_lm.models.cache import make_prompt_cache
 
-            from ..decode import supports
+            from mlx_xpo_plugin.compute.decode import supports
 
             self._can_batch = supports(self.model)
             self._n_layers = len(make_prompt_cache(self.model))

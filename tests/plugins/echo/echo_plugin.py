@@ -15,7 +15,7 @@ hookimpl = pluggy.HookimplMarker("mlx_lm_lora")
 class EchoMode:
     name = "echo_mode"
     description = "test mode: writes its arguments as JSON and exits"
-    plugin = ""  # filled in by a host that labels modes (mlx_xpo_plugin.registry)
+    plugin = ""  # filled in by a host that labels modes (mlx_xpo_plugin.host.registry)
 
     def banner(self):
         return f"{self.name}: {self.plugin or 'echo-plugin'}"

@@ -6,13 +6,13 @@ as third-party plugins do.
 
 from __future__ import annotations
 
-from . import __version__
-from . import config
-from .contracts import TrainMode, hookimpl
-from .judges.builtin import BUILTIN_JUDGE_FACTORIES
-from .online_dpo_trainer import OnlineDPO
-from .runner import mode_main
-from .xpo_trainer import XPO
+from mlx_xpo_plugin import __version__
+from mlx_xpo_plugin import config_views
+from mlx_xpo_plugin.contracts import TrainMode, hookimpl
+from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
+from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+from mlx_xpo_plugin.commands.runner import mode_main
+from mlx_xpo_plugin.xpo_trainer import XPO
 
 _DESCRIPTIONS = {
     "xpo": "XPO: online DPO with an exploration bonus (alpha; per-epoch schedule)",
@@ -24,7 +24,7 @@ def _mode(name: str) -> TrainMode:
     method = {"xpo": XPO, "online_dpo": OnlineDPO}[name]
     return TrainMode(
         name=name, description=_DESCRIPTIONS[name], main=mode_main(method),
-        add_arguments=config.add_arguments, plugin=f"mlx-xpo-plugin {__version__}",
+        add_arguments=config_views.add_arguments, plugin=f"mlx-xpo-plugin {__version__}",
     )
 
 

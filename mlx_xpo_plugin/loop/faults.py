@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import StopTraining
-from .contracts import Judge, as_judge
+from mlx_xpo_plugin.errors import StopTraining
+from mlx_xpo_plugin.contracts import Judge, as_judge
 
 EXIT_JUDGE = 3  #: the judge failed (raised, or no valid pair for max_judgeless_steps steps)
 
@@ -202,7 +202,7 @@ class Guard:
 
     def describe_streak(self) -> str:
         k, t = self._streak, self.t
-        first = (self._streak_start or {"step": t.step - 1})["step"] + 1
+        first = (self._streak_start["state"].step if self._streak_start else t.step - 1) + 1
         pairs, invalid, ties = (int(k.get(f"judge/{x}", 0)) for x in ("pairs", "invalid", "ties"))
         kinds = {key.split("/", 2)[2]: int(v) for key, v in k.items()
                  if key.startswith("judge/errors/") and v}

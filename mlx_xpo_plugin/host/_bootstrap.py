@@ -4,10 +4,10 @@ It must stay cheap and can never fail: it only puts a tiny finder at the front o
 ``sys.meta_path``, which ignores every import except two:
 
 * ``mlx.core``: in this project's commands (or everywhere with ``MLX_XPO_BLAS_SCOPE=all``),
-  :func:`mlx_xpo_plugin.fast_blas.preload` first puts a fast BLAS under MLX on Linux CPUs
+  :func:`mlx_xpo_plugin.host.fast_blas.preload` first puts a fast BLAS under MLX on Linux CPUs
   (standard library only; see that module), then the import proceeds as usual;
 * ``mlx_lm_lora.train``: marks the process as one of this project's commands
-  (:func:`mlx_xpo_plugin.fast_blas.request`), and only then is :mod:`mlx_xpo_plugin.activation`
+  (:func:`mlx_xpo_plugin.host.fast_blas.request`), and only then is :mod:`mlx_xpo_plugin.host.activation`
   imported (and through it pluggy, our registry, ...).
 
 ``MLX_XPO_PLUGIN=0`` in the environment turns the whole thing off (the .pth line then does not
@@ -17,7 +17,7 @@ Keep ``mlx_xpo_plugin/__init__.py`` free of imports: it runs in every interprete
 
 import sys
 
-from mlx_xpo_plugin.startup import MLX_CORE, TARGET, enabled, report
+from mlx_xpo_plugin.host.startup import MLX_CORE, TARGET, enabled, report
 
 class TrainModuleFinder:
     """``sys.meta_path`` entry that hands ``mlx_lm_lora.train`` to the activation code (and
@@ -28,7 +28,7 @@ class TrainModuleFinder:
     def find_spec(self, fullname, path=None, target=None):
         if fullname == MLX_CORE:
             try:
-                from mlx_xpo_plugin import fast_blas
+                from mlx_xpo_plugin.host import fast_blas
                 why = fast_blas.in_scope()
                 if why:
                     fast_blas.preload(quiet=why == "ours")  # our runs' banner says what happened
@@ -38,9 +38,9 @@ class TrainModuleFinder:
         if fullname != TARGET:
             return None
         try:
-            from mlx_xpo_plugin import fast_blas
+            from mlx_xpo_plugin.host import fast_blas
             fast_blas.request()
-            from mlx_xpo_plugin import activation
+            from mlx_xpo_plugin.host import activation
             return activation.find_spec(self, fullname, path, target)
         except Exception as e:  # never break an import
             report(e)

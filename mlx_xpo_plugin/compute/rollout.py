@@ -17,8 +17,8 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
-from . import decode
-from .fast_blas import spare_core_for_python
+from mlx_xpo_plugin.compute import decode
+from mlx_xpo_plugin.host.fast_blas import spare_core_for_python
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .contracts import JudgeFactory, TrainMode, hookspec
+from mlx_xpo_plugin.contracts import JudgeFactory, TrainMode, hookspec
 
 
 @hookspec

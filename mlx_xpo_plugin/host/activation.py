@@ -1,7 +1,7 @@
 """Path 2: host plugin train modes in a *stock* mlx-lm-lora, with its console script unchanged.
 
 ``mlx_xpo_plugin.pth`` (installed into site-packages by our wheel, editable or not) imports
-:mod:`mlx_xpo_plugin._bootstrap`, which puts a finder in front of ``sys.meta_path``. When
+:mod:`mlx_xpo_plugin.host._bootstrap`, which puts a finder in front of ``sys.meta_path``. When
 ``mlx_lm_lora.train`` is imported, :func:`find_spec` lets the normal finders locate it and wraps
 its loader: the module executes unchanged, then :func:`activate` replaces
 
@@ -30,7 +30,7 @@ import os
 import sys
 from importlib.machinery import PathFinder
 
-from .startup import TARGET, enabled, report
+from mlx_xpo_plugin.host.startup import TARGET, enabled, report
 
 #: what ``python -m mlx_lm_lora.train`` runs as ``__main__`` once activation is in place
 RUN_AS_MAIN = "import sys\nfrom mlx_lm_lora.train import main\nsys.exit(main())\n"
@@ -100,7 +100,7 @@ class TrainLoader:
 
 def plugin_modes() -> dict:
     """``{name: TrainMode}`` of every plugin (ours included), loaded on first use."""
-    from .registry import default_registry
+    from mlx_xpo_plugin.host.registry import default_registry
     return default_registry().modes
 
 

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .contracts import Verdict
-from .rollout import Completion
+from mlx_xpo_plugin.contracts import Verdict
+from mlx_xpo_plugin.compute.rollout import Completion
 
 
 @dataclass

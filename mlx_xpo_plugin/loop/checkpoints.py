@@ -22,9 +22,9 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
-from . import checkpoint as ckpt
-from .errors import ConfigError, SaveFailed
-from .faults import capture, restore as restore_judge
+from mlx_xpo_plugin.loop import atomic as ckpt
+from mlx_xpo_plugin.errors import ConfigError, SaveFailed
+from mlx_xpo_plugin.loop.faults import capture, restore as restore_judge
 
 #: settings that must match for a checkpoint to be resumed
 FINGERPRINT_KEYS = ("train_mode", "model", "train_type", "lora_parameters", "num_layers",

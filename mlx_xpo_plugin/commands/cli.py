@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ConfigError
-from .fast_blas import request
-from .hints import command
+from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.host.fast_blas import request
+from mlx_xpo_plugin.commands.hints import command
 
 
 def _console(name: str) -> str:
@@ -35,7 +35,7 @@ def demo_model_line(cache: Path) -> str:
 
 
 def demo(ns) -> int:
-    from .tiny import build_tiny_model, default_cache_dir, write_prompt_dataset
+    from mlx_xpo_plugin.commands.tiny import build_tiny_model, default_cache_dir, write_prompt_dataset
     cache = Path(ns.cache or default_cache_dir())
     t0 = time.time()
     print(demo_model_line(cache))
@@ -82,8 +82,8 @@ def demo(ns) -> int:
 
 
 def schema(ns) -> int:
-    from . import config as C
-    print(C.settings_markdown() if ns.markdown else json.dumps(C.json_schema(), indent=2))
+    from mlx_xpo_plugin import config_views  # here: `mlx-xpo --help` stays quick
+    print(config_views.settings_markdown() if ns.markdown else json.dumps(config_views.json_schema(), indent=2))
     return 0
 
 
@@ -118,9 +118,9 @@ def trained_settings(adapter_path: str) -> dict:
 
 def evaluate(ns) -> int:
     import contextlib
-    from . import config as C
-    from .online_dpo_trainer import OnlineDPO
-    from .runner import run
+    from mlx_xpo_plugin import config  # here: `mlx-xpo --help` stays quick
+    from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+    from mlx_xpo_plugin.commands.runner import run
     given = {"model": ns.model, "data": ns.data, "judge": ns.judge, "seed": ns.seed,
              "max_completion_length": ns.max_completion_length, "temperature": ns.temperature}
     given = {k: v for k, v in given.items() if v is not None}
@@ -131,7 +131,7 @@ def evaluate(ns) -> int:
                               "(checkpoint/state.json)", f"pass --{key}")
     values = {**trained, **given, "adapter_path": ns.adapter_path, "train": False, "test": True,
               "test_batches": -1, "batch_size": ns.batch_size, "train_type": ns.train_type}
-    cfg = C.resolve("online_dpo", values, set(values), C.load_yaml(ns.config) if ns.config else {})
+    cfg = config.resolve("online_dpo", values, set(values), config.load_yaml(ns.config) if ns.config else {})
     # with --json, stdout carries the JSON object only: every other line goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
         if trained:
@@ -144,7 +144,7 @@ def evaluate(ns) -> int:
     lo, hi = wilson(res["wins"], res["wins"] + res["losses"])
     res["win_rate_ci95"] = [lo, hi]
     if ns.json:
-        from .jsonio import dumps  # strict JSON: an undefined win-rate is null, not NaN
+        from mlx_xpo_plugin.loop.jsonio import dumps  # strict JSON: an undefined win-rate is null, not NaN
         print(dumps(res))
     else:
         print(f"\n| win-rate vs reference | 95% CI | wins | losses | ties | invalid |\n|---|---|---|---|---|---|\n"

@@ -13,7 +13,7 @@ import tempfile
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .jsonio import dumps
+from mlx_xpo_plugin.loop.jsonio import dumps
 
 
 def new_file_mode() -> int:

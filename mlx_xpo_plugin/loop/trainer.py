@@ -20,19 +20,18 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_map
 
-from .checkpoint_state import LoopState, save_checkpoint
-from .evaluation import evaluate
-from .faults import Guard
-from .contracts import as_judge
-from .metrics import merge_step_metrics
-from .pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
-from .pairs import completion_records, judge_samples, keep_decided
-from .prompts import PromptOrder, PromptSet
-from .run_loop import run_loop
-from .schedule import value_at_epoch
+from mlx_xpo_plugin.loop.checkpoints import LoopState, save_checkpoint
+from mlx_xpo_plugin.loop.evaluation import evaluate
+from mlx_xpo_plugin.loop.faults import Guard
+from mlx_xpo_plugin.contracts import as_judge
+from mlx_xpo_plugin.loop.metrics import merge_step_metrics
+from mlx_xpo_plugin.loop.pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
+from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples, keep_decided
+from mlx_xpo_plugin.loop.prompts import PromptOrder, PromptSet
+from mlx_xpo_plugin.loop.run_loop import run_loop
+from mlx_xpo_plugin.loop.schedule import value_at_epoch
 
 __all__ = ["OnlineTrainer", "PromptSet"]
 

@@ -15,8 +15,8 @@ from typing import NamedTuple, Optional
 import mlx.core as mx
 import numpy as np
 
-from .losses import dpo_loss, dpo_scores, reward_stats
-from .scoring import completion_logps, pack
+from mlx_xpo_plugin.loop.losses import dpo_loss, dpo_scores, reward_stats
+from mlx_xpo_plugin.compute.scoring import completion_logps, pack
 
 
 class PairLoss(NamedTuple):

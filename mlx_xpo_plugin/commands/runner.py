@@ -17,18 +17,18 @@ from typing import Optional
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from . import config
-from .checkpoint import save_json
-from .errors import ConfigError, SaveFailed
-from .faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
-from .fast_blas import banner_line as blas_line
-from .contracts import JudgeContext, as_judge
-from .hints import command
-from .loop_settings import from_config as loop_settings
-from .models import model_folder, same_folder
-from .quantized import folder_quantization, quantized_layers, refuse_full
-from .run_lock import check_writable, hold
-from .trainer import OnlineTrainer
+from mlx_xpo_plugin import config
+from mlx_xpo_plugin.loop.atomic import save_json
+from mlx_xpo_plugin.errors import ConfigError, SaveFailed
+from mlx_xpo_plugin.loop.faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
+from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
+from mlx_xpo_plugin.contracts import JudgeContext, as_judge
+from mlx_xpo_plugin.commands.hints import command
+from mlx_xpo_plugin.loop.settings import from_config as loop_settings
+from mlx_xpo_plugin.compute.models import model_folder, same_folder
+from mlx_xpo_plugin.compute.quantized import folder_quantization, quantized_layers, refuse_full
+from mlx_xpo_plugin.commands.run_lock import check_writable, hold
+from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 
 
 def plan_steps(cfg, n_prompts: int, world: int = 1) -> tuple[int, int, int]:
@@ -79,25 +79,6 @@ def kernel_note(device=None, env=None, version: str | None = None) -> Optional[s
     return f"compiling kernels (once; MLX keeps them in {d}): the first step takes longer" if cold else None
 
 
-def loop_settings(cfg, iters: int, progress: bool = True) -> LoopSettings:
-    return LoopSettings(
-        mode=cfg.train_mode, iters=iters, batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        micro_batch_size=cfg.micro_batch_size, beta=cfg.beta,
-        alpha=cfg.alpha if cfg.train_mode == "xpo" else 0.0,
-        xpo_bonus=cfg.xpo_bonus, loss_type=cfg.dpo_cpo_loss_type, delta=cfg.delta,
-        sampling=SamplingConfig(max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p),
-        missing_eos_penalty=cfg.missing_eos_penalty, entropy_coef=cfg.entropy_coef,
-        steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval,
-        val_batches=cfg.val_batches, save_every=cfg.save_every,
-        log_completions_every=cfg.log_completions_every,
-        max_nonfinite_steps=cfg.max_nonfinite_steps, max_judgeless_steps=cfg.max_judgeless_steps,
-        seed=cfg.seed,
-        adapter_path=cfg.adapter_path, progress=progress,
-    )
-
-
 def build_optimizer(cfg):
     from mlx_lm.tuner.utils import build_schedule
     lr = build_schedule(cfg.lr_schedule) if cfg.lr_schedule else cfg.learning_rate
@@ -127,8 +108,8 @@ def ignored_judge_system(judge_system, factory) -> Optional[str]:
 
 def preflight(cfg) -> None:
     """Every check that needs no model: data files, model paths, judge, resume file, output folder."""
-    from .data import check_data
-    from .registry import check_judge
+    from mlx_xpo_plugin.commands.data import check_data
+    from mlx_xpo_plugin.host.registry import check_judge
     if cfg.train:
         check_writable("adapter_path", cfg.adapter_path)
     if cfg.train_type == "full" and quantization(cfg):
@@ -151,7 +132,7 @@ def preflight(cfg) -> None:
     if note:
         print(note, file=sys.stderr)
     if cfg.resume_adapter_file:
-        from .checkpoint_state import check_resume
+        from mlx_xpo_plugin.loop.checkpoints import check_resume
         check_resume(cfg.resume_adapter_file, cfg)
 
 
@@ -187,7 +168,7 @@ def judge_weights(cfg, model_path: str, model, separate):
     judge == reference_model_path: the separate reference; judge == the policy's base model:
     the policy with adapters off (LoRA/DoRA), or the frozen copy loaded for full fine-tuning.
     """
-    from .reference import BaseView
+    from mlx_xpo_plugin.compute.reference import BaseView
     if cfg.reference_model_path and same_folder(cfg.judge, cfg.reference_model_path):
         return separate
     if same_folder(cfg.judge, cfg.model) or same_folder(cfg.judge, model_path):
@@ -219,10 +200,10 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     from mlx_lm import load as mlx_load
     from mlx_lm_lora.utils import from_pretrained
 
-    from .checkpoint_state import fingerprint, load_resume
-    from .data import load_prompts
-    from .reference import Reference
-    from .registry import build_judge
+    from mlx_xpo_plugin.loop.checkpoints import fingerprint, load_resume
+    from mlx_xpo_plugin.commands.data import load_prompts
+    from mlx_xpo_plugin.compute.reference import Reference
+    from mlx_xpo_plugin.host.registry import build_judge
 
     loud = verbose()
     mx.random.seed(cfg.seed)

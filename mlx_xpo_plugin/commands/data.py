@@ -13,8 +13,8 @@ import json
 import os
 from typing import Optional
 
-from .errors import ConfigError
-from .prompts import PromptSet
+from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.loop.prompts import PromptSet
 
 ROLES = ("system", "user", "assistant", "tool")
 

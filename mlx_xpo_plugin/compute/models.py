@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError
+from mlx_xpo_plugin.errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from . import config
-from .rollout import SamplingConfig
+from mlx_xpo_plugin import config
+from mlx_xpo_plugin.compute.rollout import SamplingConfig
 
 #: settings-table names the loop reads
 LOOP_KEYS = (

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Optional
 
-from .errors import ConfigError
+from mlx_xpo_plugin.errors import ConfigError
 
 
 def folder_quantization(folder: str) -> Optional[str]:

@@ -15,10 +15,10 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .checkpoint_state import restore
-from .errors import StopTraining
-from .faults import JudgeFailure
-from .metrics import JsonlLog, MetricsWindow, is_pair_metric
+from mlx_xpo_plugin.loop.checkpoints import restore
+from mlx_xpo_plugin.errors import StopTraining
+from mlx_xpo_plugin.loop.faults import JudgeFailure
+from mlx_xpo_plugin.loop.metrics import JsonlLog, MetricsWindow, is_pair_metric
 
 PHASES = ("time/rollout", "time/judge", "time/reference", "time/policy", "time/optimizer")
 

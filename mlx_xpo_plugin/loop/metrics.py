@@ -8,8 +8,8 @@ import os
 from collections import defaultdict
 from typing import Optional
 
-from .errors import SaveFailed
-from .jsonio import dumps
+from mlx_xpo_plugin.errors import SaveFailed
+from mlx_xpo_plugin.loop.jsonio import dumps
 
 #: How each metric combines over the micro-batches of a step and the steps of a report window
 #: (one table for every metric):

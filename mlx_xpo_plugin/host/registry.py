@@ -1,7 +1,7 @@
 """The plugin manager, entry-point loading and the TrainMode / judge registries.
 
 Built-in modes and judges register through the same hooks as third-party plugins
-(``mlx_xpo_plugin.plugin`` is itself an entry point of the ``mlx_lm_lora`` group).
+(``mlx_xpo_plugin.host.builtins`` is itself an entry point of the ``mlx_lm_lora`` group).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Optional
 
 import pluggy
 
-from . import hookspecs
-from .contracts import ENTRY_POINT_GROUP, PROJECT, JudgeContext, JudgeFactory, PairwiseJudge, TrainMode
-from .errors import ConfigError
+from mlx_xpo_plugin.host import hookspecs
+from mlx_xpo_plugin.contracts import ENTRY_POINT_GROUP, PROJECT, JudgeContext, JudgeFactory, PairwiseJudge, TrainMode
+from mlx_xpo_plugin.errors import ConfigError
 
 #: this project's own plugin: registered by name when it is not installed as a distribution
-BUILTIN_PLUGIN = "mlx_xpo_plugin.plugin"
+BUILTIN_PLUGIN = "mlx_xpo_plugin.host.builtins"
 
 
 class DuplicateRegistration(RuntimeError):

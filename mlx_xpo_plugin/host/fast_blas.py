@@ -7,7 +7,7 @@ judge, scoring and backward alike).
 
 MLX calls BLAS through the dynamic linker, and a library loaded into the process's *global*
 symbol scope before ``mlx.core`` is loaded takes precedence over the bundled one. So when
-``mlx.core`` is first imported, the start-up hook (:mod:`mlx_xpo_plugin._bootstrap`) calls
+``mlx.core`` is first imported, the start-up hook (:mod:`mlx_xpo_plugin.host._bootstrap`) calls
 :func:`preload`, which loads, with ``RTLD_GLOBAL``, the first of:
 
 * the file named by ``MLX_XPO_BLAS`` (``MLX_XPO_BLAS=off`` keeps the bundled BLAS);
@@ -124,7 +124,7 @@ def _imported_by_us(frame) -> bool:
     while frame is not None:
         name = frame.f_globals.get("__name__") or ""
         if name.startswith("mlx_xpo_plugin") and name not in (
-                "mlx_xpo_plugin._bootstrap", "mlx_xpo_plugin.fast_blas", "mlx_xpo_plugin.blas_shim"):
+                "mlx_xpo_plugin.host._bootstrap", "mlx_xpo_plugin.host.fast_blas", "mlx_xpo_plugin.host.blas_shim"):
             return True
         frame = frame.f_back
     return False
@@ -160,7 +160,7 @@ def _load(path: str) -> tuple[str, int | None]:
         raise OSError(f"it exports no cblas_sgemm (nor {', '.join(p + 'cblas_sgemm' for p in PREFIXES if p)})")
     threads = None
     if prefix:
-        from . import blas_shim  # only for prefixed libraries
+        from mlx_xpo_plugin.host import blas_shim  # only for prefixed libraries
         blas_shim.forward_loaded(lib, prefix)
         threads = spare_a_core(lib, prefix)
     _LIB[:] = [lib]

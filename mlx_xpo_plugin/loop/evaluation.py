@@ -10,10 +10,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .losses import dpo_scores, reward_stats
-from .pair_loss import pack_pairs, pair_loss, reference_logps
-from .pairs import Pair
-from .rollout import sample_policy_and_reference
+from mlx_xpo_plugin.loop.losses import dpo_scores, reward_stats
+from mlx_xpo_plugin.loop.pair_loss import pack_pairs, pair_loss, reference_logps
+from mlx_xpo_plugin.loop.pairs import Pair
+from mlx_xpo_plugin.compute.rollout import sample_policy_and_reference
 
 
 def evaluate(trainer, prompts, max_batches: int = -1) -> dict:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from .errors import ConfigError
+from mlx_xpo_plugin.errors import ConfigError
 
 try:
     import fcntl

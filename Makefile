@@ -16,6 +16,8 @@ demo: $(STAMP)
 	$(VENV)/bin/mlx-xpo demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

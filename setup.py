@@ -18,8 +18,10 @@ from setuptools.command.build import build
 
 PTH_NAME = "mlx_xpo_plugin.pth"
 # One line, as setuptools' own distutils-precedence.pth: with MLX_XPO_PLUGIN=0 nothing is imported.
-PTH_TEXT = ("import os; os.environ.get('MLX_XPO_PLUGIN', '1').strip().lower() in "
-            "('0', 'false', 'no', 'off') or __import__('mlx_xpo_plugin.host._bootstrap')\n")
+PTH_TEXT = (
+    "import os; os.environ.get('MLX_XPO_PLUGIN', '1').strip().lower() in "
+    "('0', 'false', 'no', 'off') or __import__('mlx_xpo_plugin.host._bootstrap')\n"
+)
 
 
 class build_pth(Command):

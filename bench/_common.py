@@ -25,12 +25,14 @@ DRIVER = BENCH / "_driver.py"
 
 def cache_dir() -> Path:
     from mlx_xpo_plugin.commands.tiny import default_cache_dir
+
     return Path(os.environ.get("MLX_XPO_BENCH_CACHE") or default_cache_dir() / "bench")
 
 
 def model_path(preset: str) -> str:
     """The embedded random-weight model of `preset` (built once, then reused)."""
     from mlx_xpo_plugin.commands.tiny import build_tiny_model
+
     return str(build_tiny_model(cache_dir() / f"model-{preset}", preset=preset, seed=0))
 
 
@@ -38,6 +40,7 @@ def data_path() -> str:
     """The embedded prompt set with train.jsonl only: no valid.jsonl, so neither trainer validates
     during the timed steps (upstream validates at step 1 and at the last step when it has one)."""
     from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
+
     d = cache_dir() / "data-train-only"
     if not (d / "train.jsonl").exists():
         tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
@@ -54,8 +57,10 @@ def shared_blas() -> str | None:
     """The BLAS both sides run MLX on: our start-up hook's choice (``MLX_XPO_BLAS``, the system's
     OpenBLAS, scipy-openblas32; ``MLX_XPO_BLAS=off`` measures MLX's bundled reference BLAS), loaded
     by _driver.py in both sides' processes since upstream runs without our hook."""
-    from mlx_xpo_plugin.host.fast_blas import bundled_reference_blas, choose
     import mlx  # noqa: F401  (bundled_reference_blas looks next to it)
+
+    from mlx_xpo_plugin.host.fast_blas import bundled_reference_blas, choose
+
     return choose()[0] if bundled_reference_blas() else None
 
 
@@ -75,8 +80,13 @@ def run_one(impl: str, mode: str, settings: dict, workdir: Path, timeout: float 
     spec.write_text(json.dumps({"impl": impl, "mode": mode, "settings": settings}))
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.run([sys.executable, str(DRIVER), str(spec), str(out)], env=env_for(impl),
-                           stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, str(DRIVER), str(spec), str(out)],
+            env=env_for(impl),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
     if p.returncode != 0 or not out.exists():
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{impl} {mode} run failed (status {p.returncode}); log {log}:\n{tail}")
@@ -90,9 +100,11 @@ def cli_equivalent(impl: str, mode: str, settings: dict) -> str:
     if impl == "ours":
         return f"mlx_lm_lora.train --train-mode {mode} --config cfg.yaml"
     flags = f" --max-completion-length {settings['max_completion_length']} --temperature {settings['temperature']}"
-    return (f"MLX_XPO_PLUGIN=0 mlx_lm_lora.train --train-mode {mode} --config cfg.yaml{flags}"
-            "   # upstream ignores these three keys in YAML; its default alpha [1e-5] is used (the "
-            "flag --alpha cannot parse a number); on CPU it needs the device_info shim")
+    return (
+        f"MLX_XPO_PLUGIN=0 mlx_lm_lora.train --train-mode {mode} --config cfg.yaml{flags}"
+        "   # upstream ignores these three keys in YAML; its default alpha [1e-5] is used (the "
+        "flag --alpha cannot parse a number); on CPU it needs the device_info shim"
+    )
 
 
 # ------------------------------------------------------------------ statistics
@@ -176,17 +188,30 @@ def machine() -> dict:
     except (ValueError, OSError):
         pass
     import mlx.core as mx
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "ram_gib": mem,
-            "python": platform.python_version(), "mlx_device": str(mx.default_device()),
-            "mlx": ver("mlx"), "mlx-lm": ver("mlx-lm"), "mlx-lm-lora": ver("mlx-lm-lora"),
-            "mlx-xpo-plugin": ver("mlx-xpo-plugin"), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "blas": shared_blas() or ("bundled reference BLAS" if sys.platform == "linux" else "as shipped")}
+
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "ram_gib": mem,
+        "python": platform.python_version(),
+        "mlx_device": str(mx.default_device()),
+        "mlx": ver("mlx"),
+        "mlx-lm": ver("mlx-lm"),
+        "mlx-lm-lora": ver("mlx-lm-lora"),
+        "mlx-xpo-plugin": ver("mlx-xpo-plugin"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "blas": shared_blas() or ("bundled reference BLAS" if sys.platform == "linux" else "as shipped"),
+    }
 
 
 def machine_line(m: dict) -> str:
-    return (f"{m['cpu']} ({m['cpu_count']} cores, {m['ram_gib']} GiB), {m['mlx_device']}, {m['platform']}; "
-            f"mlx {m['mlx']}, mlx-lm {m['mlx-lm']}, mlx-lm-lora {m['mlx-lm-lora']}, "
-            f"mlx-xpo-plugin {m['mlx-xpo-plugin']}; BLAS under MLX (both sides): {m.get('blas', 'not recorded')}; {m['date']}")
+    return (
+        f"{m['cpu']} ({m['cpu_count']} cores, {m['ram_gib']} GiB), {m['mlx_device']}, {m['platform']}; "
+        f"mlx {m['mlx']}, mlx-lm {m['mlx-lm']}, mlx-lm-lora {m['mlx-lm-lora']}, "
+        f"mlx-xpo-plugin {m['mlx-xpo-plugin']}; "
+        f"BLAS under MLX (both sides): {m.get('blas', 'not recorded')}; {m['date']}"
+    )
 
 
 def cleanup(work: Path) -> None:
@@ -215,8 +240,11 @@ def grid(ns) -> tuple[list[str], list[str], list[int]]:
     and, unless --repeats says otherwise, 2 runs per side."""
     if ns.quick:
         ns.presets, ns.repeats = "tiny", ns.repeats or 2
-    return ([p for p in ns.presets.split(",") if p], [m for m in ns.modes.split(",") if m],
-            [int(x) for x in ns.lengths.split(",") if x])
+    return (
+        [p for p in ns.presets.split(",") if p],
+        [m for m in ns.modes.split(",") if m],
+        [int(x) for x in ns.lengths.split(",") if x],
+    )
 
 
 def rerender(name: str, render) -> None:

@@ -45,8 +45,8 @@ import resource
 import sys
 import time
 
-
 from _proc import proc_status_kb  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+
 from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps  # noqa: E402
 
 
@@ -60,8 +60,7 @@ def install_device_info_shim():
 
     def device_info():
         info = dict(orig())
-        info.setdefault("max_recommended_working_set_size",
-                        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        info.setdefault("max_recommended_working_set_size", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         return info
 
     mx.device_info = device_info
@@ -105,6 +104,7 @@ class Callback:
 
     def __init__(self):
         import mlx.core as mx
+
         self.mx = mx
         self.t = []
         self.peaks = []
@@ -136,11 +136,13 @@ def timed(cb, key, fn):
             return fn(*a, **k)
         finally:
             cb.add(key, time.perf_counter() - t)
+
     return wrapper
 
 
 def run_upstream(mode, settings, cb, counter):
     import types
+
     import mlx_lm_lora.train as T
     from mlx_lm_lora.trainer import judge as J
     from mlx_lm_lora.trainer import online_dpo_trainer as O
@@ -167,6 +169,7 @@ def run_upstream(mode, settings, cb, counter):
     def judge(self, prompts, completions, shuffle_order=True):
         # count the judge's raw answers: -1 (not "0"/"1") is later used as "the second one wins"
         import mlx_lm_lora.trainer.judge as jm
+
         orig_generate = jm.generate
 
         def gen(*a, **k):
@@ -192,9 +195,9 @@ def run_upstream(mode, settings, cb, counter):
 
 def run_ours(mode, settings, cb, counter):
     from mlx_xpo_plugin import online_dpo_trainer
-    from mlx_xpo_plugin.loop import pair_loss
-    from mlx_xpo_plugin.compute import rollout
     from mlx_xpo_plugin.api import train_method
+    from mlx_xpo_plugin.compute import rollout
+    from mlx_xpo_plugin.loop import pair_loss
     from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
     from mlx_xpo_plugin.xpo_trainer import XPO
 
@@ -227,11 +230,14 @@ def main():
     impl, mode, settings = spec["impl"], spec["mode"], spec["settings"]
     t_start = time.perf_counter()
     from mlx_xpo_plugin.host import fast_blas
+
     fast_blas.preload()  # the same BLAS on both sides: upstream runs without our start-up hook
     import mlx.core as mx  # noqa: F401
     import mlx_lm  # noqa: F401
     import mlx_lm_lora.train  # noqa: F401  (both sides load models through mlx_lm_lora.utils)
+
     import mlx_xpo_plugin.commands.runner  # noqa: F401
+
     shim = install_device_info_shim()
     rss_after_imports_kb = proc_status_kb("VmRSS")
     t_imported = time.perf_counter()
@@ -250,9 +256,13 @@ def main():
         else:
             r["own_step_seconds"] = r.get("step_seconds")
     result = {
-        "impl": impl, "mode": mode, "settings": settings, "device_info_shim": shim,
+        "impl": impl,
+        "mode": mode,
+        "settings": settings,
+        "device_info_shim": shim,
         "plugin_env": os.environ.get("MLX_XPO_PLUGIN"),
-        "blas_libraries_mapped": blas_libraries_mapped(), "blas": fast_blas.banner_line(),
+        "blas_libraries_mapped": blas_libraries_mapped(),
+        "blas": fast_blas.banner_line(),
         "steps": steps,
         "rss_after_imports_mb": rss_after_imports_kb / 1024,
         "peak_rss_mb": proc_status_kb("VmHWM") / 1024,
@@ -260,9 +270,11 @@ def main():
         "import_seconds": t_imported - t_start,
         "total_seconds": t_end - t_start,
         "first_report_after_seconds": (cb.t[0] - t_imported) if cb.t else None,
-        "completion_tokens": {"n": len(counter.lengths),
-                              "max": max(counter.lengths) if counter.lengths else None,
-                              "mean": (sum(counter.lengths) / len(counter.lengths)) if counter.lengths else None},
+        "completion_tokens": {
+            "n": len(counter.lengths),
+            "max": max(counter.lengths) if counter.lengths else None,
+            "mean": (sum(counter.lengths) / len(counter.lengths)) if counter.lengths else None,
+        },
         **extra,
     }
     with open(out_path, "w") as f:

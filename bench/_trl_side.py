@@ -33,13 +33,13 @@ import os
 import sys
 import time
 
-
 from _proc import proc_status_kb  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 
 def torch_blas() -> str:
     """The BLAS torch was built with (``BLAS_INFO`` in its build settings; mkl for the CPU wheels)."""
     import torch
+
     cfg = torch.__config__.show()
     return cfg.split("BLAS_INFO=", 1)[1].split(",", 1)[0] if "BLAS_INFO=" in cfg else "unknown"
 
@@ -72,9 +72,18 @@ def tiny_reward_model(vocab_size: int, pad_token_id: int, seed: int):
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=vocab_size, num_labels=1, pad_token_id=pad_token_id,
-                      max_position_embeddings=2048, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=vocab_size,
+        num_labels=1,
+        pad_token_id=pad_token_id,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     return Qwen2ForSequenceClassification(cfg).float().eval()
 
 
@@ -91,6 +100,7 @@ class Recorder:
                 return fn(*a, **k)
             finally:
                 self.acc += time.perf_counter() - t
+
         return wrapper
 
     def counting(self, fn):
@@ -98,6 +108,7 @@ class Recorder:
             ids, mask = fn(*a, **k)
             self.lengths.extend(int(x) for x in mask.sum(1).tolist())
             return ids, mask
+
         return wrapper
 
     def step_end(self):
@@ -116,7 +127,8 @@ def instrument(mode: str, rec: Recorder):
         X.truncate_right = rec.counting(X.truncate_right)
     else:
         O.OnlineDPOTrainer._calculate_rewards_from_functions = rec.timed(
-            O.OnlineDPOTrainer._calculate_rewards_from_functions)
+            O.OnlineDPOTrainer._calculate_rewards_from_functions
+        )
         O.truncate_right = rec.counting(O.truncate_right)
 
 
@@ -134,18 +146,39 @@ def build_trainer(spec: dict, rec: Recorder):
     # conversational prompts, so that TRL applies the chat template as our side does
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
     lora = spec["lora"]
-    peft_config = LoraConfig(r=lora["rank"], lora_alpha=lora["scale"] * lora["rank"], lora_dropout=lora["dropout"],
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"], task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=lora["rank"],
+        lora_alpha=lora["scale"] * lora["rank"],
+        lora_dropout=lora["dropout"],
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
     # gradient checkpointing stays at its default (off); passing it only adds a deprecation warning
     common = dict(
-        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1, max_steps=spec["iters"], learning_rate=spec["learning_rate"],
-        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
-        max_grad_norm=0.0, max_new_tokens=spec["max_completion_length"], temperature=spec["temperature"],
-        beta=[spec["beta"]], seed=spec["seed"], data_seed=spec["seed"], bf16=False, fp16=False,
-        use_cpu=True, report_to="none", save_strategy="no",
-        eval_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["iters"],
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        max_new_tokens=spec["max_completion_length"],
+        temperature=spec["temperature"],
+        beta=[spec["beta"]],
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
 
     class StepTimer(TrainerCallback):
@@ -154,15 +187,32 @@ def build_trainer(spec: dict, rec: Recorder):
 
     if mode == "xpo":
         from trl.experimental.xpo import XPOConfig, XPOTrainer
+
         args = XPOConfig(alpha=[spec["alpha"]], **common)
         reward = tiny_reward_model(model.config.vocab_size, tok.pad_token_id, spec["seed"])
-        return XPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
-                          reward_processing_classes=tok, peft_config=peft_config, callbacks=[StepTimer()])
+        return XPOTrainer(
+            model=model,
+            reward_funcs=reward,
+            args=args,
+            train_dataset=ds,
+            processing_class=tok,
+            reward_processing_classes=tok,
+            peft_config=peft_config,
+            callbacks=[StepTimer()],
+        )
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
     args = OnlineDPOConfig(**common)
     reward = batched_reward(load_rules(spec["rules"]).letter_e_reward)
-    return OnlineDPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
-                            peft_config=peft_config, callbacks=[StepTimer()])
+    return OnlineDPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[StepTimer()],
+    )
 
 
 def main():
@@ -170,10 +220,12 @@ def main():
     out_path = sys.argv[2]
     t_start = time.perf_counter()
     import torch
+
     torch.set_num_threads(spec["threads"])
     import transformers  # noqa: F401
     import trl  # noqa: F401
     from trl.experimental import online_dpo, xpo  # noqa: F401
+
     rss_after_imports_kb = proc_status_kb("VmRSS")
     t_imported = time.perf_counter()
     rec = Recorder()
@@ -182,12 +234,20 @@ def main():
     trainer.train()
     t_end = time.perf_counter()
     wall = [None] + [b - a for a, b in zip(rec.t, rec.t[1:])]
-    steps = [{"iteration": i + 1, "wall_seconds": w, "reward_seconds": r}
-             for i, (w, r) in enumerate(zip(wall, rec.reward_s))]
+    steps = [
+        {"iteration": i + 1, "wall_seconds": w, "reward_seconds": r} for i, (w, r) in enumerate(zip(wall, rec.reward_s))
+    ]
     result = {
-        "impl": "trl", "mode": spec["mode"], "spec": spec, "steps": steps,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "trl": trl.__version__, "peft": __import__("peft").__version__},
+        "impl": "trl",
+        "mode": spec["mode"],
+        "spec": spec,
+        "steps": steps,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "peft": __import__("peft").__version__,
+        },
         "torch_threads": torch.get_num_threads(),
         "torch_blas": torch_blas(),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
@@ -196,8 +256,11 @@ def main():
         "import_seconds": t_imported - t_start,
         "total_seconds": t_end - t_start,
         "first_report_after_seconds": (rec.t[0] - t_imported) if rec.t else None,
-        "completion_tokens": {"n": len(rec.lengths), "max": max(rec.lengths) if rec.lengths else None,
-                              "mean": sum(rec.lengths) / len(rec.lengths) if rec.lengths else None},
+        "completion_tokens": {
+            "n": len(rec.lengths),
+            "max": max(rec.lengths) if rec.lengths else None,
+            "mean": sum(rec.lengths) / len(rec.lengths) if rec.lengths else None,
+        },
     }
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)

@@ -19,11 +19,9 @@ import time
 from pathlib import Path
 
 import yaml
-
 from _common import RESULTS, data_path, model_path
+
 from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps
-
-
 
 
 def step_times(out: Path) -> list:
@@ -47,8 +45,7 @@ def run(ranks: int, cfg: dict, tmp: Path) -> dict:
         raise SystemExit(f"{ranks} rank(s) failed:\n{r.stderr[-2000:]}")
     st = sorted(step_times(out))
     med = st[len(st) // 2]
-    return {"ranks": ranks, "wall_s": wall, "median_step_s": med,
-            "prompts_per_s": cfg["batch_size"] / med}
+    return {"ranks": ranks, "wall_s": wall, "median_step_s": med, "prompts_per_s": cfg["batch_size"] / med}
 
 
 def main(argv=None):
@@ -59,22 +56,35 @@ def main(argv=None):
     ap.add_argument("--preset", default="tiny")
     ns = ap.parse_args(argv)
     model, data = model_path(ns.preset), data_path()
-    cfg = {"model": model, "data": data, "train": True, "judge": "mlx_xpo_plugin.rules:prefer_letter_e",
-           "iters": ns.iters, "batch_size": ns.global_batch, "max_completion_length": ns.length,
-           "max_seq_length": 256, "steps_per_report": 1, "steps_per_eval": 10**6, "save_every": 10**6,
-           "learning_rate": 1e-4}
+    cfg = {
+        "model": model,
+        "data": data,
+        "train": True,
+        "judge": "mlx_xpo_plugin.rules:prefer_letter_e",
+        "iters": ns.iters,
+        "batch_size": ns.global_batch,
+        "max_completion_length": ns.length,
+        "max_seq_length": 256,
+        "steps_per_report": 1,
+        "steps_per_eval": 10**6,
+        "save_every": 10**6,
+        "learning_rate": 1e-4,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         res = [run(1, cfg, Path(tmp)), run(2, cfg, Path(tmp)), run(1, cfg, Path(tmp)), run(2, cfg, Path(tmp))]
     by = {k: sorted(r["median_step_s"] for r in res if r["ranks"] == k) for k in (1, 2)}
     one, two = by[1][0], by[2][0]  # best of the alternating pair
-    table = ("| processes | batch per process | median step (s) | prompts/s | speed-up |\n|---|---|---|---|---|\n"
-             f"| 1 | {ns.global_batch} | {one:.3f} | {ns.global_batch / one:.1f} | 1.00 |\n"
-             f"| 2 (ring) | {ns.global_batch // 2} | {two:.3f} | {ns.global_batch / two:.1f} | {one / two:.2f} |\n")
+    table = (
+        "| processes | batch per process | median step (s) | prompts/s | speed-up |\n|---|---|---|---|---|\n"
+        f"| 1 | {ns.global_batch} | {one:.3f} | {ns.global_batch / one:.1f} | 1.00 |\n"
+        f"| 2 (ring) | {ns.global_batch // 2} | {two:.3f} | {ns.global_batch / two:.1f} | {one / two:.2f} |\n"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "distributed.json").write_text(strict_dumps({"settings": vars(ns), "runs": res}, indent=1))
     (RESULTS / "distributed.md").write_text(
         f"Data parallel, {ns.preset} model, global batch {ns.global_batch}, {ns.length}-token completions, "
-        f"rule judge, {ns.iters} steps (step 1 excluded), alternating 1/2/1/2 processes, best of each:\n\n{table}")
+        f"rule judge, {ns.iters} steps (step 1 excluded), alternating 1/2/1/2 processes, best of each:\n\n{table}"
+    )
     print(table)
 
 

@@ -34,18 +34,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-
 from _common import RESULTS, cache_dir, model_path
+
 from mlx_xpo_plugin.commands.data import load_prompts
-from mlx_xpo_plugin.contracts import Verdict
+from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
 from mlx_xpo_plugin.compute.reference import Reference
 from mlx_xpo_plugin.compute.rollout import SamplingConfig, sample_completions
 from mlx_xpo_plugin.compute.scoring import completion_logps, first_completion_position, pack
-from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
-from mlx_xpo_plugin.loop.settings import LoopSettings
-from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.loop.prompts import PromptSet
+from mlx_xpo_plugin.loop.settings import LoopSettings
 from mlx_xpo_plugin.loop.trainer import OnlineTrainer
+from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
 from mlx_xpo_plugin.xpo_trainer import XPO, xpo_kl_bonus
 
 ALPHAS = [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
@@ -70,6 +70,7 @@ class LetterJudge:
 
 def load(path, seed):
     from mlx_lm_lora.utils import from_pretrained
+
     mx.random.seed(seed)
     model, tok, _ = from_pretrained(path, lora_config=LORA)
     return model, tok
@@ -77,12 +78,32 @@ def load(path, seed):
 
 def trainer(model, tok, train, mode, form, alpha, seed, steps, letter, ad):
     extra = {} if mode == "online_dpo" else {"alpha": alpha, "xpo_bonus": form}
-    s = LoopSettings(iters=steps, batch_size=BATCH, seed=seed, adapter_path=ad, progress=False,
-                     steps_per_report=10**9, steps_per_eval=10**9, save_every=10**9,
-                     max_completion_length=MAX_TOKENS, temperature=TEMPERATURE, **extra)
+    s = LoopSettings(
+        iters=steps,
+        batch_size=BATCH,
+        seed=seed,
+        adapter_path=ad,
+        progress=False,
+        steps_per_report=10**9,
+        steps_per_eval=10**9,
+        save_every=10**9,
+        max_completion_length=MAX_TOKENS,
+        temperature=TEMPERATURE,
+        **extra,
+    )
     method = (OnlineDPO if mode == "online_dpo" else XPO)(s)
-    t = OnlineTrainer(s, method, model, tok, Reference(model), LetterJudge(letter),
-                      optim.Adam(learning_rate=3e-3), train, None, log=lambda m: None)
+    t = OnlineTrainer(
+        s,
+        method,
+        model,
+        tok,
+        Reference(model),
+        LetterJudge(letter),
+        optim.Adam(learning_rate=3e-3),
+        train,
+        None,
+        log=lambda m: None,
+    )
     t.save = lambda final=False: None
     return t
 
@@ -104,7 +125,7 @@ def exact_token_kl(model, prompts, completions) -> float:
 
 def diversity(groups) -> tuple[float, float]:
     """(distinct-2 over all completions' token bigrams, mean unique-completion rate per prompt)."""
-    bigrams = [tuple(c.tokens[i:i + 2]) for g in groups for c in g for i in range(len(c.tokens) - 1)]
+    bigrams = [tuple(c.tokens[i : i + 2]) for g in groups for c in g for i in range(len(c.tokens) - 1)]
     d2 = len(set(bigrams)) / len(bigrams) if bigrams else 0.0
     uniq = statistics.mean(len({tuple(c.tokens) for c in g}) / len(g) for g in groups)
     return d2, uniq
@@ -135,8 +156,15 @@ def part_estimator(path, train, n_pairs):
     model, tok = load(path, 0)
     rng = np.random.default_rng(0)  # a policy away from the reference
     from mlx.utils import tree_flatten, tree_unflatten
-    model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.02, v.shape).astype(np.float32)))
-                                 for k, v in tree_flatten(model.trainable_parameters())]))
+
+    model.update(
+        tree_unflatten(
+            [
+                (k, mx.array(rng.normal(0, 0.02, v.shape).astype(np.float32)))
+                for k, v in tree_flatten(model.trainable_parameters())
+            ]
+        )
+    )
     prompts = train.ids[:n_pairs]
     mx.random.seed(1)
     pairs = sample_completions(model, tok, prompts, 2, SamplingConfig(MAX_TOKENS, TEMPERATURE))
@@ -151,11 +179,14 @@ def part_estimator(path, train, n_pairs):
             def bonus(m):
                 sc = completion_logps(m, inputs, targets, mask, temperature=TEMPERATURE)
                 return xpo_kl_bonus(sc.tokens, ref_tok, sc.mask, 1.0, sc.tempered, credit == "token").sum()
+
             _, g = nn.value_and_grad(model, bonus)(model)
             grads.append(np.concatenate([np.array(v).ravel() for _, v in tree_flatten(g)]))
         G = np.array(grads)
-        out[credit] = {"variance": float(((G - G.mean(0)) ** 2).sum(1).mean()),
-                       "mean_sq_norm": float((G.mean(0) ** 2).sum())}
+        out[credit] = {
+            "variance": float(((G - G.mean(0)) ** 2).sum(1).mean()),
+            "mean_sq_norm": float((G.mean(0) ** 2).sum()),
+        }
     out["ratio_token_over_sequence"] = out["token"]["variance"] / out["sequence"]["variance"]
     return out
 
@@ -173,18 +204,23 @@ def rare_letter(path, tok_prompts, seed=0, n=8) -> tuple[str, float]:
 
 def part_drift(path, train, test, seeds, steps):
     rows = []
-    configs = [("online_dpo", "-", 0.0)] + [("xpo", f, a) for f in FORMS for a in ALPHAS
-                                             if not (f != "paper" and a == 0.0)]
+    configs = [("online_dpo", "-", 0.0)] + [
+        ("xpo", f, a) for f in FORMS for a in ALPHAS if not (f != "paper" and a == 0.0)
+    ]
     for mode, form, alpha in configs:
         for seed in range(seeds):
             model, tok = load(path, seed)
             with tempfile.TemporaryDirectory() as ad:
                 trainer(model, tok, train, mode, form, alpha, seed, steps, "e", ad).train()
             kl, d2, uniq = drift_and_diversity(model, tok, test, seed)
-            rows.append({"mode": mode, "form": form, "alpha": alpha, "seed": seed, "kl": kl,
-                         "distinct2": d2, "unique": uniq})
-            print(f"(a) {mode:>10} {form:>11} alpha={alpha:<6g} seed {seed}: KL/token {kl:.4f} "
-                  f"distinct-2 {d2:.3f} unique {uniq:.2f}", flush=True)
+            rows.append(
+                {"mode": mode, "form": form, "alpha": alpha, "seed": seed, "kl": kl, "distinct2": d2, "unique": uniq}
+            )
+            print(
+                f"(a) {mode:>10} {form:>11} alpha={alpha:<6g} seed {seed}: KL/token {kl:.4f} "
+                f"distinct-2 {d2:.3f} unique {uniq:.2f}",
+                flush=True,
+            )
     return rows
 
 
@@ -200,14 +236,17 @@ def part_rare(path, train, test, seeds, steps, every, alphas, letter):
 
                 def validate():
                     curve.append((t.step * BATCH, win_rate(t, test, seed)))
+
                 t.validate = validate
                 t.settings.steps_per_eval = every
                 t.train()
             hit = next((p for p, w in curve if w >= 0.6), None)
-            rows.append({"mode": mode, "form": form, "alpha": alpha, "seed": seed, "curve": curve,
-                         "pairs_to_0.6": hit})
-            print(f"(b) {mode:>10} {form:>11} alpha={alpha:<6g} seed {seed}: pairs to 0.6: {hit}; "
-                  + " ".join(f"{w:.2f}" for _, w in curve), flush=True)
+            rows.append({"mode": mode, "form": form, "alpha": alpha, "seed": seed, "curve": curve, "pairs_to_0.6": hit})
+            print(
+                f"(b) {mode:>10} {form:>11} alpha={alpha:<6g} seed {seed}: pairs to 0.6: {hit}; "
+                + " ".join(f"{w:.2f}" for _, w in curve),
+                flush=True,
+            )
     return rows
 
 
@@ -223,8 +262,11 @@ def ci95(xs):
 
 def drift_table(rows):
     base = {r["seed"]: r for r in rows if r["mode"] == "online_dpo"}
-    lines = ["| method | alpha | KL/token (mean ± 95% CI) | KL ratio to alpha 0 (geo. mean [min-max]) "
-             "| distinct-2 | unique completions |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | alpha | KL/token (mean ± 95% CI) | KL ratio to alpha 0 (geo. mean [min-max]) "
+        "| distinct-2 | unique completions |",
+        "|---|---|---|---|---|---|",
+    ]
     keys = sorted({(r["mode"], r["form"], r["alpha"]) for r in rows}, key=lambda k: (k[0] != "online_dpo", k[1], k[2]))
     for mode, form, alpha in keys:
         rs = [r for r in rows if (r["mode"], r["form"], r["alpha"]) == (mode, form, alpha)]
@@ -234,14 +276,18 @@ def drift_table(rows):
         u, uh = ci95([r["unique"] for r in rs])
         geo = math.exp(statistics.mean(math.log(x) for x in ratios)) if ratios else float("nan")
         label = "online DPO" if mode == "online_dpo" else f"xpo {form}"
-        lines.append(f"| {label} | {alpha:g} | {m:.4f} ± {h:.4f} | {geo:.2f} [{min(ratios):.2f}-{max(ratios):.2f}] "
-                     f"| {d2:.3f} ± {dh:.3f} | {u:.2f} ± {uh:.2f} |")
+        lines.append(
+            f"| {label} | {alpha:g} | {m:.4f} ± {h:.4f} | {geo:.2f} [{min(ratios):.2f}-{max(ratios):.2f}] "
+            f"| {d2:.3f} ± {dh:.3f} | {u:.2f} ± {uh:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def rare_table(rows, steps):
-    lines = ["| method | alpha | judged pairs to win-rate 0.6 (per seed) | reached | final win-rate (mean ± 95% CI) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| method | alpha | judged pairs to win-rate 0.6 (per seed) | reached | final win-rate (mean ± 95% CI) |",
+        "|---|---|---|---|---|",
+    ]
     keys = sorted({(r["mode"], r["form"], r["alpha"]) for r in rows}, key=lambda k: (k[0] != "online_dpo", k[1], k[2]))
     for mode, form, alpha in keys:
         rs = [r for r in rows if (r["mode"], r["form"], r["alpha"]) == (mode, form, alpha)]
@@ -249,14 +295,16 @@ def rare_table(rows, steps):
         cells = ", ".join(str(h) if h is not None else f">{steps * BATCH}" for h in hits)
         fm, fh = ci95([r["curve"][-1][1] for r in rs])
         label = "online DPO" if mode == "online_dpo" else f"xpo {form}"
-        lines.append(f"| {label} | {alpha:g} | {cells} | {sum(h is not None for h in hits)}/{len(hits)} "
-                     f"| {fm:.2f} ± {fh:.2f} |")
+        lines.append(
+            f"| {label} | {alpha:g} | {cells} | {sum(h is not None for h in hits)}/{len(hits)} | {fm:.2f} ± {fh:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def plot(drift, rare):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -273,7 +321,9 @@ def plot(drift, rare):
                 ms.append(statistics.mean(ratios))
                 lo.append(min(ratios))
                 hi.append(max(ratios))
-        ax1.errorbar(xs, ms, yerr=[np.subtract(ms, lo), np.subtract(hi, ms)], marker="o", capsize=3, label=f"xpo {form}")
+        ax1.errorbar(
+            xs, ms, yerr=[np.subtract(ms, lo), np.subtract(hi, ms)], marker="o", capsize=3, label=f"xpo {form}"
+        )
     ax1.axhline(1.0, color="grey", ls="--", lw=1)
     ax1.set_xscale("log")
     ax1.set_xlabel("alpha")
@@ -324,28 +374,47 @@ def main(argv=None):
         out["drift"] = part_drift(path, train, test, ns.seeds, ns.steps)
     if "b" in ns.parts:
         letter, rate = rare_letter(path, test)
-        out["rare"] = {"letter": letter, "reference_rate": rate,
-                       "rows": part_rare(path, train, test, ns.seeds, ns.rare_steps, ns.every,
-                                         [float(a) for a in ns.rare_alphas.split(",")], letter)}
+        out["rare"] = {
+            "letter": letter,
+            "reference_rate": rate,
+            "rows": part_rare(
+                path,
+                train,
+                test,
+                ns.seeds,
+                ns.rare_steps,
+                ns.every,
+                [float(a) for a in ns.rare_alphas.split(",")],
+                letter,
+            ),
+        }
     out["seconds"] = time.time() - t0
     RESULTS.mkdir(exist_ok=True)
     name = "exploration_quick" if ns.quick else "exploration"
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
-    md = [f"XPO exploration ({ns.preset} model + LoRA, batch {BATCH}, completions <= {MAX_TOKENS} tokens at "
-          f"temperature {TEMPERATURE}, Adam 3e-3, {ns.seeds} seeds; {out['seconds']:.0f} s)\n"]
+    md = [
+        f"XPO exploration ({ns.preset} model + LoRA, batch {BATCH}, completions <= {MAX_TOKENS} tokens at "
+        f"temperature {TEMPERATURE}, Adam 3e-3, {ns.seeds} seeds; {out['seconds']:.0f} s)\n"
+    ]
     if "estimator" in out:
         e = out["estimator"]
-        md.append(f"(0) kl-form gradient estimate over {ns.estimator_pairs} sampled pairs: variance with per-token "
-                  f"credit / per-sequence credit = {e['ratio_token_over_sequence']:.2f} "
-                  f"(token {e['token']['variance']:.3g}, sequence {e['sequence']['variance']:.3g}).\n")
+        md.append(
+            f"(0) kl-form gradient estimate over {ns.estimator_pairs} sampled pairs: variance with per-token "
+            f"credit / per-sequence credit = {e['ratio_token_over_sequence']:.2f} "
+            f"(token {e['token']['variance']:.3g}, sequence {e['sequence']['variance']:.3g}).\n"
+        )
     if "drift" in out:
-        md.append(f"(a) after {ns.steps} steps against the 'more e' judge; exact KL(pi_theta || pi_ref) per token "
-                  f"along 4 samples of each of {len(test)} held-out prompts:\n\n{drift_table(out['drift'])}\n")
+        md.append(
+            f"(a) after {ns.steps} steps against the 'more e' judge; exact KL(pi_theta || pi_ref) per token "
+            f"along 4 samples of each of {len(test)} held-out prompts:\n\n{drift_table(out['drift'])}\n"
+        )
     if "rare" in out:
         r = out["rare"]
-        md.append(f"(b) judge: more '{r['letter']}' wins (in {100 * r['reference_rate']:.1f}% of reference "
-                  f"completions); {ns.rare_steps} steps, win-rate (ties half) on {len(test)} held-out pairs "
-                  f"every {ns.every} steps:\n\n{rare_table(r['rows'], ns.rare_steps)}\n")
+        md.append(
+            f"(b) judge: more '{r['letter']}' wins (in {100 * r['reference_rate']:.1f}% of reference "
+            f"completions); {ns.rare_steps} steps, win-rate (ties half) on {len(test)} held-out pairs "
+            f"every {ns.every} steps:\n\n{rare_table(r['rows'], ns.rare_steps)}\n"
+        )
     (RESULTS / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
     if not ns.quick and "drift" in out and "rare" in out:

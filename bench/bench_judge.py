@@ -29,13 +29,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mlx_xpo_plugin.judges.common import pair_messages  # noqa: E402
-from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps  # noqa: E402
-from mlx_xpo_plugin.judges.llm import LLMJudge  # noqa: E402
 from mlx_xpo_plugin.commands.tiny import build_tiny_model, embedded_prompts  # noqa: E402
+from mlx_xpo_plugin.judges.common import pair_messages  # noqa: E402
+from mlx_xpo_plugin.judges.llm import LLMJudge  # noqa: E402
+from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps  # noqa: E402
 
-WORDS = ("yes sure what a lovely day i like it a lot the answer is simple it is good and kind "
-         "sea fox winter bridge coffee moon park rain boat path bread library storm kite").split()
+WORDS = (
+    "yes sure what a lovely day i like it a lot the answer is simple it is good and kind "
+    "sea fox winter bridge coffee moon park rain boat path bread library storm kite"
+).split()
 
 
 def make_pairs(n: int, seed: int = 0):
@@ -85,8 +87,11 @@ class Upstream:
 
     def summary(self):
         r = self.last
-        return {"labels_0_1": sum(x in (0, 1) for x in r), "minus_1": sum(x == -1 for x in r),
-                "two_from_flipped_invalid": sum(x == 2 for x in r)}
+        return {
+            "labels_0_1": sum(x in (0, 1) for x in r),
+            "minus_1": sum(x == -1 for x in r),
+            "two_from_flipped_invalid": sum(x == 2 for x in r),
+        }
 
 
 class Ours:
@@ -100,8 +105,11 @@ class Ours:
 
     def summary(self):
         vs = self.last
-        return {"labels_0_1": sum(v.winner is not None for v in vs),
-                "ties": sum(v.tie for v in vs), "invalid": sum(v.invalid for v in vs)}
+        return {
+            "labels_0_1": sum(v.winner is not None for v in vs),
+            "ties": sum(v.tie for v in vs),
+            "invalid": sum(v.invalid for v in vs),
+        }
 
 
 def prompt_tokens(tok, prompts, pairs):
@@ -109,11 +117,24 @@ def prompt_tokens(tok, prompts, pairs):
 
     ours, up = [], []
     for p, (a, b) in zip(prompts, pairs):
-        ours.append(len(tok.encode(tok.apply_chat_template(
-            pair_messages(None, p, a, b), tokenize=False, add_generation_prompt=True))))
-        up.append(len(tok.encode(tok.apply_chat_template(
-            [{"role": "user", "content": UP.format(prompt=p, response0=a, response1=b)}],
-            tokenize=False, add_generation_prompt=True))))
+        ours.append(
+            len(
+                tok.encode(
+                    tok.apply_chat_template(pair_messages(None, p, a, b), tokenize=False, add_generation_prompt=True)
+                )
+            )
+        )
+        up.append(
+            len(
+                tok.encode(
+                    tok.apply_chat_template(
+                        [{"role": "user", "content": UP.format(prompt=p, response0=a, response1=b)}],
+                        tokenize=False,
+                        add_generation_prompt=True,
+                    )
+                )
+            )
+        )
     return float(np.mean(ours)), float(np.mean(up))
 
 
@@ -125,8 +146,10 @@ def bench_preset(preset: str, n_pairs: int, repeats: int, extra: bool) -> dict:
     prompts, pairs = make_pairs(n_pairs)
     judges = [Ours(model, tok, "ours: logits (default)"), Upstream(model, tok)]
     if extra:
-        judges += [Ours(model, tok, "ours: logits, both_orders", both_orders=True),
-                   Ours(model, tok, "ours: generate, 8 tokens", mode="generate")]
+        judges += [
+            Ours(model, tok, "ours: logits, both_orders", both_orders=True),
+            Ours(model, tok, "ours: generate, 8 tokens", mode="generate"),
+        ]
     shim = False
     for j in judges:  # warm-up
         try:
@@ -138,7 +161,7 @@ def bench_preset(preset: str, n_pairs: int, repeats: int, extra: bool) -> dict:
             j(prompts, pairs)
     times = {j.name: [] for j in judges}
     for r in range(repeats):
-        for j in (judges if r % 2 == 0 else judges[::-1]):
+        for j in judges if r % 2 == 0 else judges[::-1]:
             t0 = time.perf_counter()
             j(prompts, pairs)
             times[j.name].append(time.perf_counter() - t0)
@@ -148,12 +171,26 @@ def bench_preset(preset: str, n_pairs: int, repeats: int, extra: bool) -> dict:
     for j in judges:
         rates = [n_pairs / t for t in times[j.name]]
         med = statistics.median(rates)
-        rows.append({"judge": j.name, "pairs_per_s_median": med, "pairs_per_s_min": min(rates),
-                     "pairs_per_s_max": max(rates), "seconds": times[j.name],
-                     "ratio_vs_upstream": med / up_med, "verdicts": j.summary()})
-    return {"preset": preset, "model_path": str(path), "pairs": n_pairs, "repeats": repeats,
-            "mean_prompt_tokens": {"ours": ours_tok, "upstream": up_tok},
-            "cpu_shim_used": shim, "rows": rows}
+        rows.append(
+            {
+                "judge": j.name,
+                "pairs_per_s_median": med,
+                "pairs_per_s_min": min(rates),
+                "pairs_per_s_max": max(rates),
+                "seconds": times[j.name],
+                "ratio_vs_upstream": med / up_med,
+                "verdicts": j.summary(),
+            }
+        )
+    return {
+        "preset": preset,
+        "model_path": str(path),
+        "pairs": n_pairs,
+        "repeats": repeats,
+        "mean_prompt_tokens": {"ours": ours_tok, "upstream": up_tok},
+        "cpu_shim_used": shim,
+        "rows": rows,
+    }
 
 
 def main(argv=None) -> int:
@@ -172,13 +209,22 @@ def main(argv=None) -> int:
     results = []
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
         small = preset != "tiny"
-        results.append(bench_preset(preset, args.small_pairs if small else args.pairs,
-                                    args.small_repeats if small else args.repeats,
-                                    extra=not args.no_extra and not small))
+        results.append(
+            bench_preset(
+                preset,
+                args.small_pairs if small else args.pairs,
+                args.small_repeats if small else args.repeats,
+                extra=not args.no_extra and not small,
+            )
+        )
     report = {
         "benchmark": "judge pairs/second: ours (logits mode) vs upstream LLMPairwiseJudge",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version(), "mlx_device": str(mx.default_device())},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+            "mlx_device": str(mx.default_device()),
+        },
         "versions": {k: version(k) for k in ("mlx", "mlx-lm", "mlx-lm-lora")},
         "results": results,
     }
@@ -191,15 +237,21 @@ def main(argv=None) -> int:
     for res in results:
         for r in res["rows"]:
             v = r["verdicts"]
-            counts = (f"{v['labels_0_1']} / {v.get('ties', 0)} / {v['invalid']}" if "invalid" in v
-                      else f"{v['labels_0_1']} labels, {v['minus_1']} x -1, "
-                           f"{v['two_from_flipped_invalid']} x 2")
-            print(f"| {res['preset']} | {r['judge']} | {r['pairs_per_s_median']:.1f} | "
-                  f"{r['pairs_per_s_min']:.1f} | {r['pairs_per_s_max']:.1f} | "
-                  f"{r['ratio_vs_upstream']:.1f}x | {counts} |")
+            counts = (
+                f"{v['labels_0_1']} / {v.get('ties', 0)} / {v['invalid']}"
+                if "invalid" in v
+                else f"{v['labels_0_1']} labels, {v['minus_1']} x -1, {v['two_from_flipped_invalid']} x 2"
+            )
+            print(
+                f"| {res['preset']} | {r['judge']} | {r['pairs_per_s_median']:.1f} | "
+                f"{r['pairs_per_s_min']:.1f} | {r['pairs_per_s_max']:.1f} | "
+                f"{r['ratio_vs_upstream']:.1f}x | {counts} |"
+            )
         t = res["mean_prompt_tokens"]
-        print(f"\n{res['preset']}: {res['pairs']} pairs x {res['repeats']} repeats; mean prompt "
-              f"tokens ours {t['ours']:.0f}, upstream {t['upstream']:.0f}\n")
+        print(
+            f"\n{res['preset']}: {res['pairs']} pairs x {res['repeats']} repeats; mean prompt "
+            f"tokens ours {t['ours']:.0f}, upstream {t['upstream']:.0f}\n"
+        )
     print(f"wrote {out}")
     return 0
 

@@ -21,18 +21,18 @@ import time
 
 import mlx.core as mx
 import mlx.optimizers as optim
-
 from _common import RESULTS, cache_dir, model_path
+
 from mlx_xpo_plugin.commands.data import load_prompts
-from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps
-from mlx_xpo_plugin.contracts import Verdict
-from mlx_xpo_plugin.compute.reference import Reference
-from mlx_xpo_plugin.rules import prefer_letter_e
 from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
-from mlx_xpo_plugin.loop.settings import LoopSettings
-from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+from mlx_xpo_plugin.compute.reference import Reference
+from mlx_xpo_plugin.contracts import Verdict
+from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps
 from mlx_xpo_plugin.loop.prompts import PromptSet
+from mlx_xpo_plugin.loop.settings import LoopSettings
 from mlx_xpo_plugin.loop.trainer import OnlineTrainer
+from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+from mlx_xpo_plugin.rules import prefer_letter_e
 from mlx_xpo_plugin.xpo_trainer import XPO
 
 CONFIGS = [
@@ -55,19 +55,41 @@ class RuleJudge:
 
 def one_run(model_path, data_dir, mode, extra, seed, steps, every, batch):
     from mlx_lm_lora.utils import from_pretrained
+
     mx.random.seed(seed)
     with tempfile.TemporaryDirectory() as ad:
-        model, tok, _ = from_pretrained(model_path, lora_config={"rank": 8, "dropout": 0.0, "scale": 10.0,
-                                                                 "use_dora": False, "num_layers": -1})
+        model, tok, _ = from_pretrained(
+            model_path, lora_config={"rank": 8, "dropout": 0.0, "scale": 10.0, "use_dora": False, "num_layers": -1}
+        )
         train = load_prompts(data_dir, "train", tok, 200)
         test = load_prompts(data_dir, "test", tok, 200)
         test = PromptSet(test.ids * 2, test.texts * 2)
-        s = LoopSettings(iters=steps, batch_size=batch, seed=seed, adapter_path=ad, progress=False,
-                         steps_per_report=every, steps_per_eval=every, save_every=10**9,
-                         max_completion_length=16, temperature=1.0, **extra)
+        s = LoopSettings(
+            iters=steps,
+            batch_size=batch,
+            seed=seed,
+            adapter_path=ad,
+            progress=False,
+            steps_per_report=every,
+            steps_per_eval=every,
+            save_every=10**9,
+            max_completion_length=16,
+            temperature=1.0,
+            **extra,
+        )
         method = (OnlineDPO if mode == "online_dpo" else XPO)(s)
-        t = OnlineTrainer(s, method, model, tok, Reference(model), RuleJudge(), optim.Adam(learning_rate=3e-3),
-                          train, None, log=lambda m: None)
+        t = OnlineTrainer(
+            s,
+            method,
+            model,
+            tok,
+            Reference(model),
+            RuleJudge(),
+            optim.Adam(learning_rate=3e-3),
+            train,
+            None,
+            log=lambda m: None,
+        )
         curve = []
 
         def validate():  # called by the loop at step 0 and every `every` steps
@@ -97,14 +119,12 @@ def main(argv=None):
         curves = []
         for seed in range(ns.seeds):
             curves.append(one_run(model, data, mode, extra, seed, ns.steps, ns.every, ns.batch))
-            print(f"{label:>18} seed {seed}: " + " ".join(f"{c['win_rate']:.2f}" for c in curves[-1]),
-                  flush=True)
+            print(f"{label:>18} seed {seed}: " + " ".join(f"{c['win_rate']:.2f}" for c in curves[-1]), flush=True)
         results[label] = curves
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "learning.json").write_text(strict_dumps({"settings": vars(ns), "results": results}, indent=1))
     pairs = [c["pairs_judged"] for c in next(iter(results.values()))[0]]
-    lines = ["| config | " + " | ".join(f"{p} pairs" for p in pairs) + " |",
-             "|---|" + "---|" * len(pairs)]
+    lines = ["| config | " + " | ".join(f"{p} pairs" for p in pairs) + " |", "|---|" + "---|" * len(pairs)]
     for label, curves in results.items():
         cells = []
         for i in range(len(pairs)):
@@ -115,12 +135,15 @@ def main(argv=None):
     table = "\n".join(lines)
     (RESULTS / "learning.md").write_text(
         f"Win-rate vs the reference (mean ± sd over {ns.seeds} seeds, {ns.preset} model, batch {ns.batch}, "
-        f"16-token completions, rule judge: more letter 'e' wins; 48 held-out pairs per point)\n\n{table}\n")
+        f"16-token completions, rule judge: more letter 'e' wins; 48 held-out pairs per point)\n\n{table}\n"
+    )
     print(table)
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, curves in results.items():
             m = [statistics.mean(c[i]["win_rate"] for c in curves) for i in range(len(pairs))]

@@ -27,9 +27,20 @@ JUDGE = "mlx_xpo_plugin.rules:prefer_letter_e"
 
 
 def run_config(work: Path, preset: str, mode: str, batch: int, length: int, iters: int, r: int) -> dict:
-    s = {"model": B.model_path(preset), "data": B.data_path(), "train": True, "train_type": "lora",
-         "judge": JUDGE, "iters": iters, "batch_size": batch, "max_completion_length": length,
-         "temperature": 0.8, "steps_per_report": 1, "save_every": 100000, "seed": 0}
+    s = {
+        "model": B.model_path(preset),
+        "data": B.data_path(),
+        "train": True,
+        "train_type": "lora",
+        "judge": JUDGE,
+        "iters": iters,
+        "batch_size": batch,
+        "max_completion_length": length,
+        "temperature": 0.8,
+        "steps_per_report": 1,
+        "save_every": 100000,
+        "seed": 0,
+    }
     res = B.run_one("ours", mode, s, work / f"b{batch}-l{length}-{r}")
     steps = [x for x in res["steps"] if x.get("iteration", 0) > 1]
     return {
@@ -63,41 +74,85 @@ def fits(points: dict, batches, lengths) -> dict:
 def render(data: dict) -> str:
     batches, lengths = data["batches"], data["lengths"]
     pts = {(p["batch_size"], p["max_completion_length"]): p for p in data["points"]}
-    lines = [f"Machine: {B.machine_line(data['machine'])}.",
-             f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
-             f"script wall time {data['wall_seconds']:.0f} s.", "",
-             f"### Step time (s), {data['preset']} preset, {data['mode']}, rule judge", "",
-             "Rows: batch size (prompts per step, 2 completions each); columns: completion length.", ""]
+    lines = [
+        f"Machine: {B.machine_line(data['machine'])}.",
+        f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
+        f"script wall time {data['wall_seconds']:.0f} s.",
+        "",
+        f"### Step time (s), {data['preset']} preset, {data['mode']}, rule judge",
+        "",
+        "Rows: batch size (prompts per step, 2 completions each); columns: completion length.",
+        "",
+    ]
     rows = []
     for bs in batches:
-        rows.append([bs] + [f"{B.fmt(pts[(bs, L)]['step_seconds'])} [{B.fmt(pts[(bs, L)].get('step_seconds_p25'))}–"
-                            f"{B.fmt(pts[(bs, L)].get('step_seconds_p75'))}]" if (bs, L) in pts else "–" for L in lengths])
-    lines += ["Median [interquartile range] over all measured steps.", "",
-              B.md_table(["batch \\ length"] + [str(L) for L in lengths], rows), ""]
+        rows.append(
+            [bs]
+            + [
+                f"{B.fmt(pts[(bs, L)]['step_seconds'])} [{B.fmt(pts[(bs, L)].get('step_seconds_p25'))}–"
+                f"{B.fmt(pts[(bs, L)].get('step_seconds_p75'))}]"
+                if (bs, L) in pts
+                else "–"
+                for L in lengths
+            ]
+        )
+    lines += [
+        "Median [interquartile range] over all measured steps.",
+        "",
+        B.md_table(["batch \\ length"] + [str(L) for L in lengths], rows),
+        "",
+    ]
     rows = []
     for bs in batches:
-        rows.append([bs] + [f"{1e3 * pts[(bs, L)]['step_seconds'] / (2 * bs * L):.2f}" if (bs, L) in pts else "–"
-                            for L in lengths])
-    lines += ["Milliseconds per generated token (step time / (2 · batch · length)):", "",
-              B.md_table(["batch \\ length"] + [str(L) for L in lengths], rows), ""]
+        rows.append(
+            [bs]
+            + [f"{1e3 * pts[(bs, L)]['step_seconds'] / (2 * bs * L):.2f}" if (bs, L) in pts else "–" for L in lengths]
+        )
+    lines += [
+        "Milliseconds per generated token (step time / (2 · batch · length)):",
+        "",
+        B.md_table(["batch \\ length"] + [str(L) for L in lengths], rows),
+        "",
+    ]
     f = data["fits"]
     rows = [[f"length {L}", "batch", B.fmt(v["a"]), B.fmt(v["b"]), B.fmt(v["r2"], 3)] for L, v in f["vs_batch"].items()]
-    rows += [[f"batch {bs}", "length", B.fmt(v["a"]), B.fmt(v["b"], 4), B.fmt(v["r2"], 3)] for bs, v in f["vs_length"].items()]
-    lines += ["### Linear fits: step time ≈ a + b·x", "",
-              B.md_table(["fixed", "x", "a (s)", "b (s per unit)", "R²"], rows), "",
-              data["linearity_note"], ""]
+    rows += [
+        [f"batch {bs}", "length", B.fmt(v["a"]), B.fmt(v["b"], 4), B.fmt(v["r2"], 3)]
+        for bs, v in f["vs_length"].items()
+    ]
+    lines += [
+        "### Linear fits: step time ≈ a + b·x",
+        "",
+        B.md_table(["fixed", "x", "a (s)", "b (s per unit)", "R²"], rows),
+        "",
+        data["linearity_note"],
+        "",
+    ]
     rows = []
     for p in data["points"]:
         ph = p["phase_seconds"]
-        rows.append([p["batch_size"], p["max_completion_length"], B.fmt(p["own_step_seconds"])]
-                    + [B.fmt(ph[x]) for x in PHASES]
-                    + [B.fmt(p["pairs_valid"], 1), B.fmt(p["mx_peak_mb"], 1),
-                       f"{B.fmt(p['completion_tokens_mean'], 1)} / {p['completion_tokens_max']}"])
-    lines += ["### Phases (median seconds), valid pairs per step, MLX peak (MB), tokens per completion (mean / max)", "",
-              B.md_table(["batch", "length", "step s"] + list(PHASES) + ["pairs/step", "MLX peak", "tokens"], rows), "",
-              "The rule judge calls equal counts of 'e' a tie and ties are dropped, so a step scores "
-              "`pairs/step` pairs (≤ batch); the scoring and backward phases scale with that number.", "",
-              "### Method", "", data["method"], ""]
+        rows.append(
+            [p["batch_size"], p["max_completion_length"], B.fmt(p["own_step_seconds"])]
+            + [B.fmt(ph[x]) for x in PHASES]
+            + [
+                B.fmt(p["pairs_valid"], 1),
+                B.fmt(p["mx_peak_mb"], 1),
+                f"{B.fmt(p['completion_tokens_mean'], 1)} / {p['completion_tokens_max']}",
+            ]
+        )
+    lines += [
+        "### Phases (median seconds), valid pairs per step, MLX peak (MB), tokens per completion (mean / max)",
+        "",
+        B.md_table(["batch", "length", "step s"] + list(PHASES) + ["pairs/step", "MLX peak", "tokens"], rows),
+        "",
+        "The rule judge calls equal counts of 'e' a tie and ties are dropped, so a step scores "
+        "`pairs/step` pairs (≤ batch); the scoring and backward phases scale with that number.",
+        "",
+        "### Method",
+        "",
+        data["method"],
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -119,17 +174,24 @@ def main(argv=None) -> int:
     for r in range(ns.repeats):
         # alternate the order between repeats so that slow drift does not line up with size
         grid = [(bs, L) for bs in batches for L in lengths]
-        for bs, L in (grid if r % 2 == 0 else grid[::-1]):
+        for bs, L in grid if r % 2 == 0 else grid[::-1]:
             t = time.perf_counter()
             res = run_config(work, ns.preset, ns.mode, bs, L, ns.iters, r)
             runs.setdefault((bs, L), []).append(res)
-            print(f"[bench_scaling] batch {bs} length {L:3d} #{r}: {res['step_seconds']:.3f} s/step, "
-                  f"{res['pairs_valid']:.1f} pairs/step ({time.perf_counter() - t:.0f} s)", flush=True)
+            print(
+                f"[bench_scaling] batch {bs} length {L:3d} #{r}: {res['step_seconds']:.3f} s/step, "
+                f"{res['pairs_valid']:.1f} pairs/step ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
     points = {}
     for (bs, L), rs in runs.items():
         p = {"batch_size": bs, "max_completion_length": L, "runs": rs}
-        p.update({k: B.median([x[k] for x in rs]) for k in ("own_step_seconds", "pairs_valid",
-                                                             "mx_peak_mb", "completion_tokens_mean")})
+        p.update(
+            {
+                k: B.median([x[k] for x in rs])
+                for k in ("own_step_seconds", "pairs_valid", "mx_peak_mb", "completion_tokens_mean")
+            }
+        )
         pooled = [w for x in rs for w in x["wall"]]
         p["step_seconds"] = B.median(pooled)  # median over every measured step of every run
         p["step_seconds_p25"], p["step_seconds_p75"] = B.quantile(pooled, 0.25), B.quantile(pooled, 0.75)
@@ -139,21 +201,35 @@ def main(argv=None) -> int:
     f = fits(points, batches, lengths)
     r2s = [v["r2"] for d in f.values() for v in d.values()]
     worst = min(r2s) if r2s else None
-    note = (f"Lowest R² over all fits: {B.fmt(worst, 3)} "
-            + ("(≥ 0.95 everywhere: step time is close to linear in batch size and in completion length)."
-               if worst is not None and worst >= 0.95 else
-               "(below 0.95 somewhere: see the table; at small sizes fixed per-step costs dominate, "
-               "and dropped ties change the number of scored pairs)."))
+    note = f"Lowest R² over all fits: {B.fmt(worst, 3)} " + (
+        "(≥ 0.95 everywhere: step time is close to linear in batch size and in completion length)."
+        if worst is not None and worst >= 0.95
+        else "(below 0.95 somewhere: see the table; at small sizes fixed per-step costs dominate, "
+        "and dropped ties change the number of scored pairs)."
+    )
     data = {
-        "benchmark": "bench_scaling", "machine": B.machine(), "preset": ns.preset, "mode": ns.mode,
-        "judge": JUDGE, "batches": batches, "lengths": lengths, "iters": ns.iters, "repeats": ns.repeats,
-        "loadavg_before": la0, "loadavg_after": B.loadavg(), "wall_seconds": time.perf_counter() - t0,
-        "points": [points[k] for k in sorted(points)], "fits": f, "linearity_note": note,
-        "method": (f"Each (batch, length) is {ns.repeats} run(s) of {ns.iters} steps in a fresh process "
-                   "(`bench/_driver.py`, the same measurement as bench_step.py), the grid's order reversed on every "
-                   "other repeat; step 1 is warm-up; the value is the median, over every measured step of every "
-                   "run, of the wall time between consecutive per-step reports. Fits are ordinary least squares "
-                   "on those medians."),
+        "benchmark": "bench_scaling",
+        "machine": B.machine(),
+        "preset": ns.preset,
+        "mode": ns.mode,
+        "judge": JUDGE,
+        "batches": batches,
+        "lengths": lengths,
+        "iters": ns.iters,
+        "repeats": ns.repeats,
+        "loadavg_before": la0,
+        "loadavg_after": B.loadavg(),
+        "wall_seconds": time.perf_counter() - t0,
+        "points": [points[k] for k in sorted(points)],
+        "fits": f,
+        "linearity_note": note,
+        "method": (
+            f"Each (batch, length) is {ns.repeats} run(s) of {ns.iters} steps in a fresh process "
+            "(`bench/_driver.py`, the same measurement as bench_step.py), the grid's order reversed on every "
+            "other repeat; step 1 is warm-up; the value is the median, over every measured step of every "
+            "run, of the wall time between consecutive per-step reports. Fits are ordinary least squares "
+            "on those medians."
+        ),
     }
     j, m = B.write_results(ns.name, data, render(data))
     print(f"[bench_scaling] wrote {j} and {m} ({data['wall_seconds']:.0f} s)")

@@ -30,8 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ARM = ("import site; _add = site.addpackage; "
-       "site.addpackage = lambda d, n, k: None if n == {skip!r} else _add(d, n, k); site.main()")
+ARM = (
+    "import site; _add = site.addpackage; "
+    "site.addpackage = lambda d, n, k: None if n == {skip!r} else _add(d, n, k); site.main()"
+)
 ARMS = {
     "with .pth": [sys.executable, "-S", "-c", ARM.format(skip="no-such-file.pth")],
     "without .pth": [sys.executable, "-S", "-c", ARM.format(skip="mlx_xpo_plugin.pth")],
@@ -71,8 +73,9 @@ def bench(arms: dict, runs: int) -> dict:
 
 def importtime() -> dict:
     """Cumulative import time (us) of our start-up modules, from python -X importtime."""
-    r = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], env=env_for(""),
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"], env=env_for(""), capture_output=True, text=True
+    )
     out = {}
     for line in r.stderr.splitlines():
         parts = [p.strip() for p in line.split("|")]
@@ -84,10 +87,11 @@ def importtime() -> dict:
 def report(times: dict) -> None:
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     for k, v in times.items():
-        print(f"  {k:34s} median {med[k]:7.2f} ms   (min {min(v) * 1e3:6.2f}, "
-              f"max {max(v) * 1e3:6.2f}, n={len(v)})")
-    print(f"  => cost of the .pth: {med['with .pth'] - med['without .pth']:+.2f} ms "
-          f"(difference of medians; on a busy machine, +-1 ms is noise)")
+        print(f"  {k:34s} median {med[k]:7.2f} ms   (min {min(v) * 1e3:6.2f}, max {max(v) * 1e3:6.2f}, n={len(v)})")
+    print(
+        f"  => cost of the .pth: {med['with .pth'] - med['without .pth']:+.2f} ms "
+        f"(difference of medians; on a busy machine, +-1 ms is noise)"
+    )
     for mod, us in importtime().items():
         print(f"  -X importtime: {mod:28s} {us:6d} us cumulative")
 
@@ -98,13 +102,12 @@ def main() -> int:
     ap.add_argument("--cli", action="store_true", help="also time mlx_lm_lora.train --help")
     a = ap.parse_args()
     import site
-    pth = [Path(d, "mlx_xpo_plugin.pth") for d in site.getsitepackages()
-           if Path(d, "mlx_xpo_plugin.pth").exists()]
+
+    pth = [Path(d, "mlx_xpo_plugin.pth") for d in site.getsitepackages() if Path(d, "mlx_xpo_plugin.pth").exists()]
     print(f"python {sys.version.split()[0]} at {sys.executable}")
     print(f".pth: {pth[0] if pth else 'NOT INSTALLED (both arms measure the same thing)'}")
     with tempfile.TemporaryDirectory() as cache:
-        for label, extra in (("as the environment is", {}),
-                             ("with byte-code caching", {"PYTHONPYCACHEPREFIX": cache})):
+        for label, extra in (("as the environment is", {}), ("with byte-code caching", {"PYTHONPYCACHEPREFIX": cache})):
             PYC.clear()
             PYC.update(extra)
             dont = "PYTHONDONTWRITEBYTECODE" in env_for("")
@@ -113,8 +116,10 @@ def main() -> int:
         PYC.clear()
     if a.cli:
         script = str(Path(sys.executable).parent / "mlx_lm_lora.train")
-        cli = {"mlx_lm_lora.train --help (activation on)": [script, "--help"],
-               "mlx_lm_lora.train --help, MLX_XPO_PLUGIN=0": [script, "--help"]}
+        cli = {
+            "mlx_lm_lora.train --help (activation on)": [script, "--help"],
+            "mlx_lm_lora.train --help, MLX_XPO_PLUGIN=0": [script, "--help"],
+        }
         t = bench(cli, max(3, a.runs // 4))
         for k, v in t.items():
             print(f"  {k:44s} median {statistics.median(v) * 1e3:8.1f} ms (n={len(v)})")

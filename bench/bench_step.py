@@ -31,10 +31,23 @@ CMP = ("rollout", "judge", "scoring", "rest")
 
 def settings_for(impl: str, mode: str, preset: str, length: int, iters: int) -> dict:
     model = B.model_path(preset)
-    s = {"model": model, "data": B.data_path(), "train": True, "train_type": "lora", "judge": model,
-         "iters": iters, "batch_size": 2, "max_completion_length": length, "temperature": 0.8,
-         "learning_rate": 1e-5, "steps_per_report": 1, "save_every": 100000, "seed": 0,
-         "fuse": False, "test": False}
+    s = {
+        "model": model,
+        "data": B.data_path(),
+        "train": True,
+        "train_type": "lora",
+        "judge": model,
+        "iters": iters,
+        "batch_size": 2,
+        "max_completion_length": length,
+        "temperature": 0.8,
+        "learning_rate": 1e-5,
+        "steps_per_report": 1,
+        "save_every": 100000,
+        "seed": 0,
+        "fuse": False,
+        "test": False,
+    }
     if mode == "xpo":
         s["alpha"] = [1e-5] if impl == "upstream" else 1e-5
     return s
@@ -81,10 +94,17 @@ def summarize(res: dict, warmup: int) -> dict:
         out["judge_ties"] = sum(r.get("judge/ties", 0) or 0 for r in res["steps"])
         out["judge_pairs"] = sum(r.get("judge/pairs", 0) or 0 for r in res["steps"])
         out["cmp_seconds"] = {
-            "rollout": out["phase_seconds"]["rollout"], "judge": out["phase_seconds"]["judge"],
+            "rollout": out["phase_seconds"]["rollout"],
+            "judge": out["phase_seconds"]["judge"],
             "scoring": B.median([(r.get("time/reference", 0) or 0) + (r.get("time/policy", 0) or 0) for r in steps]),
-            "rest": B.median([r["wall_seconds"] - sum(r.get(f"time/{p}", 0) or 0 for p in ("rollout", "judge", "reference", "policy"))
-                              for r in steps if r.get("wall_seconds")]),
+            "rest": B.median(
+                [
+                    r["wall_seconds"]
+                    - sum(r.get(f"time/{p}", 0) or 0 for p in ("rollout", "judge", "reference", "policy"))
+                    for r in steps
+                    if r.get("wall_seconds")
+                ]
+            ),
         }
     else:
         out["upstream_judge_answers"] = res.get("upstream_judge_answers")
@@ -92,8 +112,13 @@ def summarize(res: dict, warmup: int) -> dict:
             "rollout": B.median([r.get("bench/rollout", 0) for r in steps]),
             "judge": B.median([r.get("bench/judge", 0) for r in steps]),
             "scoring": B.median([r.get("bench/scoring", 0) for r in steps]),
-            "rest": B.median([r["wall_seconds"] - sum(r.get(f"bench/{p}", 0) for p in ("rollout", "judge", "scoring"))
-                              for r in steps if r.get("wall_seconds")]),
+            "rest": B.median(
+                [
+                    r["wall_seconds"] - sum(r.get(f"bench/{p}", 0) for p in ("rollout", "judge", "scoring"))
+                    for r in steps
+                    if r.get("wall_seconds")
+                ]
+            ),
         }
     return out
 
@@ -102,8 +127,11 @@ def aggregate(runs: list[dict]) -> dict:
     meds = [r["step_seconds"] for r in runs]
     pooled = [x for r in runs for x in r["step_seconds_all"]]
     agg = {
-        "step_seconds": B.median(meds), "step_seconds_min": min(meds), "step_seconds_max": max(meds),
-        "step_seconds_p25": B.quantile(pooled, 0.25), "step_seconds_p75": B.quantile(pooled, 0.75),
+        "step_seconds": B.median(meds),
+        "step_seconds_min": min(meds),
+        "step_seconds_max": max(meds),
+        "step_seconds_p25": B.quantile(pooled, 0.25),
+        "step_seconds_p75": B.quantile(pooled, 0.75),
         "own_step_seconds": B.median([r["own_step_seconds"] for r in runs]),
         "mx_peak_mb": B.median([r["mx_peak_mb"] for r in runs]),
         "mx_active_mb": B.median([r["mx_active_mb"] for r in runs]),
@@ -130,52 +158,98 @@ def aggregate(runs: list[dict]) -> dict:
 
 def render(data: dict) -> str:
     cfgs = data["configs"]
-    lines = [f"Machine: {B.machine_line(data['machine'])}.",
-             f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
-             f"script wall time {data['wall_seconds']:.0f} s.", ""]
+    lines = [
+        f"Machine: {B.machine_line(data['machine'])}.",
+        f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
+        f"script wall time {data['wall_seconds']:.0f} s.",
+        "",
+    ]
     rows = []
     for c in cfgs:
         o, u = c["ours"], c["upstream"]
-        rows.append([c["preset"], c["mode"], c["max_completion_length"],
-                     B.with_range(o, "step_seconds"),
-                     B.with_range(u, "step_seconds"),
-                     B.with_range(c, "time_ratio", 2, bold=True),
-                     "yes" if c["time_ratio"] <= 0.5 else "no"])
-    lines += ["### Step time (seconds per optimizer step; median of per-run medians [min–max over runs])", "",
-              B.md_table(["preset", "mode", "completion len", "ours", "upstream", "ours / upstream",
-                          "≤ 0.5×"], rows), ""]
+        rows.append(
+            [
+                c["preset"],
+                c["mode"],
+                c["max_completion_length"],
+                B.with_range(o, "step_seconds"),
+                B.with_range(u, "step_seconds"),
+                B.with_range(c, "time_ratio", 2, bold=True),
+                "yes" if c["time_ratio"] <= 0.5 else "no",
+            ]
+        )
+    lines += [
+        "### Step time (seconds per optimizer step; median of per-run medians [min–max over runs])",
+        "",
+        B.md_table(["preset", "mode", "completion len", "ours", "upstream", "ours / upstream", "≤ 0.5×"], rows),
+        "",
+    ]
     rows = []
     for c in cfgs:
         o, u = c["ours"], c["upstream"]
-        rows.append([c["preset"], c["mode"], c["max_completion_length"],
-                     B.fmt(o["mx_peak_mb"], 1), B.fmt(u["mx_peak_mb"], 1), f"**{B.fmt(c['mx_peak_ratio'], 2)}**",
-                     f"{B.fmt(o['mx_active_mb'], 1)} / {B.fmt(u['mx_active_mb'], 1)}",
-                     f"{B.fmt(o['peak_rss_mb'], 0)} ({B.fmt(o['rss_above_imports_mb'], 0)})",
-                     f"{B.fmt(u['peak_rss_mb'], 0)} ({B.fmt(u['rss_above_imports_mb'], 0)})",
-                     B.fmt(c["rss_ratio"], 2), B.fmt(c["rss_above_imports_ratio"], 2),
-                     "yes" if c["mx_peak_ratio"] <= 0.6 else "no"])
-    lines += ["### Peak memory (MB; LoRA; medians over runs)", "",
-              "MLX peak = largest per-step `mx.get_peak_memory()` (steps ≥ 2). Resident = `mx.get_active_memory()` "
-              "between steps (weights of every model copy, adapters, optimizer state). Peak RSS = the process's "
-              "`VmHWM`; in brackets the part above the RSS right after the imports (interpreter + libraries, "
-              f"~{B.fmt(B.median([c['ours']['peak_rss_mb'] - c['ours']['rss_above_imports_mb'] for c in cfgs]), 0)} MB).", "",
-              B.md_table(["preset", "mode", "completion len", "ours MLX peak", "upstream MLX peak",
-                          "MLX ratio", "resident between steps, ours / upstream", "ours peak RSS (above imports)", "upstream peak RSS (above imports)",
-                          "RSS ratio", "RSS-above-imports ratio", "MLX ≤ 0.6×"], rows), ""]
+        rows.append(
+            [
+                c["preset"],
+                c["mode"],
+                c["max_completion_length"],
+                B.fmt(o["mx_peak_mb"], 1),
+                B.fmt(u["mx_peak_mb"], 1),
+                f"**{B.fmt(c['mx_peak_ratio'], 2)}**",
+                f"{B.fmt(o['mx_active_mb'], 1)} / {B.fmt(u['mx_active_mb'], 1)}",
+                f"{B.fmt(o['peak_rss_mb'], 0)} ({B.fmt(o['rss_above_imports_mb'], 0)})",
+                f"{B.fmt(u['peak_rss_mb'], 0)} ({B.fmt(u['rss_above_imports_mb'], 0)})",
+                B.fmt(c["rss_ratio"], 2),
+                B.fmt(c["rss_above_imports_ratio"], 2),
+                "yes" if c["mx_peak_ratio"] <= 0.6 else "no",
+            ]
+        )
+    lines += [
+        "### Peak memory (MB; LoRA; medians over runs)",
+        "",
+        "MLX peak = largest per-step `mx.get_peak_memory()` (steps ≥ 2). Resident = `mx.get_active_memory()` "
+        "between steps (weights of every model copy, adapters, optimizer state). Peak RSS = the process's "
+        "`VmHWM`; in brackets the part above the RSS right after the imports (interpreter + libraries, "
+        f"~{B.fmt(B.median([c['ours']['peak_rss_mb'] - c['ours']['rss_above_imports_mb'] for c in cfgs]), 0)} MB).",
+        "",
+        B.md_table(
+            [
+                "preset",
+                "mode",
+                "completion len",
+                "ours MLX peak",
+                "upstream MLX peak",
+                "MLX ratio",
+                "resident between steps, ours / upstream",
+                "ours peak RSS (above imports)",
+                "upstream peak RSS (above imports)",
+                "RSS ratio",
+                "RSS-above-imports ratio",
+                "MLX ≤ 0.6×",
+            ],
+            rows,
+        ),
+        "",
+    ]
     rows = []
     for c in cfgs:
         o = c["ours"]
         f, s = o["phase_fraction"], o["phase_seconds"]
-        rows.append([c["preset"], c["mode"], c["max_completion_length"], B.fmt(o["own_step_seconds"])]
-                    + [f"{100 * f[p]:.1f}% ({B.fmt(s[p], 3)})" for p in PHASES]
-                    + ["yes" if f["other"] < 0.10 else "no",
-                       f"{100 * (o['outside_step_timer_fraction'] or 0):.1f}%"])
-    lines += ["### Where our step goes (share of `step_seconds`, mean over measured steps; median seconds in brackets)", "",
-              "rollout = sampling both completions, judge = the LLM judge, reference = reference log-probs, "
-              "policy = policy forward + backward, optimizer = Adam update, other = everything else inside the "
-              "step (batch selection, packing, metrics). The last column is the loop outside the step timer "
-              "(reporting, metrics.jsonl, completions.jsonl, progress bar), as a share of the wall time per step.", "",
-              B.md_table(["preset", "mode", "len", "step s"] + list(PHASES) + ["other < 10%", "outside timer"], rows), ""]
+        rows.append(
+            [c["preset"], c["mode"], c["max_completion_length"], B.fmt(o["own_step_seconds"])]
+            + [f"{100 * f[p]:.1f}% ({B.fmt(s[p], 3)})" for p in PHASES]
+            + ["yes" if f["other"] < 0.10 else "no", f"{100 * (o['outside_step_timer_fraction'] or 0):.1f}%"]
+        )
+    lines += [
+        "### Where our step goes (share of `step_seconds`, mean over measured steps; median seconds in brackets)",
+        "",
+        "rollout = sampling both completions, judge = the LLM judge, reference = reference log-probs, "
+        "policy = policy forward + backward, optimizer = Adam update, other = everything else inside the "
+        "step (batch selection, packing, metrics). The last column is the loop outside the step timer "
+        "(reporting, metrics.jsonl, completions.jsonl, progress bar), as a share of the wall time per step.",
+        "",
+        B.md_table(["preset", "mode", "len", "step s"] + list(PHASES) + ["other < 10%", "outside timer"], rows),
+        "",
+    ]
     rows = []
     for c in cfgs:
         o, u = c["ours"]["cmp_seconds"], c["upstream"]["cmp_seconds"]
@@ -191,41 +265,87 @@ def render(data: dict) -> str:
         if ot and ut and u.get("scoring") is not None:
             up_same = c["upstream"]["step_seconds"] + u["scoring"] * (ot / ut - 1.0)
             est = c["ours"]["step_seconds"] / up_same
-        rows.append([c["preset"], c["mode"], c["max_completion_length"]] + cells
-                    + [f"{B.fmt(ot, 0)} / {B.fmt(ut, 0)}", B.fmt(per_tok, 2), B.fmt(est, 2)])
-    lines += ["### Where the difference comes from (median seconds per step, ours / upstream (ratio))", "",
-              "Upstream has no phase timers, so its phases are timed from outside its functions "
-              "(`generate_for_online_dpo`, `LLMPairwiseJudge.judge`, `_preference_microbatches` = reference "
-              "+ policy forward/backward); ours: `time/rollout`, `time/judge`, `time/reference + time/policy`. "
-              "rest = wall time per step minus those (optimizer, bookkeeping, logging). \"scored tokens/row\" is "
-              "the tokens per scored row (prompt + completion): ours scores the sampled token ids, upstream "
-              "re-tokenises the decoded text, which for a random-weight model's output gives a different length "
-              "(a trained model's text re-encodes to about the sampled length). \"per token\" = ours/upstream "
-              "scoring seconds per scored token; the last column is an estimate, not a measurement: the step "
-              "ratio if upstream's scoring phase had processed as many tokens per row as ours (its scoring "
-              "time scaled by the token ratio).", "",
-              B.md_table(["preset", "mode", "len", "rollout", "judge", "scoring (ref + policy)", "rest",
-                          "scored tokens/row", "scoring per token", "step ratio at equal tokens (est.)"], rows), ""]
+        rows.append(
+            [c["preset"], c["mode"], c["max_completion_length"]]
+            + cells
+            + [f"{B.fmt(ot, 0)} / {B.fmt(ut, 0)}", B.fmt(per_tok, 2), B.fmt(est, 2)]
+        )
+    lines += [
+        "### Where the difference comes from (median seconds per step, ours / upstream (ratio))",
+        "",
+        "Upstream has no phase timers, so its phases are timed from outside its functions "
+        "(`generate_for_online_dpo`, `LLMPairwiseJudge.judge`, `_preference_microbatches` = reference "
+        "+ policy forward/backward); ours: `time/rollout`, `time/judge`, `time/reference + time/policy`. "
+        'rest = wall time per step minus those (optimizer, bookkeeping, logging). "scored tokens/row" is '
+        "the tokens per scored row (prompt + completion): ours scores the sampled token ids, upstream "
+        "re-tokenises the decoded text, which for a random-weight model's output gives a different length "
+        '(a trained model\'s text re-encodes to about the sampled length). "per token" = ours/upstream '
+        "scoring seconds per scored token; the last column is an estimate, not a measurement: the step "
+        "ratio if upstream's scoring phase had processed as many tokens per row as ours (its scoring "
+        "time scaled by the token ratio).",
+        "",
+        B.md_table(
+            [
+                "preset",
+                "mode",
+                "len",
+                "rollout",
+                "judge",
+                "scoring (ref + policy)",
+                "rest",
+                "scored tokens/row",
+                "scoring per token",
+                "step ratio at equal tokens (est.)",
+            ],
+            rows,
+        ),
+        "",
+    ]
     rows = []
     for c in cfgs:
         o, u = c["ours"], c["upstream"]
         ans = u.get("upstream_judge_answers") or {}
         n = sum(ans.values()) if ans else 0
-        rows.append([c["preset"], c["mode"], c["max_completion_length"],
-                     f"{B.fmt(o['completion_tokens_mean'], 1)} / {o['completion_tokens_max']}",
-                     f"{B.fmt(u['completion_tokens_mean'], 1)} / {u['completion_tokens_max']}",
-                     B.fmt(o["own_step_seconds"]), B.fmt(u["own_step_seconds"]),
-                     f"{o.get('judge_invalid', 0):.0f} invalid, {o.get('judge_ties', 0):.0f} ties of {o.get('judge_pairs', 0):.0f}",
-                     f"{ans.get('invalid', 0)} of {n} not '0'/'1'"])
-    lines += ["### Checks", "",
-              "Generated tokens per completion (mean / max; both must stay ≤ the completion length, which "
-              "shows that upstream's `--max-completion-length` does limit generation), each trainer's own "
-              "step timer (ours `step_seconds`, upstream `1 / iterations_per_second`) next to the wall-clock "
-              "medians above, and the judges' verdicts (the random-weight judge rarely answers a clean digit: "
-              "upstream then treats the answer as \"the second completion wins\", ours scores label "
-              "log-probabilities, so it always has a verdict unless the two labels tie).", "",
-              B.md_table(["preset", "mode", "len", "ours tokens", "upstream tokens", "ours own timer s",
-                          "upstream own timer s", "ours judge", "upstream judge"], rows), ""]
+        rows.append(
+            [
+                c["preset"],
+                c["mode"],
+                c["max_completion_length"],
+                f"{B.fmt(o['completion_tokens_mean'], 1)} / {o['completion_tokens_max']}",
+                f"{B.fmt(u['completion_tokens_mean'], 1)} / {u['completion_tokens_max']}",
+                B.fmt(o["own_step_seconds"]),
+                B.fmt(u["own_step_seconds"]),
+                f"{o.get('judge_invalid', 0):.0f} invalid, {o.get('judge_ties', 0):.0f} ties "
+                f"of {o.get('judge_pairs', 0):.0f}",
+                f"{ans.get('invalid', 0)} of {n} not '0'/'1'",
+            ]
+        )
+    lines += [
+        "### Checks",
+        "",
+        "Generated tokens per completion (mean / max; both must stay ≤ the completion length, which "
+        "shows that upstream's `--max-completion-length` does limit generation), each trainer's own "
+        "step timer (ours `step_seconds`, upstream `1 / iterations_per_second`) next to the wall-clock "
+        "medians above, and the judges' verdicts (the random-weight judge rarely answers a clean digit: "
+        'upstream then treats the answer as "the second completion wins", ours scores label '
+        "log-probabilities, so it always has a verdict unless the two labels tie).",
+        "",
+        B.md_table(
+            [
+                "preset",
+                "mode",
+                "len",
+                "ours tokens",
+                "upstream tokens",
+                "ours own timer s",
+                "upstream own timer s",
+                "ours judge",
+                "upstream judge",
+            ],
+            rows,
+        ),
+        "",
+    ]
     lines += ["### Method", "", data["method"], ""]
     return "\n".join(lines)
 
@@ -252,8 +372,13 @@ METHOD = (
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    B.add_grid_args(ap, "step", repeats_help="runs per implementation (default 3)",
-                    iters_help="steps per run (default 6)", quick_help="tiny preset only, 2 repeats")
+    B.add_grid_args(
+        ap,
+        "step",
+        repeats_help="runs per implementation (default 3)",
+        iters_help="steps per run (default 6)",
+        quick_help="tiny preset only, 2 repeats",
+    )
     ns = ap.parse_args(argv)
     if ns.render_only:
         B.rerender(ns.name, render)
@@ -278,32 +403,58 @@ def main(argv=None) -> int:
                         res = B.run_one(impl, mode, s, wd)
                         summ = summarize(res, warmup=1)
                         per[impl].append(summ)
-                        raw.append({"preset": preset, "mode": mode, "max_completion_length": length,
-                                    "impl": impl, "repeat": r, "summary": summ, "result": res,
-                                    "cli": B.cli_equivalent(impl, mode, s)})
-                        print(f"[bench_step] {preset:5s} {mode:10s} len {length:3d} {impl:8s} #{r}: "
-                              f"{summ['step_seconds']:.3f} s/step, MLX peak {summ['mx_peak_mb']:.1f} MB, "
-                              f"peak RSS {summ['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)",
-                              flush=True)
+                        raw.append(
+                            {
+                                "preset": preset,
+                                "mode": mode,
+                                "max_completion_length": length,
+                                "impl": impl,
+                                "repeat": r,
+                                "summary": summ,
+                                "result": res,
+                                "cli": B.cli_equivalent(impl, mode, s),
+                            }
+                        )
+                        print(
+                            f"[bench_step] {preset:5s} {mode:10s} len {length:3d} {impl:8s} #{r}: "
+                            f"{summ['step_seconds']:.3f} s/step, MLX peak {summ['mx_peak_mb']:.1f} MB, "
+                            f"peak RSS {summ['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)",
+                            flush=True,
+                        )
                 o, u = aggregate(per["ours"]), aggregate(per["upstream"])
                 paired = [a["step_seconds"] / b["step_seconds"] for a, b in zip(per["ours"], per["upstream"])]
-                configs.append({
-                    "preset": preset, "mode": mode, "max_completion_length": length, "repeats": repeats,
-                    "iters": iters, "ours": o, "upstream": u,
-                    "time_ratio": o["step_seconds"] / u["step_seconds"],
-                    "time_ratio_min": min(paired), "time_ratio_max": max(paired),
-                    "mx_peak_ratio": o["mx_peak_mb"] / u["mx_peak_mb"],
-                    "rss_ratio": o["peak_rss_mb"] / u["peak_rss_mb"],
-                    "rss_above_imports_ratio": o["rss_above_imports_mb"] / u["rss_above_imports_mb"],
-                })
-    iters_text = ", ".join(f"{p}: {ns.iters or defaults.get(p, (2, 4))[1]} steps per run, "
-                           f"{ns.repeats or defaults.get(p, (2, 4))[0]} runs per side" for p in presets)
+                configs.append(
+                    {
+                        "preset": preset,
+                        "mode": mode,
+                        "max_completion_length": length,
+                        "repeats": repeats,
+                        "iters": iters,
+                        "ours": o,
+                        "upstream": u,
+                        "time_ratio": o["step_seconds"] / u["step_seconds"],
+                        "time_ratio_min": min(paired),
+                        "time_ratio_max": max(paired),
+                        "mx_peak_ratio": o["mx_peak_mb"] / u["mx_peak_mb"],
+                        "rss_ratio": o["peak_rss_mb"] / u["peak_rss_mb"],
+                        "rss_above_imports_ratio": o["rss_above_imports_mb"] / u["rss_above_imports_mb"],
+                    }
+                )
+    iters_text = ", ".join(
+        f"{p}: {ns.iters or defaults.get(p, (2, 4))[1]} steps per run, "
+        f"{ns.repeats or defaults.get(p, (2, 4))[0]} runs per side"
+        for p in presets
+    )
     data = {
-        "benchmark": "bench_step", "machine": B.machine(), "loadavg_before": la0, "loadavg_after": B.loadavg(),
+        "benchmark": "bench_step",
+        "machine": B.machine(),
+        "loadavg_before": la0,
+        "loadavg_after": B.loadavg(),
         "wall_seconds": time.perf_counter() - t_start,
         "method": METHOD.format(iters_text=iters_text),
         "targets": {"time_ratio": 0.5, "mx_peak_ratio": 0.6, "other_fraction": 0.10},
-        "configs": configs, "runs": raw,
+        "configs": configs,
+        "runs": raw,
     }
     j, m = B.write_results(ns.name, data, render(data))
     print(f"[bench_step] wrote {j} and {m} ({data['wall_seconds']:.0f} s)")

@@ -46,8 +46,7 @@ VENV = B.BENCH / ".trl-venv"
 VENV_PY = VENV / "bin" / "python"
 TRL_SIDE = B.BENCH / "_trl_side.py"
 TORCH = "torch==2.13.0"
-TRL_REQS = ["trl==1.13.0", "transformers==5.23.0", "peft==0.21.2", "accelerate==1.15.0", "datasets==5.2.0",
-            "requests"]
+TRL_REQS = ["trl==1.13.0", "transformers==5.23.0", "peft==0.21.2", "accelerate==1.15.0", "datasets==5.2.0", "requests"]
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 JUDGE = "mlx_xpo_plugin.rules:letter_e_reward"
 THREADS = 2
@@ -61,9 +60,11 @@ def venv_versions() -> dict | None:
     """Versions in bench/.trl-venv, or None when it is missing or incomplete."""
     if not VENV_PY.exists():
         return None
-    code = ("import json, torch, transformers, trl, peft, accelerate, requests; print(json.dumps({"
-            "'torch': torch.__version__, 'transformers': transformers.__version__, 'trl': trl.__version__, "
-            "'peft': peft.__version__, 'accelerate': accelerate.__version__}))")
+    code = (
+        "import json, torch, transformers, trl, peft, accelerate, requests; print(json.dumps({"
+        "'torch': torch.__version__, 'transformers': transformers.__version__, 'trl': trl.__version__, "
+        "'peft': peft.__version__, 'accelerate': accelerate.__version__}))"
+    )
     p = subprocess.run([str(VENV_PY), "-c", code], capture_output=True, text=True)
     return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
 
@@ -100,38 +101,74 @@ def ensure_venv(torch_index: str) -> dict:
 
 def lora_defaults() -> dict:
     from mlx_xpo_plugin import config as C
+
     return dict(C.SETTINGS["lora_parameters"].default)
 
 
 def rules_path() -> str:
     """rules.py by path: the TRL venv does not have our package (or MLX); rules.py imports neither."""
     from mlx_xpo_plugin import rules
+
     return str(Path(rules.__file__).resolve())
 
 
 def ours_settings(mode: str, preset: str, length: int, iters: int, xpo_bonus: str) -> dict:
-    s = {"model": B.model_path(preset), "data": B.data_path(), "train": True, "train_type": "lora",
-         "judge": JUDGE, "iters": iters, "batch_size": 2, "max_completion_length": length,
-         "temperature": 0.8, "learning_rate": 1e-5, "beta": 0.1, "steps_per_report": 1,
-         "save_every": 100000, "seed": 0, "fuse": False, "test": False, "grad_checkpoint": False}
+    s = {
+        "model": B.model_path(preset),
+        "data": B.data_path(),
+        "train": True,
+        "train_type": "lora",
+        "judge": JUDGE,
+        "iters": iters,
+        "batch_size": 2,
+        "max_completion_length": length,
+        "temperature": 0.8,
+        "learning_rate": 1e-5,
+        "beta": 0.1,
+        "steps_per_report": 1,
+        "save_every": 100000,
+        "seed": 0,
+        "fuse": False,
+        "test": False,
+        "grad_checkpoint": False,
+    }
     if mode == "xpo":
         s.update(alpha=1e-5, xpo_bonus=xpo_bonus)
     return s
 
 
 def trl_spec(mode: str, preset: str, length: int, iters: int, workdir: Path) -> dict:
-    return {"mode": mode, "model": B.model_path(preset), "data": B.data_path(), "iters": iters,
-            "batch_size": 2, "max_completion_length": length, "temperature": 0.8, "learning_rate": 1e-5,
-            "beta": 0.1, "alpha": 1e-5, "seed": 0, "threads": THREADS, "lora": lora_defaults(),
-            "rules": rules_path(),
-            "output_dir": str(workdir / "trainer")}
+    return {
+        "mode": mode,
+        "model": B.model_path(preset),
+        "data": B.data_path(),
+        "iters": iters,
+        "batch_size": 2,
+        "max_completion_length": length,
+        "temperature": 0.8,
+        "learning_rate": 1e-5,
+        "beta": 0.1,
+        "alpha": 1e-5,
+        "seed": 0,
+        "threads": THREADS,
+        "lora": lora_defaults(),
+        "rules": rules_path(),
+        "output_dir": str(workdir / "trainer"),
+    }
 
 
 def trl_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HUB_DISABLE_TELEMETRY="1", TRL_EXPERIMENTAL_SILENCE="1")
+    env.update(
+        OMP_NUM_THREADS=str(THREADS),
+        MKL_NUM_THREADS=str(THREADS),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TRL_EXPERIMENTAL_SILENCE="1",
+    )
     return env
 
 
@@ -142,11 +179,18 @@ def run_trl(spec: dict, workdir: Path, timeout: float = 1800) -> dict:
     sp.write_text(json.dumps(spec))
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.run([str(VENV_PY), str(TRL_SIDE), str(sp), str(out)], env=trl_env(), cwd=workdir,
-                           stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        p = subprocess.run(
+            [str(VENV_PY), str(TRL_SIDE), str(sp), str(out)],
+            env=trl_env(),
+            cwd=workdir,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
     if p.returncode != 0 or not out.exists():
-        raise RuntimeError(f"trl {spec['mode']} run failed (status {p.returncode}); log {log}:\n"
-                           f"{log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"trl {spec['mode']} run failed (status {p.returncode}); log {log}:\n{log.read_text()[-3000:]}"
+        )
     res = json.loads(out.read_text())
     res["process_seconds"] = time.perf_counter() - t0
     return res
@@ -156,28 +200,37 @@ def summarize(res: dict) -> dict:
     """A run's median step time (steps >= 2), its preference-signal seconds, tokens and peak RSS."""
     steps = [r for r in res["steps"] if r.get("iteration", 0) > 1]
     signal = "time/judge" if res["impl"] == "ours" else "reward_seconds"
-    return {"step_seconds": B.median([r.get("wall_seconds") for r in steps]),
-            "step_seconds_all": [r.get("wall_seconds") for r in steps],
-            "signal_seconds": B.median([r.get(signal) for r in steps]),
-            "peak_rss_mb": res["peak_rss_mb"], "rss_after_imports_mb": res["rss_after_imports_mb"],
-            "completion_tokens": res["completion_tokens"], "process_seconds": res.get("process_seconds")}
+    return {
+        "step_seconds": B.median([r.get("wall_seconds") for r in steps]),
+        "step_seconds_all": [r.get("wall_seconds") for r in steps],
+        "signal_seconds": B.median([r.get(signal) for r in steps]),
+        "peak_rss_mb": res["peak_rss_mb"],
+        "rss_after_imports_mb": res["rss_after_imports_mb"],
+        "completion_tokens": res["completion_tokens"],
+        "process_seconds": res.get("process_seconds"),
+    }
 
 
 def aggregate(runs: list[dict]) -> dict:
     med = [r["step_seconds"] for r in runs]
-    return {"runs": len(runs), "step_seconds": B.median(med), "step_seconds_min": min(med),
-            "step_seconds_max": max(med), "signal_seconds": B.median([r["signal_seconds"] for r in runs]),
-            "peak_rss_mb": B.median([r["peak_rss_mb"] for r in runs]),
-            "rss_after_imports_mb": B.median([r["rss_after_imports_mb"] for r in runs]),
-            "completion_tokens_mean": B.median([r["completion_tokens"]["mean"] for r in runs]),
-            "completion_tokens_max": max(r["completion_tokens"]["max"] or 0 for r in runs)}
+    return {
+        "runs": len(runs),
+        "step_seconds": B.median(med),
+        "step_seconds_min": min(med),
+        "step_seconds_max": max(med),
+        "signal_seconds": B.median([r["signal_seconds"] for r in runs]),
+        "peak_rss_mb": B.median([r["peak_rss_mb"] for r in runs]),
+        "rss_after_imports_mb": B.median([r["rss_after_imports_mb"] for r in runs]),
+        "completion_tokens_mean": B.median([r["completion_tokens"]["mean"] for r in runs]),
+        "completion_tokens_max": max(r["completion_tokens"]["max"] or 0 for r in runs),
+    }
 
 
 def run_cell(preset, mode, length, repeats, iters, xpo_bonus, work, raw) -> dict:
     """One (preset, mode, length): `repeats` runs per side, alternating ours/trl/trl/ours."""
     per = {"ours": [], "trl": []}
     for r in range(repeats):
-        for impl in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+        for impl in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
             wd = work / f"{preset}-{mode}-{length}-{impl}-{r}"
             t0 = time.perf_counter()
             if impl == "ours":
@@ -186,17 +239,38 @@ def run_cell(preset, mode, length, repeats, iters, xpo_bonus, work, raw) -> dict
                 res = run_trl(trl_spec(mode, preset, length, iters, wd), wd)
             summ = summarize(res)
             per[impl].append(summ)
-            raw.append({"preset": preset, "mode": mode, "max_completion_length": length, "impl": impl,
-                        "repeat": r, "summary": summ, "result": res})
-            print(f"[bench_trl] {preset:5s} {mode:10s} len {length:3d} {impl:4s} #{r}: "
-                  f"{summ['step_seconds']:.3f} s/step, peak RSS {summ['peak_rss_mb']:.0f} MB "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            raw.append(
+                {
+                    "preset": preset,
+                    "mode": mode,
+                    "max_completion_length": length,
+                    "impl": impl,
+                    "repeat": r,
+                    "summary": summ,
+                    "result": res,
+                }
+            )
+            print(
+                f"[bench_trl] {preset:5s} {mode:10s} len {length:3d} {impl:4s} #{r}: "
+                f"{summ['step_seconds']:.3f} s/step, peak RSS {summ['peak_rss_mb']:.0f} MB "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     o, t = aggregate(per["ours"]), aggregate(per["trl"])
     paired = [a["step_seconds"] / b["step_seconds"] for a, b in zip(per["ours"], per["trl"])]
-    return {"preset": preset, "mode": mode, "max_completion_length": length, "repeats": repeats, "iters": iters,
-            "ours": o, "trl": t, "time_ratio": o["step_seconds"] / t["step_seconds"],
-            "time_ratio_min": min(paired), "time_ratio_max": max(paired),
-            "rss_ratio": o["peak_rss_mb"] / t["peak_rss_mb"]}
+    return {
+        "preset": preset,
+        "mode": mode,
+        "max_completion_length": length,
+        "repeats": repeats,
+        "iters": iters,
+        "ours": o,
+        "trl": t,
+        "time_ratio": o["step_seconds"] / t["step_seconds"],
+        "time_ratio_min": min(paired),
+        "time_ratio_max": max(paired),
+        "rss_ratio": o["peak_rss_mb"] / t["peak_rss_mb"],
+    }
 
 
 # ------------------------------------------------------------------ report
@@ -208,27 +282,54 @@ def signal_name(mode: str) -> str:
 
 def render(data: dict) -> str:
     v = data["trl_versions"]
-    lines = [f"Machine: {B.machine_line(data['machine'])}.",
-             f"TRL side: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, "
-             f"accelerate {v['accelerate']}; BLAS {data.get('trl_blas', '?')}; {THREADS} torch threads, fp32.",
-             f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
-             f"script wall time {data['wall_seconds']:.0f} s.", ""]
+    lines = [
+        f"Machine: {B.machine_line(data['machine'])}.",
+        f"TRL side: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, "
+        f"accelerate {v['accelerate']}; BLAS {data.get('trl_blas', '?')}; {THREADS} torch threads, fp32.",
+        f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
+        f"script wall time {data['wall_seconds']:.0f} s.",
+        "",
+    ]
     rows = []
     for c in data["configs"]:
         o, t = c["ours"], c["trl"]
-        rows.append([c["preset"], c["mode"], c["max_completion_length"],
-                     B.with_range(o, "step_seconds"),
-                     B.with_range(t, "step_seconds"),
-                     B.with_range(c, "time_ratio", 2, bold=True),
-                     "yes" if c["time_ratio"] <= 1.0 else "no",
-                     B.fmt(o["peak_rss_mb"], 0), B.fmt(t["peak_rss_mb"], 0),
-                     f"{B.fmt(1000 * o['signal_seconds'], 1)} / {B.fmt(1000 * t['signal_seconds'], 1)} "
-                     f"({signal_name(c['mode'])})",
-                     f"{B.fmt(o['completion_tokens_mean'], 1)} / {B.fmt(t['completion_tokens_mean'], 1)}"])
-    lines += ["### Step time (seconds per optimizer step; median of per-run medians [min–max over runs])", "",
-              B.md_table(["preset", "mode", "completion len", "ours", "TRL", "ours / TRL", "≤ 1.0",
-                          "ours peak RSS MB", "TRL peak RSS MB", "judge / reward ms per step, ours / TRL (TRL's signal)",
-                          "tokens/completion, ours / TRL"], rows), ""]
+        rows.append(
+            [
+                c["preset"],
+                c["mode"],
+                c["max_completion_length"],
+                B.with_range(o, "step_seconds"),
+                B.with_range(t, "step_seconds"),
+                B.with_range(c, "time_ratio", 2, bold=True),
+                "yes" if c["time_ratio"] <= 1.0 else "no",
+                B.fmt(o["peak_rss_mb"], 0),
+                B.fmt(t["peak_rss_mb"], 0),
+                f"{B.fmt(1000 * o['signal_seconds'], 1)} / {B.fmt(1000 * t['signal_seconds'], 1)} "
+                f"({signal_name(c['mode'])})",
+                f"{B.fmt(o['completion_tokens_mean'], 1)} / {B.fmt(t['completion_tokens_mean'], 1)}",
+            ]
+        )
+    lines += [
+        "### Step time (seconds per optimizer step; median of per-run medians [min–max over runs])",
+        "",
+        B.md_table(
+            [
+                "preset",
+                "mode",
+                "completion len",
+                "ours",
+                "TRL",
+                "ours / TRL",
+                "≤ 1.0",
+                "ours peak RSS MB",
+                "TRL peak RSS MB",
+                "judge / reward ms per step, ours / TRL (TRL's signal)",
+                "tokens/completion, ours / TRL",
+            ],
+            rows,
+        ),
+        "",
+    ]
     lines += ["### Method", "", data["method"], ""]
     return "\n".join(lines)
 
@@ -262,26 +363,42 @@ METHOD = (
 
 
 def method_text(configs, presets, ns) -> str:
-    iters_text = "; ".join(f"{p}: {ns.repeats or DEFAULTS[p][0]} runs per side of "
-                           f"{ns.iters or DEFAULTS[p][1]} steps" for p in presets)
-    bonus = (f"; xpo with `xpo_bonus: {ns.xpo_bonus}`" + (" (TRL's formulation)" if ns.xpo_bonus == "paper"
-                                                           else " (our default, not TRL's formulation)"))
+    iters_text = "; ".join(
+        f"{p}: {ns.repeats or DEFAULTS[p][0]} runs per side of {ns.iters or DEFAULTS[p][1]} steps" for p in presets
+    )
+    bonus = f"; xpo with `xpo_bonus: {ns.xpo_bonus}`" + (
+        " (TRL's formulation)" if ns.xpo_bonus == "paper" else " (our default, not TRL's formulation)"
+    )
     return METHOD.format(
-        bonus=bonus, threads=THREADS, iters_text=iters_text,
+        bonus=bonus,
+        threads=THREADS,
+        iters_text=iters_text,
         trl_base=B.median([c["trl"]["rss_after_imports_mb"] for c in configs]),
-        ours_base=B.median([c["ours"]["rss_after_imports_mb"] for c in configs]))
+        ours_base=B.median([c["ours"]["rss_after_imports_mb"] for c in configs]),
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    B.add_grid_args(ap, "trl", repeats_help="runs per side (default 4)",
-                    iters_help="steps per run (default 8; step 1 is warm-up)",
-                    quick_help="tiny preset only, 2 runs per side")
-    ap.add_argument("--xpo-bonus", default="paper", choices=("paper", "kl"),
-                    help="our xpo form: paper = TRL's (default), kl = our default")
+    B.add_grid_args(
+        ap,
+        "trl",
+        repeats_help="runs per side (default 4)",
+        iters_help="steps per run (default 8; step 1 is warm-up)",
+        quick_help="tiny preset only, 2 runs per side",
+    )
+    ap.add_argument(
+        "--xpo-bonus",
+        default="paper",
+        choices=("paper", "kl"),
+        help="our xpo form: paper = TRL's (default), kl = our default",
+    )
     ap.add_argument("--setup", action="store_true", help="only create bench/.trl-venv, run nothing")
-    ap.add_argument("--torch-index", default=CPU_INDEX if platform.system() == "Linux" else "",
-                    help="extra index for the torch CPU build ('' = pip's configured indexes only)")
+    ap.add_argument(
+        "--torch-index",
+        default=CPU_INDEX if platform.system() == "Linux" else "",
+        help="extra index for the torch CPU build ('' = pip's configured indexes only)",
+    )
     ns = ap.parse_args(argv)
     if ns.render_only:
         B.rerender(ns.name, render)
@@ -298,11 +415,21 @@ def main(argv=None) -> int:
         for length in lengths:
             for mode in modes:
                 configs.append(run_cell(preset, mode, length, repeats, iters, ns.xpo_bonus, work, raw))
-    data = {"benchmark": "bench_trl", "machine": B.machine(), "trl_versions": versions,
-            "trl_blas": next((r["result"].get("torch_blas") for r in raw if r["impl"] == "trl"), None),
-            "loadavg_before": la0, "loadavg_after": B.loadavg(), "wall_seconds": time.perf_counter() - t_start,
-            "method": method_text(configs, presets, ns), "xpo_bonus": ns.xpo_bonus, "threads": THREADS,
-            "targets": {"time_ratio": 1.0}, "configs": configs, "runs": raw}
+    data = {
+        "benchmark": "bench_trl",
+        "machine": B.machine(),
+        "trl_versions": versions,
+        "trl_blas": next((r["result"].get("torch_blas") for r in raw if r["impl"] == "trl"), None),
+        "loadavg_before": la0,
+        "loadavg_after": B.loadavg(),
+        "wall_seconds": time.perf_counter() - t_start,
+        "method": method_text(configs, presets, ns),
+        "xpo_bonus": ns.xpo_bonus,
+        "threads": THREADS,
+        "targets": {"time_ratio": 1.0},
+        "configs": configs,
+        "runs": raw,
+    }
     md = render(data)
     j, m = B.write_results(ns.name, data, md)
     print("\n" + md)

@@ -7,8 +7,9 @@ bench/README.md from bench/results/*.md.
     python bench/run_all.py --skip learning
 
 Order: bench_step.py, bench_scaling.py, bench_judge.py (when present), then any other
-bench/bench_*.py except the optional bench_trl.py (its own 1.5 GB environment: ``--only trl``). Each script runs in its own process; a failing script is reported and the others
-still run; the exit status is non-zero when any failed.
+bench/bench_*.py except the optional bench_trl.py (its own 1.5 GB environment: ``--only trl``).
+Each script runs in its own process; a failing script is reported and the others still run; the
+exit status is non-zero when any failed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ QUICK_ARGS = {
     "learning": ["--seeds", "1"],
     "startup": ["--runs", "5"],
     "blas": ["--rounds", "2"],
+    "exploration": ["--quick"],
 }
 #: scripts left out unless named in --only, and why
 OPTIONAL = {"trl": "builds its own 1.5 GB virtual environment (torch + TRL); run it with --only trl"}
@@ -37,7 +39,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def scripts() -> list[str]:
-    names = [p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py")]
+    names = [p.stem[len("bench_") :] for p in BENCH.glob("bench_*.py")]
     return [n for n in FIRST if n in names] + sorted(n for n in names if n not in FIRST)
 
 
@@ -88,8 +90,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         rc = subprocess.call(cmd)
         status[n] = (rc, time.perf_counter() - t)
-        print(f"=== bench_{n}.py: {'ok' if rc == 0 else f'FAILED (status {rc})'} in {status[n][1]:.0f} s",
-              flush=True)
+        print(f"=== bench_{n}.py: {'ok' if rc == 0 else f'FAILED (status {rc})'} in {status[n][1]:.0f} s", flush=True)
     if not ns.no_readme and refresh_readme(scripts()):
         print("\nupdated the results section of bench/README.md")
     print(f"\nall benchmarks: {time.perf_counter() - t_all:.0f} s")

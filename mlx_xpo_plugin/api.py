@@ -27,4 +27,5 @@ def train_method(method_cls, source, training_callback=None, progress: bool = Tr
     """Resolve `source` (see :func:`as_config`) for the method's mode and run it; returns the
     exit status (0 on success). Raises ConfigError on bad settings."""
     from mlx_xpo_plugin.commands.runner import run  # here, not above: mlx.core must load after request() chose the BLAS
+
     return run(as_config(method_cls.mode, source), method_cls, training_callback, progress=progress)

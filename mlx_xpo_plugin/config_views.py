@@ -7,7 +7,7 @@ import argparse
 
 import yaml
 
-from .config import PLUGIN_SETTINGS, SETTINGS, Setting, type_name, parse_floats
+from .config import PLUGIN_SETTINGS, SETTINGS, Setting, parse_floats, type_name
 
 
 def yaml_text(value) -> str:
@@ -46,9 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def json_schema() -> dict:
     """JSON Schema (draft 2020-12) of a YAML config for the plugin's modes."""
+
     def one(s: Setting) -> dict:
-        t = {"float": {"type": "number"}, "int": {"type": "integer"}, "str": {"type": "string"},
-             "bool": {"type": "boolean"}, "dict": {"type": "object"}}.get(s.kind)
+        t = {
+            "float": {"type": "number"},
+            "int": {"type": "integer"},
+            "str": {"type": "string"},
+            "bool": {"type": "boolean"},
+            "dict": {"type": "object"},
+        }.get(s.kind)
         if s.kind == "floats":
             num = {"type": "number"}
             t = {"oneOf": [num, {"type": "array", "items": num, "minItems": 1}]}
@@ -78,12 +84,13 @@ def json_schema() -> dict:
 
 def settings_markdown() -> str:
     """The README's settings table, generated from PLUGIN_SETTINGS."""
-    rows = ["| Setting | Modes | Default | Valid | Studio | What it changes |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| Setting | Modes | Default | Valid | Studio | What it changes |", "|---|---|---|---|---|---|"]
     for s in PLUGIN_SETTINGS:
         valid = ", ".join(s.choices) if s.choices else _range_text(s)
-        rows.append(f"| `{s.name}` | {', '.join(s.modes)} | `{yaml_text(s.default)}` | {valid} | "
-                    f"{'yes' if s.studio else ''} | {s.help} |")
+        rows.append(
+            f"| `{s.name}` | {', '.join(s.modes)} | `{yaml_text(s.default)}` | {valid} | "
+            f"{'yes' if s.studio else ''} | {s.help} |"
+        )
     return "\n".join(rows)
 
 

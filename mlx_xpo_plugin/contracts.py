@@ -25,8 +25,18 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: upstream mlx-lm-lora 5.10.2's own --train-mode choices
 BUILTIN_TRAIN_MODES = (
-    "sft", "dpo", "dsla", "ftpo", "cpo", "orpo", "grpo", "klpo",
-    "online_dpo", "xpo", "rlhf_reinforce", "ppo",
+    "sft",
+    "dpo",
+    "dsla",
+    "ftpo",
+    "cpo",
+    "orpo",
+    "grpo",
+    "klpo",
+    "online_dpo",
+    "xpo",
+    "rlhf_reinforce",
+    "ppo",
 )
 
 

@@ -17,17 +17,16 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_xpo_plugin.api import train_method
-from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
 from mlx_xpo_plugin.compute.rollout import sample_policy_and_reference
 from mlx_xpo_plugin.loop.schedule import get_current_alpha, value_at_epoch
+from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
 
 __all__ = ["XPO", "train_xpo", "get_current_alpha", "xpo_kl_bonus", "xpo_kl_upstream", "xpo_paper_term"]
 
 MODE = "xpo"
 
 
-def xpo_kl_bonus(pol_tok, ref_tok, mask, alpha: float, sample_tok=None,
-                 reward_to_go: bool = True) -> mx.array:
+def xpo_kl_bonus(pol_tok, ref_tok, mask, alpha: float, sample_tok=None, reward_to_go: bool = True) -> mx.array:
     """Per-pair exploration bonus of the 'kl' form (subtracted from the loss).
 
     Token arrays are [2P, T] with rows = P chosen completions, then their P rejected partners;

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from mlx_xpo_plugin.host import fast_blas
 from mlx_xpo_plugin.commands.tiny import build_tiny_model, write_prompt_dataset
+from mlx_xpo_plugin.host import fast_blas
 
 # The tests in this process run on MLX as shipped (on Linux CPUs the bundled reference BLAS), as they
 # did before a fast BLAS went under this project's commands, whatever module imports mlx.core first:
 # the learning tests' thresholds were set on those numerics. Tests that start a command in a
 # subprocess get the fast BLAS as a user does (test_fast_blas checks the choice itself).
-fast_blas.STATE.update(blas="as shipped with mlx", loaded=None, prefix="",
-                       why="the test session keeps MLX as shipped (tests/conftest.py)")
+fast_blas.STATE.update(
+    blas="as shipped with mlx", loaded=None, prefix="", why="the test session keeps MLX as shipped (tests/conftest.py)"
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MLX_XPO_TEST_CACHE", REPO / ".cache" / "test-models"))
@@ -32,6 +33,7 @@ def tiny_model_path() -> str:
 def tiny_model(tiny_model_path):
     """(model, tokenizer) loaded once; tests must not train this shared instance."""
     from mlx_lm import load
+
     return load(tiny_model_path)
 
 
@@ -50,6 +52,7 @@ class RuleJudge:
 
     def judge(self, prompts, pairs):
         from mlx_xpo_plugin.contracts import Verdict
+
         self.calls += 1
         out = []
         for a, b in pairs:
@@ -63,8 +66,11 @@ def lora_model(tiny_model_path, tmp_path):
     """A fresh LoRA-wrapped tiny model (trainable), its tokenizer and an adapter folder."""
     import mlx.core as mx
     from mlx_lm_lora.utils import from_pretrained
+
     mx.random.seed(0)
-    model, tok, _ = from_pretrained(tiny_model_path, new_adapter_path=str(tmp_path / "ad"),
-                                    lora_config={"rank": 8, "dropout": 0.0, "scale": 10.0,
-                                                 "use_dora": False, "num_layers": -1})
+    model, tok, _ = from_pretrained(
+        tiny_model_path,
+        new_adapter_path=str(tmp_path / "ad"),
+        lora_config={"rank": 8, "dropout": 0.0, "scale": 10.0, "use_dora": False, "num_layers": -1},
+    )
     return model, tok, str(tmp_path / "ad")

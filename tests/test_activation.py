@@ -32,8 +32,7 @@ def run(cmd, *plugins, env=None, timeout=120):
     if paths:
         e["PYTHONPATH"] = os.pathsep.join(paths)
     e.update(env or {})
-    return subprocess.run([str(c) for c in cmd], env=e, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(c) for c in cmd], env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def activation_lines(r):
@@ -55,18 +54,22 @@ def echo(tmp_path, name="echo.json"):
 
 # -- start-up ------------------------------------------------------------------------------
 
+
 def test_pth_is_installed_and_startup_stays_cheap():
     pth = Path(sysconfig.get_paths()["purelib"], "mlx_xpo_plugin.pth")
-    line, = pth.read_text().splitlines()
+    (line,) = pth.read_text().splitlines()
     assert line.startswith("import ") and "__import__('mlx_xpo_plugin.host._bootstrap')" in line
-    code = ("import sys, json; print(json.dumps([sorted(sys.modules), "
-            "[type(f).__name__ for f in sys.meta_path]]))")
+    code = "import sys, json; print(json.dumps([sorted(sys.modules), [type(f).__name__ for f in sys.meta_path]]))"
     r = run([sys.executable, "-c", code])
     mods, finders = json.loads(r.stdout)
     assert finders[0] == "TrainModuleFinder"
     ours = {m for m in mods if m.startswith("mlx_xpo_plugin")}
-    assert ours == {"mlx_xpo_plugin", "mlx_xpo_plugin.host", "mlx_xpo_plugin.host._bootstrap",
-                    "mlx_xpo_plugin.host.startup"}  # standard library only
+    assert ours == {
+        "mlx_xpo_plugin",
+        "mlx_xpo_plugin.host",
+        "mlx_xpo_plugin.host._bootstrap",
+        "mlx_xpo_plugin.host.startup",
+    }  # standard library only
     heavy = ("mlx", "mlx_lm", "mlx_lm_lora", "pluggy", "yaml")
     assert not [m for m in mods if m.split(".")[0] in heavy]
     off = run([sys.executable, "-c", code], env={"MLX_XPO_PLUGIN": "0"})
@@ -77,10 +80,25 @@ def test_pth_is_installed_and_startup_stays_cheap():
 
 # -- dispatch --------------------------------------------------------------------------------
 
+
 def test_console_script_dispatches_to_a_plugin_mode(tmp_path):
     out, got = echo(tmp_path)
-    r = run([CONSOLE_SCRIPT, "--train-mode", "echo_mode", "--echo-out", out, "--batch-size", "2",
-             "--echo-status", "3", "--model", tmp_path / "no-such-model"], "echo")
+    r = run(
+        [
+            CONSOLE_SCRIPT,
+            "--train-mode",
+            "echo_mode",
+            "--echo-out",
+            out,
+            "--batch-size",
+            "2",
+            "--echo-status",
+            "3",
+            "--model",
+            tmp_path / "no-such-model",
+        ],
+        "echo",
+    )
     assert r.returncode == 3, r.stderr
     assert "echo_mode: echo-plugin 1.0" in r.stdout  # the host prints mode.banner()
     assert not activation_lines(r)
@@ -105,9 +123,11 @@ def test_train_mode_from_the_yaml_config(tmp_path):
 
 def test_main_with_a_dict_dispatches_also_after_a_reload(tmp_path):
     out, got = echo(tmp_path)
-    code = ("import sys, importlib, mlx_lm_lora.train as t; main = importlib.reload(t).main; "
-            f"sys.exit(main({{'train_mode': 'echo_mode', 'echo_out': {str(out)!r}, "
-            "'batch_size': 1, 'echo_status': 6}))")
+    code = (
+        "import sys, importlib, mlx_lm_lora.train as t; main = importlib.reload(t).main; "
+        f"sys.exit(main({{'train_mode': 'echo_mode', 'echo_out': {str(out)!r}, "
+        "'batch_size': 1, 'echo_status': 6}))"
+    )
     r = run([sys.executable, "-c", code], "echo")
     assert r.returncode == 6, r.stderr
     d = got()
@@ -117,24 +137,34 @@ def test_main_with_a_dict_dispatches_also_after_a_reload(tmp_path):
 
 def test_python_dash_m_dispatches(tmp_path):
     out, got = echo(tmp_path)
-    r = run([sys.executable, "-m", "mlx_lm_lora.train", "--train-mode", "echo_mode",
-             "--echo-out", out, "--echo-status", "4"], "echo")
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm_lora.train",
+            "--train-mode",
+            "echo_mode",
+            "--echo-out",
+            out,
+            "--echo-status",
+            "4",
+        ],
+        "echo",
+    )
     assert r.returncode == 4, r.stderr
     assert got()["explicit"] == ["echo_out", "echo_status", "train_mode"]
 
 
 def test_a_plugin_replaces_a_builtin_mode(tmp_path):
     out = tmp_path / "dpo.json"
-    r = run([CONSOLE_SCRIPT, "--train-mode", "dpo", "--beta", "0.5"], "replace",
-            env={"REPLACE_PLUGIN_OUT": str(out)})
+    r = run([CONSOLE_SCRIPT, "--train-mode", "dpo", "--beta", "0.5"], "replace", env={"REPLACE_PLUGIN_OUT": str(out)})
     assert r.returncode == 0, r.stderr
     assert "dpo: replace-plugin 1.0, replaces the built-in mode" in r.stdout
     assert json.loads(out.read_text()) == {"explicit": ["beta", "train_mode"], "train_mode": "dpo"}
 
 
 def test_builtin_modes_still_run_upstream(tmp_path):
-    r = run([CONSOLE_SCRIPT, "--train-mode", "sft", "--train", "--model", tmp_path / "missing"],
-            "echo")
+    r = run([CONSOLE_SCRIPT, "--train-mode", "sft", "--train", "--model", tmp_path / "missing"], "echo")
     assert r.returncode != 0
     assert "Configuration Summary" in r.stdout and "SFT" in r.stdout  # upstream's own main
     assert "echo_mode wrote" not in r.stdout and not activation_lines(r)
@@ -142,6 +172,7 @@ def test_builtin_modes_still_run_upstream(tmp_path):
 
 def test_help_lists_the_plugin_modes():
     from mlx_xpo_plugin.host.registry import default_registry
+
     r = run([CONSOLE_SCRIPT, "--help"], "echo")
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
@@ -152,6 +183,7 @@ def test_help_lists_the_plugin_modes():
 
 
 # -- off switch and failures -------------------------------------------------------------------
+
 
 def test_env_switch_turns_activation_off():
     r = run([CONSOLE_SCRIPT, "--train-mode", "echo_mode"], "echo", env={"MLX_XPO_PLUGIN": "0"})
@@ -176,8 +208,7 @@ def test_clashing_plugins_are_reported_naming_both():
 
 def test_exception_inside_the_finder_never_breaks_the_import(tmp_path):
     """Make the activation module itself unimportable: the finder reports and steps aside."""
-    (tmp_path / "sitecustomize.py").write_text(
-        "import sys\nsys.modules['mlx_xpo_plugin.host.activation'] = None\n")
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['mlx_xpo_plugin.host.activation'] = None\n")
     r = run([CONSOLE_SCRIPT, "--help"], env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0 and "{sft,dpo," in r.stdout
     (line,) = activation_lines(r)
@@ -185,6 +216,7 @@ def test_exception_inside_the_finder_never_breaks_the_import(tmp_path):
 
 
 # -- pieces, in process ------------------------------------------------------------------------
+
 
 def test_explicit_options_and_quiet_parse():
     def parser():

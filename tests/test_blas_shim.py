@@ -10,8 +10,10 @@ import pytest
 
 from mlx_xpo_plugin.host import blas_shim
 
-linux_elf = pytest.mark.skipif(sys.platform != "linux" or platform.machine().lower() not in blas_shim._MACHINES,
-                               reason="the shim is built for Linux on x86-64 and AArch64")
+linux_elf = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine().lower() not in blas_shim._MACHINES,
+    reason="the shim is built for Linux on x86-64 and AArch64",
+)
 
 
 def test_sysv_elf_hash():
@@ -47,8 +49,13 @@ print(json.dumps({"same": same, "strlen": g.mlx_xpo_test_strlen(b"hello"), "abs"
 
 @linux_elf
 def test_the_plain_names_resolve_to_the_targets_and_calls_go_through():
-    r = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, timeout=60,
-                       env={"MLX_XPO_PLUGIN": "0", "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-c", LOAD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"MLX_XPO_PLUGIN": "0", "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout) == {"same": True, "strlen": 5, "abs": 7}
 

@@ -22,10 +22,23 @@ def write_cfg(tmp_path, **kw):
 
 
 def base_cfg(model, data, out, **kw):
-    return {"model": model, "data": data, "train": True, "adapter_path": str(out),
-            "judge": "mlx_xpo_plugin.rules:prefer_letter_e", "batch_size": 2, "iters": 4,
-            "steps_per_report": 2, "steps_per_eval": 4, "val_batches": 2, "save_every": 100,
-            "max_seq_length": 256, "max_completion_length": 8, "learning_rate": 1e-3, **kw}
+    return {
+        "model": model,
+        "data": data,
+        "train": True,
+        "adapter_path": str(out),
+        "judge": "mlx_xpo_plugin.rules:prefer_letter_e",
+        "batch_size": 2,
+        "iters": 4,
+        "steps_per_report": 2,
+        "steps_per_eval": 4,
+        "val_batches": 2,
+        "save_every": 100,
+        "max_seq_length": 256,
+        "max_completion_length": 8,
+        "learning_rate": 1e-3,
+        **kw,
+    }
 
 
 def run(args, env=None, timeout=240):
@@ -42,20 +55,25 @@ def small_data(tmp_path, n_train=4):
     d = tmp_path / "small_data"
     d.mkdir()
     for split, n in (("train", n_train), ("valid", 4), ("test", 4)):
-        (d / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": f"Say {split} {i}!"}) + "\n"
-                                                   for i in range(n)))
+        (d / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": f"Say {split} {i}!"}) + "\n" for i in range(n)))
     return str(d)
 
 
 def test_xpo_yaml_only_values_are_used(tiny_model_path, tmp_path):
     out = tmp_path / "ad"
-    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, small_data(tmp_path), out, alpha=[1e-3, 1e-4],
-                                         temperature=0.5, max_completion_length=7))
+    cfg = write_cfg(
+        tmp_path,
+        **base_cfg(
+            tiny_model_path, small_data(tmp_path), out, alpha=[1e-3, 1e-4], temperature=0.5, max_completion_length=7
+        ),
+    )
     r = run(["--train-mode", "xpo", "--config", cfg])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "xpo: mlx-xpo-plugin" in r.stdout and "replaces the built-in mode" in r.stdout
     import mlx.core  # noqa: F401  (bundled_reference_blas looks next to it)
+
     from mlx_xpo_plugin.host.fast_blas import bundled_reference_blas, choose
+
     if bundled_reference_blas():  # Linux mlx[cpu]: the run says which BLAS MLX multiplies with, once
         assert "\nBLAS: " in r.stdout and (r.stdout + r.stderr).count("BLAS") == 1
         if choose()[0]:  # an OpenBLAS is installed (the scipy-openblas32 dependency): MLX runs on it
@@ -70,6 +88,7 @@ def test_xpo_yaml_only_values_are_used(tiny_model_path, tmp_path):
     assert (out / "adapters.safetensors").is_file() and (out / "adapter_config.json").is_file()
     # the adapters load with plain mlx_lm
     from mlx_lm import load
+
     load(tiny_model_path, adapter_path=str(out))
 
 
@@ -84,15 +103,18 @@ def test_cli_flags_beat_yaml_online_dpo(tiny_model_path, prompt_data_dir, tmp_pa
     assert max(x["step"] for x in rows(out)) == 2
 
 
-@pytest.mark.parametrize("extra,setting", [
-    ({"alpah": 1e-4}, "alpah"),
-    ({"temperature": "warm"}, "temperature"),
-    ({"dpo_cpo_loss_type": "nope"}, "dpo_cpo_loss_type"),
-    ({"qat_enable": True}, "qat_enable"),
-    ({"judge": "does/not/exist"}, "judge"),
-    ({"data": "/nonexistent"}, "data"),
-    ({"batch_size": 500}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "extra,setting",
+    [
+        ({"alpah": 1e-4}, "alpah"),
+        ({"temperature": "warm"}, "temperature"),
+        ({"dpo_cpo_loss_type": "nope"}, "dpo_cpo_loss_type"),
+        ({"qat_enable": True}, "qat_enable"),
+        ({"judge": "does/not/exist"}, "judge"),
+        ({"data": "/nonexistent"}, "data"),
+        ({"batch_size": 500}, "batch_size"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_before_loading(tiny_model_path, prompt_data_dir, tmp_path, extra, setting):
     cfg = write_cfg(tmp_path, **{**base_cfg(tiny_model_path, prompt_data_dir, tmp_path / "ad"), **extra})
     r = run(["--train-mode", "xpo", "--config", cfg], timeout=60)
@@ -114,10 +136,12 @@ def test_bad_dataset_row_names_file_and_line(tiny_model_path, tmp_path):
 
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_path, prompt_data_dir, tmp_path):
     out = tmp_path / "ad"
-    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=400,
-                                         steps_per_report=1, steps_per_eval=1000))
-    p = subprocess.Popen([TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    cfg = write_cfg(
+        tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=400, steps_per_report=1, steps_per_eval=1000)
+    )
+    p = subprocess.Popen(
+        [TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if (out / "metrics.jsonl").exists() and len(open(out / "metrics.jsonl").readlines()) >= 3:
@@ -129,8 +153,9 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_path, prompt_d
     assert "resume with:" in stdout and "--resume-adapter-file" in stdout
     state = json.load(open(out / "checkpoint" / "state.json"))
     assert 3 <= state["step"] < 400 and not state["final"]
-    r = run(["--train-mode", "xpo", "--config", cfg, "--resume-adapter-file", str(out), "--iters",
-             str(state["step"] + 2)])
+    r = run(
+        ["--train-mode", "xpo", "--config", cfg, "--resume-adapter-file", str(out), "--iters", str(state["step"] + 2)]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from step {state['step']} of {state['step'] + 2}" in r.stdout
     steps = [x["step"] for x in rows(out) if "loss" in x or "judge/pairs" in x]
@@ -142,6 +167,7 @@ def test_help_lists_our_settings_with_help_texts():
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
     from mlx_xpo_plugin.config import PLUGIN_SETTINGS
+
     for s in PLUGIN_SETTINGS:
         assert s.flag in text, s.flag
         assert " ".join(s.help.split())[:30] in text, s.name
@@ -188,13 +214,27 @@ def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tiny_model_pa
     out, gate = tmp_path / "ad", tmp_path / "gate"
     gate.mkdir()
     (tmp_path / "blocking_judge.py").write_text(BLOCKING_JUDGE)
-    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=400, save_every=2,
-                                         steps_per_report=1, steps_per_eval=1000,
-                                         judge=f"{tmp_path / 'blocking_judge.py'}:judge"))
+    cfg = write_cfg(
+        tmp_path,
+        **base_cfg(
+            tiny_model_path,
+            prompt_data_dir,
+            out,
+            iters=400,
+            save_every=2,
+            steps_per_report=1,
+            steps_per_eval=1000,
+            judge=f"{tmp_path / 'blocking_judge.py'}:judge",
+        ),
+    )
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err_file:
-        p = subprocess.Popen([TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.DEVNULL,
-                             stderr=err_file, env={**os.environ, "GATE_DIR": str(gate)})
+        p = subprocess.Popen(
+            [TRAIN, "--train-mode", "xpo", "--config", cfg],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+            env={**os.environ, "GATE_DIR": str(gate)},
+        )
         try:
             wait_for(lambda: (out / "checkpoint" / "state.json").exists())
             (gate / "block").touch()  # the next judge call holds its step open: no race with its end
@@ -211,6 +251,7 @@ def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tiny_model_pa
     assert (gate / "block").exists()  # the step never finished
     state = json.load(open(out / "checkpoint" / "state.json"))  # complete, parseable
     import mlx.core as mx
+
     for name in ("adapters", "optimizer"):
         _, meta = mx.load(str(out / "checkpoint" / state["files"][name]), return_metadata=True)
         assert meta["step"] == str(state["step"])

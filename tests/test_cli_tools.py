@@ -16,8 +16,12 @@ MLX_XPO = str(Path(sys.executable).with_name("mlx-xpo"))
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     cache = tmp_path_factory.mktemp("cache")
-    r = subprocess.run([MLX_XPO, "demo", "--iters", "6", "--output", str(out), "--cache", str(cache)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [MLX_XPO, "demo", "--iters", "6", "--output", str(out), "--cache", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out, cache, r.stdout
 
@@ -82,9 +86,26 @@ def test_plot_of_a_folder_without_metrics(tmp_path, capsys):
 
 def test_eval_reports_win_rate_with_interval(demo_run):
     out, cache, _ = demo_run
-    r = subprocess.run([MLX_XPO, "eval", "--model", str(cache / "demo-model"), "--adapter-path", str(out),
-                        "--data", str(cache / "demo-data"), "--judge", "mlx_xpo_plugin.rules:prefer_letter_e",
-                        "--max-completion-length", "12", "--json"], capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            MLX_XPO,
+            "eval",
+            "--model",
+            str(cache / "demo-model"),
+            "--adapter-path",
+            str(out),
+            "--data",
+            str(cache / "demo-data"),
+            "--judge",
+            "mlx_xpo_plugin.rules:prefer_letter_e",
+            "--max-completion-length",
+            "12",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["pairs"] == 24 and res["wins"] + res["losses"] + res["ties"] + res["invalid"] == 24
@@ -94,8 +115,9 @@ def test_eval_reports_win_rate_with_interval(demo_run):
 
 def test_eval_takes_the_training_runs_settings_and_prints_only_json(demo_run):
     out, cache, _ = demo_run
-    r = subprocess.run([MLX_XPO, "eval", "--adapter-path", str(out), "--json"], capture_output=True,
-                       text=True, timeout=180)
+    r = subprocess.run(
+        [MLX_XPO, "eval", "--adapter-path", str(out), "--json"], capture_output=True, text=True, timeout=180
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)  # stdout is the JSON object and nothing else
     assert res["pairs"] == 24 and 0 <= res["win_rate"] <= 1

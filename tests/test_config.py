@@ -6,7 +6,8 @@ import os
 import re
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlx_xpo_plugin import config as C
 from mlx_xpo_plugin import config_views
@@ -31,8 +32,7 @@ def test_yaml_values_are_used_where_the_cli_is_silent():
     # upstream's argparse defaults (alpha [1e-5], temperature 1.0, max_completion_length 512)
     # sit in the namespace but were not given: YAML must win over them
     cli = {**BASE, "alpha": [1e-5], "temperature": 1.0, "max_completion_length": 512}
-    a = C.resolve("xpo", cli, set(BASE), {"alpha": [1e-4, 1e-5], "temperature": 0.3,
-                                          "max_completion_length": 17})
+    a = C.resolve("xpo", cli, set(BASE), {"alpha": [1e-4, 1e-5], "temperature": 0.3, "max_completion_length": 17})
     assert (a.alpha, a.temperature, a.max_completion_length) == ([1e-4, 1e-5], 0.3, 17)
 
 
@@ -41,21 +41,24 @@ def test_explicit_cli_beats_yaml():
     assert a.temperature == 0.5
 
 
-@pytest.mark.parametrize("yaml_values,pattern", [
-    ({"alpah": 1e-4}, r"alpah: .*unknown setting.*did you mean 'alpha'"),
-    ({"temperature": "hot"}, r"temperature: 'hot' is not valid; expected a number"),
-    ({"beta": 0}, r"beta: 0 is not valid; must be > 0"),
-    ({"top_p": 1.5}, r"top_p: 1.5 is not valid; must be <= 1.0"),
-    ({"dpo_cpo_loss_type": "sigmoidd"}, r"valid: sigmoid, hinge, ipo, dpop"),
-    ({"xpo_bonus": "both"}, r"xpo_bonus: 'both' .* valid: kl, kl_upstream, paper"),
-    ({"alpha": [1e-4, "x"]}, r"alpha: .*expected a number"),
-    ({"alpha": []}, r"alpha: \[\] .*at least one entry"),
-    ({"qat_enable": True}, r"qat_enable: True .*QAT is not supported by --train-mode xpo"),
-    ({"max_completion_length": 4096}, r"max_completion_length: 4096 .*smaller than max_seq_length"),
-    ({"max_completion_length": 0}, r"max_completion_length: 0 .*>= 1"),
-    ({"judge_config": "x"}, r"judge_config: 'x' .*mapping"),
-    ({"batch_size": 2.5}, r"batch_size: 2.5 .*integer"),
-])
+@pytest.mark.parametrize(
+    "yaml_values,pattern",
+    [
+        ({"alpah": 1e-4}, r"alpah: .*unknown setting.*did you mean 'alpha'"),
+        ({"temperature": "hot"}, r"temperature: 'hot' is not valid; expected a number"),
+        ({"beta": 0}, r"beta: 0 is not valid; must be > 0"),
+        ({"top_p": 1.5}, r"top_p: 1.5 is not valid; must be <= 1.0"),
+        ({"dpo_cpo_loss_type": "sigmoidd"}, r"valid: sigmoid, hinge, ipo, dpop"),
+        ({"xpo_bonus": "both"}, r"xpo_bonus: 'both' .* valid: kl, kl_upstream, paper"),
+        ({"alpha": [1e-4, "x"]}, r"alpha: .*expected a number"),
+        ({"alpha": []}, r"alpha: \[\] .*at least one entry"),
+        ({"qat_enable": True}, r"qat_enable: True .*QAT is not supported by --train-mode xpo"),
+        ({"max_completion_length": 4096}, r"max_completion_length: 4096 .*smaller than max_seq_length"),
+        ({"max_completion_length": 0}, r"max_completion_length: 0 .*>= 1"),
+        ({"judge_config": "x"}, r"judge_config: 'x' .*mapping"),
+        ({"batch_size": 2.5}, r"batch_size: 2.5 .*integer"),
+    ],
+)
 def test_bad_values_give_one_line_errors(yaml_values, pattern):
     with pytest.raises(ConfigError) as e:
         resolve(yaml_values=yaml_values, explicit=set(BASE))
@@ -89,16 +92,23 @@ def test_json_schema_covers_every_setting():
 def test_readme_table_matches_schema():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     start, end = "<!-- settings:start -->", "<!-- settings:end -->"
-    table = readme[readme.index(start) + len(start): readme.index(end)].strip()
+    table = readme[readme.index(start) + len(start) : readme.index(end)].strip()
     assert table == config_views.settings_markdown(), "README settings table is stale: run `mlx-xpo schema --markdown`"
 
 
 settings_strategy = st.dictionaries(
     st.sampled_from(sorted(C.SETTINGS) + ["alpah", "foo", "temprature"]),
-    st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
-              st.text(max_size=8), st.lists(st.floats(-1, 1), max_size=3),
-              st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)),
-    max_size=6)
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-5, 5000),
+        st.floats(allow_nan=True),
+        st.text(max_size=8),
+        st.lists(st.floats(-1, 1), max_size=3),
+        st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    ),
+    max_size=6,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -116,9 +126,10 @@ def test_loop_settings_defaults_match_the_settings_table():
     """The Python-level LoopSettings (built directly by the API's power users and the benches) and
     the CLI/YAML table must not drift apart."""
     import dataclasses
+
     from mlx_xpo_plugin.loop.settings import LoopSettings
-    fields = {f.name: f.default for f in dataclasses.fields(LoopSettings)
-              if f.default is not dataclasses.MISSING}
+
+    fields = {f.name: f.default for f in dataclasses.fields(LoopSettings) if f.default is not dataclasses.MISSING}
     shared = [n for n in fields if n in C.SETTINGS and n not in ("adapter_path", "iters")]
     assert "micro_batch_size" in shared and len(shared) >= 10
     assert {n: fields[n] for n in shared} == {n: C.SETTINGS[n].default for n in shared}

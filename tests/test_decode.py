@@ -15,9 +15,14 @@ PROMPTS = [[5, 17, 42, 8, 99, 3, 250], [11, 7], [300, 4, 4, 60, 2]]  # three len
 
 
 def batch_generator_greedy(model, prompts, max_tokens, stop_ids=()):
-    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in stop_ids],
-                         sampler=make_sampler(temp=0.0), completion_batch_size=len(prompts),
-                         prefill_batch_size=len(prompts))
+    gen = BatchGenerator(
+        model,
+        max_tokens=max_tokens,
+        stop_tokens=[[t] for t in stop_ids],
+        sampler=make_sampler(temp=0.0),
+        completion_batch_size=len(prompts),
+        prefill_batch_size=len(prompts),
+    )
     try:
         uids = gen.insert([list(p) for p in prompts])
         out = {u: [] for u in uids}
@@ -32,8 +37,10 @@ def batch_generator_greedy(model, prompts, max_tokens, stop_ids=()):
 def with_live_adapters(model):
     """Give every LoRA matrix non-zero values, so that the adapters change the output."""
     rng = np.random.default_rng(3)
-    params = [(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
-              for k, v in tree_flatten(model.trainable_parameters())]
+    params = [
+        (k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
+        for k, v in tree_flatten(model.trainable_parameters())
+    ]
     model.update(tree_unflatten(params))
     model.eval()
     return model
@@ -75,7 +82,7 @@ def test_log_probs_at_every_step_equal_an_unpadded_full_forward(tiny_model):
     seen = np.stack([np.array(a) for a in forced.seen], axis=1)  # [B, steps, V]
     for b, (p, c) in enumerate(zip(PROMPTS, conts)):
         logits = model(mx.array([p + c[:-1]]))[0].astype(mx.float32)
-        want = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[len(p) - 1:]
+        want = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[len(p) - 1 :]
         np.testing.assert_allclose(seen[b], want, atol=2e-4)
 
 
@@ -156,6 +163,7 @@ def test_the_model_keeps_its_own_weight_objects(lora_model):
 
 def test_one_batch_of_policy_and_reference_rows_gives_each_policys_own_tokens(lora_model):
     from mlx_xpo_plugin.compute.reference import Reference, adapters_off
+
     model = with_live_adapters(lora_model[0])
     greedy = make_sampler(temp=0.0)
     policy = decode.generate(model, PROMPTS, 12, greedy, stop_ids=[])
@@ -170,7 +178,9 @@ def test_one_batch_of_policy_and_reference_rows_gives_each_policys_own_tokens(lo
 
 def test_the_row_split_leaves_the_model_as_it_was(lora_model):
     from mlx_lm.tuner.lora import LoRALinear
+
     from mlx_xpo_plugin.compute.reference import Reference
+
     model = with_live_adapters(lora_model[0])
     before = tree_flatten(model.parameters())
     with Reference(model).rows_split(1, 1) as both:
@@ -182,24 +192,31 @@ def test_the_row_split_leaves_the_model_as_it_was(lora_model):
 
 def test_no_row_split_for_dora_or_a_separate_reference(tiny_model_path, tiny_model, tmp_path):
     from mlx_lm_lora.utils import from_pretrained
+
     from mlx_xpo_plugin.compute.reference import Reference
-    dora, _, _ = from_pretrained(tiny_model_path, new_adapter_path=str(tmp_path / "ad"),
-                                 lora_config={"rank": 4, "dropout": 0.0, "scale": 10.0, "use_dora": True,
-                                              "num_layers": -1})
+
+    dora, _, _ = from_pretrained(
+        tiny_model_path,
+        new_adapter_path=str(tmp_path / "ad"),
+        lora_config={"rank": 4, "dropout": 0.0, "scale": 10.0, "use_dora": True, "num_layers": -1},
+    )
     assert Reference(dora).rows_split(1, 1) is None  # DoRA's weight norm cannot be gated per row
     assert Reference(dora, separate=tiny_model[0]).rows_split(1, 1) is None
 
 
 def test_the_paper_rollout_samples_both_policies_in_one_batch(lora_model, monkeypatch):
     from mlx_xpo_plugin.compute import rollout as R
-    from mlx_xpo_plugin.loop.settings import LoopSettings
     from mlx_xpo_plugin.compute.reference import Reference, adapters_off
+    from mlx_xpo_plugin.loop.settings import LoopSettings
     from mlx_xpo_plugin.xpo_trainer import XPO
+
     model, tok, _ = lora_model
     model = with_live_adapters(model)
     calls = []
     real = R.sample_completions
-    monkeypatch.setattr(R, "sample_completions", lambda m, t, p, n, c: (calls.append(len(p) * n), real(m, t, p, n, c))[1])
+    monkeypatch.setattr(
+        R, "sample_completions", lambda m, t, p, n, c: (calls.append(len(p) * n), real(m, t, p, n, c))[1]
+    )
     greedy = SamplingConfig(max_tokens=6, temperature=0.0)
     xpo = XPO(LoopSettings(iters=1, xpo_bonus="paper"))
     triples = xpo.rollout(model, tok, Reference(model), PROMPTS, greedy)

@@ -7,19 +7,19 @@ import os
 
 import mlx.core as mx
 import numpy as np
+from test_cli_e2e import base_cfg, run, small_data, write_cfg
 
 from mlx_xpo_plugin import api
-
-from mlx_xpo_plugin.loop import atomic as checkpoint
-
 from mlx_xpo_plugin.commands import runner
+from mlx_xpo_plugin.loop import atomic as checkpoint
 from mlx_xpo_plugin.xpo_trainer import XPO
-from test_cli_e2e import base_cfg, run, small_data, write_cfg
 
 
 def settings(model, data, out, **kw):
-    return {**base_cfg(model, data, out, iters=6, save_every=2, steps_per_report=1,
-                       steps_per_eval=100, val_batches=1), **kw}
+    return {
+        **base_cfg(model, data, out, iters=6, save_every=2, steps_per_report=1, steps_per_eval=100, val_batches=1),
+        **kw,
+    }
 
 
 def disk_full_at(monkeypatch, victim: str):
@@ -36,14 +36,19 @@ def disk_full_at(monkeypatch, victim: str):
             with open(tmp, "r+b") as f:
                 f.truncate(os.path.getsize(tmp) // 2)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+
         return real(path, half_then_full)
+
     monkeypatch.setattr(checkpoint, "atomic_write_bytes", writer)
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint_resumable(
-        tiny_model_path, tmp_path, monkeypatch, capsys):
+    tiny_model_path, tmp_path, monkeypatch, capsys
+):
     data = small_data(tmp_path, n_train=8)
-    assert runner.run(api.as_config("xpo", settings(tiny_model_path, data, tmp_path / "full")), XPO, progress=False) == 0
+    assert (
+        runner.run(api.as_config("xpo", settings(tiny_model_path, data, tmp_path / "full")), XPO, progress=False) == 0
+    )
     want = mx.load(str(tmp_path / "full" / "adapters.safetensors"))
 
     out = tmp_path / "ad"
@@ -71,6 +76,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_resumable(
 
 def test_disk_full_on_the_metrics_log_is_a_clear_error(tiny_model_path, tmp_path, monkeypatch, capsys):
     from mlx_xpo_plugin.loop import metrics
+
     data = small_data(tmp_path, n_train=8)
     out = tmp_path / "ad"
     real_open = open
@@ -79,6 +85,7 @@ def test_disk_full_on_the_metrics_log_is_a_clear_error(tiny_model_path, tmp_path
         if str(path).endswith("metrics.jsonl") and "a" in mode and os.path.exists(out / "checkpoint"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_open(path, mode, *a, **k)
+
     monkeypatch.setattr(metrics, "open", full_open, raising=False)
     assert runner.run(api.as_config("xpo", settings(tiny_model_path, data, out)), XPO, progress=False) == 4
     err = capsys.readouterr().err

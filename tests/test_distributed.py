@@ -14,11 +14,19 @@ LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).with_name("mlx.l
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_path, prompt_data_dir, tmp_path):
     one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
-    r1 = subprocess.run([sys.executable, WORKER, tiny_model_path, prompt_data_dir, one, "4"],
-                        capture_output=True, text=True, timeout=120)
+    r1 = subprocess.run(
+        [sys.executable, WORKER, tiny_model_path, prompt_data_dir, one, "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", sys.executable, WORKER,
-                         tiny_model_path, prompt_data_dir, two, "2"], capture_output=True, text=True, timeout=180)
+    r2 = subprocess.run(
+        [LAUNCH, "-n", "2", "--backend", "ring", sys.executable, WORKER, tiny_model_path, prompt_data_dir, two, "2"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r2.returncode == 0, (r2.stdout[-2000:], r2.stderr[-2000:])
     a, b = mx.load(one), mx.load(two)
     assert set(a) == set(b)

@@ -34,10 +34,23 @@ def test_third_party_judge_trains_online_dpo(tiny_model_path, prompt_data_dir, t
     site = installed_like(tmp_path)
     out = tmp_path / "ad"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": tiny_model_path, "data": prompt_data_dir, "train": True,
-                                   "adapter_path": str(out), "judge": "shortest", "judge_config": {"min_chars": 1},
-                                   "iters": 2, "batch_size": 2, "max_completion_length": 8,
-                                   "max_seq_length": 128, "steps_per_report": 1}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": tiny_model_path,
+                "data": prompt_data_dir,
+                "train": True,
+                "adapter_path": str(out),
+                "judge": "shortest",
+                "judge_config": {"min_chars": 1},
+                "iters": 2,
+                "batch_size": 2,
+                "max_completion_length": 8,
+                "max_seq_length": 128,
+                "steps_per_report": 1,
+            }
+        )
+    )
     r = run(["--train-mode", "online_dpo", "--config", str(cfg)], site)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in open(out / "metrics.jsonl") if "judge/pairs" in l]
@@ -52,9 +65,19 @@ def test_third_party_judge_trains_online_dpo(tiny_model_path, prompt_data_dir, t
 def test_third_party_judge_config_is_validated_before_loading(tiny_model_path, prompt_data_dir, tmp_path):
     site = installed_like(tmp_path)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": tiny_model_path, "data": prompt_data_dir, "train": True,
-                                   "judge": "shortest", "judge_config": {"max_chars": 3},
-                                   "max_completion_length": 8, "max_seq_length": 128}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": tiny_model_path,
+                "data": prompt_data_dir,
+                "train": True,
+                "judge": "shortest",
+                "judge_config": {"max_chars": 3},
+                "max_completion_length": 8,
+                "max_seq_length": 128,
+            }
+        )
+    )
     r = run(["--train-mode", "xpo", "--config", str(cfg)], site)
     assert r.returncode == 2 and "judge_config.max_chars" in r.stderr and "Traceback" not in r.stderr
 

@@ -38,12 +38,15 @@ def test_no_bundled_reference_blas_outside_linux_cpu_wheels(tmp_path):
 SYSTEM, PIP = "/usr/lib/libopenblas.so.0", "/venv/scipy_openblas32/lib/libscipy_openblas.so"
 
 
-@pytest.mark.parametrize("env, system, pip, expected", [
-    ({}, SYSTEM, PIP, SYSTEM),       # the system's OpenBLAS stays the first choice
-    ({}, None, PIP, PIP),            # else the pip-installed one
-    ({}, None, None, None),          # else the bundled reference BLAS, with a hint
-    ({"MLX_XPO_BLAS": "off"}, SYSTEM, PIP, None),
-])
+@pytest.mark.parametrize(
+    "env, system, pip, expected",
+    [
+        ({}, SYSTEM, PIP, SYSTEM),  # the system's OpenBLAS stays the first choice
+        ({}, None, PIP, PIP),  # else the pip-installed one
+        ({}, None, None, None),  # else the bundled reference BLAS, with a hint
+        ({"MLX_XPO_BLAS": "off"}, SYSTEM, PIP, None),
+    ],
+)
 def test_discovery_order(env, system, pip, expected):
     path, why = fast_blas.choose(env, system=lambda: system, pip=lambda: pip)
     assert path == expected
@@ -67,9 +70,16 @@ def test_the_pip_openblas_is_found_on_the_path_without_importing_it(tmp_path):
     assert fast_blas.pip_openblas([str(tmp_path / "elsewhere")]) is None
 
 
-@pytest.mark.parametrize("value, where, complaint", [
-    ("", "commands", False), ("all", "all", False), (" ALL ", "all", False), ("commands", "commands", False),
-    ("everything", "commands", True)])
+@pytest.mark.parametrize(
+    "value, where, complaint",
+    [
+        ("", "commands", False),
+        ("all", "all", False),
+        (" ALL ", "all", False),
+        ("commands", "commands", False),
+        ("everything", "commands", True),
+    ],
+)
 def test_scope_setting(value, where, complaint):
     got, said = fast_blas.scope({"MLX_XPO_BLAS_SCOPE": value})
     assert got == where and (said is not None) == complaint
@@ -111,8 +121,9 @@ def probe(env, first="", scope="all"):
     e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN", "MLX_XPO_BLAS_SCOPE")}
     if scope is not None:
         e["MLX_XPO_BLAS_SCOPE"] = scope
-    r = subprocess.run([sys.executable, "-c", first + "\n" + PROBE], capture_output=True, text=True,
-                       env={**e, **env}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", first + "\n" + PROBE], capture_output=True, text=True, env={**e, **env}, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return {**json.loads(r.stdout.strip().splitlines()[-1]), "stderr": r.stderr}
 
@@ -146,10 +157,15 @@ def test_by_default_another_mlx_program_keeps_mlx_as_shipped():
 
 
 @linux_cpu
-@pytest.mark.parametrize("first", ["import mlx_lm_lora.train",  # what its console script and python -m do
-                                   "import mlx_xpo_plugin.commands.runner",  # our modules importing mlx.core
-                                   "import mlx_xpo_plugin.api",  # the Python API, before the user's mlx
-                                   "from mlx_xpo_plugin.host import fast_blas; fast_blas.request()"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import mlx_lm_lora.train",  # what its console script and python -m do
+        "import mlx_xpo_plugin.commands.runner",  # our modules importing mlx.core
+        "import mlx_xpo_plugin.api",  # the Python API, before the user's mlx
+        "from mlx_xpo_plugin.host import fast_blas; fast_blas.request()",
+    ],
+)
 def test_this_projects_commands_get_the_fast_blas_by_default(first):
     out = probe({"MLX_XPO_BLAS": BUNDLED}, first=first, scope=None)
     assert out["state"]["loaded"] == BUNDLED and os.path.realpath(out["owner"]) == os.path.realpath(BUNDLED)
@@ -179,8 +195,9 @@ def test_a_failed_choice_is_said_once_in_our_commands(tmp_path, setting):
         bad.write_text("not an ELF file")
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_PLUGIN", "MLX_XPO_BLAS_SCOPE")}
     code = "import mlx_lm_lora.train\nfrom mlx_xpo_plugin.host import fast_blas\nprint(fast_blas.banner_line())"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**env, "MLX_XPO_BLAS": str(bad)})
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**env, "MLX_XPO_BLAS": str(bad)}
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     said = "is not a file" if setting == "missing" else "could not be loaded"
     assert (r.stdout + r.stderr).count(said) == 1 and str(bad) in r.stdout
@@ -223,6 +240,7 @@ def fake_openblas(monkeypatch):
         monkeypatch.setattr(fast_blas, "_openblas_threads", fake.api)
         monkeypatch.setattr(fast_blas, "usable_cores", lambda: cores)
         return fake
+
     return make
 
 
@@ -258,8 +276,8 @@ def test_a_library_without_the_openblas_thread_api_is_left_alone():
 
 
 def test_sampling_runs_with_the_spare_core(tiny_model, fake_openblas, monkeypatch):
-    from mlx_xpo_plugin.compute import decode
-    from mlx_xpo_plugin.compute import rollout
+    from mlx_xpo_plugin.compute import decode, rollout
+
     model, tok = tiny_model
     fake = fake_openblas(2, 2)
     seen = []
@@ -295,8 +313,13 @@ print(json.dumps({"before": before, "inside": inside, "after": get(),
 def test_the_real_openblas_runs_on_one_core_fewer_while_decoding(threads):
     e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN")}
     e["MLX_XPO_BLAS_SCOPE"] = "all"
-    r = subprocess.run([sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True,
-                       env={**e, "OPENBLAS_NUM_THREADS": threads}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", THREADS_PROBE],
+        capture_output=True,
+        text=True,
+        env={**e, "OPENBLAS_NUM_THREADS": threads},
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["before"] == out["after"] == int(threads)
@@ -320,10 +343,17 @@ class FakeLib:
         setattr(self, prefix + "openblas_set_num_threads", self.Fn(lambda n: setattr(self, "threads", n)))
 
 
-@pytest.mark.parametrize("threads, cores, env, after", [
-    (2, 2, {}, 1), (16, 16, {}, 15), (4, 16, {}, 4), (1, 1, {}, 1),
-    (2, 2, {"OPENBLAS_NUM_THREADS": "2"}, 2),  # the user's count wins
-    (2, 2, {"OMP_NUM_THREADS": "2"}, 2)])
+@pytest.mark.parametrize(
+    "threads, cores, env, after",
+    [
+        (2, 2, {}, 1),
+        (16, 16, {}, 15),
+        (4, 16, {}, 4),
+        (1, 1, {}, 1),
+        (2, 2, {"OPENBLAS_NUM_THREADS": "2"}, 2),  # the user's count wins
+        (2, 2, {"OMP_NUM_THREADS": "2"}, 2),
+    ],
+)
 def test_the_pip_openblas_leaves_a_core_unless_the_user_set_its_threads(monkeypatch, threads, cores, env, after):
     monkeypatch.setattr(fast_blas, "usable_cores", lambda: cores)
     lib = FakeLib(threads)

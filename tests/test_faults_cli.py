@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import mlx.core as mx
 import numpy as np
+from test_cli_e2e import TRAIN, base_cfg, rows, run, write_cfg
 
 from mlx_xpo_plugin.loop.jsonio import loads_strict
-from test_cli_e2e import TRAIN, base_cfg, rows, run, write_cfg
 
 
 def adapters(path):
@@ -21,10 +21,12 @@ def adapters(path):
 
 
 def test_sigkill_after_a_periodic_checkpoint_then_resume_is_bit_identical_with_a_model_judge(
-        tiny_model_path, prompt_data_dir, tmp_path):
+    tiny_model_path, prompt_data_dir, tmp_path
+):
     # the judge is a local MLX model (the tiny model: it shuffles pair order with its own RNG)
-    kw = dict(iters=12, save_every=1, steps_per_report=1, steps_per_eval=4, val_batches=1,
-              judge=tiny_model_path, seed=3)
+    kw = dict(
+        iters=12, save_every=1, steps_per_report=1, steps_per_eval=4, val_batches=1, judge=tiny_model_path, seed=3
+    )
     full, part = tmp_path / "full", tmp_path / "part"
     (tmp_path / "f").mkdir()
     cfg_full = write_cfg(tmp_path / "f", **base_cfg(tiny_model_path, prompt_data_dir, full, **kw))
@@ -33,8 +35,9 @@ def test_sigkill_after_a_periodic_checkpoint_then_resume_is_bit_identical_with_a
 
     (tmp_path / "p").mkdir()
     cfg = write_cfg(tmp_path / "p", **base_cfg(tiny_model_path, prompt_data_dir, part, **kw))
-    p = subprocess.Popen([TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     state = part / "checkpoint" / "state.json"
     deadline = time.time() + 120
     try:
@@ -64,6 +67,7 @@ def test_sigkill_after_a_periodic_checkpoint_then_resume_is_bit_identical_with_a
 
 def endpoint_serving(n_requests):
     """An endpoint answering "0" to its first `n_requests` requests, then gone (connection refused)."""
+
     class H(BaseHTTPRequestHandler):
         def log_message(self, *a):
             pass
@@ -87,23 +91,35 @@ def endpoint_serving(n_requests):
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def test_a_judge_that_goes_away_stops_the_run_with_a_checkpoint_before_it(tiny_model_path,
-                                                                           prompt_data_dir, tmp_path):
+def test_a_judge_that_goes_away_stops_the_run_with_a_checkpoint_before_it(tiny_model_path, prompt_data_dir, tmp_path):
     out = tmp_path / "ad"
     # 2 requests validate step 0, then 2 per step: the endpoint answers steps 1-3 and then is gone
     url = endpoint_serving(2 + 3 * 2)
-    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=400,
-                                         steps_per_report=1, steps_per_eval=1000, val_batches=1,
-                                         max_judgeless_steps=3, judge=url,
-                                         judge_config={"max_retries": 0, "timeout": 5}))
+    cfg = write_cfg(
+        tmp_path,
+        **base_cfg(
+            tiny_model_path,
+            prompt_data_dir,
+            out,
+            iters=400,
+            steps_per_report=1,
+            steps_per_eval=1000,
+            val_batches=1,
+            max_judgeless_steps=3,
+            judge=url,
+            judge_config={"max_retries": 0, "timeout": 5},
+        ),
+    )
     r = run(["--train-mode", "xpo", "--config", cfg])
     assert r.returncode == 3, (r.stdout[-3000:], r.stderr[-3000:])
     assert "Traceback" not in r.stderr
     stop = [l for l in r.stdout.splitlines() if l.startswith("stopped at step")]
     assert len(stop) == 1, r.stdout[-3000:]
-    assert stop[0].startswith(f"stopped at step 3 of 400: the judge '{url}' gave no valid pair in 3 "
-                              "consecutive steps (steps 4-6, max_judgeless_steps=3): 6 pairs, 6 errors "
-                              "(6 connection refused), 0 invalid answers, 0 ties; last answer: "), stop[0]
+    assert stop[0].startswith(
+        f"stopped at step 3 of 400: the judge '{url}' gave no valid pair in 3 "
+        "consecutive steps (steps 4-6, max_judgeless_steps=3): 6 pairs, 6 errors "
+        "(6 connection refused), 0 invalid answers, 0 ties; last answer: "
+    ), stop[0]
     assert "Connection refused" in stop[0] and "redoes those steps" in stop[0]
     assert f"--resume-adapter-file {out}" in r.stdout
     state = json.load(open(out / "checkpoint" / "state.json"))
@@ -114,8 +130,9 @@ def test_a_judge_that_goes_away_stops_the_run_with_a_checkpoint_before_it(tiny_m
 
     # the endpoint is back (another port here): the resumed run redoes steps 4-6 and goes on
     url2 = endpoint_serving(3 * 2 + 2)
-    r = run(["--train-mode", "xpo", "--config", cfg, "--resume-adapter-file", str(out),
-             "--judge", url2, "--iters", "6"])
+    r = run(
+        ["--train-mode", "xpo", "--config", cfg, "--resume-adapter-file", str(out), "--judge", url2, "--iters", "6"]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [x["step"] for x in rows(out) if "judge/pairs" in x]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -132,13 +149,27 @@ def judge(prompt, a, b):
 
 
 def test_a_second_run_on_the_same_adapter_path_is_refused_and_a_killed_run_leaves_no_lock(
-        tiny_model_path, prompt_data_dir, tmp_path):
+    tiny_model_path, prompt_data_dir, tmp_path
+):
     out, gate = tmp_path / "ad", tmp_path / "gate"
     (tmp_path / "gated.py").write_text(GATED_JUDGE)
-    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, out, iters=400,
-                                         steps_per_eval=1000, judge=f"{tmp_path / 'gated.py'}:judge"))
-    first = subprocess.Popen([TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env={**os.environ, "GATE": str(gate)})
+    cfg = write_cfg(
+        tmp_path,
+        **base_cfg(
+            tiny_model_path,
+            prompt_data_dir,
+            out,
+            iters=400,
+            steps_per_eval=1000,
+            judge=f"{tmp_path / 'gated.py'}:judge",
+        ),
+    )
+    first = subprocess.Popen(
+        [TRAIN, "--train-mode", "xpo", "--config", cfg],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "GATE": str(gate)},
+    )
     try:
         deadline = time.time() + 120
         while not gate.exists() and time.time() < deadline:
@@ -148,14 +179,14 @@ def test_a_second_run_on_the_same_adapter_path_is_refused_and_a_killed_run_leave
         assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
         errs = [l for l in r.stderr.splitlines() if l.startswith("error:")]
         assert len(errs) == 1 and "Traceback" not in r.stderr, r.stderr
-        assert errs[0].startswith(f"error: adapter_path: {str(out)!r} is not valid; is in use by "
-                                  f"another training run (pid {first.pid} on ")
+        assert errs[0].startswith(
+            f"error: adapter_path: {str(out)!r} is not valid; is in use by another training run (pid {first.pid} on "
+        )
         assert "mlx_lm_lora.train --train-mode xpo" in errs[0] and "Loading model" not in r.stdout
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
         first.kill()
     assert (out / ".lock").exists()  # the file stays, the lock does not
-    r = run(["--train-mode", "xpo", "--config", cfg, "--iters", "1", "--judge",
-             "mlx_xpo_plugin.rules:prefer_letter_e"])
+    r = run(["--train-mode", "xpo", "--config", cfg, "--iters", "1", "--judge", "mlx_xpo_plugin.rules:prefer_letter_e"])
     assert r.returncode == 0, r.stderr[-3000:]

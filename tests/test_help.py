@@ -32,5 +32,6 @@ def test_every_plugin_option_is_in_one_group_with_yaml_defaults():
 
 def test_yaml_text_reads_back_as_the_value():
     import yaml
+
     for v in (None, True, False, 1e-05, 0.1, [1e-4, 1e-5], "kl", {}, 512, "Qwen/Qwen3-0.6B"):
         assert yaml.safe_load(config_views.yaml_text(v)) == v and "\n" not in config_views.yaml_text(v)

@@ -12,12 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.contracts import JudgeContext, Verdict
-from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
-from mlx_xpo_plugin.judges.function import (FunctionJudge, answer_to_verdict, load_callable,
-                                            scores_to_verdict, split_spec)
+from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge, judge_factory_for
+from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
+from mlx_xpo_plugin.judges.function import (
+    FunctionJudge,
+    answer_to_verdict,
+    load_callable,
+    scores_to_verdict,
+    split_spec,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "judges.py"
@@ -31,7 +36,8 @@ def registry():
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """An importable module ``xpo_user_judges`` with a few judges."""
-    (tmp_path / "xpo_user_judges.py").write_text(textwrap.dedent("""
+    (tmp_path / "xpo_user_judges.py").write_text(
+        textwrap.dedent("""
         def first(prompt, a, b):
             return 0
 
@@ -52,7 +58,8 @@ def user_module(tmp_path, monkeypatch):
                 return 1
 
         NOT_CALLABLE = 3
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("xpo_user_judges", None)
     yield "xpo_user_judges"
@@ -63,34 +70,40 @@ def user_module(tmp_path, monkeypatch):
 # routing
 
 
-@pytest.mark.parametrize("spec, kind", [
-    ("human", "human"),
-    ("http://127.0.0.1:8080", "http"),
-    ("https://api.example.com/v1/chat/completions", "http"),
-    ("HTTP://127.0.0.1:8080/v1", "http"),
-    ("examples.judges:keyword_judge", "function"),
-    ("examples/judges.py:keyword_judge", "function"),
-    ("pkg.mod:Class.method", "function"),
-    ("/abs/path/judge.py:fn", "function"),
-    ("models/judge", "llm"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", "llm"),
-    ("Human", "llm"),  # only exactly 'human' is the terminal judge
-    ("./local-model", "llm"),
-])
+@pytest.mark.parametrize(
+    "spec, kind",
+    [
+        ("human", "human"),
+        ("http://127.0.0.1:8080", "http"),
+        ("https://api.example.com/v1/chat/completions", "http"),
+        ("HTTP://127.0.0.1:8080/v1", "http"),
+        ("examples.judges:keyword_judge", "function"),
+        ("examples/judges.py:keyword_judge", "function"),
+        ("pkg.mod:Class.method", "function"),
+        ("/abs/path/judge.py:fn", "function"),
+        ("models/judge", "llm"),
+        ("Qwen/Qwen2.5-0.5B-Instruct", "llm"),
+        ("Human", "llm"),  # only exactly 'human' is the terminal judge
+        ("./local-model", "llm"),
+    ],
+)
 def test_factory_routing(registry, spec, kind):
     assert judge_factory_for(spec, registry).name == kind
 
 
-@pytest.mark.parametrize("spec, parts", [
-    ("a.b:c", ("a.b", "c")),
-    ("dir/x.py:f", ("dir/x.py", "f")),
-    ("x.py:A.f", ("x.py", "A.f")),
-    ("mod:1bad", None),
-    ("dir/x.txt:f", None),
-    ("no-colon", None),
-    ("http://h:1", None),
-    ("mod:", None),
-])
+@pytest.mark.parametrize(
+    "spec, parts",
+    [
+        ("a.b:c", ("a.b", "c")),
+        ("dir/x.py:f", ("dir/x.py", "f")),
+        ("x.py:A.f", ("x.py", "A.f")),
+        ("mod:1bad", None),
+        ("dir/x.txt:f", None),
+        ("no-colon", None),
+        ("http://h:1", None),
+        ("mod:", None),
+    ],
+)
 def test_split_spec(spec, parts):
     assert split_spec(spec) == parts
 
@@ -124,9 +137,7 @@ def test_load_file_callable_relative_to_cwd(monkeypatch, registry):
 
 def test_file_may_import_its_neighbours(tmp_path, registry):
     (tmp_path / "helper_for_xpo_judge.py").write_text("ANSWER = 1\n")
-    (tmp_path / "j.py").write_text(
-        "from helper_for_xpo_judge import ANSWER\n"
-        "def f(p, a, b):\n    return ANSWER\n")
+    (tmp_path / "j.py").write_text("from helper_for_xpo_judge import ANSWER\ndef f(p, a, b):\n    return ANSWER\n")
     j = build_judge(f"{tmp_path}/j.py:f", JudgeContext(), registry)
     assert j.judge(["p"], [("a", "b")])[0].winner == 1
     assert str(tmp_path) not in sys.path
@@ -135,7 +146,9 @@ def test_file_may_import_its_neighbours(tmp_path, registry):
 def test_a_module_in_the_working_directory_is_found_as_a_console_script_runs(tmp_path, monkeypatch, registry):
     # the README's `judge: my_judges:prefer_short`, run from the folder holding my_judges.py: a console
     # script has its own bin/ folder first on sys.path, not the working directory
-    (tmp_path / "my_judges_cwd_xpo.py").write_text("def prefer_short(p, a, b):\n    return 0 if len(a) <= len(b) else 1\n")
+    (tmp_path / "my_judges_cwd_xpo.py").write_text(
+        "def prefer_short(p, a, b):\n    return 0 if len(a) <= len(b) else 1\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     j = build_judge("my_judges_cwd_xpo:prefer_short", JudgeContext(), registry)
@@ -149,10 +162,13 @@ def test_a_module_that_cannot_be_imported_suggests_the_file_form(registry):
     assert "'path/to/no_such_pkg_xpo/judges.py:prefer_short'" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("spec, needle", [
-    ("no/such/file.py:f", "does not exist"),
-    ("no_such_module_xpo_12345:f", "cannot import the module"),
-])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("no/such/file.py:f", "does not exist"),
+        ("no_such_module_xpo_12345:f", "cannot import the module"),
+    ],
+)
 def test_load_errors(spec, needle, registry):
     with pytest.raises(ConfigError) as e:
         check_judge(spec, JudgeContext(), registry)
@@ -176,12 +192,15 @@ def test_file_that_raises_on_import(tmp_path, registry):
         check_judge(f"{tmp_path}/broken.py:f", JudgeContext(), registry)
 
 
-@pytest.mark.parametrize("cfg, needle", [
-    ({"batchd": True}, "did you mean 'batched'"),
-    ({"pointwize": True}, "did you mean 'pointwise'"),
-    ({"batched": "yes"}, "judge_config.batched: 'yes' is not valid; expected true or false"),
-    ({"pointwise": 1}, "expected true or false"),
-])
+@pytest.mark.parametrize(
+    "cfg, needle",
+    [
+        ({"batchd": True}, "did you mean 'batched'"),
+        ({"pointwize": True}, "did you mean 'pointwise'"),
+        ({"batched": "yes"}, "judge_config.batched: 'yes' is not valid; expected true or false"),
+        ({"pointwise": 1}, "expected true or false"),
+    ],
+)
 def test_bad_judge_config(cfg, needle, user_module, registry):
     with pytest.raises(ConfigError) as e:
         check_judge(f"{user_module}:first", JudgeContext(judge_config=cfg), registry)
@@ -197,18 +216,21 @@ def test_judge_config_must_be_a_mapping(user_module, registry):
 # answers
 
 
-@pytest.mark.parametrize("ans, winner, conf, tie", [
-    (0, 0, None, False),
-    (1, 1, None, False),
-    (np.int64(1), 1, None, False),
-    (None, None, None, True),
-    (0.8, 1, 0.8, False),
-    (0.25, 0, 0.75, False),
-    (np.float32(0.9), 1, 0.9, False),
-    (0.5, None, None, True),
-    (1.0, 1, 1.0, False),
-    (0.0, 0, 1.0, False),
-])
+@pytest.mark.parametrize(
+    "ans, winner, conf, tie",
+    [
+        (0, 0, None, False),
+        (1, 1, None, False),
+        (np.int64(1), 1, None, False),
+        (None, None, None, True),
+        (0.8, 1, 0.8, False),
+        (0.25, 0, 0.75, False),
+        (np.float32(0.9), 1, 0.9, False),
+        (0.5, None, None, True),
+        (1.0, 1, 1.0, False),
+        (0.0, 0, 1.0, False),
+    ],
+)
 def test_valid_answers(ans, winner, conf, tie):
     v = answer_to_verdict(ans)
     assert v.winner == winner and v.tie == tie
@@ -218,10 +240,29 @@ def test_valid_answers(ans, winner, conf, tie):
         assert v.confidence == pytest.approx(conf, abs=1e-6)
 
 
-@pytest.mark.parametrize("ans", [
-    2, -1, 3, "1", "0", "yes", True, False, float("nan"), float("inf"), 1.5, -0.1,
-    [1], (0,), {"winner": 1}, object(), b"1", complex(1, 0),
-])
+@pytest.mark.parametrize(
+    "ans",
+    [
+        2,
+        -1,
+        3,
+        "1",
+        "0",
+        "yes",
+        True,
+        False,
+        float("nan"),
+        float("inf"),
+        1.5,
+        -0.1,
+        [1],
+        (0,),
+        {"winner": 1},
+        object(),
+        b"1",
+        complex(1, 0),
+    ],
+)
 def test_invalid_answers_never_become_labels(ans):
     v = answer_to_verdict(ans)
     assert v.invalid and v.winner is None and not v.tie
@@ -268,10 +309,13 @@ def test_batched_by_attribute_and_by_config(user_module, registry):
     assert vs[1].invalid and vs[1].raw == "bad"
 
 
-@pytest.mark.parametrize("ret, needle", [
-    ([1], "returned 1 answers for 2 inputs"),
-    (7, "returned int, not a list"),
-])
+@pytest.mark.parametrize(
+    "ret, needle",
+    [
+        ([1], "returned 1 answers for 2 inputs"),
+        (7, "returned int, not a list"),
+    ],
+)
 def test_batched_bad_shapes_make_all_invalid(ret, needle):
     j = FunctionJudge(lambda prompts, pairs: ret, batched=True)
     vs = j.judge(["p", "q"], [("a", "b"), ("c", "d")])
@@ -307,9 +351,16 @@ def test_pointwise_config_overrides_attribute(user_module, registry):
     assert v.invalid and "TypeError" in v.raw
 
 
-@pytest.mark.parametrize("sa, sb", [
-    (float("nan"), 1.0), (1.0, float("inf")), ("3", 1.0), (None, 1.0), (True, 0.0),
-])
+@pytest.mark.parametrize(
+    "sa, sb",
+    [
+        (float("nan"), 1.0),
+        (1.0, float("inf")),
+        ("3", 1.0),
+        (None, 1.0),
+        (True, 0.0),
+    ],
+)
 def test_pointwise_bad_scores_are_invalid(sa, sb):
     assert scores_to_verdict(sa, sb).invalid
 
@@ -330,8 +381,7 @@ def test_pointwise_batched():
 def test_examples_module(monkeypatch, registry):
     monkeypatch.chdir(REPO)
     lj = build_judge("examples/judges.py:length_judge", JudgeContext(), registry)
-    assert [v.winner for v in lj.judge(["p"] * 3, [("long", "s"), ("s", "long"), ("ab ", "cd")])] \
-        == [0, 1, None]
+    assert [v.winner for v in lj.judge(["p"] * 3, [("long", "s"), ("s", "long"), ("ab ", "cd")])] == [0, 1, None]
     rw = build_judge("examples/judges.py:reward", JudgeContext(), registry)
     assert rw.pointwise
     v = rw.judge(["p"], [("Yes!!", "happy happy")])[0]
@@ -344,14 +394,17 @@ def test_examples_module(monkeypatch, registry):
 # property: no invalid answer ever becomes a label
 
 VALID = st.sampled_from([0, 1, None, 0.5]) | st.floats(0.0, 1.0)
-INVALID = (st.integers().filter(lambda x: x not in (0, 1)) | st.text(max_size=3) | st.booleans()
-           | st.floats(allow_nan=True).filter(lambda x: not (0.0 <= x <= 1.0))
-           | st.just("error"))
+INVALID = (
+    st.integers().filter(lambda x: x not in (0, 1))
+    | st.text(max_size=3)
+    | st.booleans()
+    | st.floats(allow_nan=True).filter(lambda x: not (0.0 <= x <= 1.0))
+    | st.just("error")
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), VALID, INVALID), min_size=1, max_size=20),
-       st.booleans())
+@given(st.lists(st.tuples(st.booleans(), VALID, INVALID), min_size=1, max_size=20), st.booleans())
 def test_property_invalid_stays_invalid(rows, batched):
     answers = [v if ok else bad for ok, v, bad in rows]
 

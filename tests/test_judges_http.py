@@ -17,12 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.contracts import JudgeContext
+from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.judges.http import HTTPJudge, normalise_url
 from mlx_xpo_plugin.judges.parse import parse_answer
-from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge
 
 
 @pytest.fixture
@@ -66,8 +66,7 @@ class Stub:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt, first, second = _SHOWN.search(body["messages"][1]["content"]).groups()
                 with stub.lock:
-                    stub.requests.append({"path": self.path, "body": body,
-                                          "auth": self.headers.get("Authorization")})
+                    stub.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
                     stub.seen[prompt] += 1
                     count = stub.seen[prompt]
                 if prompt.startswith("say:"):
@@ -93,8 +92,7 @@ class Stub:
                     return self._send(200, b'{"object": "chat.completion"}')
                 else:
                     answer = "?"
-                reply = {"choices": [{"index": 0, "message": {"role": "assistant",
-                                                              "content": answer}}]}
+                reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}
                 self._send(200, json.dumps(reply).encode())
 
         class Server(ThreadingHTTPServer):
@@ -131,12 +129,10 @@ def make(stub_or_url, **cfg) -> HTTPJudge:
 
 def test_canned_answers(stub):
     j = make(stub, shuffle=False, model="judge-model", max_tokens=5)
-    vs = j.judge(["say:1", "say:Answer: 0", "say:banana", "say:0 or 1", "say:2"],
-                 [("a", "b")] * 5)
+    vs = j.judge(["say:1", "say:Answer: 0", "say:banana", "say:0 or 1", "say:2"], [("a", "b")] * 5)
     assert [v.winner for v in vs] == [1, 0, None, None, None]
     assert all(v.invalid for v in vs[2:]) and vs[2].raw == "banana"
-    assert j.last_metrics == {"judge/http_errors": 0, "judge/unparsed": 3,
-                              "judge/http_retries": 0, "judge/swapped": 0}
+    assert j.last_metrics == {"judge/http_errors": 0, "judge/unparsed": 3, "judge/http_retries": 0, "judge/swapped": 0}
     r = stub.requests[0]
     assert r["path"] == "/v1/chat/completions" and r["auth"] is None
     assert r["body"]["model"] == "judge-model" and r["body"]["max_tokens"] == 5
@@ -162,16 +158,14 @@ def test_shuffle_maps_back(stub):
     assert 0 < sum(j.last_flips) < n
     assert [v.winner for v in vs] == [0 if i % 2 else 1 for i in range(n)]
     # the stub really saw swapped orders
-    firsts = Counter(r["body"]["messages"][1]["content"].split("Response 0:\n")[1][:4]
-                     for r in stub.requests)
+    firsts = Counter(r["body"]["messages"][1]["content"].split("Response 0:\n")[1][:4] for r in stub.requests)
     assert firsts["GOOD"] > 0 and firsts["bad\n"] > 0
     j.close()
 
 
 def test_both_orders(stub):
     j = make(stub, both_orders=True)
-    vs = j.judge(["pos", "pos", "first", "say:banana"],
-                 [("GOOD", "x"), ("x", "GOOD"), ("a", "b"), ("a", "b")])
+    vs = j.judge(["pos", "pos", "first", "say:banana"], [("GOOD", "x"), ("x", "GOOD"), ("a", "b"), ("a", "b")])
     assert [v.winner for v in vs] == [0, 1, None, None]
     assert "inconsistent" in vs[2].raw and vs[3].invalid
     assert j.last_metrics["judge/position_consistency"] == pytest.approx(2 / 3)
@@ -182,8 +176,21 @@ def test_both_orders(stub):
 
 def test_property_random_mix_never_labels_invalid(stub):
     rng = random.Random(0)
-    answers = ["0", "1", "Answer: 1", "Output 0", "banana", "", "2", "0 1", "A", "-1",
-               "badjson", "nochoices", "http-404"]
+    answers = [
+        "0",
+        "1",
+        "Answer: 1",
+        "Output 0",
+        "banana",
+        "",
+        "2",
+        "0 1",
+        "A",
+        "-1",
+        "badjson",
+        "nochoices",
+        "http-404",
+    ]
     prompts = []
     for _ in range(60):
         a = rng.choice(answers)
@@ -216,8 +223,7 @@ def test_retry_then_success(stub):
     j = make(stub, shuffle=False, max_retries=2)
     vs = j.judge(["fail-once:1", "fail-once:2", "say:0"], [("a", "b")] * 3)
     assert [v.winner for v in vs] == [1, 1, 0]
-    assert j.last_metrics == {"judge/http_errors": 0, "judge/unparsed": 0,
-                              "judge/http_retries": 2, "judge/swapped": 0}
+    assert j.last_metrics == {"judge/http_errors": 0, "judge/unparsed": 0, "judge/http_retries": 2, "judge/swapped": 0}
     assert stub.seen["fail-once:1"] == 2
     j.close()
 
@@ -229,8 +235,13 @@ def test_retries_are_bounded(stub):
     assert time.monotonic() - t0 < 5
     assert v.invalid and v.raw == {"error": "HTTP 500 Internal Server Error"}
     assert stub.seen["always-500"] == 4
-    assert j.last_metrics == {"judge/http_errors": 1, "judge/unparsed": 0, "judge/errors/http_500": 1,
-                              "judge/http_retries": 3, "judge/swapped": 0}
+    assert j.last_metrics == {
+        "judge/http_errors": 1,
+        "judge/unparsed": 0,
+        "judge/errors/http_500": 1,
+        "judge/http_retries": 3,
+        "judge/swapped": 0,
+    }
     j.close()
 
 
@@ -254,8 +265,7 @@ def test_timeout(stub):
     j.close()
 
 
-@pytest.mark.parametrize("prompt, needle", [("badjson", "bad JSON"),
-                                            ("nochoices", "no choices[0].message.content")])
+@pytest.mark.parametrize("prompt, needle", [("badjson", "bad JSON"), ("nochoices", "no choices[0].message.content")])
 def test_bad_replies(stub, prompt, needle):
     j = make(stub, shuffle=False)
     v = j.judge([prompt], [("a", "b")])[0]
@@ -278,9 +288,13 @@ def test_connection_refused():
     vs = j.judge(["say:1", "say:0"], [("a", "b")] * 2)
     assert time.monotonic() - t0 < 5
     assert all(v.invalid for v in vs)
-    assert j.last_metrics == {"judge/http_errors": 2, "judge/unparsed": 0,
-                              "judge/errors/connection_refused": 2,
-                              "judge/http_retries": 2, "judge/swapped": 0}
+    assert j.last_metrics == {
+        "judge/http_errors": 2,
+        "judge/unparsed": 0,
+        "judge/errors/connection_refused": 2,
+        "judge/http_retries": 2,
+        "judge/swapped": 0,
+    }
     j.close()
 
 
@@ -297,28 +311,34 @@ def test_api_key_from_environment(stub, monkeypatch, registry):
 # configuration
 
 
-@pytest.mark.parametrize("url, want", [
-    ("http://127.0.0.1:8080", "http://127.0.0.1:8080/v1/chat/completions"),
-    ("http://127.0.0.1:8080/", "http://127.0.0.1:8080/v1/chat/completions"),
-    ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1/chat/completions"),
-    ("http://127.0.0.1:8080/v1/", "http://127.0.0.1:8080/v1/chat/completions"),
-    ("https://h/api/v1/chat/completions", "https://h/api/v1/chat/completions"),
-    ("http://localhost:11434/v1/chat/completions/", "http://localhost:11434/v1/chat/completions"),
-])
+@pytest.mark.parametrize(
+    "url, want",
+    [
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080/v1/chat/completions"),
+        ("http://127.0.0.1:8080/", "http://127.0.0.1:8080/v1/chat/completions"),
+        ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1/chat/completions"),
+        ("http://127.0.0.1:8080/v1/", "http://127.0.0.1:8080/v1/chat/completions"),
+        ("https://h/api/v1/chat/completions", "https://h/api/v1/chat/completions"),
+        ("http://localhost:11434/v1/chat/completions/", "http://localhost:11434/v1/chat/completions"),
+    ],
+)
 def test_normalise_url(url, want):
     assert normalise_url(url) == want
 
 
-@pytest.mark.parametrize("spec, cfg, needle", [
-    ("http://", {}, "needs a URL like"),
-    ("http://127.0.0.1:99999", {}, "port"),
-    ("http://127.0.0.1:8080", {"concurency": 2}, "did you mean 'concurrency'"),
-    ("http://127.0.0.1:8080", {"api_key": "sk-123"}, "did you mean 'api_key_env'"),
-    ("http://127.0.0.1:8080", {"timeout": -1}, "judge_config.timeout: -1 is not valid"),
-    ("http://127.0.0.1:8080", {"max_retries": 1.5}, "expected an integer"),
-    ("http://127.0.0.1:8080", {"model": 3}, "expected a string"),
-    ("http://127.0.0.1:8080", {"api_key_env": "XPO_SURELY_UNSET_VAR_123"}, "is not set"),
-])
+@pytest.mark.parametrize(
+    "spec, cfg, needle",
+    [
+        ("http://", {}, "needs a URL like"),
+        ("http://127.0.0.1:99999", {}, "port"),
+        ("http://127.0.0.1:8080", {"concurency": 2}, "did you mean 'concurrency'"),
+        ("http://127.0.0.1:8080", {"api_key": "sk-123"}, "did you mean 'api_key_env'"),
+        ("http://127.0.0.1:8080", {"timeout": -1}, "judge_config.timeout: -1 is not valid"),
+        ("http://127.0.0.1:8080", {"max_retries": 1.5}, "expected an integer"),
+        ("http://127.0.0.1:8080", {"model": 3}, "expected a string"),
+        ("http://127.0.0.1:8080", {"api_key_env": "XPO_SURELY_UNSET_VAR_123"}, "is not set"),
+    ],
+)
 def test_check_errors(spec, cfg, needle, registry):
     with pytest.raises(ConfigError) as e:
         check_judge(spec, JudgeContext(judge_config=cfg), registry)
@@ -328,8 +348,7 @@ def test_check_errors(spec, cfg, needle, registry):
 def test_a_key_given_as_api_key_env_is_not_echoed(registry):
     key = "sk-proj-abcdefghijklmnop123456"
     with pytest.raises(ConfigError) as e:
-        check_judge("http://127.0.0.1:8080", JudgeContext(judge_config={"api_key_env": key}),
-                    registry)
+        check_judge("http://127.0.0.1:8080", JudgeContext(judge_config={"api_key_env": key}), registry)
     assert key not in str(e.value) and "never the key itself" in str(e.value)
 
 
@@ -341,9 +360,23 @@ def test_a_key_given_as_api_key_env_is_not_echoed(registry):
 def mlx_server(tiny_model_path):
     port = _closed_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", tiny_model_path,
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "server",
+            "--model",
+            tiny_model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + 60
@@ -373,10 +406,18 @@ def mlx_server(tiny_model_path):
 def test_real_mlx_lm_server(mlx_server, registry):
     ctx = JudgeContext(judge_config={"max_tokens": 6, "concurrency": 2, "timeout": 60}, seed=1)
     j = build_judge(mlx_server, ctx, registry)
-    prompts = ["Say something cheerful about the sea!", "Describe snow in one line.",
-               "Tell me a fact about bread.", "What do you like about clocks?"]
-    pairs = [("Yes! What a lovely day!", "No."), ("Cold.", "Snow is soft and white."),
-             ("Bread is made of flour.", "I like it."), ("Tick tock!", "They are kind.")]
+    prompts = [
+        "Say something cheerful about the sea!",
+        "Describe snow in one line.",
+        "Tell me a fact about bread.",
+        "What do you like about clocks?",
+    ]
+    pairs = [
+        ("Yes! What a lovely day!", "No."),
+        ("Cold.", "Snow is soft and white."),
+        ("Bread is made of flour.", "I like it."),
+        ("Tick tock!", "They are kind."),
+    ]
     vs = j.judge(prompts, pairs)
     assert j.last_metrics["judge/http_errors"] == 0
     valid = 0

@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from mlx_xpo_plugin.errors import ConfigError, StopTraining
 from mlx_xpo_plugin.contracts import JudgeContext
+from mlx_xpo_plugin.errors import ConfigError, StopTraining
+from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.judges.human import HINT, QUESTION, HumanJudge
-from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a POSIX pty")
 
@@ -44,15 +44,16 @@ class Terminal:
 
     def __init__(self, script_path: str):
         self.master, slave = os.openpty()
-        self.proc = subprocess.Popen([sys.executable, script_path], stdin=slave, stdout=slave,
-                                     stderr=slave, close_fds=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, script_path], stdin=slave, stdout=slave, stderr=slave, close_fds=True
+        )
         os.close(slave)
         self.out, self.pos = "", 0
 
     def read_until(self, needle: str, timeout: float = 30.0) -> str:
         """Output up to and including the next ``needle`` after what was already consumed."""
         deadline = time.monotonic() + timeout
-        while needle not in self.out[self.pos:]:
+        while needle not in self.out[self.pos :]:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"no {needle!r} within {timeout}s; output:\n{self.out}")
@@ -63,12 +64,12 @@ class Terminal:
                 except OSError:  # EIO: the child closed the terminal
                     chunk = b""
                 if not chunk:
-                    if self.proc.poll() is not None and needle not in self.out[self.pos:]:
+                    if self.proc.poll() is not None and needle not in self.out[self.pos :]:
                         raise AssertionError(f"child exited before {needle!r}:\n{self.out}")
                     continue
                 self.out += chunk.decode("utf-8", "replace")
         end = self.out.index(needle, self.pos) + len(needle)
-        seen, self.pos = self.out[self.pos:end], end
+        seen, self.pos = self.out[self.pos : end], end
         return seen
 
     def type(self, text: str) -> None:
@@ -125,17 +126,19 @@ def test_pty_quit_stops_training(terminal):
 
 
 def test_not_a_tty_fails_fast(tmp_path):
-    code = ("from mlx_xpo_plugin.host.registry import Registry, check_judge;"
-            "from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F;"
-            "from mlx_xpo_plugin.contracts import JudgeContext;"
-            "check_judge('human', JudgeContext(), Registry(judges={f.name: f for f in F}))")
+    code = (
+        "from mlx_xpo_plugin.host.registry import Registry, check_judge;"
+        "from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F;"
+        "from mlx_xpo_plugin.contracts import JudgeContext;"
+        "check_judge('human', JudgeContext(), Registry(judges={f.name: f for f in F}))"
+    )
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+    )
     assert time.monotonic() - t0 < 30
     assert out.returncode != 0
-    assert ("ConfigError: judge: 'human' is not valid; needs an interactive terminal on "
-            "standard input") in out.stderr
+    assert ("ConfigError: judge: 'human' is not valid; needs an interactive terminal on standard input") in out.stderr
 
 
 def test_not_a_tty_in_process(monkeypatch):
@@ -191,6 +194,7 @@ def test_shuffle_maps_back():
     import random
 
     from mlx_xpo_plugin.judges.common import draw_flips
+
     flips = draw_flips(random.Random(4), n)
     assert 0 < sum(flips) < n
     assert [v.winner for v in vs] == [1 if f else 0 for f in flips]

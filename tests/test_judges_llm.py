@@ -15,15 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.commands.tiny import embedded_prompts
 from mlx_xpo_plugin.contracts import JudgeContext, Verdict
+from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
-from mlx_xpo_plugin.judges.common import (DEFAULT_RUBRIC, combine_orders, draw_flips,
-                                          pair_messages, unflip)
+from mlx_xpo_plugin.judges.common import DEFAULT_RUBRIC, combine_orders, draw_flips, pair_messages, unflip
 from mlx_xpo_plugin.judges.llm import LLMJudge, label_token_ids
 from mlx_xpo_plugin.judges.parse import parse_answer
-from mlx_xpo_plugin.host.registry import Registry, build_judge, check_judge
-from mlx_xpo_plugin.commands.tiny import embedded_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,8 +51,9 @@ def reference_p_second(model, tok, prompt, first, second, rubric=None):
     unbatched and without any cache, straight from the tokenizer and the model."""
     import mlx.core as mx
 
-    text = tok.apply_chat_template(pair_messages(rubric, prompt, first, second), tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        pair_messages(rubric, prompt, first, second), tokenize=False, add_generation_prompt=True
+    )
     ids = tok.encode(text)
     logits = model(mx.array([ids]))[0, -1].astype(mx.float32)
     logp = np.array(logits - mx.logsumexp(logits), dtype=np.float64)
@@ -67,23 +67,76 @@ def reference_p_second(model, tok, prompt, first, second, rubric=None):
 # parser
 
 
-@pytest.mark.parametrize("text, label", [
-    ("0", 0), ("1", 1), (" 1\n", 1), ('"1"', 1), ("'0'", 0), ("1.", 1), ("**1**", 1),
-    ("`0`", 0), ("Answer: 1", 1), ("Answer:1", 1), ("Output 0", 0), ("The answer is 1.", 1),
-    ("answer is 1", 1), ("Response 1 is better", 1), ("I choose 0", 0), ("Model 1", 1),
-    ("[1]", 1), ("(0)", 0), ("final answer: 0", 0), ("<think>0 or 1? hmm</think>\n1", 1),
-    ("1!", 1), ("ANSWER: 0", 0),
-])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("0", 0),
+        ("1", 1),
+        (" 1\n", 1),
+        ('"1"', 1),
+        ("'0'", 0),
+        ("1.", 1),
+        ("**1**", 1),
+        ("`0`", 0),
+        ("Answer: 1", 1),
+        ("Answer:1", 1),
+        ("Output 0", 0),
+        ("The answer is 1.", 1),
+        ("answer is 1", 1),
+        ("Response 1 is better", 1),
+        ("I choose 0", 0),
+        ("Model 1", 1),
+        ("[1]", 1),
+        ("(0)", 0),
+        ("final answer: 0", 0),
+        ("<think>0 or 1? hmm</think>\n1", 1),
+        ("1!", 1),
+        ("ANSWER: 0", 0),
+    ],
+)
 def test_parser_accepts(text, label):
     assert parse_answer(text) == label
 
 
-@pytest.mark.parametrize("text", [
-    "", " ", "\n", "2", "10", "01", "0 or 1", "1 then 0", "0/1", "1,0", "1.5", "1st", "-1",
-    "+1", "A", "B", "a", "yes", "no", "One", "not 1", "The answer is not 1", "banana",
-    "rfurfurfurfu", "答案 1", "１", "Response 0 is worse than 1", "1" + "!" * 70,
-    "<think>1</think>", "I'd say both", None, 1, 0, b"1",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "\n",
+        "2",
+        "10",
+        "01",
+        "0 or 1",
+        "1 then 0",
+        "0/1",
+        "1,0",
+        "1.5",
+        "1st",
+        "-1",
+        "+1",
+        "A",
+        "B",
+        "a",
+        "yes",
+        "no",
+        "One",
+        "not 1",
+        "The answer is not 1",
+        "banana",
+        "rfurfurfurfu",
+        "答案 1",
+        "１",
+        "Response 0 is worse than 1",
+        "1" + "!" * 70,
+        "<think>1</think>",
+        "I'd say both",
+        None,
+        1,
+        0,
+        b"1",
+    ],
+)
 def test_parser_rejects(text):
     assert parse_answer(text) is None
 
@@ -93,8 +146,7 @@ def test_parser_rejects(text):
 
 
 VERDICTS = st.one_of(
-    st.builds(lambda w, c: Verdict(w, c, "r"), st.sampled_from([0, 1]),
-              st.none() | st.floats(0, 1)),
+    st.builds(lambda w, c: Verdict(w, c, "r"), st.sampled_from([0, 1]), st.none() | st.floats(0, 1)),
     st.just(Verdict.tied("t")),
     st.just(Verdict.bad("x")),
 )
@@ -169,8 +221,7 @@ def test_prefix_cache_and_batching_do_not_change_numbers(tiny_model):
     plain.prefix_cache = False  # one plain right-padded forward pass per micro-batch
     np.testing.assert_allclose(again, ref, atol=1e-5)
     np.testing.assert_allclose(plain.label_logprobs(seqs), ref, atol=1e-4)
-    one = np.array([[reference_p_second(model, tok, p, a, b)[k] for k in (1, 2)]
-                    for p, (a, b) in zip(prompts, pairs)])
+    one = np.array([[reference_p_second(model, tok, p, a, b)[k] for k in (1, 2)] for p, (a, b) in zip(prompts, pairs)])
     np.testing.assert_allclose(ref, one, atol=1e-4)
 
 
@@ -297,12 +348,16 @@ def test_scripted_shuffle_never_relabels_invalid(tiny_model):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.sampled_from(["ok0", "ok1", "nan", "inf", "tie"]), min_size=1, max_size=24),
-       st.integers(0, 10_000))
+@given(st.lists(st.sampled_from(["ok0", "ok1", "nan", "inf", "tie"]), min_size=1, max_size=24), st.integers(0, 10_000))
 def test_property_logits_invalid_stays_invalid(tiny_model, kinds, seed):
     model, tok = tiny_model
-    table = {"ok0": [-1.0, -3.0], "ok1": [-3.0, -1.0], "nan": [float("nan"), -1.0],
-             "inf": [float("-inf"), float("-inf")], "tie": [-2.0, -2.0]}
+    table = {
+        "ok0": [-1.0, -3.0],
+        "ok1": [-3.0, -1.0],
+        "nan": [float("nan"), -1.0],
+        "inf": [float("-inf"), float("-inf")],
+        "tie": [-2.0, -2.0],
+    }
     j = scripted(LLMJudge(model, tok, seed=seed), lambda p, a, b: table[p])
     vs = j.judge(kinds, [("a", "b")] * len(kinds))
     for k, f, v in zip(kinds, j.last_flips, vs):
@@ -364,8 +419,7 @@ def test_generate_mode_texts_match_unbatched_generate(tiny_model):
     assert fast._prefix is not None  # the shared prefix was used
     assert got == [v.raw for v in plain.judge(prompts, pairs)]
     for (p, (a, b)), text in zip(zip(prompts, pairs), got):
-        chat = tok.apply_chat_template(pair_messages(None, p, a, b), tokenize=False,
-                                       add_generation_prompt=True)
+        chat = tok.apply_chat_template(pair_messages(None, p, a, b), tokenize=False, add_generation_prompt=True)
         assert generate(model, tok, chat, max_tokens=5) == text
 
 
@@ -386,8 +440,10 @@ class _FakeTok:
 
 def test_label_tokens(tiny_model):
     _, tok = tiny_model
-    assert label_token_ids(tok) == (tok.encode("0", add_special_tokens=False)[0],
-                                    tok.encode("1", add_special_tokens=False)[0])
+    assert label_token_ids(tok) == (
+        tok.encode("0", add_special_tokens=False)[0],
+        tok.encode("1", add_special_tokens=False)[0],
+    )
     # SentencePiece-style: a blank piece first, then the digit
     assert label_token_ids(_FakeTok({"0": [1, 2], "1": [1, 3]})) == (2, 3)
     with pytest.raises(ConfigError, match="same first token"):
@@ -400,10 +456,14 @@ def test_label_tokens(tiny_model):
 
 def test_build_reuses_reference_model(tiny_model, tiny_model_path, registry):
     model, tok = tiny_model
-    ctx = JudgeContext(judge_system="Prefer kind answers. Answer 0 or 1.",
-                       judge_config={"both_orders": True, "batch_size": 4},
-                       reference_model=model, reference_tokenizer=tok,
-                       reference_model_path=tiny_model_path, seed=1)
+    ctx = JudgeContext(
+        judge_system="Prefer kind answers. Answer 0 or 1.",
+        judge_config={"both_orders": True, "batch_size": 4},
+        reference_model=model,
+        reference_tokenizer=tok,
+        reference_model_path=tiny_model_path,
+        seed=1,
+    )
     j = build_judge(tiny_model_path, ctx, registry)
     assert j.model is model and j.tokenizer is tok and j.both_orders and j.batch_size == 4
     assert j.rubric == ctx.judge_system
@@ -418,12 +478,14 @@ def test_build_loads_a_model_folder(tiny_model_path, registry):
 
 
 def test_check_is_cheap(tiny_model_path):
-    code = ("import sys; from mlx_xpo_plugin.host.registry import Registry, check_judge;"
-            "from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F;"
-            "from mlx_xpo_plugin.contracts import JudgeContext;"
-            "r = Registry(judges={f.name: f for f in F});"
-            f"print(check_judge({tiny_model_path!r}, JudgeContext(), r).name,"
-            " 'mlx_lm' in sys.modules, 'mlx.core' in sys.modules)")
+    code = (
+        "import sys; from mlx_xpo_plugin.host.registry import Registry, check_judge;"
+        "from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES as F;"
+        "from mlx_xpo_plugin.contracts import JudgeContext;"
+        "r = Registry(judges={f.name: f for f in F});"
+        f"print(check_judge({tiny_model_path!r}, JudgeContext(), r).name,"
+        " 'mlx_lm' in sys.modules, 'mlx.core' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["llm", "False", "False"]
@@ -432,6 +494,7 @@ def test_check_is_cheap(tiny_model_path):
 @pytest.fixture
 def empty_hf_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
+
     cache = tmp_path / "hf-cache"
     cache.mkdir()
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
@@ -465,17 +528,20 @@ def test_path_errors(tmp_path, registry):
         check_judge(str(tmp_path), JudgeContext(), registry)
 
 
-@pytest.mark.parametrize("cfg, needle", [
-    ({"tie_margn": 0.1}, "did you mean 'tie_margin'"),
-    ({"both_order": True}, "did you mean 'both_orders'"),
-    ({"mode": "sample"}, "judge_config.mode: 'sample' is not valid; valid: logits, generate"),
-    ({"batch_size": 0}, "judge_config.batch_size: 0 is not valid; must be >= 1"),
-    ({"tie_margin": "small"}, "expected a number"),
-    ({"tie_margin": 1.5}, "must be < 1.0"),
-    ({"tie_margin": 1.0}, "must be < 1.0"),
-    ({"both_orders": "true"}, "expected true or false"),
-    ({"max_tokens": 2.0}, "expected an integer"),
-])
+@pytest.mark.parametrize(
+    "cfg, needle",
+    [
+        ({"tie_margn": 0.1}, "did you mean 'tie_margin'"),
+        ({"both_order": True}, "did you mean 'both_orders'"),
+        ({"mode": "sample"}, "judge_config.mode: 'sample' is not valid; valid: logits, generate"),
+        ({"batch_size": 0}, "judge_config.batch_size: 0 is not valid; must be >= 1"),
+        ({"tie_margin": "small"}, "expected a number"),
+        ({"tie_margin": 1.5}, "must be < 1.0"),
+        ({"tie_margin": 1.0}, "must be < 1.0"),
+        ({"both_orders": "true"}, "expected true or false"),
+        ({"max_tokens": 2.0}, "expected an integer"),
+    ],
+)
 def test_bad_judge_config(cfg, needle, tiny_model_path, registry):
     with pytest.raises(ConfigError) as e:
         check_judge(tiny_model_path, JudgeContext(judge_config=cfg), registry)

@@ -73,8 +73,7 @@ def test_kl_bonus_value_is_the_upstream_value_on_token_arrays():
     rng = np.random.default_rng(4)
     pol, ref, tmp = (rng.normal(-3, 1, (6, 5)).astype(np.float32) for _ in range(3))
     mask = (rng.uniform(size=(6, 5)) < 0.7).astype(np.float32)
-    got = np.array(xpo_kl_bonus(mx.array(pol * mask), mx.array(ref * mask), mx.array(mask), 1e-3,
-                                mx.array(tmp * mask)))
+    got = np.array(xpo_kl_bonus(mx.array(pol * mask), mx.array(ref * mask), mx.array(mask), 1e-3, mx.array(tmp * mask)))
     s, r = (pol * mask).sum(-1), (ref * mask).sum(-1)
     np.testing.assert_allclose(got, 1e-3 * ((s[:3] - r[:3]) + (s[3:] - r[3:])), rtol=1e-5)
 

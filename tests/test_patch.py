@@ -33,8 +33,7 @@ def pin():
 
 def sync(*args, env=None):
     e = dict(os.environ, PYTHON=sys.executable, **(env or {}))
-    return subprocess.run(["bash", str(SYNC), *map(str, args)], capture_output=True, text=True,
-                          env=e, timeout=300)
+    return subprocess.run(["bash", str(SYNC), *map(str, args)], capture_output=True, text=True, env=e, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +49,11 @@ def run(tree, cmd, *plugins, env=None):
     e.update({"NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"})
     e["PYTHONPATH"] = os.pathsep.join([str(tree)] + [str(PLUGINS / p) for p in plugins])
     e.update(env or {})
-    return subprocess.run([str(c) for c in cmd], env=e, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([str(c) for c in cmd], env=e, capture_output=True, text=True, timeout=120)
 
 
 # -- the sync script --------------------------------------------------------------------------
+
 
 def test_sync_builds_the_patched_tree_from_the_pin(tree):
     assert (tree / "mlx_lm_lora" / "plugins.py").is_file()
@@ -86,13 +85,18 @@ def test_patch_applies_cleanly_to_the_pristine_sdist(tmp_path, tree):
         t.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     src = tmp_path / f"mlx_lm_lora-{pin()['version']}"
     if shutil.which("patch"):
-        r = subprocess.run(["patch", "-p1", "--dry-run", "--batch", "-d", src, "-i", PATCH],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["patch", "-p1", "--dry-run", "--batch", "-d", src, "-i", PATCH], capture_output=True, text=True
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert not re.search(r"offset|fuzz|FAILED|rej", r.stdout), r.stdout
-    r = subprocess.run(["git", "apply", "--check", "-v", PATCH.resolve()], cwd=src,
-                       capture_output=True, text=True,
-                       env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)))
+    r = subprocess.run(
+        ["git", "apply", "--check", "-v", PATCH.resolve()],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)),
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -101,19 +105,37 @@ def test_patch_is_a_small_format_patch():
     assert text.startswith("From ") and "\nSubject: [PATCH] " in text and "\n---\n" in text
     files = re.findall(r"^diff --git a/(\S+) b/", text, flags=re.M)
     assert sorted(files) == ["mlx_lm_lora/plugins.py", "mlx_lm_lora/train.py", "requirements.txt"]
-    changed = [ln for ln in text.split("\ndiff --git", 1)[1].splitlines()
-               if ln[:1] in "+-" and not ln.startswith(("+++ ", "--- "))]
+    changed = [
+        ln
+        for ln in text.split("\ndiff --git", 1)[1].splitlines()
+        if ln[:1] in "+-" and not ln.startswith(("+++ ", "--- "))
+    ]
     assert 0 < len(changed) < 120, len(changed)
     assert not [ln for ln in changed if ln.startswith("-")]  # additions only
 
 
 # -- the patched upstream ---------------------------------------------------------------------
 
+
 def test_patched_console_script_dispatches(tree, tmp_path):
     out = tmp_path / "echo.json"
-    r = run(tree, [CONSOLE_SCRIPT, "--train-mode", "echo_mode", "--echo-out", out,
-                   "--batch-size", "2", "--echo-status", "4", "--model", tmp_path / "none"],
-            "echo")
+    r = run(
+        tree,
+        [
+            CONSOLE_SCRIPT,
+            "--train-mode",
+            "echo_mode",
+            "--echo-out",
+            out,
+            "--batch-size",
+            "2",
+            "--echo-status",
+            "4",
+            "--model",
+            tmp_path / "none",
+        ],
+        "echo",
+    )
     assert r.returncode == 4, r.stderr
     assert "echo_mode: echo-plugin" in r.stdout and "Configuration Summary" not in r.stdout
     d = json.loads(out.read_text())
@@ -127,8 +149,10 @@ def test_patched_main_dict_and_yaml_dispatch(tree, tmp_path):
     out = tmp_path / "echo.json"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"train_mode: echo_mode\necho_out: {out}\nbatch_size: 4\n")
-    code = ("import sys; from mlx_lm_lora.train import main; "
-            f"sys.exit(main({{'config': {str(cfg)!r}, 'seed': 3, 'echo_status': 5}}))")
+    code = (
+        "import sys; from mlx_lm_lora.train import main; "
+        f"sys.exit(main({{'config': {str(cfg)!r}, 'seed': 3, 'echo_status': 5}}))"
+    )
     r = run(tree, [sys.executable, "-c", code], "echo")
     assert r.returncode == 5, r.stderr
     d = json.loads(out.read_text())
@@ -138,8 +162,10 @@ def test_patched_main_dict_and_yaml_dispatch(tree, tmp_path):
 
 
 def test_patched_upstream_makes_activation_inert(tree):
-    code = ("import json, mlx_lm_lora.train as t; print(json.dumps([t.__file__, "
-            "hasattr(t.main, '__wrapped__'), hasattr(t, '__mlx_xpo_plugin_activated__')]))")
+    code = (
+        "import json, mlx_lm_lora.train as t; print(json.dumps([t.__file__, "
+        "hasattr(t.main, '__wrapped__'), hasattr(t, '__mlx_xpo_plugin_activated__')]))"
+    )
     r = run(tree, [sys.executable, "-c", code])
     path, wrapped, activated = json.loads(r.stdout)
     assert Path(path).is_relative_to(tree) and not wrapped and not activated
@@ -147,8 +173,9 @@ def test_patched_upstream_makes_activation_inert(tree):
 
 def test_patched_plugin_replaces_a_builtin(tree, tmp_path):
     out = tmp_path / "dpo.json"
-    r = run(tree, [CONSOLE_SCRIPT, "--train-mode", "dpo", "--beta", "0.3"], "replace",
-            env={"REPLACE_PLUGIN_OUT": str(out)})
+    r = run(
+        tree, [CONSOLE_SCRIPT, "--train-mode", "dpo", "--beta", "0.3"], "replace", env={"REPLACE_PLUGIN_OUT": str(out)}
+    )
     assert r.returncode == 0, r.stderr
     assert "dpo: replace-plugin 1.0, replaces the built-in mode" in r.stdout
     assert json.loads(out.read_text()) == {"explicit": ["beta", "train_mode"], "train_mode": "dpo"}
@@ -164,9 +191,11 @@ def test_patched_help_lists_builtins_then_plugins(tree):
 def test_patched_clash_is_an_error_naming_both(tree):
     r = run(tree, [CONSOLE_SCRIPT, "--help"], "echo", "clash")
     assert r.returncode != 0
-    assert re.search(r"PluginError: train mode 'echo_mode' is registered by two plugins: "
-                     r"(echo-plugin 1.0 and clash-plugin 2.0|clash-plugin 2.0 and echo-plugin 1.0)",
-                     r.stderr), r.stderr[-800:]
+    assert re.search(
+        r"PluginError: train mode 'echo_mode' is registered by two plugins: "
+        r"(echo-plugin 1.0 and clash-plugin 2.0|clash-plugin 2.0 and echo-plugin 1.0)",
+        r.stderr,
+    ), r.stderr[-800:]
 
 
 DESCRIBE = r"""
@@ -183,10 +212,20 @@ print(json.dumps({"actions": acts, "ns": ns, "usage": p.format_help()}, default=
 
 
 def test_builtin_parsing_is_unchanged(tree):
-    argv = ["--train-mode", "dpo", "--train", "--batch-size", "4", "--learning-rate", "2e-5",
-            "--beta", "0.2", "--data", "d/"]
-    stock = run(tree, [sys.executable, "-c", DESCRIBE, *argv], env={
-        "PYTHONPATH": "", "MLX_XPO_PLUGIN": "0"})
+    argv = [
+        "--train-mode",
+        "dpo",
+        "--train",
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "2e-5",
+        "--beta",
+        "0.2",
+        "--data",
+        "d/",
+    ]
+    stock = run(tree, [sys.executable, "-c", DESCRIBE, *argv], env={"PYTHONPATH": "", "MLX_XPO_PLUGIN": "0"})
     patched = run(tree, [sys.executable, "-c", DESCRIBE, *argv])
     assert stock.returncode == 0 and patched.returncode == 0, stock.stderr + patched.stderr
     assert json.loads(stock.stdout) == json.loads(patched.stdout)
@@ -195,12 +234,27 @@ def test_builtin_parsing_is_unchanged(tree):
 def test_patched_upstream_runs_our_xpo_end_to_end(tree, tmp_path, tiny_model_path, prompt_data_dir):
     """Path 1 with this project's own mode: same trainer, same outputs as path 2."""
     import yaml
+
     out = tmp_path / "ad"
     cfg = tmp_path / "xpo.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": tiny_model_path, "data": prompt_data_dir, "train": True, "adapter_path": str(out),
-        "judge": "mlx_xpo_plugin.rules:prefer_letter_e", "batch_size": 2, "iters": 2, "alpha": 1e-3,
-        "temperature": 0.6, "max_completion_length": 6, "max_seq_length": 128, "steps_per_report": 1}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": tiny_model_path,
+                "data": prompt_data_dir,
+                "train": True,
+                "adapter_path": str(out),
+                "judge": "mlx_xpo_plugin.rules:prefer_letter_e",
+                "batch_size": 2,
+                "iters": 2,
+                "alpha": 1e-3,
+                "temperature": 0.6,
+                "max_completion_length": 6,
+                "max_seq_length": 128,
+                "steps_per_report": 1,
+            }
+        )
+    )
     r = run(tree, [CONSOLE_SCRIPT, "--train-mode", "xpo", "--config", cfg])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "xpo: mlx-xpo-plugin" in r.stdout and "replaces the built-in mode" in r.stdout

@@ -39,8 +39,7 @@ def test_builtins_register_through_the_entry_point_hook():
 
 
 def test_banner_of_a_mode_replacing_a_builtin():
-    assert get_train_mode("xpo").banner() == (
-        f"xpo: mlx-xpo-plugin {__version__}, replaces the built-in mode")
+    assert get_train_mode("xpo").banner() == (f"xpo: mlx-xpo-plugin {__version__}, replaces the built-in mode")
     assert get_train_mode("online_dpo").banner().endswith(", replaces the built-in mode")
 
 
@@ -49,8 +48,12 @@ def test_builtin_names_match_upstream():
     pkg = importlib.util.find_spec("mlx_lm_lora").submodule_search_locations[0]
     train_py = Path(pkg, "train.py")
     for node in ast.walk(ast.parse(train_py.read_text())):
-        if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-                and node.args[0].value == "--train-mode"):
+        if (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value == "--train-mode"
+        ):
             choices = next(k.value for k in node.keywords if k.arg == "choices")
             assert tuple(ast.literal_eval(choices)) == BUILTIN_TRAIN_MODES
             return

@@ -6,12 +6,12 @@ import types
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
+from conftest import RuleJudge
 from mlx.utils import tree_flatten, tree_unflatten
 
-from conftest import RuleJudge
-from mlx_xpo_plugin.loop.checkpoints import load_resume
 from mlx_xpo_plugin.commands.data import load_prompts
 from mlx_xpo_plugin.compute.reference import Reference
+from mlx_xpo_plugin.loop.checkpoints import load_resume
 from mlx_xpo_plugin.loop.settings import LoopSettings
 from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO
@@ -32,12 +32,32 @@ class StopAt:
 def trainer_for(lora_model, data_dir, ad, start, callback=None):
     model, tok, _ = lora_model
     model.update(tree_unflatten(start))
-    s = LoopSettings(iters=6, batch_size=2, alpha=[1e-3, 1e-4], steps_per_report=1,
-                     steps_per_eval=1000, save_every=1000, adapter_path=ad, progress=False,
-                     max_completion_length=8, temperature=1.0)
+    s = LoopSettings(
+        iters=6,
+        batch_size=2,
+        alpha=[1e-3, 1e-4],
+        steps_per_report=1,
+        steps_per_eval=1000,
+        save_every=1000,
+        adapter_path=ad,
+        progress=False,
+        max_completion_length=8,
+        temperature=1.0,
+    )
     tr = load_prompts(data_dir, "train", tok, 200)
-    t = OnlineTrainer(s, XPO(s), model, tok, Reference(model), RuleJudge(), optim.Adam(learning_rate=1e-2), tr,
-                      None, callback, log=lambda m: None)
+    t = OnlineTrainer(
+        s,
+        XPO(s),
+        model,
+        tok,
+        Reference(model),
+        RuleJudge(),
+        optim.Adam(learning_rate=1e-2),
+        tr,
+        None,
+        callback,
+        log=lambda m: None,
+    )
     return t
 
 
@@ -74,7 +94,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(lora_model, prompt_da
 
 def test_a_checkpoint_torn_between_files_is_refused(lora_model, prompt_data_dir, tmp_path):
     import pytest
+
     from mlx_xpo_plugin.errors import ConfigError
+
     model = lora_model[0]
     start = [(k, mx.array(v)) for k, v in tree_flatten(model.trainable_parameters())]
     t = trainer_for(lora_model, prompt_data_dir, str(tmp_path / "ad"), start)

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_xpo_plugin.loop.checkpoints import load_resume
 from mlx_xpo_plugin.commands.data import load_prompts
-from mlx_xpo_plugin.loop.faults import EXIT_JUDGE
+from mlx_xpo_plugin.compute.reference import Reference
 from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.judges.function import FunctionJudge
 from mlx_xpo_plugin.judges.http import HTTPJudge
 from mlx_xpo_plugin.judges.llm import LLMJudge
-from mlx_xpo_plugin.compute.reference import Reference
+from mlx_xpo_plugin.loop.checkpoints import load_resume
+from mlx_xpo_plugin.loop.faults import EXIT_JUDGE
 from mlx_xpo_plugin.loop.settings import LoopSettings
 from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO
@@ -89,14 +89,25 @@ class StopAt:
 def make(lora_model, data_dir, ad, start, judge, callback=None, logs=None):
     model, tok, _ = lora_model
     model.update(tree_unflatten(start))
-    s = LoopSettings(iters=6, batch_size=2, alpha=1e-3, steps_per_report=1,
-                     steps_per_eval=2, val_batches=1, save_every=1000, adapter_path=ad, progress=False,
-                     max_completion_length=8, temperature=1.0)
+    s = LoopSettings(
+        iters=6,
+        batch_size=2,
+        alpha=1e-3,
+        steps_per_report=1,
+        steps_per_eval=2,
+        val_batches=1,
+        save_every=1000,
+        adapter_path=ad,
+        progress=False,
+        max_completion_length=8,
+        temperature=1.0,
+    )
     tr = load_prompts(data_dir, "train", tok, 200)
     va = load_prompts(data_dir, "valid", tok, 200)
     log = (lambda m: logs.append(m)) if logs is not None else (lambda m: None)
-    return OnlineTrainer(s, XPO(s), model, tok, Reference(model), judge, optim.Adam(learning_rate=1e-2), tr,
-                         va, callback, log=log)
+    return OnlineTrainer(
+        s, XPO(s), model, tok, Reference(model), judge, optim.Adam(learning_rate=1e-2), tr, va, callback, log=log
+    )
 
 
 def weights(model):
@@ -112,8 +123,9 @@ JUDGES = {
 
 
 @pytest.mark.parametrize("kind", sorted(JUDGES))
-def test_interrupted_and_resumed_equals_uninterrupted_for_every_judge(kind, lora_model, tiny_model,
-                                                                      prompt_data_dir, tmp_path):
+def test_interrupted_and_resumed_equals_uninterrupted_for_every_judge(
+    kind, lora_model, tiny_model, prompt_data_dir, tmp_path
+):
     server = FirstShown() if kind == "endpoint" else None
     arg = server if server else tiny_model
     try:
@@ -130,8 +142,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_for_every_judge(kind, lora
 
         random.seed(12345)  # the new process's global state must not matter
         logs = []
-        fresh = make(lora_model, prompt_data_dir, str(tmp_path / "part"), start, JUDGES[kind](arg),
-                     logs=logs)
+        fresh = make(lora_model, prompt_data_dir, str(tmp_path / "part"), start, JUDGES[kind](arg), logs=logs)
         fresh.train(load_resume(str(tmp_path / "part"), types.SimpleNamespace()))
         got = weights(lora_model[0])
         assert all(np.array_equal(got[k], want[k]) for k in want), kind  # bit for bit
@@ -148,8 +159,7 @@ def test_a_judge_without_declared_state_makes_the_resume_say_so(lora_model, prom
     stop.trainer = part
     part.train()
     logs = []
-    fresh = make(lora_model, prompt_data_dir, str(tmp_path / "ad"), start, RandomPlugin(declare=False),
-                 logs=logs)
+    fresh = make(lora_model, prompt_data_dir, str(tmp_path / "ad"), start, RandomPlugin(declare=False), logs=logs)
     fresh.settings.iters = 3
     fresh.train(load_resume(str(tmp_path / "ad"), types.SimpleNamespace()))
     said = [m for m in logs if m.startswith("resume:")]
@@ -157,8 +167,7 @@ def test_a_judge_without_declared_state_makes_the_resume_say_so(lora_model, prom
     assert "will not repeat the uninterrupted one exactly" in said[0]
 
 
-def test_a_judge_that_raises_stops_at_the_start_of_its_step_and_resumes_exactly(
-        lora_model, prompt_data_dir, tmp_path):
+def test_a_judge_that_raises_stops_at_the_start_of_its_step_and_resumes_exactly(lora_model, prompt_data_dir, tmp_path):
     start = [(k, mx.array(v)) for k, v in tree_flatten(lora_model[0].trainable_parameters())]
     make(lora_model, prompt_data_dir, str(tmp_path / "full"), start, RandomPlugin()).train()
     want = weights(lora_model[0])

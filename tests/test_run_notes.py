@@ -30,6 +30,7 @@ def test_nothing_is_said_off_the_cpu(tmp_path):
 
 def test_a_judge_system_the_judge_ignores_is_noted():
     from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
+
     kinds = {f.name: f for f in BUILTIN_JUDGE_FACTORIES}
     note = runner.ignored_judge_system("Prefer polite answers.", kinds["function"])
     assert note.startswith("note: judge_system is set, but the function judge ignores it") and "\n" not in note
@@ -41,7 +42,9 @@ def test_a_judge_system_the_judge_ignores_is_noted():
 
 def test_the_verbose_setting():
     import pytest
+
     from mlx_xpo_plugin.errors import ConfigError
+
     assert runner.verbose({}) is False and runner.verbose({"MLX_XPO_VERBOSE": "0"}) is False
     assert runner.verbose({"MLX_XPO_VERBOSE": "1"}) is True and runner.verbose({"MLX_XPO_VERBOSE": " Yes "}) is True
     with pytest.raises(ConfigError) as e:

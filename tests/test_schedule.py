@@ -1,5 +1,6 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mlx_xpo_plugin.loop.schedule import get_current_alpha
 
@@ -26,9 +27,12 @@ def test_total_smaller_than_schedule_does_not_divide_by_zero():
     assert get_current_alpha(2, 1, [1.0, 2.0, 3.0]) == 2.0
 
 
-@given(st.integers(1, 10_000), st.integers(1, 10_000),
-       st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=8),
-       st.one_of(st.none(), st.integers(1, 500)))
+@given(
+    st.integers(1, 10_000),
+    st.integers(1, 10_000),
+    st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=8),
+    st.one_of(st.none(), st.integers(1, 500)),
+)
 def test_any_step_and_total_work_and_value_is_monotone_in_entries(step, total, sched, spe):
     v = get_current_alpha(step, total, sched, spe)
     assert v in sched

@@ -4,8 +4,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_xpo_plugin.compute.reference import adapters_off
 from mlx_xpo_plugin.commands.data import truncate_prompt
+from mlx_xpo_plugin.compute.reference import adapters_off
 from mlx_xpo_plugin.compute.rollout import SamplingConfig, sample_completions
 from mlx_xpo_plugin.compute.scoring import pack, sequence_logps
 
@@ -61,8 +61,7 @@ class EosModel(nn.Module):
 def test_rollout_returns_sampled_ids_and_eos_once(tiny_model):
     model, tok = tiny_model
     eos = tok.eos_token_ids and sorted(tok.eos_token_ids)[0]
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about snow."}],
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about snow."}], add_generation_prompt=True)
     res = sample_completions(EosModel(model, eos), tok, [prompt], 2, SamplingConfig(max_tokens=8))
     for c in res[0]:
         assert c.eos and c.tokens == [eos] and c.text == ""
@@ -73,8 +72,10 @@ def test_rollout_returns_sampled_ids_and_eos_once(tiny_model):
 def test_rollout_without_eos_and_ids_are_not_reencoded(tiny_model):
     model, tok = tiny_model
     mx.random.seed(1)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-               for p in ("Describe bread.", "A fact about clocks?")]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in ("Describe bread.", "A fact about clocks?")
+    ]
     res = sample_completions(model, tok, prompts, 2, SamplingConfig(max_tokens=12, temperature=1.0))
     assert [len(r) for r in res] == [2, 2]
     for row in res:
@@ -115,6 +116,7 @@ def test_adapters_off_is_exactly_the_base(lora_model, tiny_model):
     base, _ = tiny_model
     # make the adapters non-trivial
     from mlx.utils import tree_flatten, tree_unflatten
+
     params = [(k, mx.ones_like(v) * 0.05) for k, v in tree_flatten(model.trainable_parameters())]
     model.update(tree_unflatten(params))
     x = mx.array([[1, 5, 9, 20, 33]])
@@ -128,6 +130,7 @@ def test_adapters_off_is_exactly_the_base(lora_model, tiny_model):
 
 def test_output_layer_only_on_scored_positions_gives_the_same_scores(tiny_model):
     from mlx_xpo_plugin.compute import scoring
+
     model, _ = tiny_model
     assert scoring._split_ok(model)  # qwen2: the fast path is active
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]
@@ -148,11 +151,16 @@ def test_output_layer_only_on_scored_positions_gives_the_same_scores(tiny_model)
 def test_rollout_samples_without_dropout_and_keeps_the_training_mode(tiny_model_path, tmp_path):
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm_lora.utils import from_pretrained
-    model, tok, _ = from_pretrained(tiny_model_path, new_adapter_path=str(tmp_path / "ad"),
-                                    lora_config={"rank": 8, "dropout": 0.5, "scale": 10.0,
-                                                 "use_dora": False, "num_layers": -1})
+
+    model, tok, _ = from_pretrained(
+        tiny_model_path,
+        new_adapter_path=str(tmp_path / "ad"),
+        lora_config={"rank": 8, "dropout": 0.5, "scale": 10.0, "use_dora": False, "num_layers": -1},
+    )
     mx.random.seed(0)
-    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.trainable_parameters())]))
+    model.update(
+        tree_unflatten([(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.trainable_parameters())])
+    )
     model.train()
     p = [tok.apply_chat_template([{"role": "user", "content": "Snow?"}], add_generation_prompt=True)]
     greedy = SamplingConfig(max_tokens=8, temperature=0.0)

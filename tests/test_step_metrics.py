@@ -6,16 +6,16 @@ import types
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_trainer import FixedPairs, make_trainer, some_pairs
 
+from mlx_xpo_plugin.commands.runner import plan_steps
+from mlx_xpo_plugin.compute.rollout import Completion, SamplingConfig, sample_completions
 from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.loop.metrics import MetricsWindow, merge_step_metrics
-from mlx_xpo_plugin.compute.rollout import Completion, SamplingConfig, sample_completions
-from mlx_xpo_plugin.commands.runner import plan_steps
-from mlx_xpo_plugin.loop.schedule import get_current_alpha
 from mlx_xpo_plugin.loop.pair_loss import PairLoss, pair_metrics
 from mlx_xpo_plugin.loop.pairs import apply_missing_eos_penalty
 from mlx_xpo_plugin.loop.prompts import PromptOrder, PromptSet
-from test_trainer import FixedPairs, make_trainer, some_pairs
+from mlx_xpo_plugin.loop.schedule import get_current_alpha
 
 
 class CallScriptedJudge:
@@ -27,19 +27,24 @@ class CallScriptedJudge:
     def judge(self, prompts, pairs):
         verdicts, self.last_metrics = self.script[self.calls % len(self.script)]
         self.calls += 1
-        return verdicts[:len(pairs)]
+        return verdicts[: len(pairs)]
 
 
 def test_judge_ratios_are_averaged_over_accumulation_micro_batches(lora_model, prompt_data_dir):
     scored = lambda a, b: Verdict(0, None, None, False, (a, b))  # noqa: E731
-    judge = CallScriptedJudge([
-        ([scored(1.0, 0.0), scored(0.5, 0.0)],  # margins 1.0, 0.5
-         {"judge/position_consistency": 1.0, "judge/both_orders_valid": 2}),
-        ([scored(0.0, 0.25), Verdict.bad("?")],  # margin 0.25 on the one scored pair
-         {"judge/position_consistency": 0.0, "judge/both_orders_valid": 1}),
-    ])
-    t = make_trainer(lora_model, prompt_data_dir, judge=judge, batch_size=2,
-                     gradient_accumulation_steps=2, lr=0.0)
+    judge = CallScriptedJudge(
+        [
+            (
+                [scored(1.0, 0.0), scored(0.5, 0.0)],  # margins 1.0, 0.5
+                {"judge/position_consistency": 1.0, "judge/both_orders_valid": 2},
+            ),
+            (
+                [scored(0.0, 0.25), Verdict.bad("?")],  # margin 0.25 on the one scored pair
+                {"judge/position_consistency": 0.0, "judge/both_orders_valid": 1},
+            ),
+        ]
+    )
+    t = make_trainer(lora_model, prompt_data_dir, judge=judge, batch_size=2, gradient_accumulation_steps=2, lr=0.0)
     t.step = 1
     m = {}
     t.train_step(m)
@@ -75,8 +80,9 @@ def test_ipo_reward_metrics_are_on_per_token_means():
 def test_schedule_follows_the_data_epoch_when_prompts_do_not_divide(lora_model, prompt_data_dir):
     """10 prompts, 3 per step: step 8 starts at prompt 21, in the third pass over the data."""
     model, tok, _ = lora_model
-    t = make_trainer(lora_model, prompt_data_dir, mode="xpo", batch_size=3, lr=0.0,
-                     alpha=[0.0, 1.0, 2.0, 3.0], iters=12)
+    t = make_trainer(
+        lora_model, prompt_data_dir, mode="xpo", batch_size=3, lr=0.0, alpha=[0.0, 1.0, 2.0, 3.0], iters=12
+    )
     t.train_set = PromptSet(t.train_set.ids[:10], t.train_set.texts[:10])
     t.order = PromptOrder(10, seed=0, batch_size=3)
     t.collect_pairs = FixedPairs(some_pairs(tok, 1))
@@ -103,8 +109,14 @@ def test_top_k_at_least_the_vocabulary_means_off(lora_model):
     out = []
     for k in (0, 100_000):
         mx.random.seed(5)
-        out.append([c.tokens for c in sample_completions(
-            model, tok, [prompt], 2, SamplingConfig(max_tokens=6, temperature=1.0, top_k=k))[0]])
+        out.append(
+            [
+                c.tokens
+                for c in sample_completions(
+                    model, tok, [prompt], 2, SamplingConfig(max_tokens=6, temperature=1.0, top_k=k)
+                )[0]
+            ]
+        )
     assert out[0] == out[1]
 
 

@@ -7,21 +7,21 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from conftest import RuleJudge
 from mlx.utils import tree_flatten, tree_unflatten
 
-from conftest import RuleJudge
 from mlx_xpo_plugin.commands.data import load_prompts
-from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.compute.reference import Reference
+from mlx_xpo_plugin.compute.rollout import Completion
+from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.loop import evaluation
 from mlx_xpo_plugin.loop import trainer as trainer_module
-from mlx_xpo_plugin.loop.settings import LoopSettings
-from mlx_xpo_plugin.compute.rollout import Completion
-from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
 from mlx_xpo_plugin.loop.pair_loss import pack_pairs
 from mlx_xpo_plugin.loop.pairs import Pair, apply_missing_eos_penalty
 from mlx_xpo_plugin.loop.prompts import PromptSet
+from mlx_xpo_plugin.loop.settings import LoopSettings
 from mlx_xpo_plugin.loop.trainer import OnlineTrainer
+from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
 from mlx_xpo_plugin.xpo_trainer import XPO
 
 
@@ -33,12 +33,35 @@ def make_trainer(lora_model, data_dir, judge=None, lr=1e-3, mode="online_dpo", *
     model, tok, ad = lora_model
     tr = load_prompts(data_dir, "train", tok, 200)
     va = load_prompts(data_dir, "valid", tok, 200)
-    s = LoopSettings(**{**dict(iters=4, batch_size=2, max_completion_length=8, temperature=1.0,
-                               steps_per_report=2, steps_per_eval=1000, save_every=1000, adapter_path=ad,
-                               progress=False), **kw})
+    s = LoopSettings(
+        **{
+            **dict(
+                iters=4,
+                batch_size=2,
+                max_completion_length=8,
+                temperature=1.0,
+                steps_per_report=2,
+                steps_per_eval=1000,
+                save_every=1000,
+                adapter_path=ad,
+                progress=False,
+            ),
+            **kw,
+        }
+    )
     method = {"online_dpo": OnlineDPO, "xpo": XPO}[mode](s)
-    return OnlineTrainer(s, method, model, tok, Reference(model), judge or RuleJudge(),
-                         optim.SGD(learning_rate=lr), tr, va, log=lambda m: None)
+    return OnlineTrainer(
+        s,
+        method,
+        model,
+        tok,
+        Reference(model),
+        judge or RuleJudge(),
+        optim.SGD(learning_rate=lr),
+        tr,
+        va,
+        log=lambda m: None,
+    )
 
 
 class FixedPairs:
@@ -69,8 +92,11 @@ def test_micro_batching_gives_the_same_update_as_one_batch(lora_model, prompt_da
     pairs = some_pairs(tok, 4)
     deltas = []
     for mb in (4, 1):
-        model.update(__import__("mlx.utils", fromlist=["tree_unflatten"]).tree_unflatten(
-            [(k, mx.array(v)) for k, v in before.items()]))
+        model.update(
+            __import__("mlx.utils", fromlist=["tree_unflatten"]).tree_unflatten(
+                [(k, mx.array(v)) for k, v in before.items()]
+            )
+        )
         t = make_trainer(lora_model, prompt_data_dir, lr=1.0, micro_batch_size=mb)
         t.collect_pairs = FixedPairs(pairs)
         t.step = 1
@@ -145,8 +171,9 @@ def run_loop(lora_model, data_dir, mode, iters, **kw):
     return t
 
 
-@pytest.mark.parametrize("mode,kw", [("online_dpo", {}), ("xpo", {"alpha": 1e-4}),
-                                     ("xpo", {"alpha": 1e-4, "xpo_bonus": "paper"})])
+@pytest.mark.parametrize(
+    "mode,kw", [("online_dpo", {}), ("xpo", {"alpha": 1e-4}), ("xpo", {"alpha": 1e-4, "xpo_bonus": "paper"})]
+)
 def test_the_loop_learns_the_judges_preference(lora_model, prompt_data_dir, mode, kw):
     """A rule judge (more 'e' wins): after 30 steps the policy beats the frozen reference on
     held-out prompts well above chance."""
@@ -170,6 +197,7 @@ def test_the_loop_learns_the_judges_preference(lora_model, prompt_data_dir, mode
 
 def test_same_seed_same_metrics(lora_model, prompt_data_dir):
     from mlx.utils import tree_unflatten
+
     model = lora_model[0]
     start = [(k, mx.array(v)) for k, v in params(model).items()]
     out = []
@@ -187,7 +215,9 @@ def test_nonfinite_losses_skip_updates_and_stop_the_run(lora_model, prompt_data_
     t = make_trainer(lora_model, prompt_data_dir, lr=1.0, iters=10, max_nonfinite_steps=3)
     t.log = logs.append
     t.collect_pairs = FixedPairs(some_pairs(tok))
-    monkeypatch.setattr(trainer_module, "reference_logps", lambda ref, inputs, targets, mask: mx.full(mask.shape, float("nan")))
+    monkeypatch.setattr(
+        trainer_module, "reference_logps", lambda ref, inputs, targets, mask: mx.full(mask.shape, float("nan"))
+    )
     before = params(model)
     res = t.train()
     assert res["step"] == 3 and "3 consecutive non-finite" in res["stop_reason"]
@@ -208,6 +238,7 @@ def test_entropy_coef_adds_the_token_entropy_bonus(lora_model, prompt_data_dir):
         losses[coef] = t.train_step({})
     inputs, targets, mask = pack_pairs(pairs)
     from mlx_xpo_plugin.compute.scoring import sequence_logps
+
     _, counts, ent = sequence_logps(model, inputs, targets, mask, with_entropy=True)
     tok_ent = np.array(ent) / np.array(counts)
     expected = -0.5 * np.mean(0.5 * (tok_ent[:2] + tok_ent[2:]))
@@ -224,20 +255,33 @@ class FirstWins:
 def test_the_validation_loss_is_the_configured_loss(lora_model, prompt_data_dir, loss_type, monkeypatch):
     """ipo compares per-token mean log-probs (so long completions do not dominate); the validation
     loss is that same loss on the judged policy-vs-reference pairs."""
-    from mlx_xpo_plugin.loop.losses import dpo_loss
     from mlx_xpo_plugin.compute.reference import adapters_off
     from mlx_xpo_plugin.compute.scoring import pack, sequence_logps
+    from mlx_xpo_plugin.loop.losses import dpo_loss
+
     model, tok, _ = lora_model
     rng = np.random.default_rng(1)
-    model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
-                                 for k, v in tree_flatten(model.trainable_parameters())]))
-    t = make_trainer(lora_model, prompt_data_dir, judge=FirstWins(), dpo_cpo_loss_type=loss_type, beta=0.5, batch_size=3)
+    model.update(
+        tree_unflatten(
+            [
+                (k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
+                for k, v in tree_flatten(model.trainable_parameters())
+            ]
+        )
+    )
+    t = make_trainer(
+        lora_model, prompt_data_dir, judge=FirstWins(), dpo_cpo_loss_type=loss_type, beta=0.5, batch_size=3
+    )
     pairs = some_pairs(tok, n=3)  # chosen (the "policy" side) lengths 3, 4, 5; rejected 6, 5, 4
-    monkeypatch.setattr(evaluation, "sample_policy_and_reference",
-                        lambda model, tok, ref, ids, cfg: [(p.chosen, p.rejected) for p in pairs])
+    monkeypatch.setattr(
+        evaluation,
+        "sample_policy_and_reference",
+        lambda model, tok, ref, ids, cfg: [(p.chosen, p.rejected) for p in pairs],
+    )
     res = t.evaluate(PromptSet([p.prompt_ids for p in pairs], [p.prompt_text for p in pairs]))
-    inputs, targets, mask = pack([p.prompt_ids for p in pairs] * 2,
-                                 [p.chosen.tokens for p in pairs] + [p.rejected.tokens for p in pairs])
+    inputs, targets, mask = pack(
+        [p.prompt_ids for p in pairs] * 2, [p.chosen.tokens for p in pairs] + [p.rejected.tokens for p in pairs]
+    )
     model.eval()
     s, n, _ = sequence_logps(model, inputs, targets, mask)
     with adapters_off(model) as base:

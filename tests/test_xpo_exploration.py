@@ -28,8 +28,10 @@ MASK = mx.array([[1.0] * len(c) + [0.0] * (2 - len(c)) for c in COMPLETIONS])
 
 def tables(seed):
     rng = np.random.default_rng(seed)
-    return {"first": mx.array(rng.normal(0, 1.5, V).astype(np.float32)),
-            "second": mx.array(rng.normal(0, 1.5, (V, V)).astype(np.float32))}
+    return {
+        "first": mx.array(rng.normal(0, 1.5, V).astype(np.float32)),
+        "second": mx.array(rng.normal(0, 1.5, (V, V)).astype(np.float32)),
+    }
 
 
 def token_logps(p, temperature=1.0):
@@ -57,6 +59,7 @@ def exact_kl_grad(policy, ref, temperature, alpha):
     def kl(p):
         lq = token_logps(p, temperature).sum(-1)
         return 2 * alpha * (mx.exp(lq) * (lq - ref_lp)).sum()
+
     return mx.grad(kl)(policy)
 
 
@@ -80,6 +83,7 @@ def kl_form(ref, temperature, alpha, reward_to_go=True):
         pol = token_logps(p)[rows]
         sample = token_logps(p, temperature)[rows] if temperature != 1.0 else None
         return xpo_kl_bonus(pol, ref_tok, MASK[rows], alpha, sample, reward_to_go)
+
     return bonus
 
 
@@ -90,6 +94,7 @@ def upstream_form(ref, alpha):
     def bonus(p):
         s = token_logps(p).sum(-1)
         return xpo_kl_upstream(s[a], s[b], ref_s[a], ref_s[b], alpha)
+
     return bonus
 
 
@@ -128,6 +133,7 @@ def test_paper_form_expected_gradient_matches_its_closed_form(seed):
 
     def expected_term(p):
         return (mx.array(p_ref) * xpo_paper_term(token_logps(p).sum(-1), alpha)).sum()
+
     got = flat(mx.grad(expected_term)(policy))
     # closed form: alpha * (pi_ref(.) - pi(.)) for the first token; for the second token after y1,
     # alpha * pi_ref(y1) * (pi_ref(. | y1) - pi(. | y1)) (the EOS row is never reached)
@@ -167,6 +173,7 @@ def test_kl_form_one_token_case():
 
     def exact(x):
         return 2 * alpha * (mx.exp(lp(x)) * (lp(x) - ref_lp)).sum()
+
     want = np.array(mx.grad(exact)(pol_logits))
     np.testing.assert_allclose(np.array(mx.grad(kl_bonus)(pol_logits)), want, rtol=1e-4, atol=1e-6)
     assert np.abs(np.array(mx.grad(upstream_bonus)(pol_logits))).max() < 1e-5 * np.abs(want).max()
@@ -174,22 +181,26 @@ def test_kl_form_one_token_case():
 
 def test_tempered_scores_are_log_softmax_of_logits_over_temperature(tiny_model):
     from mlx_xpo_plugin.compute.scoring import completion_logps, pack
+
     model, _ = tiny_model
     inputs, targets, mask = pack([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]])
     sc = completion_logps(model, inputs, targets, mask, temperature=0.7, start=0)
     logits = np.array(model(inputs)).astype(np.float64) / 0.7
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     want = np.take_along_axis(logp, np.array(targets)[..., None], -1)[..., 0] * np.array(mask)
     np.testing.assert_allclose(np.array(sc.tempered), want, atol=2e-5)
     assert completion_logps(model, inputs, targets, mask, temperature=1.0).tempered is None
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
-def test_trainer_kl_forms_report_the_same_loss_and_differ_in_the_update(
-        lora_model, prompt_data_dir, temperature):
-    from test_trainer import FixedPairs, make_trainer, params, some_pairs
+def test_trainer_kl_forms_report_the_same_loss_and_differ_in_the_update(lora_model, prompt_data_dir, temperature):
     from mlx.utils import tree_unflatten
+    from test_trainer import FixedPairs, make_trainer, params, some_pairs
+
     model, tok, _ = lora_model
     start = params(model)
     rng = np.random.default_rng(0)  # adapters away from zero, so policy != reference
@@ -197,9 +208,17 @@ def test_trainer_kl_forms_report_the_same_loss_and_differ_in_the_update(
     res = {}
     for form in ("kl", "kl_upstream"):
         model.update(tree_unflatten([(k, mx.array(v)) for k, v in start.items()]))
-        t = make_trainer(lora_model, prompt_data_dir, mode="xpo", alpha=1.0, xpo_bonus=form, lr=0.1,
-                         micro_batch_size=4,
-                         max_completion_length=8, temperature=temperature)
+        t = make_trainer(
+            lora_model,
+            prompt_data_dir,
+            mode="xpo",
+            alpha=1.0,
+            xpo_bonus=form,
+            lr=0.1,
+            micro_batch_size=4,
+            max_completion_length=8,
+            temperature=temperature,
+        )
         t.collect_pairs = FixedPairs(some_pairs(tok))
         t.step = 1
         m = {}

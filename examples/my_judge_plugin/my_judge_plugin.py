@@ -34,7 +34,9 @@ class ShortestJudge:
 def _check(spec, ctx):
     unknown = set(ctx.judge_config) - {"min_chars"}
     if unknown:
-        raise ConfigError(f"judge_config.{sorted(unknown)[0]}", ctx.judge_config, "the shortest judge takes min_chars only")
+        raise ConfigError(
+            f"judge_config.{sorted(unknown)[0]}", ctx.judge_config, "the shortest judge takes min_chars only"
+        )
 
 
 SHORTEST = JudgeFactory(
@@ -69,5 +71,4 @@ def register_judges(register):
 
 @hookimpl
 def register_train_modes(register):
-    register(TrainMode(name="count_prompts", description="count the training prompts",
-                       main=count_prompts_main))
+    register(TrainMode(name="count_prompts", description="count the training prompts", main=count_prompts_main))

@@ -1,9 +1,9 @@
 """``mlx-xpo``: helper commands around the train modes.
 
-  mlx-xpo demo     offline XPO demo on an embedded tiny model and prompt set
-  mlx-xpo schema   JSON Schema of the YAML settings (or --markdown for the README table)
-  mlx-xpo eval     judge win-rate of trained adapters against the reference on held-out prompts
-  mlx-xpo plot     PNG of the training curves in <adapter_path>/metrics.jsonl
+mlx-xpo demo     offline XPO demo on an embedded tiny model and prompt set
+mlx-xpo schema   JSON Schema of the YAML settings (or --markdown for the README table)
+mlx-xpo eval     judge win-rate of trained adapters against the reference on held-out prompts
+mlx-xpo plot     PNG of the training curves in <adapter_path>/metrics.jsonl
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_xpo_plugin.commands.hints import command
 from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.host.fast_blas import request
-from mlx_xpo_plugin.commands.hints import command
 
 
 def _console(name: str) -> str:
@@ -36,6 +36,7 @@ def demo_model_line(cache: Path) -> str:
 
 def demo(ns) -> int:
     from mlx_xpo_plugin.commands.tiny import build_tiny_model, default_cache_dir, write_prompt_dataset
+
     cache = Path(ns.cache or default_cache_dir())
     t0 = time.time()
     print(demo_model_line(cache))
@@ -43,16 +44,29 @@ def demo(ns) -> int:
     data = write_prompt_dataset(cache / "demo-data")
     out = Path(ns.output).resolve()
     cfg = {
-        "model": str(model), "data": str(data), "train": True, "train_type": "lora",
-        "adapter_path": str(out), "judge": "mlx_xpo_plugin.rules:prefer_letter_e",
-        "iters": ns.iters, "batch_size": 4, "learning_rate": 3e-3, "alpha": [1e-4, 1e-5],
-        "max_completion_length": 16, "max_seq_length": 256, "temperature": 1.0,
-        "steps_per_report": 5, "steps_per_eval": max(5, ns.iters // 2), "val_batches": -1,
-        "save_every": ns.iters, "seed": 0,
+        "model": str(model),
+        "data": str(data),
+        "train": True,
+        "train_type": "lora",
+        "adapter_path": str(out),
+        "judge": "mlx_xpo_plugin.rules:prefer_letter_e",
+        "iters": ns.iters,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "alpha": [1e-4, 1e-5],
+        "max_completion_length": 16,
+        "max_seq_length": 256,
+        "temperature": 1.0,
+        "steps_per_report": 5,
+        "steps_per_eval": max(5, ns.iters // 2),
+        "val_batches": -1,
+        "save_every": ns.iters,
+        "seed": 0,
     }
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "demo_xpo.yaml"
     import yaml
+
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [_console("mlx_lm_lora.train"), "--train-mode", "xpo", "--config", str(cfg_path)]
     print("[demo] running:", " ".join([command("mlx_lm_lora.train"), *cmd[1:]]))
@@ -61,7 +75,7 @@ def demo(ns) -> int:
     if rc != 0:
         print(f"[demo] training exited with status {rc}", file=sys.stderr)
         return rc
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     val = [r for r in rows if "val_win_rate" in r]
     print(f"\n[demo] done in {time.time() - t0:.0f} s.")
     print(f"  adapters:    {out / 'adapters.safetensors'}")
@@ -70,19 +84,24 @@ def demo(ns) -> int:
     if val:
         print("  win-rate of the policy against the reference (the judge prefers more letter 'e'):")
         for r in val:
-            print(f"    step {r['step']:>4}: {r['val_win_rate']:.2f}  ({r['val_wins']} won, {r['val_losses']} lost, "
-                  f"{r['val_ties']} ties)")
+            print(
+                f"    step {r['step']:>4}: {r['val_win_rate']:.2f}  ({r['val_wins']} won, {r['val_losses']} lost, "
+                f"{r['val_ties']} ties)"
+            )
         print("  0.5 is chance; above it the policy learned what the judge prefers.")
     try:
         print(f"  plot:        {write_plot(str(out))}  (the training curves)")
     except ImportError:  # matplotlib is the optional 'plot' extra
-        print(f"  plot:        {command('mlx-xpo')} plot {out}   (needs the 'plot' extra: "
-              "pip install 'mlx-xpo-plugin[plot]')")
+        print(
+            f"  plot:        {command('mlx-xpo')} plot {out}   (needs the 'plot' extra: "
+            "pip install 'mlx-xpo-plugin[plot]')"
+        )
     return 0
 
 
 def schema(ns) -> int:
     from mlx_xpo_plugin import config_views  # here: `mlx-xpo --help` stays quick
+
     print(config_views.settings_markdown() if ns.markdown else json.dumps(config_views.json_schema(), indent=2))
     return 0
 
@@ -99,8 +118,20 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 #: what ``eval`` takes from the training run saved in the adapter folder, unless given
-FROM_TRAINING = ("model", "data", "judge", "judge_system", "judge_config", "max_completion_length",
-                 "temperature", "top_p", "top_k", "min_p", "max_seq_length", "reference_model_path")
+FROM_TRAINING = (
+    "model",
+    "data",
+    "judge",
+    "judge_system",
+    "judge_config",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_seq_length",
+    "reference_model_path",
+)
 
 
 def trained_settings(adapter_path: str) -> dict:
@@ -118,25 +149,49 @@ def trained_settings(adapter_path: str) -> dict:
 
 def evaluate(ns) -> int:
     import contextlib
+
     from mlx_xpo_plugin import config  # here: `mlx-xpo --help` stays quick
-    from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
     from mlx_xpo_plugin.commands.runner import run
-    given = {"model": ns.model, "data": ns.data, "judge": ns.judge, "seed": ns.seed,
-             "max_completion_length": ns.max_completion_length, "temperature": ns.temperature}
+    from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+
+    given = {
+        "model": ns.model,
+        "data": ns.data,
+        "judge": ns.judge,
+        "seed": ns.seed,
+        "max_completion_length": ns.max_completion_length,
+        "temperature": ns.temperature,
+    }
     given = {k: v for k, v in given.items() if v is not None}
     trained = {k: v for k, v in trained_settings(ns.adapter_path).items() if k not in given}
     for key in ("model", "data", "judge"):
         if key not in given and key not in trained:
-            raise ConfigError(key, None, f"not given, and {ns.adapter_path!r} holds no training run's settings "
-                              "(checkpoint/state.json)", f"pass --{key}")
-    values = {**trained, **given, "adapter_path": ns.adapter_path, "train": False, "test": True,
-              "test_batches": -1, "batch_size": ns.batch_size, "train_type": ns.train_type}
+            raise ConfigError(
+                key,
+                None,
+                f"not given, and {ns.adapter_path!r} holds no training run's settings (checkpoint/state.json)",
+                f"pass --{key}",
+            )
+    values = {
+        **trained,
+        **given,
+        "adapter_path": ns.adapter_path,
+        "train": False,
+        "test": True,
+        "test_batches": -1,
+        "batch_size": ns.batch_size,
+        "train_type": ns.train_type,
+    }
     cfg = config.resolve("online_dpo", values, set(values), config.load_yaml(ns.config) if ns.config else {})
     # with --json, stdout carries the JSON object only: every other line goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
         if trained:
-            print("eval: from the training run: " + ", ".join(
-                f"{k}={trained[k]}" if k in ("max_completion_length", "temperature") else k for k in trained))
+            print(
+                "eval: from the training run: "
+                + ", ".join(
+                    f"{k}={trained[k]}" if k in ("max_completion_length", "temperature") else k for k in trained
+                )
+            )
         rc = run(cfg, OnlineDPO, progress=False)  # evaluation only: the method's sampling is unused
     if rc:
         return rc
@@ -145,17 +200,27 @@ def evaluate(ns) -> int:
     res["win_rate_ci95"] = [lo, hi]
     if ns.json:
         from mlx_xpo_plugin.loop.jsonio import dumps  # strict JSON: an undefined win-rate is null, not NaN
+
         print(dumps(res))
     else:
-        print(f"\n| win-rate vs reference | 95% CI | wins | losses | ties | invalid |\n|---|---|---|---|---|---|\n"
-              f"| {res['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | {res['wins']} | {res['losses']} | "
-              f"{res['ties']} | {res['invalid']} |")
+        print(
+            f"\n| win-rate vs reference | 95% CI | wins | losses | ties | invalid |\n|---|---|---|---|---|---|\n"
+            f"| {res['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | {res['wins']} | {res['losses']} | "
+            f"{res['ties']} | {res['invalid']} |"
+        )
     return 0
 
 
-PLOT_KEYS = [("loss", "loss"), ("rewards/accuracies", "accuracy"), ("rewards/margins", "margin"),
-             ("objective/kl", "KL"), ("exploration_bonus", "exploration bonus"), ("alpha", "alpha"),
-             ("judge_invalid_rate", "judge invalid rate"), ("val_win_rate", "win-rate vs reference")]
+PLOT_KEYS = [
+    ("loss", "loss"),
+    ("rewards/accuracies", "accuracy"),
+    ("rewards/margins", "margin"),
+    ("objective/kl", "KL"),
+    ("exploration_bonus", "exploration bonus"),
+    ("alpha", "alpha"),
+    ("judge_invalid_rate", "judge invalid rate"),
+    ("val_win_rate", "win-rate vs reference"),
+]
 
 
 def plot(ns) -> int:
@@ -174,10 +239,12 @@ def write_plot(adapter_path: str, output: str | None = None) -> str:
     """PNG of the curves in ``adapter_path``/metrics.jsonl; returns its path. ImportError without
     matplotlib (the optional 'plot' extra)."""
     import matplotlib  # optional dependency: imported only here
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     path = os.path.join(adapter_path, "metrics.jsonl")
-    rows = [json.loads(l) for l in open(path) if l.strip()]
+    rows = [json.loads(line) for line in open(path) if line.strip()]
     for r in rows:
         if r.get("judge/pairs"):
             r["judge_invalid_rate"] = r.get("judge/invalid", 0) / r["judge/pairs"]
@@ -202,8 +269,9 @@ def write_plot(adapter_path: str, output: str | None = None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx-xpo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mlx-xpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="offline XPO demo on an embedded tiny model")
     d.add_argument("--output", default="runs/demo", help="adapter folder (default: runs/demo)")
@@ -214,10 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="JSON Schema of the settings")
     s.add_argument("--markdown", action="store_true", help="the README settings table instead")
     s.set_defaults(func=schema)
-    e = sub.add_parser("eval", help="win-rate of adapters vs the reference",
-                       description="Win-rate of trained adapters against the reference on test.jsonl. "
-                       "model, data, judge (and its system prompt and config), completion length and "
-                       "sampling settings default to the training run's, read from the adapter folder.")
+    e = sub.add_parser(
+        "eval",
+        help="win-rate of adapters vs the reference",
+        description="Win-rate of trained adapters against the reference on test.jsonl. "
+        "model, data, judge (and its system prompt and config), completion length and "
+        "sampling settings default to the training run's, read from the adapter folder.",
+    )
     e.add_argument("--adapter-path", required=True)
     e.add_argument("--model", default=None, help="default: the training run's")
     e.add_argument("--data", default=None, help="folder with test.jsonl (default: the training run's)")

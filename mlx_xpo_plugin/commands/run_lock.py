@@ -34,14 +34,13 @@ def check_writable(setting: str, path: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(setting, path, f"cannot write there ({e.strerror or e})",
-                          "choose a folder you can write to")
+        raise ConfigError(setting, path, f"cannot write there ({e.strerror or e})", "choose a folder you can write to")
 
 
 def _holder(text: str) -> str:
     try:
         h = json.loads(text)
-        return (f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}")
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
     except (ValueError, KeyError, TypeError):
         return "another process"
 
@@ -59,13 +58,25 @@ def hold(setting: str, path: str):
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            raise ConfigError(setting, path, f"is in use by another training run ({_holder(f.read())})",
-                              "wait for it to end, or set another adapter_path") from None
+            raise ConfigError(
+                setting,
+                path,
+                f"is in use by another training run ({_holder(f.read())})",
+                "wait for it to end, or set another adapter_path",
+            ) from None
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                            "command": " ".join(sys.argv)[:300]}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": " ".join(sys.argv)[:300],
+                }
+            )
+            + "\n"
+        )
         f.flush()
         yield
     finally:

@@ -18,16 +18,16 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from mlx_xpo_plugin import config
-from mlx_xpo_plugin.loop.atomic import save_json
-from mlx_xpo_plugin.errors import ConfigError, SaveFailed
-from mlx_xpo_plugin.loop.faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
-from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
-from mlx_xpo_plugin.contracts import JudgeContext, as_judge
 from mlx_xpo_plugin.commands.hints import command
-from mlx_xpo_plugin.loop.settings import from_config as loop_settings
+from mlx_xpo_plugin.commands.run_lock import check_writable, hold
 from mlx_xpo_plugin.compute.models import model_folder, same_folder
 from mlx_xpo_plugin.compute.quantized import folder_quantization, quantized_layers, refuse_full
-from mlx_xpo_plugin.commands.run_lock import check_writable, hold
+from mlx_xpo_plugin.contracts import JudgeContext, as_judge
+from mlx_xpo_plugin.errors import ConfigError, SaveFailed
+from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
+from mlx_xpo_plugin.loop.atomic import save_json
+from mlx_xpo_plugin.loop.faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
+from mlx_xpo_plugin.loop.settings import from_config as loop_settings
 from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 
 
@@ -81,6 +81,7 @@ def kernel_note(device=None, env=None, version: str | None = None) -> Optional[s
 
 def build_optimizer(cfg):
     from mlx_lm.tuner.utils import build_schedule
+
     lr = build_schedule(cfg.lr_schedule) if cfg.lr_schedule else cfg.learning_rate
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon}[cfg.optimizer]
     return cls(learning_rate=lr, **(cfg.optimizer_config or {}).get(cfg.optimizer, {}))
@@ -101,8 +102,10 @@ def quantization(cfg) -> Optional[dict]:
 def ignored_judge_system(judge_system, factory) -> Optional[str]:
     """A note when ``judge_system`` is set for a kind of judge that reads no system prompt."""
     if judge_system and not getattr(factory, "uses_judge_system", True):
-        return (f"note: judge_system is set, but the {factory.name} judge ignores it (only model and "
-                "http judges read a system prompt)")
+        return (
+            f"note: judge_system is set, but the {factory.name} judge ignores it (only model and "
+            "http judges read a system prompt)"
+        )
     return None
 
 
@@ -110,6 +113,7 @@ def preflight(cfg) -> None:
     """Every check that needs no model: data files, model paths, judge, resume file, output folder."""
     from mlx_xpo_plugin.commands.data import check_data
     from mlx_xpo_plugin.host.registry import check_judge
+
     if cfg.train:
         check_writable("adapter_path", cfg.adapter_path)
     if cfg.train_type == "full" and quantization(cfg):
@@ -117,8 +121,11 @@ def preflight(cfg) -> None:
     n_train = check_data(cfg.data, need_train=cfg.train, need_test=cfg.test)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     if cfg.train and per_step > n_train:
-        raise ConfigError("batch_size", cfg.batch_size, f"batch_size x gradient_accumulation_steps "
-                          f"({per_step}) is larger than the {n_train} training prompts")
+        raise ConfigError(
+            "batch_size",
+            cfg.batch_size,
+            f"batch_size x gradient_accumulation_steps ({per_step}) is larger than the {n_train} training prompts",
+        )
     model_dir = model_folder("model", cfg.model)
     if cfg.train and cfg.train_type == "full":
         q = folder_quantization(model_dir)  # the folder says so: refused before loading it
@@ -126,19 +133,25 @@ def preflight(cfg) -> None:
             raise refuse_full(cfg.model, q)
     if cfg.reference_model_path:
         model_folder("reference_model_path", cfg.reference_model_path)
-    factory = check_judge(cfg.judge, JudgeContext(cfg.judge_system, dict(cfg.judge_config),
-                                                  reference_model_path=cfg.reference_model_path, seed=cfg.seed))
+    factory = check_judge(
+        cfg.judge,
+        JudgeContext(
+            cfg.judge_system, dict(cfg.judge_config), reference_model_path=cfg.reference_model_path, seed=cfg.seed
+        ),
+    )
     note = ignored_judge_system(cfg.judge_system, factory)
     if note:
         print(note, file=sys.stderr)
     if cfg.resume_adapter_file:
         from mlx_xpo_plugin.loop.checkpoints import check_resume
+
         check_resume(cfg.resume_adapter_file, cfg)
 
 
 def _adopt_adapter_config(cfg) -> None:
     """For a test-only run: take train_type / lora_parameters / num_layers from the adapters' config."""
     import json
+
     path = os.path.join(cfg.adapter_path, "adapter_config.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -156,10 +169,16 @@ def lora_parameters(cfg) -> dict:
 def write_adapter_config(cfg) -> None:
     """adapter_config.json in the form mlx_lm.load(..., adapter_path=...) reads."""
     lp = lora_parameters(cfg)
-    save_json(os.path.join(cfg.adapter_path, "adapter_config.json"), {
-        "fine_tune_type": cfg.train_type, "num_layers": cfg.num_layers, "lora_parameters": lp,
-        "model": cfg.model, "train_mode": cfg.train_mode,
-    })
+    save_json(
+        os.path.join(cfg.adapter_path, "adapter_config.json"),
+        {
+            "fine_tune_type": cfg.train_type,
+            "num_layers": cfg.num_layers,
+            "lora_parameters": lp,
+            "model": cfg.model,
+            "train_mode": cfg.train_mode,
+        },
+    )
 
 
 def judge_weights(cfg, model_path: str, model, separate):
@@ -169,6 +188,7 @@ def judge_weights(cfg, model_path: str, model, separate):
     the policy with adapters off (LoRA/DoRA), or the frozen copy loaded for full fine-tuning.
     """
     from mlx_xpo_plugin.compute.reference import BaseView
+
     if cfg.reference_model_path and same_folder(cfg.judge, cfg.reference_model_path):
         return separate
     if same_folder(cfg.judge, cfg.model) or same_folder(cfg.judge, model_path):
@@ -180,8 +200,10 @@ def judge_weights(cfg, model_path: str, model, separate):
 
 
 def resume_command(cfg) -> str:
-    return (f"{command('mlx_lm_lora.train')} --train-mode {cfg.train_mode} "
-            f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {cfg.adapter_path}")
+    return (
+        f"{command('mlx_lm_lora.train')} --train-mode {cfg.train_mode} "
+        f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {cfg.adapter_path}"
+    )
 
 
 def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
@@ -200,10 +222,10 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     from mlx_lm import load as mlx_load
     from mlx_lm_lora.utils import from_pretrained
 
-    from mlx_xpo_plugin.loop.checkpoints import fingerprint, load_resume
     from mlx_xpo_plugin.commands.data import load_prompts
     from mlx_xpo_plugin.compute.reference import Reference
     from mlx_xpo_plugin.host.registry import build_judge
+    from mlx_xpo_plugin.loop.checkpoints import fingerprint, load_resume
 
     loud = verbose()
     mx.random.seed(cfg.seed)
@@ -221,8 +243,12 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     if cfg.train_type in ("lora", "dora"):
         lora = {**lora_parameters(cfg), "use_dora": cfg.train_type == "dora", "num_layers": cfg.num_layers}
     with contextlib.nullcontext() if loud else contextlib.redirect_stdout(io.StringIO()):  # upstream's "Loading ..."
-        model, tokenizer, _ = from_pretrained(model=model_path, new_adapter_path=cfg.adapter_path if cfg.train else None,
-                                              lora_config=lora, quantized_load=quantization(cfg))
+        model, tokenizer, _ = from_pretrained(
+            model=model_path,
+            new_adapter_path=cfg.adapter_path if cfg.train else None,
+            lora_config=lora,
+            quantized_load=quantization(cfg),
+        )
     if cfg.train and cfg.train_type == "full" and quantized_layers(model):  # the loaded model decides
         q = quantized_layers(model)
         raise refuse_full(cfg.model, f"{len(q)} quantized layers, e.g. {q[0]}")
@@ -243,12 +269,22 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     shared = judge_weights(cfg, model_path, model, separate)
     if shared is not None and loud:
         print("judge: shares the reference's weights (no extra copy)")
-    judge = as_judge(build_judge(cfg.judge, JudgeContext(
-        cfg.judge_system, dict(cfg.judge_config),
-        reference_model=shared, reference_tokenizer=tokenizer if shared is not None else None,
-        reference_model_path=cfg.judge if shared is not None else cfg.reference_model_path, seed=cfg.seed)))
+    judge = as_judge(
+        build_judge(
+            cfg.judge,
+            JudgeContext(
+                cfg.judge_system,
+                dict(cfg.judge_config),
+                reference_model=shared,
+                reference_tokenizer=tokenizer if shared is not None else None,
+                reference_model_path=cfg.judge if shared is not None else cfg.reference_model_path,
+                seed=cfg.seed,
+            ),
+        )
+    )
     if cfg.grad_checkpoint and cfg.train:
         from mlx_lm.tuner.trainer import grad_checkpoint
+
         grad_checkpoint(model.layers[0])  # recompute layer activations in the backward pass
         print("gradient checkpointing: on")
 
@@ -261,14 +297,23 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
         iters, steps_per_epoch, per_step = plan_steps(cfg, len(train_set), mx.distributed.init().size())
         opt = build_optimizer(cfg)
         settings = loop_settings(cfg, iters, progress)
-        trainer = OnlineTrainer(settings, method_cls(settings), model, tokenizer, reference, judge,
-                                opt, train_set, valid_set, training_callback)
+        trainer = OnlineTrainer(
+            settings,
+            method_cls(settings),
+            model,
+            tokenizer,
+            reference,
+            judge,
+            opt,
+            train_set,
+            valid_set,
+            training_callback,
+        )
         trainer.fingerprint = fingerprint(cfg)
         trainer.judge.name = cfg.judge  # named in judge-failure messages
         trainer.resolved_config = {k: v for k, v in vars(cfg).items()}
         resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
-        print(f"training {iters} steps ({steps_per_epoch} per epoch, {per_step} prompts per step, "
-              f"2 completions each)")
+        print(f"training {iters} steps ({steps_per_epoch} per epoch, {per_step} prompts per step, 2 completions each)")
         if resume:
             print(f"resuming from step {resume['step']} of {iters}")
         try:
@@ -284,22 +329,44 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
             why = result["stop_reason"] or "interrupted"
             print(f"stopped at step {result['step']} of {iters}: {why}; checkpoint saved.")
             print(f"resume with: {resume_command(cfg)}")
-            status = (130 if result["interrupted"] else trainer.guard.status if trainer.guard.status
-                      else 0 if "judge" in why else 1)  # exit statuses: README, "Faults"
+            status = (
+                130
+                if result["interrupted"]
+                else trainer.guard.status
+                if trainer.guard.status
+                else 0
+                if "judge" in why
+                else 1
+            )  # exit statuses: README, "Faults"
     if cfg.test and status == 0:
         test_set = load_prompts(cfg.data, "test", tokenizer, max_prompt)
         if trainer is None:
             settings = loop_settings(cfg, 1, progress)
-            trainer = OnlineTrainer(settings, method_cls(settings), model, tokenizer, reference, judge,
-                                    build_optimizer(cfg), test_set, None, training_callback)
+            trainer = OnlineTrainer(
+                settings,
+                method_cls(settings),
+                model,
+                tokenizer,
+                reference,
+                judge,
+                build_optimizer(cfg),
+                test_set,
+                None,
+                training_callback,
+            )
             trainer.judge.name = cfg.judge
         res = trainer.evaluate(test_set, cfg.test_batches)
         save_json(os.path.join(cfg.adapter_path, "test_metrics.json"), res)
         print("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
     if cfg.fuse and cfg.train and status == 0:
         from mlx_lm_lora.utils import save_pretrained_merged
-        save_pretrained_merged(model=model, tokenizer=tokenizer, save_path=os.path.join(cfg.adapter_path, "fused"),
-                               de_quantize=quantization(cfg) is None)
+
+        save_pretrained_merged(
+            model=model,
+            tokenizer=tokenizer,
+            save_path=os.path.join(cfg.adapter_path, "fused"),
+            de_quantize=quantization(cfg) is None,
+        )
         print(f"fused model: {os.path.join(cfg.adapter_path, 'fused')}")
     judge.close()
     return status

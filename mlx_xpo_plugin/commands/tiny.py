@@ -14,10 +14,22 @@ from pathlib import Path
 
 PRESETS = {
     # hidden, layers, heads, kv_heads, intermediate, vocab
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, vocab_size=512),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4, intermediate_size=768, vocab_size=2048),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=768,
+        vocab_size=2048,
+    ),
 }
 
 CHAT_TEMPLATE = (
@@ -27,16 +39,42 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 _TOPICS = [
-    "the sea", "a red fox", "winter mornings", "old bridges", "coffee", "the moon",
-    "city parks", "rain on glass", "a small boat", "mountain paths", "bread",
-    "a quiet library", "summer storms", "paper kites", "the river", "a lighthouse",
-    "green tea", "autumn leaves", "the desert", "a train station", "honey bees",
-    "a garden", "snow", "the market", "a violin", "clocks", "a forest", "sand",
+    "the sea",
+    "a red fox",
+    "winter mornings",
+    "old bridges",
+    "coffee",
+    "the moon",
+    "city parks",
+    "rain on glass",
+    "a small boat",
+    "mountain paths",
+    "bread",
+    "a quiet library",
+    "summer storms",
+    "paper kites",
+    "the river",
+    "a lighthouse",
+    "green tea",
+    "autumn leaves",
+    "the desert",
+    "a train station",
+    "honey bees",
+    "a garden",
+    "snow",
+    "the market",
+    "a violin",
+    "clocks",
+    "a forest",
+    "sand",
 ]
 _FORMS = [
-    "Write a short note about {t}.", "Say something cheerful about {t}!",
-    "Describe {t} in one line.", "What do you like about {t}?",
-    "Tell me a fact about {t}.", "Give a happy greeting about {t}!",
+    "Write a short note about {t}.",
+    "Say something cheerful about {t}!",
+    "Describe {t} in one line.",
+    "What do you like about {t}?",
+    "Tell me a fact about {t}.",
+    "Give a happy greeting about {t}!",
 ]
 
 
@@ -53,8 +91,8 @@ def write_prompt_dataset(directory: Path, seed: int = 0, n_valid: int = 24, n_te
     directory.mkdir(parents=True, exist_ok=True)
     splits = {
         "valid": prompts[:n_valid],
-        "test": prompts[n_valid:n_valid + n_test],
-        "train": prompts[n_valid + n_test:],
+        "test": prompts[n_valid : n_valid + n_test],
+        "train": prompts[n_valid + n_test :],
     }
     for name, rows in splits.items():
         with open(directory / f"{name}.jsonl", "w") as f:
@@ -71,8 +109,10 @@ def _train_tokenizer(vocab_size: int, out: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     corpus = embedded_prompts() * 4 + [
         "Yes! Sure! What a lovely day! I like it a lot.",
@@ -80,8 +120,11 @@ def _train_tokenizer(vocab_size: int, out: Path) -> None:
     ]
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        bos_token=None, unk_token=None,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
@@ -106,8 +149,12 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
     p = PRESETS[preset]
     _train_tokenizer(p["vocab_size"], out)
     config = dict(
-        model_type="qwen2", rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=2048, tie_word_embeddings=True, **p,
+        model_type="qwen2",
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        **p,
     )
     mx.random.seed(seed)
     model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
@@ -122,5 +169,6 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
 
 def default_cache_dir() -> Path:
     base = os.environ.get("MLX_XPO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlx-xpo-plugin")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlx-xpo-plugin"
+    )
     return Path(base)

@@ -37,8 +37,14 @@ class StaticKVCache:
     ``make_mask``.
     """
 
-    def __init__(self, capacity: int, left_padding: mx.array, index: mx.array | None = None,
-                 keys: mx.array | None = None, values: mx.array | None = None):
+    def __init__(
+        self,
+        capacity: int,
+        left_padding: mx.array,
+        index: mx.array | None = None,
+        keys: mx.array | None = None,
+        values: mx.array | None = None,
+    ):
         self.capacity = capacity
         self.left_padding = left_padding
         self.index = mx.array(0, dtype=mx.int32) if index is None else index
@@ -77,8 +83,13 @@ def supports(model: nn.Module) -> bool:
     return bool(caches) and all(type(c) is KVCache for c in caches)
 
 
-def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int,
-             sampler: Callable[[mx.array], mx.array], stop_ids: Sequence[int]) -> list[list[int]]:
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    sampler: Callable[[mx.array], mx.array],
+    stop_ids: Sequence[int],
+) -> list[list[int]]:
     """Sample up to ``max_tokens`` tokens after each prompt, all rows in one batch.
 
     Each row ends after its first token in ``stop_ids`` (that token included). The sampler gets
@@ -99,8 +110,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int
     logits = model(x, cache=caches)[:, -1, :]
 
     def step(tokens, index, left_padding, *kv):
-        layer_caches = [StaticKVCache(capacity, left_padding, index, kv[2 * i], kv[2 * i + 1])
-                        for i in range(n_layers)]
+        layer_caches = [StaticKVCache(capacity, left_padding, index, kv[2 * i], kv[2 * i + 1]) for i in range(n_layers)]
         out = model(tokens[:, None], cache=layer_caches)[:, -1, :]
         out = out - mx.logsumexp(out, axis=-1, keepdims=True)
         flat = [a for c in layer_caches for a in (c.keys, c.values)]
@@ -113,8 +123,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int
     # shared-prefix KV) stay valid.
     weights = tree_flatten(model.parameters())
     try:
-        return _token_loop(mx.compile(step, inputs=[model.state]), logits, pad, caches,
-                           max_tokens, sampler, stop_ids)
+        return _token_loop(mx.compile(step, inputs=[model.state]), logits, pad, caches, max_tokens, sampler, stop_ids)
     finally:
         model.update(tree_unflatten(weights))
 

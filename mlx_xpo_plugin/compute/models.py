@@ -48,18 +48,23 @@ def model_folder(setting: str, spec: str, otherwise: str = "", file_hint: str = 
     p = Path(spec).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise ConfigError(setting, spec, "is a file; expected a model folder (config.json, *.safetensors)",
-                              file_hint)
+            raise ConfigError(
+                setting, spec, "is a file; expected a model folder (config.json, *.safetensors)", file_hint
+            )
         if not (p / "config.json").is_file():
-            raise ConfigError(setting, spec, "the folder has no config.json, so it is not a model folder "
-                              "mlx_lm can load")
+            raise ConfigError(
+                setting, spec, "the folder has no config.json, so it is not a model folder mlx_lm can load"
+            )
         return str(p)
     if HUB_ID.match(spec) and not spec.startswith((".", "~")):
         cached = cached_hub_folder(spec)
         if cached:
             return cached
-        raise ConfigError(setting, spec, "no such local folder, and not in the local Hugging Face cache; "
-                          "this plugin never downloads models",
-                          f"it does not download at run time: download it first (e.g. `hf download {spec} "
-                          f"--local-dir models/{spec.split('/')[-1]}`) and set {setting} to that folder")
+        raise ConfigError(
+            setting,
+            spec,
+            "no such local folder, and not in the local Hugging Face cache; this plugin never downloads models",
+            f"it does not download at run time: download it first (e.g. `hf download {spec} "
+            f"--local-dir models/{spec.split('/')[-1]}`) and set {setting} to that folder",
+        )
     raise ConfigError(setting, spec, "no such model folder" + (f"; {otherwise}" if otherwise else ""))

@@ -37,12 +37,19 @@ def folder_quantization(folder: str) -> Optional[str]:
 def quantized_layers(model) -> list[str]:
     """Names of the loaded model's quantized modules (QuantizedLinear, QuantizedEmbedding, ...:
     any module holding quantization ``scales``)."""
-    return sorted(name for name, m in model.named_modules()
-            if "Quantized" in type(m).__name__ or ("scales" in m and "weight" in m))
+    return sorted(
+        name
+        for name, m in model.named_modules()
+        if "Quantized" in type(m).__name__ or ("scales" in m and "weight" in m)
+    )
 
 
 def refuse_full(model_name: str, what: str) -> ConfigError:
-    return ConfigError("train_type", "full", f"the model {model_name!r} is already quantized "
-                       f"({what}): full fine-tuning would train only its unquantized norms and "
-                       "biases", "use train_type lora or dora, which train adapters on top of "
-                       "the quantized weights")
+    return ConfigError(
+        "train_type",
+        "full",
+        f"the model {model_name!r} is already quantized "
+        f"({what}): full fine-tuning would train only its unquantized norms and "
+        "biases",
+        "use train_type lora or dora, which train adapters on top of the quantized weights",
+    )

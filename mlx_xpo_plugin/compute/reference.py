@@ -76,8 +76,10 @@ class Reference:
     def __init__(self, policy: nn.Module, separate: nn.Module | None = None):
         self.policy, self.separate = policy, separate
         if separate is None and not _adapter_bases(policy):
-            raise ValueError("the reference needs adapters to switch off (LoRA/DoRA) or a separate "
-                             "model (full fine-tuning or reference_model_path)")
+            raise ValueError(
+                "the reference needs adapters to switch off (LoRA/DoRA) or a separate "
+                "model (full fine-tuning or reference_model_path)"
+            )
 
     def rows_split(self, n_policy: int, n_reference: int):
         """A context giving a module that computes the policy on the first ``n_policy`` rows of a

@@ -47,8 +47,9 @@ class Completion:
     eos: bool
 
 
-def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], n: int,
-                       cfg: SamplingConfig) -> list[list[Completion]]:
+def sample_completions(
+    model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], n: int, cfg: SamplingConfig
+) -> list[list[Completion]]:
     """`n` completions for each prompt, generated in one batch; result[i][j] is completion j of prompt i."""
     eos_ids = sorted(set(tokenizer.eos_token_ids))
     was_training = getattr(model, "training", False)
@@ -76,8 +77,9 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[Sequence[i
     return out
 
 
-def sample_policy_and_reference(model: nn.Module, tokenizer, reference, prompts: Sequence[Sequence[int]],
-                                cfg: SamplingConfig) -> list[tuple[Completion, Completion]]:
+def sample_policy_and_reference(
+    model: nn.Module, tokenizer, reference, prompts: Sequence[Sequence[int]], cfg: SamplingConfig
+) -> list[tuple[Completion, Completion]]:
     """One policy and one reference completion per prompt: in one batch of policy rows then
     reference rows where the reference allows it (:meth:`.reference.Reference.rows_split`, a
     fixed-shape batch), else in two batches."""
@@ -96,9 +98,14 @@ def sample_policy_and_reference(model: nn.Module, tokenizer, reference, prompts:
 
 def _batch_generator(model, flat: list, cfg: SamplingConfig, eos_ids: list) -> list[list[int]]:
     """The sampled ids of every row (a stop token included) via mlx-lm's BatchGenerator."""
-    gen = BatchGenerator(model, max_tokens=cfg.max_tokens, stop_tokens=[[t] for t in eos_ids],
-                         sampler=cfg.sampler(),
-                         completion_batch_size=max(1, len(flat)), prefill_batch_size=max(1, len(flat)))
+    gen = BatchGenerator(
+        model,
+        max_tokens=cfg.max_tokens,
+        stop_tokens=[[t] for t in eos_ids],
+        sampler=cfg.sampler(),
+        completion_batch_size=max(1, len(flat)),
+        prefill_batch_size=max(1, len(flat)),
+    )
     try:
         uids = gen.insert(flat)
         tokens = {u: [] for u in uids}

@@ -29,7 +29,7 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     for b, (p, c) in enumerate(zip(prompts, completions)):
         r = rows[b]
         tok[b, : len(r)] = r
-        mask[b, len(p) - 1: len(p) - 1 + len(c)] = 1.0
+        mask[b, len(p) - 1 : len(p) - 1 + len(c)] = 1.0
     return mx.array(tok[:, :-1]), mx.array(tok[:, 1:]), mx.array(mask)
 
 
@@ -64,8 +64,14 @@ def _split_ok(model) -> bool:
     return _VERIFIED[key]
 
 
-def token_logps(model, inputs: mx.array, targets: mx.array, with_entropy: bool = False, start: int = 0,
-                temperature: float | None = None):
+def token_logps(
+    model,
+    inputs: mx.array,
+    targets: mx.array,
+    with_entropy: bool = False,
+    start: int = 0,
+    temperature: float | None = None,
+):
     """(log p(target_j | inputs_<=j), entropy of p at j or None, log p_T(target_j | ...) or None)
     for positions j >= start, where p_T = softmax(logits / T) is the distribution sampled at
     temperature T (computed when ``temperature`` is given and is neither 0 nor 1)."""
@@ -115,16 +121,21 @@ class Scores:
         return self.mask.sum(axis=-1)
 
 
-def completion_logps(model, inputs, targets, mask, with_entropy: bool = False,
-                     temperature: float | None = None, start: int | None = None) -> Scores:
+def completion_logps(
+    model, inputs, targets, mask, with_entropy: bool = False, temperature: float | None = None, start: int | None = None
+) -> Scores:
     """Per-token completion log-probs of every row. ``start`` (default: the first completion
     position in ``mask``) skips the output layer on positions no row scores."""
     if start is None:
         start = first_completion_position(mask)
     logp, ent, tempered = token_logps(model, inputs, targets, with_entropy, start, temperature)
     mask = mask[:, start:]
-    return Scores(logp * mask, mask, None if ent is None else (ent * mask).sum(axis=-1),
-                  None if tempered is None else tempered * mask)
+    return Scores(
+        logp * mask,
+        mask,
+        None if ent is None else (ent * mask).sum(axis=-1),
+        None if tempered is None else tempered * mask,
+    )
 
 
 def sequence_logps(model, inputs, targets, mask, with_entropy: bool = False, start: int | None = None):

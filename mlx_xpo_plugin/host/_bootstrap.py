@@ -19,6 +19,7 @@ import sys
 
 from mlx_xpo_plugin.host.startup import MLX_CORE, TARGET, enabled, report
 
+
 class TrainModuleFinder:
     """``sys.meta_path`` entry that hands ``mlx_lm_lora.train`` to the activation code (and
     preloads a fast BLAS before ``mlx.core``)."""
@@ -29,6 +30,7 @@ class TrainModuleFinder:
         if fullname == MLX_CORE:
             try:
                 from mlx_xpo_plugin.host import fast_blas
+
                 why = fast_blas.in_scope()
                 if why:
                     fast_blas.preload(quiet=why == "ours")  # our runs' banner says what happened
@@ -39,8 +41,10 @@ class TrainModuleFinder:
             return None
         try:
             from mlx_xpo_plugin.host import fast_blas
+
             fast_blas.request()
             from mlx_xpo_plugin.host import activation
+
             return activation.find_spec(self, fullname, path, target)
         except Exception as e:  # never break an import
             report(e)

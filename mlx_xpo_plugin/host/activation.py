@@ -101,6 +101,7 @@ class TrainLoader:
 def plugin_modes() -> dict:
     """``{name: TrainMode}`` of every plugin (ours included), loaded on first use."""
     from mlx_xpo_plugin.host.registry import default_registry
+
     return default_registry().modes
 
 
@@ -131,6 +132,7 @@ class _NotOurs(Exception):
 def _quiet_parse(parser: argparse.ArgumentParser, argv):
     """``parser.parse_args(argv)``, or None where argparse would print (help, errors) and exit:
     upstream's own main then parses again and prints exactly what it always printed."""
+
     def stop(*_a, **_k):
         raise _NotOurs
 
@@ -145,6 +147,7 @@ def _quiet_parse(parser: argparse.ArgumentParser, argv):
 def _yaml(module, path):
     """The YAML config read as upstream reads it (its ``yaml_loader``)."""
     import yaml
+
     with open(path, "r") as f:
         return yaml.load(f, Loader=getattr(module, "yaml_loader", yaml.SafeLoader))
 
@@ -171,8 +174,11 @@ def plan(module, args):
         ns = argparse.Namespace(**{**vars(module.build_parser().parse_args([])), **args})
     else:
         ns = argparse.Namespace(**vars(args))
-    name = (getattr(ns, "train_mode", None) or _yaml_train_mode(module, getattr(ns, "config", None))
-            or module.CONFIG_DEFAULTS.get("train_mode"))
+    name = (
+        getattr(ns, "train_mode", None)
+        or _yaml_train_mode(module, getattr(ns, "config", None))
+        or module.CONFIG_DEFAULTS.get("train_mode")
+    )
     mode = modes.get(name)
     if mode is None:
         return None

@@ -32,11 +32,34 @@ import tempfile
 #: what the Linux mlx wheel imports from BLAS/LAPACK (``nm -D --undefined-only libmlx.so``),
 #: plus the neighbours a future MLX is likely to call; a name the library lacks is skipped
 NAMES = tuple(
-    [f"cblas_{t}{op}" for t in "sdcz" for op in ("gemm", "gemv", "axpy", "dot", "scal")
-     if not (t in "cz" and op == "dot")]
-    + [f"{t}{r}_" for t in "sdcz" for r in ("gemm", "gemv", "trsm", "syrk", "getrf", "getri", "getrs",
-                                            "gesv", "potrf", "potrs", "geqrf", "gesdd", "gesvd",
-                                            "geev", "trtri", "lange")]
+    [
+        f"cblas_{t}{op}"
+        for t in "sdcz"
+        for op in ("gemm", "gemv", "axpy", "dot", "scal")
+        if not (t in "cz" and op == "dot")
+    ]
+    + [
+        f"{t}{r}_"
+        for t in "sdcz"
+        for r in (
+            "gemm",
+            "gemv",
+            "trsm",
+            "syrk",
+            "getrf",
+            "getri",
+            "getrs",
+            "gesv",
+            "potrf",
+            "potrs",
+            "geqrf",
+            "gesdd",
+            "gesvd",
+            "geev",
+            "trtri",
+            "lange",
+        )
+    ]
     + [f"{t}{r}_" for t in "sd" for r in ("orgqr", "syevd", "syev", "ormqr")]
     + [f"{t}{r}_" for t in "cz" for r in ("ungqr", "heevd", "heev", "unmqr")]
 )
@@ -84,25 +107,60 @@ def build(symbols: dict, soname: str = "libmlx_xpo_blas_shim.so", machine: str |
     off_dyn = off_str + len(strtab)
     off_dyn += -off_dyn % 8
     dyn_vaddr = off_dyn + PAGE * (off_dyn // PAGE + 1)  # same offset in its page, a page further
-    dynamic = b"".join(struct.pack("<qQ", tag, val) for tag, val in (
-        (14, offsets[soname]),  # DT_SONAME
-        (4, off_hash), (5, off_str), (6, off_sym), (10, len(strtab)), (11, 24),  # HASH STRTAB SYMTAB STRSZ SYMENT
-        (0, 0)))  # DT_NULL
+    dynamic = b"".join(
+        struct.pack("<qQ", tag, val)
+        for tag, val in (
+            (14, offsets[soname]),  # DT_SONAME
+            (4, off_hash),
+            (5, off_str),
+            (6, off_sym),
+            (10, len(strtab)),
+            (11, 24),  # HASH STRTAB SYMTAB STRSZ SYMENT
+            (0, 0),
+        )
+    )  # DT_NULL
     end = off_dyn + len(dynamic)
 
     def phdr(ptype, flags, off, vaddr, size, align):
         return struct.pack("<IIQQQQQQ", ptype, flags, off, vaddr, vaddr, size, size, align)
 
-    header = struct.pack("<4sBBBBB7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0,  # 64-bit, LE, v1, SysV
-                         3, em, 1, 0, 64, 0, 0, 64, 56, nph, 64, 0, 0)  # ET_DYN, no entry, no sections
-    phdrs = (phdr(1, 4, 0, 0, off_dyn, PAGE)                          # PT_LOAD r--
-             + phdr(1, 6, off_dyn, dyn_vaddr, len(dynamic), PAGE)     # PT_LOAD rw-
-             + phdr(2, 6, off_dyn, dyn_vaddr, len(dynamic), 8)        # PT_DYNAMIC
-             + phdr(0x6474E551, 6, 0, 0, 0, 16))                      # PT_GNU_STACK rw-
+    header = struct.pack(
+        "<4sBBBBB7xHHIQQQIHHHHHH",
+        b"\x7fELF",
+        2,
+        1,
+        1,
+        0,
+        0,  # 64-bit, LE, v1, SysV
+        3,
+        em,
+        1,
+        0,
+        64,
+        0,
+        0,
+        64,
+        56,
+        nph,
+        64,
+        0,
+        0,
+    )  # ET_DYN, no entry, no sections
+    phdrs = (
+        phdr(1, 4, 0, 0, off_dyn, PAGE)  # PT_LOAD r--
+        + phdr(1, 6, off_dyn, dyn_vaddr, len(dynamic), PAGE)  # PT_LOAD rw-
+        + phdr(2, 6, off_dyn, dyn_vaddr, len(dynamic), 8)  # PT_DYNAMIC
+        + phdr(0x6474E551, 6, 0, 0, 0, 16)
+    )  # PT_GNU_STACK rw-
     out = bytearray(end)
-    for off, blob in ((0, header + phdrs), (off_hash, hashtab), (off_sym, symtab), (off_str, strtab),
-                      (off_dyn, dynamic)):
-        out[off:off + len(blob)] = blob
+    for off, blob in (
+        (0, header + phdrs),
+        (off_hash, hashtab),
+        (off_sym, symtab),
+        (off_str, strtab),
+        (off_dyn, dynamic),
+    ):
+        out[off : off + len(blob)] = blob
     return bytes(out)
 
 

@@ -6,12 +6,11 @@ as third-party plugins do.
 
 from __future__ import annotations
 
-from mlx_xpo_plugin import __version__
-from mlx_xpo_plugin import config_views
+from mlx_xpo_plugin import __version__, config_views
+from mlx_xpo_plugin.commands.runner import mode_main
 from mlx_xpo_plugin.contracts import TrainMode, hookimpl
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
 from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
-from mlx_xpo_plugin.commands.runner import mode_main
 from mlx_xpo_plugin.xpo_trainer import XPO
 
 _DESCRIPTIONS = {
@@ -23,8 +22,11 @@ _DESCRIPTIONS = {
 def _mode(name: str) -> TrainMode:
     method = {"xpo": XPO, "online_dpo": OnlineDPO}[name]
     return TrainMode(
-        name=name, description=_DESCRIPTIONS[name], main=mode_main(method),
-        add_arguments=config_views.add_arguments, plugin=f"mlx-xpo-plugin {__version__}",
+        name=name,
+        description=_DESCRIPTIONS[name],
+        main=mode_main(method),
+        add_arguments=config_views.add_arguments,
+        plugin=f"mlx-xpo-plugin {__version__}",
     )
 
 

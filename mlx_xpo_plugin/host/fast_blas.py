@@ -46,8 +46,10 @@ SCOPES = ("commands", "all")
 PIP_PACKAGE = "scipy-openblas32"
 PREFIXES = ("", "scipy_")  # how a candidate may name cblas_sgemm
 _OFF = ("0", "false", "no", "off", "bundled", "reference")
-HINT = (f"pip install {PIP_PACKAGE} (no root needed), or install OpenBLAS (Debian/Ubuntu: apt install "
-        f"libopenblas0-pthread), and it is used automatically; or set {ENV}=/path/to/libopenblas.so")
+HINT = (
+    f"pip install {PIP_PACKAGE} (no root needed), or install OpenBLAS (Debian/Ubuntu: apt install "
+    f"libopenblas0-pthread), and it is used automatically; or set {ENV}=/path/to/libopenblas.so"
+)
 
 #: what happened, for the run's banner: {"blas": what MLX multiplies with, "loaded": the preloaded
 #: file or None, "prefix": of its routine names, "why": the reason for the choice}
@@ -115,8 +117,9 @@ def scope(env: dict | None = None) -> tuple[str, str | None]:
     value = (os.environ if env is None else env).get(SCOPE_ENV, "").strip()
     if value.lower() in ("", *SCOPES):
         return (value.lower() or "commands"), None
-    return "commands", (f"{SCOPE_ENV}={value!r} is not one of {', '.join(SCOPES)}; "
-                        f"using commands (this project's commands only)")
+    return "commands", (
+        f"{SCOPE_ENV}={value!r} is not one of {', '.join(SCOPES)}; using commands (this project's commands only)"
+    )
 
 
 def _imported_by_us(frame) -> bool:
@@ -124,7 +127,10 @@ def _imported_by_us(frame) -> bool:
     while frame is not None:
         name = frame.f_globals.get("__name__") or ""
         if name.startswith("mlx_xpo_plugin") and name not in (
-                "mlx_xpo_plugin.host._bootstrap", "mlx_xpo_plugin.host.fast_blas", "mlx_xpo_plugin.host.blas_shim"):
+            "mlx_xpo_plugin.host._bootstrap",
+            "mlx_xpo_plugin.host.fast_blas",
+            "mlx_xpo_plugin.host.blas_shim",
+        ):
             return True
         frame = frame.f_back
     return False
@@ -161,6 +167,7 @@ def _load(path: str) -> tuple[str, int | None]:
     threads = None
     if prefix:
         from mlx_xpo_plugin.host import blas_shim  # only for prefixed libraries
+
         blas_shim.forward_loaded(lib, prefix)
         threads = spare_a_core(lib, prefix)
     _LIB[:] = [lib]
@@ -224,10 +231,15 @@ def banner_line() -> str | None:
     """One line for a run's banner on Linux CPUs (None where MLX's own BLAS is used)."""
     if not STATE and bundled_reference_blas() is not None:  # the hook was off or out of scope
         off = os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() in ("0", "false", "no", "off")
-        STATE.update(blas="bundled reference BLAS (slow)", loaded=None, prefix="",
-                     why="the start-up hook is off (MLX_XPO_PLUGIN=0)" if off else
-                     "mlx.core was imported before this package chose a BLAS (import mlx_xpo_plugin.api "
-                     f"before mlx, or set {SCOPE_ENV}=all)")
+        STATE.update(
+            blas="bundled reference BLAS (slow)",
+            loaded=None,
+            prefix="",
+            why="the start-up hook is off (MLX_XPO_PLUGIN=0)"
+            if off
+            else "mlx.core was imported before this package chose a BLAS (import mlx_xpo_plugin.api "
+            f"before mlx, or set {SCOPE_ENV}=all)",
+        )
     if not STATE or (STATE.get("blas") == "as shipped with mlx" and not STATE.get("why")):
         return None
     if STATE.get("loaded"):
@@ -275,9 +287,9 @@ def spare_core_for_python():
     t while the Python thread builds step t+1. A decode step's matrix products have one row per
     sequence, too few to gain from being split across threads, and OpenBLAS's idle workers spin
     (``sched_yield``) between calls, taking the core the Python thread needs (README, "Sampling":
-    measured); the scoring forward/backward did not gain, so the count goes back on exit. Pending MLX work is finished on entry and on exit, so
-    the count never changes under a running product. A no-op unless this module preloaded an
-    OpenBLAS.
+    measured); the scoring forward/backward did not gain, so the count goes back on exit. Pending
+    MLX work is finished on entry and on exit, so the count never changes under a running product.
+    A no-op unless this module preloaded an OpenBLAS.
     """
     api = _openblas_threads(STATE["loaded"], STATE.get("prefix", "")) if STATE.get("loaded") else None
     if api is None:

@@ -13,9 +13,9 @@ from typing import Optional
 
 import pluggy
 
-from mlx_xpo_plugin.host import hookspecs
 from mlx_xpo_plugin.contracts import ENTRY_POINT_GROUP, PROJECT, JudgeContext, JudgeFactory, PairwiseJudge, TrainMode
 from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.host import hookspecs
 
 #: this project's own plugin: registered by name when it is not installed as a distribution
 BUILTIN_PLUGIN = "mlx_xpo_plugin.host.builtins"
@@ -34,8 +34,7 @@ class Registry:
     def _add(self, table: dict, kind: str, name: str, obj, owner: str):
         key = (kind, name)
         if key in self._owner:
-            raise DuplicateRegistration(
-                f"{kind} {name!r} is registered by two plugins: {self._owner[key]} and {owner}")
+            raise DuplicateRegistration(f"{kind} {name!r} is registered by two plugins: {self._owner[key]} and {owner}")
         self._owner[key] = owner
         table[name] = obj
 
@@ -93,8 +92,11 @@ def judge_factory_for(spec: str, registry: Optional[Registry] = None) -> JudgeFa
     for f in sorted(reg.judges.values(), key=lambda f: -f.priority):
         if f.matches(spec):
             return f
-    raise ConfigError("judge", spec, "use 'human', an http(s):// URL, 'module:callable', "
-                      "'path/file.py:callable', or a local model path / model id")
+    raise ConfigError(
+        "judge",
+        spec,
+        "use 'human', an http(s):// URL, 'module:callable', 'path/file.py:callable', or a local model path / model id",
+    )
 
 
 def check_judge(spec: str, ctx: JudgeContext, registry: Optional[Registry] = None) -> JudgeFactory:

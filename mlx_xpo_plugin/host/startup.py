@@ -26,7 +26,9 @@ def report(exc) -> None:
     try:
         what = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         what = " ".join(str(what).split())
-        sys.stderr.write(f"mlx-xpo-plugin: activation failed ({what}); mlx-lm-lora runs "
-                         f"unchanged (set MLX_XPO_PLUGIN=0 to silence this)\n")
+        sys.stderr.write(
+            f"mlx-xpo-plugin: activation failed ({what}); mlx-lm-lora runs "
+            f"unchanged (set MLX_XPO_PLUGIN=0 to silence this)\n"
+        )
     except Exception:
         pass

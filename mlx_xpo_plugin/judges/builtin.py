@@ -8,13 +8,12 @@ inside ``build`` only.
 
 from __future__ import annotations
 
-from mlx_xpo_plugin.judges import function, http, human, llm
 from mlx_xpo_plugin.contracts import JudgeFactory
+from mlx_xpo_plugin.judges import function, http, human, llm
 
 BUILTIN_JUDGE_FACTORIES: list[JudgeFactory] = [
     JudgeFactory("human", human.matches, human.build, human.check, priority=100, uses_judge_system=False),
     JudgeFactory("http", http.matches, http.build, http.check, priority=90),
-    JudgeFactory("function", function.matches, function.build, function.check, priority=80,
-                 uses_judge_system=False),
+    JudgeFactory("function", function.matches, function.build, function.check, priority=80, uses_judge_system=False),
     JudgeFactory("llm", llm.matches, llm.build, llm.check, priority=0),
 ]

@@ -8,8 +8,8 @@ import random
 from typing import Optional, Sequence
 
 from mlx_xpo_plugin.config import Setting, check_value
-from mlx_xpo_plugin.errors import ConfigError, did_you_mean
 from mlx_xpo_plugin.contracts import Judge, Verdict
+from mlx_xpo_plugin.errors import ConfigError, did_you_mean
 
 # ---------------------------------------------------------------------------------------------
 # judge_config validation
@@ -31,10 +31,13 @@ def resolve_options(judge_kind: str, judge_config, schema: dict[str, Setting]) -
     for key in judge_config:
         if key not in schema:
             valid = ", ".join(sorted(schema)) or "none"
-            raise ConfigError("judge_config", key, f"unknown option for the {judge_kind} judge; valid "
-                              f"options: {valid}", did_you_mean(str(key), schema))
-    return {key: check_value(s, judge_config[key]) if key in judge_config else s.default
-            for key, s in schema.items()}
+            raise ConfigError(
+                "judge_config",
+                key,
+                f"unknown option for the {judge_kind} judge; valid options: {valid}",
+                did_you_mean(str(key), schema),
+            )
+    return {key: check_value(s, judge_config[key]) if key in judge_config else s.default for key, s in schema.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,10 +50,7 @@ DEFAULT_RUBRIC = (
 )
 
 #: the user message of every pair; it always ends by asking for the digit, whatever the rubric
-PAIR_TEMPLATE = (
-    "Prompt:\n{prompt}\n\nResponse 0:\n{a}\n\nResponse 1:\n{b}\n\n"
-    "Better response (0 or 1)?"
-)
+PAIR_TEMPLATE = "Prompt:\n{prompt}\n\nResponse 0:\n{a}\n\nResponse 1:\n{b}\n\nBetter response (0 or 1)?"
 
 
 def pair_messages(rubric: Optional[str], prompt: str, a: str, b: str) -> list[dict]:
@@ -69,13 +69,10 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
     template gets plain text ending in "Answer:"."""
     if getattr(tokenizer, "chat_template", None):
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception:
-            merged = [{"role": "user",
-                       "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
-            return tokenizer.apply_chat_template(merged, tokenize=False,
-                                                 add_generation_prompt=True)
+            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
     return messages[0]["content"] + "\n\n" + messages[1]["content"] + "\nAnswer:"
 
 
@@ -124,8 +121,9 @@ def unflip(v: Verdict, flipped: bool) -> Verdict:
     return Verdict(1 - v.winner, v.confidence, v.raw, False, scores)
 
 
-def combine_orders(fwd: Verdict, rev: Verdict, p_second: Optional[tuple[float, float]] = None
-                   ) -> tuple[Verdict, Optional[bool]]:
+def combine_orders(
+    fwd: Verdict, rev: Verdict, p_second: Optional[tuple[float, float]] = None
+) -> tuple[Verdict, Optional[bool]]:
     """Combine the verdict on (a, b) with the verdict on (b, a) (``rev``, still in its own order).
 
     Returns (verdict, consistent): consistent is None when either order was invalid (the result is
@@ -148,8 +146,7 @@ def combine_orders(fwd: Verdict, rev: Verdict, p_second: Optional[tuple[float, f
             conf = 0.5 * (fwd.confidence + back.confidence)
         return Verdict(fwd.winner, conf, raw), True
     what = lambda v: "tie" if v.tie else f"winner {v.winner}"  # noqa: E731
-    raw["inconsistent"] = (f"order (a, b) gave {what(fwd)}, order (b, a) gave {what(back)} "
-                           "(in the original order)")
+    raw["inconsistent"] = f"order (a, b) gave {what(fwd)}, order (b, a) gave {what(back)} (in the original order)"
     return Verdict.bad(raw), False
 
 
@@ -163,8 +160,7 @@ def consistency_metrics(flags: Sequence[Optional[bool]]) -> dict:
     }
 
 
-def judge_in_order(prompts, pairs, judge_ordered, *, both_orders: bool, shuffle: bool,
-                   rng: random.Random):
+def judge_in_order(prompts, pairs, judge_ordered, *, both_orders: bool, shuffle: bool, rng: random.Random):
     """Position-bias control shared by the model-backed judges.
 
     ``judge_ordered(triples)`` judges ``(prompt, first, second)`` triples as given and returns

@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from mlx_xpo_plugin.config import Setting
-from mlx_xpo_plugin.errors import ConfigError, did_you_mean
 from mlx_xpo_plugin.contracts import Judge, JudgeContext, Verdict
+from mlx_xpo_plugin.errors import ConfigError, did_you_mean
 from mlx_xpo_plugin.judges.common import options, resolve_options
 
 OPTIONS = options(
@@ -83,8 +83,7 @@ def _load_file(path: Path, spec: str):
     key = (str(path), path.stat().st_mtime_ns)
     if key in _FILE_MODULES:
         return _FILE_MODULES[key]
-    name = "_mlx_xpo_judge_" + re.sub(r"\W", "_", path.stem) + "_" + hashlib.sha1(
-        str(path).encode()).hexdigest()[:8]
+    name = "_mlx_xpo_judge_" + re.sub(r"\W", "_", path.stem) + "_" + hashlib.sha1(str(path).encode()).hexdigest()[:8]
     mspec = importlib.util.spec_from_file_location(name, str(path))
     if mspec is None or mspec.loader is None:
         raise ConfigError("judge", spec, f"cannot load {str(path)!r} as a Python file")
@@ -98,8 +97,7 @@ def _load_file(path: Path, spec: str):
         mspec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(name, None)
-        raise ConfigError("judge", spec, f"running {str(path)!r} failed",
-                          f"{type(e).__name__}: {e}") from e
+        raise ConfigError("judge", spec, f"running {str(path)!r} failed", f"{type(e).__name__}: {e}") from e
     finally:
         if added:
             try:
@@ -136,23 +134,24 @@ def load_callable(spec: str) -> Callable:
     if where.endswith(".py"):
         path = Path(where).expanduser()
         if not path.is_file():
-            raise ConfigError("judge", spec, f"the file {where!r} does not exist",
-                              f"working directory: {os.getcwd()}")
+            raise ConfigError("judge", spec, f"the file {where!r} does not exist", f"working directory: {os.getcwd()}")
         module = _load_file(path.resolve(), spec)
     else:
         try:
             module = _import_with_cwd(where)
         except Exception as e:
             as_file = where.replace(".", "/") + ".py"
-            raise ConfigError("judge", spec, f"cannot import the module {where!r}",
-                              f"{type(e).__name__}: {e}; for a file, write "
-                              f"'path/to/{as_file}:{attr}'") from e
+            raise ConfigError(
+                "judge",
+                spec,
+                f"cannot import the module {where!r}",
+                f"{type(e).__name__}: {e}; for a file, write 'path/to/{as_file}:{attr}'",
+            ) from e
     obj: Any = module
     for name in attr.split("."):
         if not hasattr(obj, name):
             names = [n for n in dir(obj) if not n.startswith("_")]
-            raise ConfigError("judge", spec, f"{where!r} has no attribute {name!r}",
-                              did_you_mean(name, names))
+            raise ConfigError("judge", spec, f"{where!r} has no attribute {name!r}", did_you_mean(name, names))
         obj = getattr(obj, name)
     if not callable(obj):
         raise ConfigError("judge", spec, f"{attr!r} is not callable (it is a {type(obj).__name__})")
@@ -230,8 +229,11 @@ class FunctionJudge(Judge):
             raise ValueError(f"{len(prompts)} prompts but {len(pairs)} pairs")
         self._errors = 0
         if self.pointwise:
-            out = self._pointwise_batched(prompts, pairs) if self.batched else [
-                self._pointwise_one(p, a, b) for p, (a, b) in zip(prompts, pairs)]
+            out = (
+                self._pointwise_batched(prompts, pairs)
+                if self.batched
+                else [self._pointwise_one(p, a, b) for p, (a, b) in zip(prompts, pairs)]
+            )
         elif self.batched:
             out = self._pairwise_batched(prompts, pairs)
         else:
@@ -281,8 +283,7 @@ class FunctionJudge(Judge):
 
     def _pointwise_batched(self, prompts, pairs) -> list[Verdict]:
         n = len(pairs)
-        res = self._call_batched(list(prompts) * 2, [a for a, _ in pairs] + [b for _, b in pairs],
-                                 n=2 * n)
+        res = self._call_batched(list(prompts) * 2, [a for a, _ in pairs] + [b for _, b in pairs], n=2 * n)
         if res is None:
             return [Verdict.bad(raw=self._why) for _ in pairs]
         return [scores_to_verdict(res[i], res[n + i]) for i in range(n)]
@@ -294,8 +295,7 @@ class FunctionJudge(Judge):
 
 def _modes(fn, opts) -> tuple[bool, bool]:
     batched = opts["batched"] if opts["batched"] is not None else bool(getattr(fn, "batched", False))
-    pointwise = (opts["pointwise"] if opts["pointwise"] is not None
-                 else bool(getattr(fn, "pointwise", False)))
+    pointwise = opts["pointwise"] if opts["pointwise"] is not None else bool(getattr(fn, "pointwise", False))
     return batched, pointwise
 
 

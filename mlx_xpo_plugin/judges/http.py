@@ -39,16 +39,22 @@ import urllib.parse
 import urllib.request
 from typing import Optional, Sequence
 
-from mlx_xpo_plugin.errors import ConfigError
-from mlx_xpo_plugin.contracts import JudgeContext, Verdict
 from mlx_xpo_plugin.config import Setting
+from mlx_xpo_plugin.contracts import JudgeContext, Verdict
+from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.judges.common import SeededOrder, judge_in_order, options, pair_messages, resolve_options
 from mlx_xpo_plugin.judges.parse import parse_answer
 
 OPTIONS = options(
     Setting("model", "str", None, "the model name sent to the endpoint"),
-    Setting("api_key_env", "str", None, "the NAME of an environment variable (letters, digits, _), "
-            "never the key itself", pattern=r"[A-Za-z_][A-Za-z0-9_]*", secret=True),
+    Setting(
+        "api_key_env",
+        "str",
+        None,
+        "the NAME of an environment variable (letters, digits, _), never the key itself",
+        pattern=r"[A-Za-z_][A-Za-z0-9_]*",
+        secret=True,
+    ),
     Setting("timeout", "float", 30.0, "seconds per request", minimum=0, exclusive_minimum=True, maximum=3600),
     Setting("max_retries", "int", 2, "retries of a failed request", minimum=0, maximum=10),
     Setting("backoff", "float", 0.5, "seconds before the first retry (doubled each time)", minimum=0, maximum=60),
@@ -108,8 +114,7 @@ class HTTPJudge(SeededOrder):
         # a local server is reached directly, whatever *_proxy says
         handlers = [urllib.request.ProxyHandler({})] if host in _LOOPBACK else []
         self._opener = urllib.request.build_opener(*handlers)
-        self._pool = cf.ThreadPoolExecutor(max_workers=self.concurrency,
-                                           thread_name_prefix="http-judge")
+        self._pool = cf.ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="http-judge")
         self.last_metrics: dict = {}
         self.last_flips: list[bool] = []
 
@@ -123,8 +128,12 @@ class HTTPJudge(SeededOrder):
         return h
 
     def _body(self, prompt: str, first: str, second: str) -> bytes:
-        body = {"messages": pair_messages(self.rubric, prompt, first, second),
-                "max_tokens": self.max_tokens, "temperature": self.temperature, "stream": False}
+        body = {
+            "messages": pair_messages(self.rubric, prompt, first, second),
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "stream": False,
+        }
         if self.model:
             body["model"] = self.model
         return json.dumps(body).encode()
@@ -136,8 +145,7 @@ class HTTPJudge(SeededOrder):
             if attempt:
                 retries += 1
                 time.sleep(self.backoff * (2 ** (attempt - 1)))
-            req = urllib.request.Request(self.url, data=data, headers=self._headers(),
-                                         method="POST")
+            req = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
             try:
                 with self._opener.open(req, timeout=self.timeout) as resp:
                     raw = resp.read()
@@ -150,8 +158,14 @@ class HTTPJudge(SeededOrder):
                 if e.code in _RETRY_STATUS:
                     continue
                 raise _Failed(last, retries, kind)
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
-                    OSError, http.client.HTTPException) as e:
+            except (
+                urllib.error.URLError,
+                socket.timeout,
+                TimeoutError,
+                ConnectionError,
+                OSError,
+                http.client.HTTPException,
+            ) as e:
                 reason = getattr(e, "reason", e)
                 last, kind = f"{type(reason).__name__}: {reason}", error_kind(e)
                 continue
@@ -170,8 +184,11 @@ class HTTPJudge(SeededOrder):
         try:
             content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            return Verdict.bad({"error": "no choices[0].message.content in the reply",
-                                "reply": str(reply)[:200]}), "bad_reply", retries
+            return (
+                Verdict.bad({"error": "no choices[0].message.content in the reply", "reply": str(reply)[:200]}),
+                "bad_reply",
+                retries,
+            )
         w = parse_answer(content)
         if w is None:
             return Verdict.bad(content), "unparsed", retries
@@ -179,7 +196,7 @@ class HTTPJudge(SeededOrder):
 
     def _deadline(self) -> float:
         """An upper bound for one request with its retries, plus slack."""
-        waits = sum(self.backoff * 2 ** k for k in range(self.max_retries))
+        waits = sum(self.backoff * 2**k for k in range(self.max_retries))
         return (self.max_retries + 1) * (self.timeout + 1.0) + waits + 5.0
 
     def judge_ordered(self, triples: Sequence[tuple[str, str, str]]):
@@ -200,9 +217,12 @@ class HTTPJudge(SeededOrder):
                 kinds[outcome] = kinds.get(outcome, 0) + 1
             unparsed += outcome == "unparsed"
             retries += r
-        return verdicts, {"judge/http_errors": sum(kinds.values()), "judge/unparsed": unparsed,
-                          "judge/http_retries": retries,
-                          **{f"judge/errors/{k}": n for k, n in sorted(kinds.items())}}
+        return verdicts, {
+            "judge/http_errors": sum(kinds.values()),
+            "judge/unparsed": unparsed,
+            "judge/http_retries": retries,
+            **{f"judge/errors/{k}": n for k, n in sorted(kinds.items())},
+        }
 
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         def ordered(triples):
@@ -210,7 +230,8 @@ class HTTPJudge(SeededOrder):
             return vs, [None] * len(vs), metrics
 
         out, self.last_metrics, self.last_flips = judge_in_order(
-            prompts, pairs, ordered, both_orders=self.both_orders, shuffle=self.shuffle, rng=self.rng)
+            prompts, pairs, ordered, both_orders=self.both_orders, shuffle=self.shuffle, rng=self.rng
+        )
         return out
 
     def close(self) -> None:
@@ -221,18 +242,23 @@ def check(spec: str, ctx: JudgeContext) -> None:
     opts = resolve_options("http", ctx.judge_config, OPTIONS)
     parts = urllib.parse.urlsplit(spec.strip())
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ConfigError("judge", spec, "an endpoint judge needs a URL like "
-                          "http://127.0.0.1:8080 or https://host/v1/chat/completions")
+        raise ConfigError(
+            "judge",
+            spec,
+            "an endpoint judge needs a URL like http://127.0.0.1:8080 or https://host/v1/chat/completions",
+        )
     try:
         parts.port
     except ValueError:
         raise ConfigError("judge", spec, "the port of the URL is not a number in 0-65535")
     env = opts["api_key_env"]
     if env is not None and env not in os.environ:
-        raise ConfigError("judge_config.api_key_env", env,
-                          "names an environment variable that is not set",
-                          f"export {env}=... before training (give the variable's name, "
-                          "never the key itself)")
+        raise ConfigError(
+            "judge_config.api_key_env",
+            env,
+            "names an environment variable that is not set",
+            f"export {env}=... before training (give the variable's name, never the key itself)",
+        )
 
 
 def build(spec: str, ctx: JudgeContext) -> HTTPJudge:

@@ -22,9 +22,9 @@ import random
 import sys
 from typing import Optional, Sequence, TextIO
 
-from mlx_xpo_plugin.errors import ConfigError, StopTraining
-from mlx_xpo_plugin.contracts import JudgeContext, Verdict
 from mlx_xpo_plugin.config import Setting
+from mlx_xpo_plugin.contracts import JudgeContext, Verdict
+from mlx_xpo_plugin.errors import ConfigError, StopTraining
 from mlx_xpo_plugin.judges.common import SeededOrder, draw_flips, options, resolve_options, unflip
 
 OPTIONS = options(Setting("shuffle", "bool", False, "show each pair in a random order"))
@@ -39,8 +39,9 @@ RULE = "=" * 72
 class HumanJudge(SeededOrder):
     """A PairwiseJudge that asks a person at the terminal (see the module docstring)."""
 
-    def __init__(self, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
-                 shuffle: bool = False, seed: int = 0):
+    def __init__(
+        self, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None, shuffle: bool = False, seed: int = 0
+    ):
         self.stdin = stdin if stdin is not None else sys.stdin
         self.stdout = stdout if stdout is not None else sys.stdout
         self.shuffle = shuffle
@@ -94,9 +95,12 @@ def _need_tty(stdin) -> None:
     except (AttributeError, ValueError):
         ok = False
     if not ok:
-        raise ConfigError("judge", "human", "needs an interactive terminal on standard input",
-                          "run training from a terminal, or use a model path, an http(s):// URL "
-                          "or 'module:callable' as the judge")
+        raise ConfigError(
+            "judge",
+            "human",
+            "needs an interactive terminal on standard input",
+            "run training from a terminal, or use a model path, an http(s):// URL or 'module:callable' as the judge",
+        )
 
 
 def check(spec: str, ctx: JudgeContext) -> None:

@@ -47,25 +47,45 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mlx_xpo_plugin.errors import ConfigError
-from mlx_xpo_plugin.contracts import JudgeContext, Verdict
 from mlx_xpo_plugin.compute.models import model_folder, same_folder
 from mlx_xpo_plugin.config import Setting
-from mlx_xpo_plugin.judges.common import SeededOrder, judge_in_order, options, pair_messages, render_chat, resolve_options
+from mlx_xpo_plugin.contracts import JudgeContext, Verdict
+from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.judges.common import (
+    SeededOrder,
+    judge_in_order,
+    options,
+    pair_messages,
+    render_chat,
+    resolve_options,
+)
 from mlx_xpo_plugin.judges.parse import LABELS, parse_answer
 
 OPTIONS = options(
     Setting("mode", "str", "logits", "how the answer is read", choices=("logits", "generate")),
     Setting("both_orders", "bool", False, "judge both orders, keep consistent verdicts"),
     Setting("shuffle", "bool", True, "show each pair in a random order"),
-    Setting("tie_margin", "float", 0.02, "label probabilities closer than this tie",
-            minimum=0.0, maximum=1.0, exclusive_maximum=True),
-    Setting("min_label_prob", "float", 0.0, "less mass on the labels is an invalid answer",
-            minimum=0.0, maximum=1.0, exclusive_maximum=True),
+    Setting(
+        "tie_margin",
+        "float",
+        0.02,
+        "label probabilities closer than this tie",
+        minimum=0.0,
+        maximum=1.0,
+        exclusive_maximum=True,
+    ),
+    Setting(
+        "min_label_prob",
+        "float",
+        0.0,
+        "less mass on the labels is an invalid answer",
+        minimum=0.0,
+        maximum=1.0,
+        exclusive_maximum=True,
+    ),
     Setting("max_tokens", "int", 8, "tokens generated in generate mode", minimum=1, maximum=256),
     Setting("batch_size", "int", 8, "pairs per forward pass", minimum=1),
 )
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,12 +94,18 @@ OPTIONS = options(
 
 def resolve_model(spec: str, ctx: JudgeContext) -> Optional[str]:
     """The local folder to load, or None to reuse ``ctx.reference_model``. ConfigError otherwise."""
-    if (ctx.reference_model is not None and ctx.reference_tokenizer is not None
-            and same_folder(spec, ctx.reference_model_path)):
+    if (
+        ctx.reference_model is not None
+        and ctx.reference_tokenizer is not None
+        and same_folder(spec, ctx.reference_model_path)
+    ):
         return None
-    return model_folder("judge", spec, otherwise="use 'human', an http(s):// URL, 'module:callable', "
-                        "'path/file.py:callable' or a local model folder",
-                        file_hint="for a Python judge write 'path/file.py:callable'")
+    return model_folder(
+        "judge",
+        spec,
+        otherwise="use 'human', an http(s):// URL, 'module:callable', 'path/file.py:callable' or a local model folder",
+        file_hint="for a Python judge write 'path/file.py:callable'",
+    )
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -96,9 +122,12 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
     for lab in LABELS:
         toks = list(tokenizer.encode(lab, add_special_tokens=False))
         if not toks:
-            raise ConfigError("judge_config.mode", "logits",
-                              f"the judge tokenizer encodes the label {lab!r} to no token",
-                              "use mode: generate")
+            raise ConfigError(
+                "judge_config.mode",
+                "logits",
+                f"the judge tokenizer encodes the label {lab!r} to no token",
+                "use mode: generate",
+            )
         pick = toks[0]
         for t in toks:
             if tokenizer.decode([t]).replace("\u2581", " ").strip():
@@ -106,9 +135,14 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
                 break
         ids.append(int(pick))
     if ids[0] == ids[1]:
-        raise ConfigError("judge_config.mode", "logits", "the judge tokenizer gives the labels "
-                          "'0' and '1' the same first token, so logits mode cannot tell them "
-                          "apart", "use mode: generate")
+        raise ConfigError(
+            "judge_config.mode",
+            "logits",
+            "the judge tokenizer gives the labels "
+            "'0' and '1' the same first token, so logits mode cannot tell them "
+            "apart",
+            "use mode: generate",
+        )
     return ids[0], ids[1]
 
 
@@ -144,8 +178,11 @@ class LLMJudge(SeededOrder):
         from mlx.utils import tree_flatten
 
         leaves = [v for _, v in tree_flatten(self.model.parameters())]
-        same = self._weights is not None and len(leaves) == len(self._weights) and all(
-            a is b for a, b in zip(leaves, self._weights))
+        same = (
+            self._weights is not None
+            and len(leaves) == len(self._weights)
+            and all(a is b for a, b in zip(leaves, self._weights))
+        )
         self._weights = leaves
         return same
 
@@ -174,7 +211,7 @@ class LLMJudge(SeededOrder):
         same_weights = self._weights_same()
         if self._prefix is not None and same_weights:
             key, kv = self._prefix
-            if len(key) <= P and tuple(first[:len(key)]) == key:
+            if len(key) <= P and tuple(first[: len(key)]) == key:
                 return len(key), kv
         if P == 0:
             return 0, None
@@ -204,14 +241,18 @@ class LLMJudge(SeededOrder):
             c = BatchKVCache([0] * B)
             if kv is not None:
                 k, v = kv[layer]
-                c.state = (mx.broadcast_to(k, (B,) + k.shape[1:]),
-                           mx.broadcast_to(v, (B,) + v.shape[1:]),
-                           mx.array([P] * B), mx.array([0] * B), P)
+                c.state = (
+                    mx.broadcast_to(k, (B,) + k.shape[1:]),
+                    mx.broadcast_to(v, (B,) + v.shape[1:]),
+                    mx.array([P] * B),
+                    mx.array([0] * B),
+                    P,
+                )
             cache.append(c)
         if width > 0:
             arr = np.full((B, width), self.pad_id, dtype=np.int32)
             for r, b in enumerate(body):
-                arr[r, :len(b)] = b
+                arr[r, : len(b)] = b
             for c in cache:
                 c.prepare(right_padding=[width - len(b) for b in body])
             self.model(mx.array(arr), cache=cache)
@@ -229,7 +270,7 @@ class LLMJudge(SeededOrder):
         lens = np.asarray([len(r) for r in rows], dtype=np.int32)
         arr = np.full((len(rows), int(lens.max())), self.pad_id, dtype=np.int32)
         for i, r in enumerate(rows):
-            arr[i, :len(r)] = r
+            arr[i, : len(r)] = r
         logits = self.model(mx.array(arr))
         return logits[mx.arange(len(rows)), mx.array(lens - 1)]
 
@@ -250,10 +291,11 @@ class LLMJudge(SeededOrder):
         order = sorted(range(n), key=lambda i: len(seqs[i]))
         ids = mx.array(np.asarray(self.label_ids, dtype=np.int32))
         for start in range(0, n, self.batch_size):
-            rows = order[start:start + self.batch_size]
+            rows = order[start : start + self.batch_size]
             chunk = [seqs[i] for i in rows]
-            logits = (self._batch_last_logits(chunk, P, kv) if batched
-                      else self._plain_last_logits(chunk)).astype(mx.float32)
+            logits = (self._batch_last_logits(chunk, P, kv) if batched else self._plain_last_logits(chunk)).astype(
+                mx.float32
+            )
             lp = mx.take(logits, ids, axis=1) - mx.logsumexp(logits, axis=-1, keepdims=True)
             out[rows] = np.array(lp, dtype=np.float64)
         return out
@@ -281,11 +323,10 @@ class LLMJudge(SeededOrder):
 
         if not seqs:
             return []
-        P, kv = (self._prefix_kv(seqs) if self.prefix_cache and self._batchable()
-                 else (0, None))
+        P, kv = self._prefix_kv(seqs) if self.prefix_cache and self._batchable() else (0, None)
         texts: list[str] = []
         for start in range(0, len(seqs), self.batch_size):
-            chunk = [list(s[P:]) for s in seqs[start:start + self.batch_size]]
+            chunk = [list(s[P:]) for s in seqs[start : start + self.batch_size]]
             caches = None
             if kv is not None:
                 caches = []
@@ -296,13 +337,15 @@ class LLMJudge(SeededOrder):
                         c.state = (k, v, P)
                         row.append(c)
                     caches.append(row)
-            res = batch_generate(self.model, self.tokenizer, chunk, prompt_caches=caches,
-                                 max_tokens=self.max_tokens, verbose=False)
+            res = batch_generate(
+                self.model, self.tokenizer, chunk, prompt_caches=caches, max_tokens=self.max_tokens, verbose=False
+            )
             texts.extend(res.texts)
         return texts
 
-    def judge_ordered(self, triples: Sequence[tuple[str, str, str]]
-                      ) -> tuple[list[Verdict], list[Optional[float]], dict]:
+    def judge_ordered(
+        self, triples: Sequence[tuple[str, str, str]]
+    ) -> tuple[list[Verdict], list[Optional[float]], dict]:
         """Judge (prompt, first, second) triples as given, no shuffling: verdicts, P(second better)
         where known, and metrics."""
         seqs = [self.encode(p, a, b) for p, a, b in triples]
@@ -326,7 +369,8 @@ class LLMJudge(SeededOrder):
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         t0 = time.perf_counter()
         out, metrics, self.last_flips = judge_in_order(
-            prompts, pairs, self.judge_ordered, both_orders=self.both_orders, shuffle=self.shuffle, rng=self.rng)
+            prompts, pairs, self.judge_ordered, both_orders=self.both_orders, shuffle=self.shuffle, rng=self.rng
+        )
         metrics["judge/forward_seconds"] = time.perf_counter() - t0
         self.last_metrics = metrics
         return out
@@ -354,5 +398,6 @@ def build(spec: str, ctx: JudgeContext) -> LLMJudge:
         model, tokenizer = ctx.reference_model, ctx.reference_tokenizer
     else:
         from mlx_lm import load
+
         model, tokenizer = load(path)
     return LLMJudge(model, tokenizer, rubric=ctx.judge_system, seed=ctx.seed, **opts)

@@ -48,6 +48,7 @@ def save_json(path: str, obj) -> None:
     def w(tmp):
         with open(tmp, "w") as f:
             f.write(text)
+
     atomic_write_bytes(path, w)
 
 

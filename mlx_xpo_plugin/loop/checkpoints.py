@@ -22,14 +22,25 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
-from mlx_xpo_plugin.loop import atomic as ckpt
 from mlx_xpo_plugin.errors import ConfigError, SaveFailed
-from mlx_xpo_plugin.loop.faults import capture, restore as restore_judge
+from mlx_xpo_plugin.loop import atomic as ckpt
+from mlx_xpo_plugin.loop.faults import capture
+from mlx_xpo_plugin.loop.faults import restore as restore_judge
 
 #: settings that must match for a checkpoint to be resumed
-FINGERPRINT_KEYS = ("train_mode", "model", "train_type", "lora_parameters", "num_layers",
-                    "xpo_bonus", "dpo_cpo_loss_type", "batch_size", "gradient_accumulation_steps",
-                    "seed", "reference_model_path")
+FINGERPRINT_KEYS = (
+    "train_mode",
+    "model",
+    "train_type",
+    "lora_parameters",
+    "num_layers",
+    "xpo_bonus",
+    "dpo_cpo_loss_type",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "reference_model_path",
+)
 
 
 @dataclass
@@ -54,8 +65,10 @@ def save_checkpoint(trainer, final: bool = False) -> None:
     except OSError as e:  # disk full, unwritable folder: the previous checkpoint is untouched
         _remove_unreferenced(os.path.join(s.adapter_path, "checkpoint"))  # frees the space it took
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        raise SaveFailed(f"saving the checkpoint of step {trainer.step} failed: "
-                         f"{e.strerror or e}{where}", os.path.join(s.adapter_path, "checkpoint")) from e
+        raise SaveFailed(
+            f"saving the checkpoint of step {trainer.step} failed: {e.strerror or e}{where}",
+            os.path.join(s.adapter_path, "checkpoint"),
+        ) from e
 
 
 def _save(trainer, final: bool) -> None:
@@ -110,8 +123,11 @@ def find_checkpoint(path: str) -> str:
     for c in candidates:
         if os.path.isfile(os.path.join(c, "state.json")):
             return c
-    raise ConfigError("resume_adapter_file", path, "no checkpoint found there (expected "
-                      "<adapter_path>/checkpoint/state.json written by an xpo/online_dpo run)")
+    raise ConfigError(
+        "resume_adapter_file",
+        path,
+        "no checkpoint found there (expected <adapter_path>/checkpoint/state.json written by an xpo/online_dpo run)",
+    )
 
 
 def check_resume(path: str, cfg) -> tuple[str, dict]:
@@ -125,8 +141,9 @@ def check_resume(path: str, cfg) -> tuple[str, dict]:
     diff = [k for k in FINGERPRINT_KEYS if k in theirs and theirs[k] != mine[k]]
     if diff:
         k = diff[0]
-        raise ConfigError("resume_adapter_file", path,
-                          f"the checkpoint was made with {k}={theirs[k]!r}, this run has {k}={mine[k]!r}")
+        raise ConfigError(
+            "resume_adapter_file", path, f"the checkpoint was made with {k}={theirs[k]!r}, this run has {k}={mine[k]!r}"
+        )
     return d, state
 
 
@@ -137,9 +154,13 @@ def load_resume(path: str, cfg) -> dict:
     for name in ("adapters", "optimizer"):
         arrays, meta = mx.load(os.path.join(d, files[name]), return_metadata=True)
         if meta.get("step") != str(state["step"]):
-            raise ConfigError("resume_adapter_file", path, f"the checkpoint is incomplete ({name} from step "
-                              f"{meta.get('step')}, state from step {state['step']}); the run was killed "
-                              "while saving: resume from an earlier NNNNNNN_adapters.safetensors")
+            raise ConfigError(
+                "resume_adapter_file",
+                path,
+                f"the checkpoint is incomplete ({name} from step "
+                f"{meta.get('step')}, state from step {state['step']}); the run was killed "
+                "while saving: resume from an earlier NNNNNNN_adapters.safetensors",
+            )
         state[name] = arrays
     return state
 
@@ -147,9 +168,12 @@ def load_resume(path: str, cfg) -> dict:
 def restore(trainer, state: dict) -> None:
     trainer.model.load_weights(list(state["adapters"].items()), strict=False)
     trainer.opt.state = tree_unflatten(list(state["optimizer"].items()))
-    trainer.state = LoopState(step=int(state["step"]), position=int(state["position"]),
-                              nonfinite_run=int(state.get("nonfinite_run", 0)),
-                              judge_state=state.get("judge_state"))
+    trainer.state = LoopState(
+        step=int(state["step"]),
+        position=int(state["position"]),
+        nonfinite_run=int(state.get("nonfinite_run", 0)),
+        judge_state=state.get("judge_state"),
+    )
     trainer.order.position = trainer.order.step_start = trainer.state.position
     restore_judge(trainer.judge, trainer.state.judge_state, log=trainer.log)
     mx.eval(trainer.model.parameters())

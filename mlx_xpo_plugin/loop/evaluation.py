@@ -10,10 +10,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from mlx_xpo_plugin.compute.rollout import sample_policy_and_reference
 from mlx_xpo_plugin.loop.losses import dpo_scores, reward_stats
 from mlx_xpo_plugin.loop.pair_loss import pack_pairs, pair_loss, reference_logps
 from mlx_xpo_plugin.loop.pairs import Pair
-from mlx_xpo_plugin.compute.rollout import sample_policy_and_reference
 
 
 def evaluate(trainer, prompts, max_batches: int = -1) -> dict:
@@ -45,8 +45,9 @@ def _evaluate(t, prompts, max_batches: int) -> dict:
         if pairs:
             inputs, targets, mask = pack_pairs(pairs)
             ref_tok = reference_logps(t.reference, inputs, targets, mask)
-            res = pair_loss(t.model, inputs, targets, mask, ref_tok, mx.array([False] * len(pairs)),
-                            t.method, s, beta, 0.0)
+            res = pair_loss(
+                t.model, inputs, targets, mask, ref_tok, mx.array([False] * len(pairs)), t.method, s, beta, 0.0
+            )
             P = len(pairs)
             pol, ref = dpo_scores(res.policy, res.reference, res.counts, s.dpo_cpo_loss_type)
             rs = reward_stats(pol[:P], pol[P:], ref[:P], ref[P:], beta)
@@ -54,8 +55,14 @@ def _evaluate(t, prompts, max_batches: int) -> dict:
             cols["rewards/accuracies"].append(np.array(rs["rewards/accuracies"]))
             cols["rewards/margins"].append(np.array(rs["rewards/margins"]))
     decided = wins + losses
-    out = {"win_rate": wins / decided if decided else float("nan"), "wins": wins, "losses": losses,
-           "ties": ties, "invalid": invalid, "pairs": wins + losses + ties + invalid}
+    out = {
+        "win_rate": wins / decided if decided else float("nan"),
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "invalid": invalid,
+        "pairs": wins + losses + ties + invalid,
+    }
     if cols["loss"]:
         out.update({k: float(np.concatenate(v).mean()) for k, v in cols.items()})
     return out

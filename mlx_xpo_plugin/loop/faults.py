@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from mlx_xpo_plugin.errors import StopTraining
 from mlx_xpo_plugin.contracts import Judge, as_judge
+from mlx_xpo_plugin.errors import StopTraining
 
 EXIT_JUDGE = 3  #: the judge failed (raised, or no valid pair for max_judgeless_steps steps)
 
@@ -88,9 +88,13 @@ def capture(judge) -> dict:
     j = as_judge(judge)
     py = random.getstate()
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"judge": j.get_state(), "declared": j.declares_state(), "kind": type(_unwrap(j)).__name__,
-            "python_random": [py[0], list(py[1]), py[2]],
-            "numpy_random": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)]}
+    return {
+        "judge": j.get_state(),
+        "declared": j.declares_state(),
+        "kind": type(_unwrap(j)).__name__,
+        "python_random": [py[0], list(py[1]), py[2]],
+        "numpy_random": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+    }
 
 
 def restore(judge, state: Optional[dict], log: Callable[[str], None] = print) -> None:
@@ -99,8 +103,10 @@ def restore(judge, state: Optional[dict], log: Callable[[str], None] = print) ->
     kind = type(_unwrap(j)).__name__
     if not isinstance(state, dict) or "python_random" not in state:
         if not j.stateless:
-            log("resume: this checkpoint has no judge state (an older version made it): a judge "
-                "that shuffles or samples may not repeat the uninterrupted run exactly")
+            log(
+                "resume: this checkpoint has no judge state (an older version made it): a judge "
+                "that shuffles or samples may not repeat the uninterrupted run exactly"
+            )
         return
     v, internal, g = state["python_random"]
     random.setstate((v, tuple(internal), g))
@@ -110,12 +116,16 @@ def restore(judge, state: Optional[dict], log: Callable[[str], None] = print) ->
         if j.declares_state():
             j.set_state(state["judge"])
         else:
-            log(f"resume: the checkpoint holds a judge state ({state.get('kind')}) but this judge "
-                f"({kind}) has no set_state: the run may not repeat exactly")
+            log(
+                f"resume: the checkpoint holds a judge state ({state.get('kind')}) but this judge "
+                f"({kind}) has no set_state: the run may not repeat exactly"
+            )
     elif not j.declares_state():
-        log(f"resume: the judge ({kind}) declares no state (neither get_state/set_state "
+        log(
+            f"resume: the judge ({kind}) declares no state (neither get_state/set_state "
             "nor stateless = True): if it draws random numbers of its own, this run will not "
-            "repeat the uninterrupted one exactly")
+            "repeat the uninterrupted one exactly"
+        )
 
 
 class Guard:
@@ -133,8 +143,7 @@ class Guard:
     # -- the resumable state at a step boundary
     def snapshot(self) -> dict:
         t = self.t
-        return {"state": dataclasses.replace(t.state), "position": t.order.position,
-                "judge": capture(t.judge)}
+        return {"state": dataclasses.replace(t.state), "position": t.order.position, "judge": capture(t.judge)}
 
     def _apply(self, snap: dict) -> None:
         t = self.t
@@ -204,18 +213,21 @@ class Guard:
         k, t = self._streak, self.t
         first = (self._streak_start["state"].step if self._streak_start else t.step - 1) + 1
         pairs, invalid, ties = (int(k.get(f"judge/{x}", 0)) for x in ("pairs", "invalid", "ties"))
-        kinds = {key.split("/", 2)[2]: int(v) for key, v in k.items()
-                 if key.startswith("judge/errors/") and v}
+        kinds = {key.split("/", 2)[2]: int(v) for key, v in k.items() if key.startswith("judge/errors/") and v}
         errors = sum(kinds.values()) or int(k.get("judge/http_errors", 0) + k.get("judge/function_errors", 0))
-        kind_text = (" (" + ", ".join(f"{c} {n.replace('_', ' ')}" for n, c in sorted(kinds.items()))
-                     + ")") if kinds else ""
+        kind_text = (
+            (" (" + ", ".join(f"{c} {n.replace('_', ' ')}" for n, c in sorted(kinds.items())) + ")") if kinds else ""
+        )
         last = " ".join(str(t.judge.last_bad).split())[:200] if t.judge.last_bad is not None else None
-        return (f"the judge {t.judge.name!r} gave no valid pair in {k['steps']} consecutive steps "
-                f"(steps {first}-{t.step}, max_judgeless_steps={t.settings.max_judgeless_steps}): "
-                f"{pairs} pairs, {errors} errors{kind_text}, {max(0, invalid - errors)} invalid "
-                f"answers, {ties} ties" + (f"; last answer: {last}" if last else "")
-                + f"; the checkpoint is the state after step {first - 1}, so a resumed run "
-                "redoes those steps")
+        return (
+            f"the judge {t.judge.name!r} gave no valid pair in {k['steps']} consecutive steps "
+            f"(steps {first}-{t.step}, max_judgeless_steps={t.settings.max_judgeless_steps}): "
+            f"{pairs} pairs, {errors} errors{kind_text}, {max(0, invalid - errors)} invalid "
+            f"answers, {ties} ties"
+            + (f"; last answer: {last}" if last else "")
+            + f"; the checkpoint is the state after step {first - 1}, so a resumed run "
+            "redoes those steps"
+        )
 
 
 def intact_checkpoint(adapter_path: str) -> str:

@@ -13,8 +13,7 @@ import mlx.nn as nn
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "dpop")
 
 
-def dpo_loss(pol_c, pol_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid",
-             delta: float = 50.0) -> mx.array:
+def dpo_loss(pol_c, pol_r, ref_c, ref_r, beta: float, loss_type: str = "sigmoid", delta: float = 50.0) -> mx.array:
     """Per-pair DPO loss.
 
     - sigmoid: -log sigmoid(beta * h)
@@ -49,5 +48,9 @@ def reward_stats(pol_c, pol_r, ref_c, ref_r, beta: float) -> dict:
     on the scores the loss compares (:func:`dpo_scores`: per-token means for ipo)."""
     rc = beta * (pol_c - ref_c)
     rr = beta * (pol_r - ref_r)
-    return {"rewards/chosen": rc, "rewards/rejected": rr, "rewards/margins": rc - rr,
-            "rewards/accuracies": (rc > rr).astype(mx.float32)}
+    return {
+        "rewards/chosen": rc,
+        "rewards/rejected": rr,
+        "rewards/margins": rc - rr,
+        "rewards/accuracies": (rc > rr).astype(mx.float32),
+    }

@@ -17,10 +17,11 @@ from mlx_xpo_plugin.loop.jsonio import dumps
 #:   ratio  a mean weighted by the count it names (RATIO_WEIGHTS);
 #:   pair   a mean over the valid pairs of the window (the loss terms, rewards, log-probs);
 #:   step   a mean over the steps of the window (everything else: times, memory, alpha, ...).
-COUNT_KEYS = ("judge/pairs", "judge/invalid", "judge/ties", "judge/seconds", "pairs/valid",
-              "train/nonfinite_steps")
-RATIO_WEIGHTS = {"judge/position_consistency": "judge/both_orders_valid",
-                 "objective/scores_margin": "judge/scored_pairs"}
+COUNT_KEYS = ("judge/pairs", "judge/invalid", "judge/ties", "judge/seconds", "pairs/valid", "train/nonfinite_steps")
+RATIO_WEIGHTS = {
+    "judge/position_consistency": "judge/both_orders_valid",
+    "objective/scores_margin": "judge/scored_pairs",
+}
 PAIR_PREFIXES = ("rewards/", "logps/", "loss/", "objective/")
 PAIR_KEYS = ("loss", "exploration_bonus")
 
@@ -48,6 +49,7 @@ def merge_step_metrics(step: dict, new: dict) -> dict:
         else:
             step[k] = v
     return step
+
 
 class MetricsWindow:
     """Collects per-step values between two reports; ``report()`` returns the means and resets.
@@ -81,8 +83,7 @@ class MetricsWindow:
                 self._w[k] += w
 
     def report(self) -> dict:
-        out = {k: (self._sum[k] if is_count(k) else self._sum[k] / self._w[k])
-               for k in self._sum if self._w[k] > 0}
+        out = {k: (self._sum[k] if is_count(k) else self._sum[k] / self._w[k]) for k in self._sum if self._w[k] > 0}
         self.reset()
         return out
 

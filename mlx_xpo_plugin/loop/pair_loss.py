@@ -15,8 +15,8 @@ from typing import NamedTuple, Optional
 import mlx.core as mx
 import numpy as np
 
-from mlx_xpo_plugin.loop.losses import dpo_loss, dpo_scores, reward_stats
 from mlx_xpo_plugin.compute.scoring import completion_logps, pack
+from mlx_xpo_plugin.loop.losses import dpo_loss, dpo_scores, reward_stats
 
 
 class PairLoss(NamedTuple):
@@ -36,8 +36,11 @@ class PairLoss(NamedTuple):
 
 def pack_pairs(pairs) -> tuple[mx.array, mx.array, mx.array]:
     """(inputs, targets, completion mask) of the rows chosen..., rejected..."""
-    return pack([p.prompt_ids for p in pairs] * 2,
-                [p.chosen.tokens for p in pairs] + [p.rejected.tokens for p in pairs], pad_id=0)
+    return pack(
+        [p.prompt_ids for p in pairs] * 2,
+        [p.chosen.tokens for p in pairs] + [p.rejected.tokens for p in pairs],
+        pad_id=0,
+    )
 
 
 def reference_logps(reference, inputs, targets, mask) -> mx.array:
@@ -48,12 +51,14 @@ def reference_logps(reference, inputs, targets, mask) -> mx.array:
     return mx.stop_gradient(tok)
 
 
-def pair_loss(model, inputs, targets, mask, ref_tok, ref_is_chosen, method, settings,
-              beta: float, alpha: float) -> PairLoss:
+def pair_loss(
+    model, inputs, targets, mask, ref_tok, ref_is_chosen, method, settings, beta: float, alpha: float
+) -> PairLoss:
     """The loss terms of one micro-batch (differentiable in the model's trainable parameters)."""
     entropy_coef = settings.entropy_coef
-    sc = completion_logps(model, inputs, targets, mask, with_entropy=entropy_coef > 0,
-                          temperature=method.scoring_temperature(alpha))
+    sc = completion_logps(
+        model, inputs, targets, mask, with_entropy=entropy_coef > 0, temperature=method.scoring_temperature(alpha)
+    )
     s, ref_s = sc.sum, ref_tok.sum(axis=-1)
     P = s.shape[0] // 2
     counts = mx.maximum(sc.counts, 1.0)
@@ -80,6 +85,7 @@ def pair_metrics(results: list[PairLoss], beta: float, loss_type: str) -> dict:
 
     def add(k, v):
         cols.setdefault(k, []).append(np.array(v))
+
     for r in results:
         P = r.pairs
         pol, ref = dpo_scores(r.policy, r.reference, r.counts, loss_type)

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.compute.rollout import Completion
+from mlx_xpo_plugin.contracts import Verdict
 
 
 @dataclass
@@ -90,9 +90,20 @@ def keep_decided(prompts, samples: list, verdicts: list) -> list[Pair]:
 
 def completion_records(step: int, texts: list, samples: list, verdicts: list) -> list[dict]:
     """The completions.jsonl rows of one judged micro-batch."""
-    return [{"step": step, "prompt": text, "completion_a": a.text, "completion_b": b.text,
-             "eos_a": a.eos, "eos_b": b.eos, "winner": v.winner, "tie": v.tie, "invalid": v.invalid,
-             "confidence": v.confidence,
-             "chosen": None if v.winner is None else ("a" if v.winner == 0 else "b"),
-             "b_from_reference": ref_side == 1}
-            for text, (a, b, ref_side), v in zip(texts, samples, verdicts)]
+    return [
+        {
+            "step": step,
+            "prompt": text,
+            "completion_a": a.text,
+            "completion_b": b.text,
+            "eos_a": a.eos,
+            "eos_b": b.eos,
+            "winner": v.winner,
+            "tie": v.tie,
+            "invalid": v.invalid,
+            "confidence": v.confidence,
+            "chosen": None if v.winner is None else ("a" if v.winner == 0 else "b"),
+            "b_from_reference": ref_side == 1,
+        }
+        for text, (a, b, ref_side), v in zip(texts, samples, verdicts)
+    ]

@@ -47,7 +47,7 @@ class PromptOrder:
     def take(self) -> list:
         """This process's prompt indices of the next global micro-batch."""
         idx = self._next(self.batch_size * self.world)
-        return idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def _next(self, k: int) -> list:
         out = []
@@ -55,6 +55,6 @@ class PromptOrder:
             epoch, pos = divmod(self.position, self.n)
             perm = np.random.RandomState(self.seed + epoch).permutation(self.n)
             take = min(k - len(out), self.n - pos)
-            out.extend(int(i) for i in perm[pos:pos + take])
+            out.extend(int(i) for i in perm[pos : pos + take])
             self.position += take
         return out

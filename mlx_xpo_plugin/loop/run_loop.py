@@ -15,8 +15,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from mlx_xpo_plugin.loop.checkpoints import restore
 from mlx_xpo_plugin.errors import StopTraining
+from mlx_xpo_plugin.loop.checkpoints import restore
 from mlx_xpo_plugin.loop.faults import JudgeFailure
 from mlx_xpo_plugin.loop.metrics import JsonlLog, MetricsWindow, is_pair_metric
 
@@ -55,8 +55,7 @@ class GracefulStop:
             sys.stderr.flush()
             os._exit(130)
         if self.say:  # stderr, flushed: seen at once even when stdout is piped to a file
-            sys.stderr.write(f"\n{name}: finishing this step, then saving a checkpoint "
-                             "(press again to quit at once)\n")
+            sys.stderr.write(f"\n{name}: finishing this step, then saving a checkpoint (press again to quit at once)\n")
             sys.stderr.flush()
 
 
@@ -65,12 +64,16 @@ def step_row(metrics: dict, seconds: float, learning_rate) -> dict:
     eos = metrics.pop("_eos", [])
     gen_tokens = sum(metrics.pop("_gen_tokens", []))
     lr = learning_rate.item() if isinstance(learning_rate, mx.array) else learning_rate
-    metrics.update({
-        "step_seconds": seconds, "tokens_per_second": gen_tokens / seconds if seconds > 0 else 0.0,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9, "learning_rate": float(lr),
-        "val/contain_eos_token": float(np.mean(eos)) if eos else 0.0,
-        "time/other": seconds - sum(metrics.get(k, 0.0) for k in PHASES),
-    })
+    metrics.update(
+        {
+            "step_seconds": seconds,
+            "tokens_per_second": gen_tokens / seconds if seconds > 0 else 0.0,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "learning_rate": float(lr),
+            "val/contain_eos_token": float(np.mean(eos)) if eos else 0.0,
+            "time/other": seconds - sum(metrics.get(k, 0.0) for k in PHASES),
+        }
+    )
     return metrics
 
 
@@ -98,9 +101,13 @@ class Reporter:
         if self.t.callback is not None and self.t.rank == 0:
             self.t.callback.on_train_loss_report({"iteration": self.t.step, "train_loss": row.get("loss"), **row})
         if pbar is not None:
-            pbar.set_postfix({"loss": f"{row.get('loss', float('nan')):.4f}",
-                              "acc": f"{row.get('rewards/accuracies', float('nan')):.2f}",
-                              "bonus": f"{row.get('exploration_bonus', 0.0):.2e}"})
+            pbar.set_postfix(
+                {
+                    "loss": f"{row.get('loss', float('nan')):.4f}",
+                    "acc": f"{row.get('rewards/accuracies', float('nan')):.2f}",
+                    "bonus": f"{row.get('exploration_bonus', 0.0):.2e}",
+                }
+            )
 
     def validate(self) -> None:
         t = self.t
@@ -114,20 +121,30 @@ class Reporter:
             self.metrics_log.write(row)
         if t.callback is not None:
             t.callback.on_val_loss_report({"iteration": t.step, "val_loss": res.get("loss"), **row})
-        t.log(f"step {t.step}: validation win-rate vs reference {res['win_rate']:.3f} "
-              f"({res['wins']}-{res['losses']}, {res['ties']} ties, {res['invalid']} invalid)")
+        t.log(
+            f"step {t.step}: validation win-rate vs reference {res['win_rate']:.3f} "
+            f"({res['wins']}-{res['losses']}, {res['ties']} ties, {res['invalid']} invalid)"
+        )
 
 
 def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
     """Train until `iters` steps, a stop request or a stop reason; save a final checkpoint."""
     from tqdm import tqdm  # the progress bar: only when a run starts
+
     s, t = trainer.settings, trainer
     resumed = resume_state is not None
     if resumed:
         restore(t, resume_state)
     rep = Reporter(t, resumed)
-    pbar = tqdm(total=s.iters, initial=t.step, desc=t.method.mode, unit="step",
-                disable=not s.progress or t.rank != 0, dynamic_ncols=True, file=sys.stderr)
+    pbar = tqdm(
+        total=s.iters,
+        initial=t.step,
+        desc=t.method.mode,
+        unit="step",
+        disable=not s.progress or t.rank != 0,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     with GracefulStop(t):
         try:
             if not resumed:

@@ -41,8 +41,7 @@ def value_at_epoch(schedule: Schedule, epoch: int) -> float:
     return float(values[min(max(0, epoch), len(values) - 1)])
 
 
-def get_current_alpha(step: int, total: int, schedule: Schedule,
-                      steps_per_epoch: Optional[int] = None) -> float:
+def get_current_alpha(step: int, total: int, schedule: Schedule, steps_per_epoch: Optional[int] = None) -> float:
     """The schedule value at 1-based `step` of `total` steps.
 
     A number (Python or NumPy) is returned as a float. For a list, entry ``min(epoch, len - 1)``

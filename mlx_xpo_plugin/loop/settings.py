@@ -16,10 +16,30 @@ from mlx_xpo_plugin.compute.rollout import SamplingConfig
 
 #: settings-table names the loop reads
 LOOP_KEYS = (
-    "batch_size", "gradient_accumulation_steps", "micro_batch_size", "beta", "alpha", "xpo_bonus",
-    "dpo_cpo_loss_type", "delta", "max_completion_length", "temperature", "top_p", "top_k", "min_p",
-    "missing_eos_penalty", "entropy_coef", "steps_per_report", "steps_per_eval", "val_batches",
-    "save_every", "log_completions_every", "max_nonfinite_steps", "max_judgeless_steps", "seed", "adapter_path",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "micro_batch_size",
+    "beta",
+    "alpha",
+    "xpo_bonus",
+    "dpo_cpo_loss_type",
+    "delta",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "missing_eos_penalty",
+    "entropy_coef",
+    "steps_per_report",
+    "steps_per_eval",
+    "val_batches",
+    "save_every",
+    "log_completions_every",
+    "max_nonfinite_steps",
+    "max_judgeless_steps",
+    "seed",
+    "adapter_path",
 )
 
 
@@ -29,8 +49,13 @@ def _field(name: str):
 
 
 def _sampling(self) -> SamplingConfig:
-    return SamplingConfig(max_tokens=self.max_completion_length, temperature=self.temperature,
-                          top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
+    return SamplingConfig(
+        max_tokens=self.max_completion_length,
+        temperature=self.temperature,
+        top_p=self.top_p,
+        top_k=self.top_k,
+        min_p=self.min_p,
+    )
 
 
 LoopSettings = dataclasses.make_dataclass(
@@ -44,5 +69,4 @@ LoopSettings = dataclasses.make_dataclass(
 
 def from_config(cfg, iters: int, progress: bool = True):
     """The loop settings of a resolved run config (config.resolve)."""
-    return LoopSettings(iters=iters, progress=progress,
-                        **{k: getattr(cfg, k) for k in LOOP_KEYS})
+    return LoopSettings(iters=iters, progress=progress, **{k: getattr(cfg, k) for k in LOOP_KEYS})

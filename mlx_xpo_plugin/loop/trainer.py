@@ -22,10 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from mlx_xpo_plugin.contracts import as_judge
 from mlx_xpo_plugin.loop.checkpoints import LoopState, save_checkpoint
 from mlx_xpo_plugin.loop.evaluation import evaluate
 from mlx_xpo_plugin.loop.faults import Guard
-from mlx_xpo_plugin.contracts import as_judge
 from mlx_xpo_plugin.loop.metrics import merge_step_metrics
 from mlx_xpo_plugin.loop.pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
 from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples, keep_decided
@@ -42,9 +42,20 @@ class OnlineTrainer:
     ``tokenizer``, the frozen ``reference`` (reference.Reference), a pairwise ``judge``, an mlx
     ``optimizer`` and the prompts."""
 
-    def __init__(self, settings, method, model: nn.Module, tokenizer, reference, judge, optimizer,
-                 train_set: PromptSet, valid_set: Optional[PromptSet] = None,
-                 training_callback=None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        settings,
+        method,
+        model: nn.Module,
+        tokenizer,
+        reference,
+        judge,
+        optimizer,
+        train_set: PromptSet,
+        valid_set: Optional[PromptSet] = None,
+        training_callback=None,
+        log: Callable[[str], None] = print,
+    ):
         self.settings, self.method = settings, method
         self.model, self.tokenizer, self.reference = model, tokenizer, reference
         self.judge = as_judge(judge)
@@ -89,8 +100,10 @@ class OnlineTrainer:
         n_valid = int(self._all_sum(mx.array(len(pairs))).item())
         metrics["pairs/valid"] = n_valid
         if n_valid == 0:
-            self.log(f"step {self.step}: no valid pair ({int(metrics.get('judge/invalid', 0))} invalid, "
-                     f"{int(metrics.get('judge/ties', 0))} ties): no update")
+            self.log(
+                f"step {self.step}: no valid pair ({int(metrics.get('judge/invalid', 0))} invalid, "
+                f"{int(metrics.get('judge/ties', 0))} ties): no update"
+            )
             self.guard.no_valid_pair(metrics)
             return None
         self.guard.valid_pair()
@@ -113,8 +126,9 @@ class OnlineTrainer:
         t0 = time.perf_counter()
         samples = self.method.rollout(self.model, self.tokenizer, self.reference, prompts.ids, self.settings.sampling)
         metrics["time/rollout"] = metrics.get("time/rollout", 0.0) + time.perf_counter() - t0
-        verdicts, judge_metrics, secs = judge_samples(self.judge, prompts.texts, samples,
-                                                      self.settings.missing_eos_penalty)
+        verdicts, judge_metrics, secs = judge_samples(
+            self.judge, prompts.texts, samples, self.settings.missing_eos_penalty
+        )
         metrics["time/judge"] = metrics.get("time/judge", 0.0) + secs
         merge_step_metrics(metrics, judge_metrics)
         comps = [c for a, b, _ in samples for c in (a, b)]
@@ -130,14 +144,13 @@ class OnlineTrainer:
         norm = n_valid / self.world  # nn.average_gradients divides by the world size
         grads, loss_sum, results, t_ref, t_pol = None, 0.0, [], 0.0, 0.0
         for i in range(0, len(pairs), mb):
-            batch = pairs[i:i + mb]
+            batch = pairs[i : i + mb]
             inputs, targets, mask = pack_pairs(batch)
             t0 = time.perf_counter()
             ref_tok = reference_logps(self.reference, inputs, targets, mask)
             t1 = time.perf_counter()
             flags = mx.array([bool(p.ref_is_chosen) for p in batch])
-            (loss, aux), g = self._value_and_grad(self.model, inputs, targets, mask, ref_tok, flags,
-                                                  norm, beta, alpha)
+            (loss, aux), g = self._value_and_grad(self.model, inputs, targets, mask, ref_tok, flags, norm, beta, alpha)
             mx.eval(loss, g, aux)
             t_ref, t_pol = t_ref + t1 - t0, t_pol + time.perf_counter() - t1
             grads = g if grads is None else tree_map(lambda x, y: x + y, grads, g)
@@ -152,8 +165,7 @@ class OnlineTrainer:
         return grads, loss_sum, results
 
     def _loss(self, model, inputs, targets, mask, ref_tok, ref_is_chosen, norm, beta, alpha):
-        res = pair_loss(model, inputs, targets, mask, ref_tok, ref_is_chosen, self.method, self.settings,
-                        beta, alpha)
+        res = pair_loss(model, inputs, targets, mask, ref_tok, ref_is_chosen, self.method, self.settings, beta, alpha)
         return total(res, self.settings.entropy_coef).sum() / norm, tuple(res)
 
     def skip_nonfinite(self, loss_sum: float, metrics: dict) -> None:
@@ -161,11 +173,14 @@ class OnlineTrainer:
         self.state.nonfinite_run += 1
         limit = self.settings.max_nonfinite_steps
         metrics["train/nonfinite_steps"] = 1
-        self.log(f"step {self.step}: non-finite loss ({loss_sum}); update skipped "
-                 f"({self.state.nonfinite_run}/{limit} in a row)")
+        self.log(
+            f"step {self.step}: non-finite loss ({loss_sum}); update skipped "
+            f"({self.state.nonfinite_run}/{limit} in a row)"
+        )
         if self.state.nonfinite_run >= limit:
-            self.stop_reason = (f"{self.state.nonfinite_run} consecutive non-finite losses; "
-                                "stopped, the last good checkpoint is kept")
+            self.stop_reason = (
+                f"{self.state.nonfinite_run} consecutive non-finite losses; stopped, the last good checkpoint is kept"
+            )
         return None
 
     def _all_sum(self, x):

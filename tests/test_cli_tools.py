@@ -39,6 +39,7 @@ def test_demo_trains_through_the_upstream_cli_and_explains_results(demo_run):
 def test_demo_output_is_quiet_by_default_and_verbose_on_request(demo_run, monkeypatch, tmp_path):
     _, cache, stdout = demo_run
     assert "Loading model" not in stdout and "reference: the base weights" not in stdout
+    assert stdout.count("adapters.safetensors") == 1 and stdout.count("metrics.jsonl") == 1  # said once
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: calls.append(env) or 3)
     args = ["demo", "--cache", str(cache), "--output", str(tmp_path / "o"), "--iters", "1"]

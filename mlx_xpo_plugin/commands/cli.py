@@ -77,10 +77,8 @@ def demo(ns) -> int:
         return rc
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     val = [r for r in rows if "val_win_rate" in r]
+    # the run itself printed where the adapters, metrics and samples are: not said twice
     print(f"\n[demo] done in {time.time() - t0:.0f} s.")
-    print(f"  adapters:    {out / 'adapters.safetensors'}")
-    print(f"  metrics:     {out / 'metrics.jsonl'}  (one JSON object per report)")
-    print(f"  completions: {out / 'completions.jsonl'}  (sampled pairs and the judge's choice)")
     if val:
         print("  win-rate of the policy against the reference (the judge prefers more letter 'e'):")
         for r in val:

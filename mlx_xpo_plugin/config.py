@@ -85,6 +85,13 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
        "(the recipe's entropy_regularization); 0 = off.", minimum=0.0),
     _S("log_completions_every", "int", None, "Write sample completions to completions.jsonl "
        "every N steps (default: steps_per_report).", nullable=True, minimum=1),
+    _S("compute_dtype", "str", "auto", "Precision the frozen base weights compute in (policy, "
+       "reference, model judge). auto: float32 on a CPU backend, where float32 products run on "
+       "BLAS (a quantized base is dequantized once at load to the exact values quantized_matmul "
+       "uses, so adapters stay valid for the checkpoint), unless that adds more than half of the "
+       "available memory; the checkpoint's own precision on a GPU (Metal). float32 / bfloat16 / "
+       "float16: that dtype on any device. native: the checkpoint's own.",
+       choices=("auto", "float32", "bfloat16", "float16", "native")),
     _S("max_nonfinite_steps", "int", 3, "Stop after this many consecutive steps with a "
        "non-finite loss (each one is skipped).", minimum=1),
 )

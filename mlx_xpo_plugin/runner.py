@@ -164,6 +164,7 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
 
     from .checkpoint_state import fingerprint, load_resume
     from .data import load_prompts
+    from .precision import apply as set_precision, restore_storage
     from .reference import Reference
     from .registry import build_judge
 
@@ -188,9 +189,13 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     elif os.path.isfile(trained):
         model.load_weights(trained, strict=False)
         print(f"adapters: loaded {trained}")
+    # after every check of the loaded checkpoint (a quantized base refuses train_type full): the
+    # dequantized layers stay frozen, as quantized ones are
+    precision = set_precision(model, cfg.compute_dtype, "policy", keep_original=cfg.fuse and cfg.train)
     separate = None
     if cfg.reference_model_path or cfg.train_type == "full":
         separate, _ = mlx_load(resolve_local_model("reference_model_path", cfg.reference_model_path or model_path))
+        set_precision(separate, cfg.compute_dtype, "reference")
         separate.freeze()
         print(f"reference: frozen model from {cfg.reference_model_path or model_path}")
     else:
@@ -202,7 +207,8 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
     judge = build_judge(cfg.judge, JudgeContext(
         cfg.judge_system, dict(cfg.judge_config),
         reference_model=shared, reference_tokenizer=tokenizer if shared is not None else None,
-        reference_model_path=cfg.judge if shared is not None else cfg.reference_model_path, seed=cfg.seed))
+        reference_model_path=cfg.judge if shared is not None else cfg.reference_model_path, seed=cfg.seed,
+        compute_dtype=cfg.compute_dtype))
     if cfg.grad_checkpoint and cfg.train:
         from mlx_lm.tuner.trainer import grad_checkpoint
         grad_checkpoint(model.layers[0])  # recompute layer activations in the backward pass
@@ -243,6 +249,7 @@ def run(cfg, training_callback=None, progress: bool = True) -> int:
         print("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
     if cfg.fuse and cfg.train and status == 0:
         from mlx_lm_lora.utils import save_pretrained_merged
+        restore_storage(model, precision)  # the fused model is stored as the checkpoint was
         save_pretrained_merged(model=model, tokenizer=tokenizer, save_path=os.path.join(cfg.adapter_path, "fused"),
                                de_quantize=quantization(cfg) is None)
         print(f"fused model: {os.path.join(cfg.adapter_path, 'fused')}")

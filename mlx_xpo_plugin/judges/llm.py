@@ -404,6 +404,6 @@ def build(spec: str, ctx: JudgeContext) -> LLMJudge:
     if path is None:
         model, tokenizer = ctx.reference_model, ctx.reference_tokenizer
     else:
-        from mlx_lm import load
-        model, tokenizer = load(path)
+        from ..precision import load
+        model, tokenizer = load(path, ctx.compute_dtype, "judge")
     return LLMJudge(model, tokenizer, rubric=ctx.judge_system, seed=ctx.seed, **opts)

@@ -46,136 +46,61 @@ class Setting:
 
 
 #: The online-preference settings this plugin adds or redefines.
+# (a table, one setting per entry: kept as written by the formatter)
+# fmt: off
 PLUGIN_SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "beta",
-        "floats",
-        0.1,
-        "DPO temperature; a list gives one value per epoch (last held).",
-        minimum=0.0,
-        exclusive_minimum=True,
-    ),
-    Setting(
-        "alpha",
-        "floats",
-        1e-5,
-        "XPO exploration-bonus coefficient; a float, or a per-epoch list "
-        "such as 1e-4,1e-5,1e-6 (last entry held to the end).",
-        minimum=0.0,
-        studio=True,
-        modes=("xpo",),
-    ),
-    Setting(
-        "xpo_bonus",
-        "str",
-        "kl",
-        "XPO term. 'kl': + alpha * (KL on chosen + KL on rejected), its "
-        "gradient a score-function estimate of grad KL(policy at the sampling temperature || "
-        "reference). 'kl_upstream': the same value differentiated as written (mlx-lm-lora's "
-        "formula; zero-mean gradient at temperature 1). 'paper': a policy sample vs a reference "
-        "sample, loss + alpha * log pi(y_ref) (the XPO paper and TRL).",
-        choices=("kl", "kl_upstream", "paper"),
-        modes=("xpo",),
-    ),
-    Setting("dpo_cpo_loss_type", "str", "sigmoid", "DPO loss variant.", choices=("sigmoid", "hinge", "ipo", "dpop")),
+    Setting("beta", "floats", 0.1, "DPO temperature; a list gives one value per epoch (last held).",
+       minimum=0.0, exclusive_minimum=True),
+    Setting("alpha", "floats", 1e-5, "XPO exploration-bonus coefficient; a float, or a per-epoch list "
+       "such as 1e-4,1e-5,1e-6 (last entry held to the end).", minimum=0.0, studio=True,
+       modes=("xpo",)),
+    Setting("xpo_bonus", "str", "kl", "XPO term. 'kl': + alpha * (KL on chosen + KL on rejected), its "
+       "gradient a score-function estimate of grad KL(policy at the sampling temperature || "
+       "reference). 'kl_upstream': the same value differentiated as written (mlx-lm-lora's "
+       "formula; zero-mean gradient at temperature 1). 'paper': a policy sample vs a reference "
+       "sample, loss + alpha * log pi(y_ref) (the XPO paper and TRL).",
+       choices=("kl", "kl_upstream", "paper"), modes=("xpo",)),
+    Setting("dpo_cpo_loss_type", "str", "sigmoid", "DPO loss variant.",
+       choices=("sigmoid", "hinge", "ipo", "dpop")),
     Setting("delta", "float", 50.0, "Drift-penalty coefficient of the dpop loss.", minimum=0.0),
-    Setting(
-        "judge",
-        "str",
-        "Qwen/Qwen3-0.6B",
-        "Pairwise judge: 'human', an http(s):// "
-        "OpenAI-compatible endpoint, 'module:callable' / 'file.py:callable', or an MLX model "
-        "path or id.",
-        studio=True,
-    ),
-    Setting(
-        "judge_system", "str", None, "Rubric system prompt for model and endpoint judges.", nullable=True, studio=True
-    ),
+    Setting("judge", "str", "Qwen/Qwen3-0.6B", "Pairwise judge: 'human', an http(s):// "
+       "OpenAI-compatible endpoint, 'module:callable' / 'file.py:callable', or an MLX model "
+       "path or id.", studio=True),
+    Setting("judge_system", "str", None, "Rubric system prompt for model and endpoint judges.",
+       nullable=True, studio=True),
     Setting("judge_config", "dict", {}, "Judge adapter options (see the judge section of the README)."),
-    Setting(
-        "max_completion_length", "int", 512, "Maximum sampled completion length in tokens.", minimum=1, studio=True
-    ),
-    Setting(
-        "temperature",
-        "float",
-        0.8,
-        "Sampling temperature of the policy (0 = greedy). Applied after "
-        "top_p/top_k/min_p, which filter the untempered distribution (as mlx_lm.generate does; "
-        "HF/TRL filter the tempered one).",
-        minimum=0.0,
-        studio=True,
-    ),
-    Setting(
-        "top_p",
-        "float",
-        1.0,
-        "Nucleus sampling: keep the smallest token set with this mass (1 = off).",
-        minimum=0.0,
-        maximum=1.0,
-        exclusive_minimum=True,
-    ),
-    Setting(
-        "top_k",
-        "int",
-        0,
-        "Sample from the k most likely tokens only (0, or k >= the vocabulary size, = off).",
-        minimum=0,
-    ),
-    Setting(
-        "min_p",
-        "float",
-        0.0,
-        "Drop tokens below min_p times the top token's probability (0 = off).",
-        minimum=0.0,
-        maximum=1.0,
-    ),
-    Setting(
-        "reference_model_path",
-        "str",
-        None,
-        "Frozen reference model. Empty with LoRA/DoRA: the base model with adapters off (no second copy).",
-        nullable=True,
-    ),
-    Setting(
-        "missing_eos_penalty",
-        "float",
-        None,
-        "Subtracted from the judge's preference score of a completion that ended without EOS (as in TRL).",
-        nullable=True,
-        minimum=0.0,
-    ),
-    Setting(
-        "entropy_coef",
-        "float",
-        0.0,
-        "Entropy bonus on the policy's completion tokens (the recipe's entropy_regularization); 0 = off.",
-        minimum=0.0,
-    ),
-    Setting(
-        "log_completions_every",
-        "int",
-        None,
-        "Write sample completions to completions.jsonl every N steps (default: steps_per_report).",
-        nullable=True,
-        minimum=1,
-    ),
-    Setting(
-        "max_nonfinite_steps",
-        "int",
-        3,
-        "Stop after this many consecutive steps with a non-finite loss (each one is skipped).",
-        minimum=1,
-    ),
-    Setting(
-        "max_judgeless_steps",
-        "int",
-        10,
-        "Stop (exit status 3) after this many consecutive steps "
-        "in which the judge gave no valid pair (errors, invalid answers, ties); the checkpoint is "
-        "the state before them. Empty: no limit.",
-        nullable=True,
-        minimum=1,
-    ),
+    Setting("max_completion_length", "int", 512, "Maximum sampled completion length in tokens.",
+       minimum=1, studio=True),
+    Setting("temperature", "float", 0.8, "Sampling temperature of the policy (0 = greedy). Applied after "
+       "top_p/top_k/min_p, which filter the untempered distribution (as mlx_lm.generate does; "
+       "HF/TRL filter the tempered one).",
+       minimum=0.0, studio=True),
+    Setting("top_p", "float", 1.0, "Nucleus sampling: keep the smallest token set with this mass "
+       "(1 = off).", minimum=0.0, maximum=1.0, exclusive_minimum=True),
+    Setting("top_k", "int", 0, "Sample from the k most likely tokens only (0, or k >= the "
+       "vocabulary size, = off).", minimum=0),
+    Setting("min_p", "float", 0.0, "Drop tokens below min_p times the top token's probability "
+       "(0 = off).", minimum=0.0, maximum=1.0),
+    Setting("reference_model_path", "str", None, "Frozen reference model. Empty with LoRA/DoRA: "
+       "the base model with adapters off (no second copy).", nullable=True),
+    Setting("missing_eos_penalty", "float", None, "Subtracted from the judge's preference score of a "
+       "completion that ended without EOS (as in TRL).", nullable=True, minimum=0.0),
+    Setting("entropy_coef", "float", 0.0, "Entropy bonus on the policy's completion tokens "
+       "(the recipe's entropy_regularization); 0 = off.", minimum=0.0),
+    Setting("log_completions_every", "int", None, "Write sample completions to completions.jsonl "
+       "every N steps (default: steps_per_report).", nullable=True, minimum=1),
+    Setting("compute_dtype", "str", "auto", "Precision the frozen base weights compute in (policy, "
+            "reference, model judge). auto: float32 on a CPU backend, where float32 products run on "
+            "BLAS (a quantized base is dequantized once at load to the exact values quantized_matmul "
+            "uses, so adapters stay valid for the checkpoint), unless that adds more than half of the "
+            "available memory; the checkpoint's own precision on a GPU (Metal). float32 / bfloat16 / "
+            "float16: that dtype on any device. native: the checkpoint's own.",
+            choices=("auto", "float32", "bfloat16", "float16", "native")),
+    Setting("max_nonfinite_steps", "int", 3, "Stop after this many consecutive steps with a "
+       "non-finite loss (each one is skipped).", minimum=1),
+    Setting("max_judgeless_steps", "int", 10, "Stop (exit status 3) after this many consecutive steps "
+       "in which the judge gave no valid pair (errors, invalid answers, ties); the checkpoint is "
+       "the state before them. Empty: no limit.", nullable=True, minimum=1),
 )
 
 #: Upstream settings our modes read; validated with the same machinery (not re-documented).
@@ -192,17 +117,8 @@ UPSTREAM_SETTINGS: tuple[Setting, ...] = tuple(
         ("iters", "int", None, "Optimizer steps (default: epochs, else 1 epoch).", None, 1, True, {}),
         ("epochs", "int", None, "Passes over the training prompts.", None, 1, True, {}),
         ("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", None, 1, False, {}),
-        (
-            "micro_batch_size",
-            "int",
-            1,
-            "Pairs per scoring forward and backward (2 rows each): bounds "
-            "the activation memory whatever batch_size is; null scores the whole batch at once.",
-            None,
-            1,
-            True,
-            {},
-        ),
+        ("micro_batch_size", "int", 1, "Pairs per scoring forward and backward (2 rows each): bounds "
+         "the activation memory whatever batch_size is; null scores the whole batch at once.", None, 1, True, {}),
         ("learning_rate", "float", 1e-5, "Learning rate.", None, 0.0, False, {}),
         ("lr_schedule", "dict", None, "mlx-lm learning-rate schedule.", None, None, True, {}),
         ("optimizer", "str", "adam", "Optimizer.", ("adam", "adamw", "muon"), None, False, {}),
@@ -217,16 +133,8 @@ UPSTREAM_SETTINGS: tuple[Setting, ...] = tuple(
         ("max_seq_length", "int", 2048, "Maximum prompt + completion length.", None, 2, False, {}),
         ("seed", "int", 0, "Random seed.", None, 0, False, {}),
         ("num_layers", "int", -1, "Layers with adapters (-1: all).", None, -1, False, {}),
-        (
-            "lora_parameters",
-            "dict",
-            {"rank": 8, "dropout": 0.0, "scale": 10.0},
-            "LoRA rank/dropout/scale.",
-            None,
-            None,
-            False,
-            {},
-        ),
+        ("lora_parameters", "dict", {"rank": 8, "dropout": 0.0, "scale": 10.0}, "LoRA rank/dropout/scale.",
+         None, None, False, {}),
         ("load_in_4bits", "bool", False, "Quantize the base to 4 bits.", None, None, False, {}),
         ("load_in_6bits", "bool", False, "Quantize the base to 6 bits.", None, None, False, {}),
         ("load_in_8bits", "bool", False, "Quantize the base to 8 bits.", None, None, False, {}),
@@ -238,6 +146,7 @@ UPSTREAM_SETTINGS: tuple[Setting, ...] = tuple(
         ("config", "str", None, "YAML file.", None, None, True, {}),
     ]
 )
+# fmt: on
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in UPSTREAM_SETTINGS + PLUGIN_SETTINGS}
 

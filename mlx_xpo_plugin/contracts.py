@@ -188,6 +188,7 @@ class JudgeContext:
     reference_tokenizer: Any = None
     reference_model_path: Optional[str] = None
     seed: int = 0
+    compute_dtype: str = "auto"  # the precision policy of a judge that loads its own model
 
 
 @dataclass(frozen=True)

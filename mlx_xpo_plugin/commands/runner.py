@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from mlx_xpo_plugin import config
-from mlx_xpo_plugin.commands.hints import command
+from mlx_xpo_plugin.commands.hints import command, ignored_judge_system, kernel_note, verbose
 from mlx_xpo_plugin.commands.run_lock import check_writable, hold
 from mlx_xpo_plugin.compute.models import model_folder, same_folder
 from mlx_xpo_plugin.compute.quantized import folder_quantization, quantized_layers, refuse_full
@@ -44,41 +44,6 @@ def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
-VERBOSE_ENV = "MLX_XPO_VERBOSE"
-
-
-def verbose(env=None) -> bool:
-    """Whether a run prints its detail lines too (upstream's model-loading lines, how the reference
-    and the judge are held): ``MLX_XPO_VERBOSE=1`` (``mlx-xpo demo -v`` sets it); default off."""
-    value = (os.environ if env is None else env).get(VERBOSE_ENV, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(VERBOSE_ENV, value, "use 1 (detail lines too) or 0 (the default)")
-
-
-def kernel_cache(env=None, version: str | None = None) -> str:
-    """Where MLX's CPU backend keeps the kernels it compiles: ``<temp>/mlx/<version>/cpu``, with
-    ``<temp>`` as C++'s ``temp_directory_path()`` finds it (TMPDIR, TMP, TEMP, TEMPDIR, /tmp)."""
-    env = os.environ if env is None else env
-    temp = next((env[k] for k in ("TMPDIR", "TMP", "TEMP", "TEMPDIR") if env.get(k)), "/tmp")
-    return os.path.join(temp, "mlx", version or mx.__version__, "cpu")
-
-
-def kernel_note(device=None, env=None, version: str | None = None) -> Optional[str]:
-    """A line saying that the first steps compile kernels, when MLX runs on the CPU and its kernel
-    cache holds none yet (a first run: step 1 then takes many times longer than the next)."""
-    if (device or mx.default_device()) != mx.cpu:
-        return None
-    d = kernel_cache(env, version)
-    try:
-        cold = not any(n.startswith("lib") and n.endswith(".so") for n in os.listdir(d))
-    except OSError:  # not there yet
-        cold = True
-    return f"compiling kernels (once; MLX keeps them in {d}): the first step takes longer" if cold else None
-
-
 def build_optimizer(cfg):
     from mlx_lm.tuner.utils import build_schedule
 
@@ -96,16 +61,6 @@ def quantization(cfg) -> Optional[dict]:
         return {"bits": 8, "group_size": 64}
     if cfg.load_in_mxfp4:
         return {"bits": 4, "group_size": 32, "mode": "mxfp4"}
-    return None
-
-
-def ignored_judge_system(judge_system, factory) -> Optional[str]:
-    """A note when ``judge_system`` is set for a kind of judge that reads no system prompt."""
-    if judge_system and not getattr(factory, "uses_judge_system", True):
-        return (
-            f"note: judge_system is set, but the {factory.name} judge ignores it (only model and "
-            "http judges read a system prompt)"
-        )
     return None
 
 
@@ -223,6 +178,8 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     from mlx_lm_lora.utils import from_pretrained
 
     from mlx_xpo_plugin.commands.data import load_prompts
+    from mlx_xpo_plugin.compute.precision import apply as set_precision
+    from mlx_xpo_plugin.compute.precision import restore_storage
     from mlx_xpo_plugin.compute.reference import Reference
     from mlx_xpo_plugin.host.registry import build_judge
     from mlx_xpo_plugin.loop.checkpoints import fingerprint, load_resume
@@ -257,9 +214,13 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     elif os.path.isfile(trained):
         model.load_weights(trained, strict=False)
         print(f"adapters: loaded {trained}")
+    # after every check of the loaded checkpoint (a quantized base refuses train_type full): the
+    # dequantized layers stay frozen, as quantized ones are
+    precision = set_precision(model, cfg.compute_dtype, "policy", keep_original=cfg.fuse and cfg.train)
     separate = None
     if cfg.reference_model_path or cfg.train_type == "full":
         separate, _ = mlx_load(model_folder("reference_model_path", cfg.reference_model_path or model_path))
+        set_precision(separate, cfg.compute_dtype, "reference")
         separate.freeze()
         if loud:
             print(f"reference: frozen model from {cfg.reference_model_path or model_path}")
@@ -279,6 +240,7 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
                 reference_tokenizer=tokenizer if shared is not None else None,
                 reference_model_path=cfg.judge if shared is not None else cfg.reference_model_path,
                 seed=cfg.seed,
+                compute_dtype=cfg.compute_dtype,
             ),
         )
     )
@@ -361,6 +323,7 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     if cfg.fuse and cfg.train and status == 0:
         from mlx_lm_lora.utils import save_pretrained_merged
 
+        restore_storage(model, precision)  # the fused model is stored as the checkpoint was
         save_pretrained_merged(
             model=model,
             tokenizer=tokenizer,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 PRESETS = {
@@ -30,7 +31,32 @@ PRESETS = {
         intermediate_size=768,
         vocab_size=2048,
     ),
+    # the shapes of Qwen2.5-0.5B(-Instruct) and Qwen2.5-1.5B, with random weights
+    "q05": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+    ),
+    "q15": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+    ),
 }
+#: The tokenizer's vocabulary is at most this (a BPE trained on the embedded prompts cannot reach
+#: a real model's 151,936 entries); the model's vocabulary may be larger, as Qwen's is.
+TOKENIZER_VOCAB_MAX = 2048
+STORAGE = ("float32", "bfloat16", "float16")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -101,6 +127,12 @@ def write_prompt_dataset(directory: Path, seed: int = 0, n_valid: int = 24, n_te
     return directory
 
 
+@dataclass(frozen=True)
+class TinySpec:
+    preset: str = "tiny"
+    seed: int = 0
+
+
 def _train_tokenizer(vocab_size: int, out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -130,14 +162,24 @@ def _train_tokenizer(vocab_size: int, out: Path) -> None:
     fast.save_pretrained(str(out))
 
 
-def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0) -> Path:
+def build_tiny_model(
+    out: str | os.PathLike,
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: str = "float32",
+    bits: int | None = None,
+    group_size: int = 64,
+) -> Path:
     """Create (or reuse) a random qwen2 model + BPE tokenizer at `out`; returns the path.
 
-    The folder is complete once `config.json` exists (written last), so an interrupted
-    build is redone rather than half-used.
+    The weights are drawn in float32 (seeded), then stored as ``dtype``; with ``bits`` every
+    Linear and Embedding is quantized (affine, ``group_size``) as mlx-lm's converter does, and
+    config.json gets the ``quantization`` entry ``mlx_lm.load`` reads. The folder is complete once
+    `config.json` exists (written last), so an interrupted build is redone rather than half-used.
     """
     import mlx.core as mx
-    from mlx.utils import tree_flatten
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
     from mlx_lm.models import qwen2
 
     out = Path(out)
@@ -145,19 +187,28 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
         return out
     if preset not in PRESETS:
         raise ValueError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
+    if dtype not in STORAGE:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(STORAGE)}")
     out.mkdir(parents=True, exist_ok=True)
     p = PRESETS[preset]
-    _train_tokenizer(p["vocab_size"], out)
+    _train_tokenizer(min(p["vocab_size"], TOKENIZER_VOCAB_MAX), out)
     config = dict(
         model_type="qwen2",
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
-        **p,
     )
+    config.update(p)
     mx.random.seed(seed)
     model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    if dtype != "float32":
+        model.update(tree_map(lambda a: a.astype(getattr(mx, dtype)), model.parameters()))
+    if bits:
+        nn.quantize(model, group_size=group_size, bits=bits)
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+    if dtype != "float32":
+        config["torch_dtype"] = dtype
     mx.eval(model.parameters())
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})

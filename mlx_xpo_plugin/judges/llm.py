@@ -61,31 +61,19 @@ from mlx_xpo_plugin.judges.common import (
 )
 from mlx_xpo_plugin.judges.parse import LABELS, parse_answer
 
+# fmt: off
 OPTIONS = options(
     Setting("mode", "str", "logits", "how the answer is read", choices=("logits", "generate")),
     Setting("both_orders", "bool", False, "judge both orders, keep consistent verdicts"),
     Setting("shuffle", "bool", True, "show each pair in a random order"),
-    Setting(
-        "tie_margin",
-        "float",
-        0.02,
-        "label probabilities closer than this tie",
-        minimum=0.0,
-        maximum=1.0,
-        exclusive_maximum=True,
-    ),
-    Setting(
-        "min_label_prob",
-        "float",
-        0.0,
-        "less mass on the labels is an invalid answer",
-        minimum=0.0,
-        maximum=1.0,
-        exclusive_maximum=True,
-    ),
+    Setting("tie_margin", "float", 0.02, "label probabilities closer than this tie",
+            minimum=0.0, maximum=1.0, exclusive_maximum=True),
+    Setting("min_label_prob", "float", 0.0, "less mass on the labels is an invalid answer",
+            minimum=0.0, maximum=1.0, exclusive_maximum=True),
     Setting("max_tokens", "int", 8, "tokens generated in generate mode", minimum=1, maximum=256),
     Setting("batch_size", "int", 8, "pairs per forward pass", minimum=1),
 )
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +385,7 @@ def build(spec: str, ctx: JudgeContext) -> LLMJudge:
     if path is None:
         model, tokenizer = ctx.reference_model, ctx.reference_tokenizer
     else:
-        from mlx_lm import load
+        from mlx_xpo_plugin.compute.precision import load  # mlx and mlx_lm: only when a judge loads
 
-        model, tokenizer = load(path)
+        model, tokenizer = load(path, ctx.compute_dtype, "judge")
     return LLMJudge(model, tokenizer, rubric=ctx.judge_system, seed=ctx.seed, **opts)

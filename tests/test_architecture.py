@@ -1,0 +1,106 @@
+"""The package's shape: no import cycle (module-level and function-level imports alike), a leaf
+module of contracts that a plugin can import from the package alone, and no module over 400 lines."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mlx_xpo_plugin"
+NAME = "mlx_xpo_plugin"
+
+
+def modules() -> dict:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def import_graph() -> dict:
+    """module -> the package modules it imports anywhere in its source (TYPE_CHECKING included)."""
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = name.split(".") if is_pkg else name.split(".")[:-1]
+                    parent = parent[: len(parent) - (node.level - 1)]
+                    base = ".".join(parent + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in mods:  # a name inside a module: the module
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    edges.add(t)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict) -> list:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_contracts_is_a_leaf_and_a_plugin_needs_only_the_package():
+    assert import_graph()[f"{NAME}.contracts"] == set()
+    code = (
+        "import sys; from mlx_xpo_plugin import TrainMode, Verdict, Judge, JudgeFactory, JudgeContext, "
+        "hookimpl, ConfigError; print(sorted(m for m in sys.modules if m.startswith('mlx_xpo_plugin')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    loaded = set(eval(r.stdout))
+    assert f"{NAME}.contracts" in loaded and not any(".loop" in m or ".commands" in m for m in loaded)
+
+
+def test_no_module_over_400_lines():
+    long = {
+        str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert long == {}

@@ -81,7 +81,7 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
 
 
 def rng_state(rng: random.Random) -> list:
-    """The state of a judge's ``random.Random`` as JSON (for ``get_state``; see base.py)."""
+    """The state of a judge's ``random.Random`` as JSON (for ``get_state``; see contracts.Judge)."""
     version, internal, gauss = rng.getstate()
     return [version, list(internal), gauss]
 

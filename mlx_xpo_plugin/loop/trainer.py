@@ -6,9 +6,9 @@ method's rollout) -> judge -> keep the pairs with a winner; then score every kep
 with gradient, reference without), loss = sum over kept pairs of the pair loss / (kept pairs of
 the whole step, all processes), one optimizer update (none when no pair was kept).
 
-The method (:class:`.online_dpo_trainer.OnlineDPO` or :class:`.xpo_trainer.XPO`) decides how a
-pair is sampled, the step's alpha and the exploration term. The loop's state that a checkpoint
-keeps is one :class:`.checkpoint_state.LoopState`.
+The method (``online_dpo_trainer.OnlineDPO`` or ``xpo_trainer.XPO``) decides how a pair is
+sampled, the step's alpha and the exploration term. The loop's state that a checkpoint keeps is
+one :class:`.checkpoints.LoopState`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = ["OnlineTrainer", "PromptSet"]
 
 
 class OnlineTrainer:
-    """The loop's parts: ``settings`` (loop_settings.LoopSettings), the ``method``
+    """The loop's parts: ``settings`` (loop/settings.py: LoopSettings), the ``method``
     (online_dpo_trainer.OnlineDPO or xpo_trainer.XPO), the policy ``model`` and its
     ``tokenizer``, the frozen ``reference`` (reference.Reference), a pairwise ``judge``, an mlx
     ``optimizer`` and the prompts."""

@@ -53,6 +53,10 @@ class LoopState:
     nonfinite_run: int = 0  # consecutive steps with a non-finite loss
     judge_state: Any = None  # the judge's get_state(), where it has internal randomness
 
+    def set(self, other: "LoopState") -> None:
+        """Take ``other``'s values in place (the data order reads this object's position)."""
+        self.__dict__.update(asdict(other))
+
 
 def fingerprint(cfg) -> dict:
     return {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
@@ -83,7 +87,6 @@ def _save(trainer, final: bool) -> None:
     files = {name: f"{name}-{trainer.step:07d}.safetensors" for name in ("adapters", "optimizer")}
     ckpt.save_arrays(os.path.join(d, files["adapters"]), weights, tag)
     ckpt.save_arrays(os.path.join(d, files["optimizer"]), ckpt.optimizer_arrays(trainer.opt), tag)
-    trainer.state.position = trainer.order.position
     trainer.state.judge_state = capture(trainer.judge)  # its declared state and the global random states
     beta, alpha = trainer.schedule()
     state = {
@@ -168,12 +171,14 @@ def load_resume(path: str, cfg) -> dict:
 def restore(trainer, state: dict) -> None:
     trainer.model.load_weights(list(state["adapters"].items()), strict=False)
     trainer.opt.state = tree_unflatten(list(state["optimizer"].items()))
-    trainer.state = LoopState(
-        step=int(state["step"]),
-        position=int(state["position"]),
-        nonfinite_run=int(state.get("nonfinite_run", 0)),
-        judge_state=state.get("judge_state"),
+    trainer.state.set(
+        LoopState(
+            step=int(state["step"]),
+            position=int(state["position"]),
+            nonfinite_run=int(state.get("nonfinite_run", 0)),
+            judge_state=state.get("judge_state"),
+        )
     )
-    trainer.order.position = trainer.order.step_start = trainer.state.position
+    trainer.order.begin_step()  # the next step starts where the checkpoint's data position is
     restore_judge(trainer.judge, trainer.state.judge_state, log=trainer.log)
     mx.eval(trainer.model.parameters())

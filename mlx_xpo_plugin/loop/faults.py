@@ -143,12 +143,12 @@ class Guard:
     # -- the resumable state at a step boundary
     def snapshot(self) -> dict:
         t = self.t
-        return {"state": dataclasses.replace(t.state), "position": t.order.position, "judge": capture(t.judge)}
+        return {"state": dataclasses.replace(t.state), "judge": capture(t.judge)}
 
     def _apply(self, snap: dict) -> None:
         t = self.t
-        t.state = dataclasses.replace(snap["state"])
-        t.order.position = t.order.step_start = snap["position"]
+        t.state.set(snap["state"])
+        t.order.begin_step()
         restore(t.judge, snap["judge"], log=lambda m: None)
 
     def begin_step(self) -> None:

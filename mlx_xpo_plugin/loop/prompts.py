@@ -9,6 +9,7 @@ takes its own slice of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -29,12 +30,22 @@ class PromptSet:
 
 class PromptOrder:
     """Which prompts each micro-batch gets. ``position`` counts the prompts consumed by all
-    processes together; ``step_start`` is the position at the start of the current step."""
+    processes together and lives in ``state`` (the loop's resumable state, which a checkpoint
+    keeps; any object with a ``position``); ``step_start`` is the position at the start of the
+    current step."""
 
-    def __init__(self, n_prompts: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
+    def __init__(self, n_prompts: int, seed: int, batch_size: int, rank: int = 0, world: int = 1, state=None):
         self.n, self.seed, self.batch_size, self.rank, self.world = n_prompts, seed, batch_size, rank, world
-        self.position = 0
-        self.step_start = 0
+        self.state = state if state is not None else SimpleNamespace(position=0)
+        self.step_start = self.state.position
+
+    @property
+    def position(self) -> int:
+        return self.state.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.state.position = value
 
     def begin_step(self) -> None:
         self.step_start = self.position

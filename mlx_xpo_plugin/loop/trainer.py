@@ -65,7 +65,7 @@ class OnlineTrainer:
         self.rank, self.world = self.group.rank(), self.group.size()
         self.log = log if self.rank == 0 else (lambda msg: None)
         self.state = LoopState()
-        self.order = PromptOrder(len(train_set), settings.seed, settings.batch_size, self.rank, self.world)
+        self.order = PromptOrder(len(train_set), settings.seed, settings.batch_size, self.rank, self.world, self.state)
         self.stop_reason: Optional[str] = None
         self.stop_requests = 0  # Ctrl-C / SIGTERM: finish the step, save, stop
         self.completions_log = None

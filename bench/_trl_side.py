@@ -203,7 +203,7 @@ def build_trainer(spec: dict, rec: Recorder):
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     args = OnlineDPOConfig(**common)
-    reward = batched_reward(load_rules(spec["rules"]).letter_e_reward)
+    reward = batched_reward(getattr(load_rules(spec["rules"]), spec.get("reward_function", "letter_e_reward")))
     return OnlineDPOTrainer(
         model=model,
         reward_funcs=reward,

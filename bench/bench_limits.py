@@ -6,11 +6,16 @@
 One process; every rate is measured in it, so the numbers compare with each other:
 
 * sgemm: float32 [256 x hidden] @ [hidden x intermediate] (the MLP's up projection), best of N;
-  also bfloat16 and a 4-bit ``quantized_matmul`` with float32 activations, for the ratio.
-* read bandwidth: ``sum`` over a 512 MiB float32 array, best of N (bytes / second).
-* decode: greedy decoding of 2 rows (``decode.generate``, the trainer's sampler); time per token =
+  also bfloat16 and a 4-bit ``quantized_matmul`` with float32 activations and with bfloat16 ones
+  (as a bfloat16 checkpoint's quantized layers run it; 32 rows), for the ratio.
+* read bandwidth: ``sum`` over a 512 MiB float32 array, best of N (bytes / second): MLX's (one
+  thread) and numpy's in one thread per core; the floor uses the larger.
+* decode: greedy decoding of ``--rows`` rows (4: a step's rollout, 2 prompts x 2 completions) with
+  ``decode.generate`` (the trainer's sampler); time per token =
   (t(40) - t(8)) / 32, each t the best of 3, which cancels the prompt pass and the tracing of the
-  compiled step (once per call). Its floor = the bytes of weights one
+  compiled step (once per call). The same step's matrix products alone (each
+  weight matrix once, as its layer computes it, with ``rows`` rows) are timed too: what the BLAS takes.
+  Its floor = the bytes of weights one
   decode step reads (every parameter: the projections, and the tied embedding as the output
   layer) / the read bandwidth.
 * scoring: ``completion_logps`` of 4 rows (prompt + completion), forward only (the reference
@@ -61,8 +66,9 @@ def machine_rates(hidden: int, inter: int, n: int) -> dict:
     a, b = mx.random.normal((256, hidden)), mx.random.normal((hidden, inter))
     ab, bb = a.astype(mx.bfloat16), b.astype(mx.bfloat16)
     q = mx.quantize(b.T, 64, 4)
+    qb = mx.quantize(bb.T, 64, 4)  # a bfloat16 checkpoint's 4-bit layer: bfloat16 scales and biases
     big = mx.random.normal((128 * 2**20,))
-    mx.eval(a, b, ab, bb, *q, big)
+    mx.eval(a, b, ab, bb, *q, *qb, big)
     flop = 2 * 256 * hidden * inter
     return {
         "sgemm_gflops": flop / best(lambda: mx.eval(a @ b), n) / 1e9,
@@ -70,8 +76,60 @@ def machine_rates(hidden: int, inter: int, n: int) -> dict:
         "q4_f32act_gflops": flop
         / best(lambda: mx.eval(mx.quantized_matmul(a, *q, transpose=True, group_size=64, bits=4)), max(1, n // 3))
         / 1e9,
+        # 32 rows: at its rate (well under 1 GFLOP/s here) 256 rows would take seconds per product
+        "q4_bf16act_gflops": flop
+        / 8
+        / best(lambda: mx.eval(mx.quantized_matmul(ab[:32], *qb, transpose=True, group_size=64, bits=4)), 1)
+        / 1e9,
         "read_gbs": big.nbytes / best(lambda: mx.eval(big.sum()), n) / 1e9,
+        "read_gbs_all_cores": read_bandwidth_all_cores(n),
     }
+
+
+def read_bandwidth_all_cores(n: int, mib: int = 512) -> float:
+    """Bytes / second read by one numpy ``sum`` per usable core over its share of a float32 array,
+    in threads (numpy releases the GIL in reductions): what a multi-threaded product can stream."""
+    import threading
+
+    import numpy as np
+
+    from mlx_xpo_plugin.host.fast_blas import usable_cores
+
+    k = usable_cores()
+    parts = np.array_split(np.ones(mib * 2**18, dtype=np.float32), k)
+
+    def once():
+        ts = [threading.Thread(target=p.sum) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    return mib * 2**20 / best(once, n) / 1e9
+
+
+def decode_products(model, rows: int):
+    """A function computing, once each, the matrix products of one decode step of ``rows`` rows
+    (every projection, and the output layer), as the model's layers compute them and nothing else:
+    the part of a decode step that the BLAS (or MLX's own kernels) does."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    layers = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    dtype = model.model.embed_tokens(mx.array([[1]])).dtype
+    xs = []
+    for m in layers:
+        k = m.weight.shape[1] * (32 // m.bits if isinstance(m, nn.QuantizedLinear) else 1)
+        xs.append(mx.random.normal((rows, k)).astype(dtype))
+    head = mx.random.normal((rows, model.args.hidden_size)).astype(dtype)
+    mx.eval(xs, head)
+
+    def run():
+        for m, x in zip(layers, xs):
+            mx.eval(m(x))  # one at a time, as a decode step meets them
+        mx.eval(model.model.embed_tokens.as_linear(head))
+
+    return run
 
 
 def model_flops(args, tokens: int, positions: int, rows: int, seq: int, n_params_body: int) -> float:
@@ -108,12 +166,13 @@ def measure_variant(
             for _, m in model.named_modules()
             if isinstance(m, nn.QuantizedLinear)
         )
+    products = best(decode_products(model, rows), 3)
     model.freeze()
     linear_to_lora_layers(model, model.args.num_hidden_layers, {"rank": 8, "dropout": 0.0, "scale": 10.0})
     mx.eval(model.parameters())
     greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
     prompts = [[(7 * r + j) % 1500 + 3 for j in range(prompt)] for r in range(rows)]
-    t1, t2 = (best(lambda n=n: decode.generate(model, prompts[:2], n, greedy, []), 3) for n in decode_tokens)
+    t1, t2 = (best(lambda n=n: decode.generate(model, prompts, n, greedy, []), 3) for n in decode_tokens)
     per_token = (t2 - t1) / (decode_tokens[1] - decode_tokens[0])
     comps = [[(13 * r + 5 * j) % 1500 + 3 for j in range(completion)] for r in range(rows)]
     inputs, targets, mask = pack(prompts, comps)
@@ -124,6 +183,7 @@ def measure_variant(
         "setting": setting,
         "weight_bytes": weight_bytes,
         "decode_s_per_token": per_token,
+        "decode_products_s": products,
         "score_fwd_s": fwd,
         "score_fwd_gflops": fl / fwd / 1e9,
         "rows": rows,
@@ -157,16 +217,22 @@ def render(data: dict) -> str:
         ("sgemm_gflops", "float32 sgemm GFLOP/s"),
         ("bf16_gemm_gflops", "bfloat16 matmul GFLOP/s"),
         ("q4_f32act_gflops", "4-bit quantized_matmul (float32 activations) GFLOP/s"),
-        ("read_gbs", "read bandwidth GB/s"),
+        ("q4_bf16act_gflops", "4-bit quantized_matmul (bfloat16 activations and scales, as shipped) GFLOP/s"),
+        ("read_gbs", "read bandwidth GB/s, MLX sum (one thread)"),
+        ("read_gbs_all_cores", "read bandwidth GB/s, numpy sum in one thread per core"),
     ):
+        if k not in m:
+            continue
         lines.append(f"| {label} | {B.fmt(B.median(m[k]), 1)} [{B.fmt(min(m[k]), 1)}–{B.fmt(max(m[k]), 1)}] |")
     lines += [
         "",
-        "| checkpoint | compute_dtype | weights GB | decode ms/token | floor ms/token | decode / floor "
+        "| checkpoint | compute_dtype | weights GB | decode ms/token (rows) | its products alone, ms "
+        "| floor ms/token | decode / floor "
         "| scoring fwd GFLOP/s (rows) | vs sgemm | policy fwd+bwd GFLOP/s | vs sgemm |",
-        "|" + "---|" * 10,
+        "|" + "---|" * 11,
     ]
-    sg, bw = B.median(m["sgemm_gflops"]), B.median(m["read_gbs"])
+    sg = B.median(m["sgemm_gflops"])
+    bw = max(B.median(m["read_gbs"]), B.median(m.get("read_gbs_all_cores") or [0.0]))
     for name, runs in data["variants"].items():
 
         def med(k):
@@ -185,7 +251,8 @@ def render(data: dict) -> str:
 
         ckpt, setting = name.split(":")
         lines.append(
-            f"| {ckpt} | {setting} | {wb / 1e9:.2f} | {rng(dec, 0, 1e3)} | {floor * 1e3:.0f} | "
+            f"| {ckpt} | {setting} | {wb / 1e9:.2f} | {rng(dec, 0, 1e3)} ({runs[0]['rows']}) | "
+            f"{rng(med('decode_products_s'), 0, 1e3)} | {floor * 1e3:.0f} | "
             f"{B.fmt(dec[0] / floor, 2)} | {rng(fw)} ({runs[0]['rows']}) | {B.fmt(fw[0] / sg, 2)} | "
             f"{rng(pol)} | {B.fmt(pol[0] / sg, 2) if pol[0] else '–'} |"
         )
@@ -200,7 +267,9 @@ def main():
     ap.add_argument("--native-rows", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=40)
     ap.add_argument("--completion", type=int, default=32)
-    ap.add_argument("--variants", default="bf16:auto,bf16:native,4bit:auto,4bit:native")
+    # 4bit:native is left out by default: its products run at the q4_bf16act rate of the first
+    # table (a fraction of a GFLOP/s here), i.e. seconds per decoded token and minutes per scoring pass
+    ap.add_argument("--variants", default="bf16:auto,bf16:native,4bit:auto")
     ap.add_argument("--name", default="limits")
     ap.add_argument("--render-only", action="store_true")
     ns = ap.parse_args()

@@ -7,7 +7,8 @@ bench/README.md from bench/results/*.md.
     python bench/run_all.py --skip learning
 
 Order: bench_step.py, bench_scaling.py, bench_judge.py (when present), then any other
-bench/bench_*.py except the optional bench_trl.py (its own 1.5 GB environment: ``--only trl``).
+bench/bench_*.py except the optional bench_trl.py and bench_q05.py (TRL's 1.5 GB environment:
+``--only trl``, ``--only q05``).
 Each script runs in its own process; a failing script is reported and the others still run; the
 exit status is non-zero when any failed.
 """
@@ -32,9 +33,13 @@ QUICK_ARGS = {
     "startup": ["--runs", "5"],
     "blas": ["--rounds", "2"],
     "exploration": ["--quick"],
+    "limits": ["--rounds", "1"],
 }
 #: scripts left out unless named in --only, and why
-OPTIONAL = {"trl": "builds its own 1.5 GB virtual environment (torch + TRL); run it with --only trl"}
+OPTIONAL = {
+    "trl": "builds its own 1.5 GB virtual environment (torch + TRL); run it with --only trl",
+    "q05": "needs bench_trl.py's environment and about 40 minutes (it runs bench_limits.py too); --only q05",
+}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 

@@ -7,6 +7,8 @@ the reference is evidence that training moved the policy toward what the judge w
 
 from __future__ import annotations
 
+import random
+
 
 def prefer_letter_e(prompt: str, completion_a: str, completion_b: str):
     """0 if a has more 'e' than b, 1 if b has more, None (tie) if equal."""
@@ -20,3 +22,14 @@ def letter_e_reward(prompt: str, completion: str) -> float:
 
 
 letter_e_reward.pointwise = True
+
+
+def coin_reward(prompt: str, completion: str) -> float:
+    """A uniform random score from the global ``random`` generator (which checkpoints keep), so
+    that no pair ties. For benchmarks on random-weight models whose samples mostly decode to
+    nothing: the q05 preset's model draws from 151,936 ids, its tokenizer knows 2,048, so a rule
+    on the text would tie almost every pair and skip the update the benchmark means to time."""
+    return random.random()
+
+
+coin_reward.pointwise = True

@@ -428,3 +428,18 @@ def test_property_invalid_stays_invalid(rows, batched):
             if v.winner is not None:
                 expect = ans if isinstance(ans, int) else int(ans > 0.5)
                 assert v.winner == expect
+
+
+def test_coin_reward_decides_pairs_of_empty_text_and_replays_from_the_global_state(registry):
+    """The q05 benchmark's judge: random samples of a 151,936-id model mostly decode to "", which a
+    rule on the text would tie; coin_reward decides every pair, and the same global `random`
+    state (what a checkpoint keeps) gives the same verdicts."""
+    import random
+
+    j = build_judge("mlx_xpo_plugin.rules:coin_reward", JudgeContext(), registry)
+    state = random.getstate()
+    first = j.judge(["p"] * 50, [("", "")] * 50)
+    assert all(v.winner in (0, 1) for v in first)
+    assert 10 < sum(v.winner for v in first) < 40  # both sides win: a coin, not a constant
+    random.setstate(state)
+    assert [v.scores for v in j.judge(["p"] * 50, [("", "")] * 50)] == [v.scores for v in first]

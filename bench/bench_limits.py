@@ -9,7 +9,9 @@ One process; every rate is measured in it, so the numbers compare with each othe
   also bfloat16 and a 4-bit ``quantized_matmul`` with float32 activations and with bfloat16 ones
   (as a bfloat16 checkpoint's quantized layers run it; 32 rows), for the ratio.
 * read bandwidth: ``sum`` over a 512 MiB float32 array, best of N (bytes / second): MLX's (one
-  thread) and numpy's in one thread per core; the floor uses the larger.
+  thread), numpy's in one thread, and numpy's in one thread per core. The floor uses the largest;
+  a second floor uses one thread's, what a product on one BLAS thread (the pip OpenBLAS's count on
+  2 cores) could stream at best.
 * decode: greedy decoding of ``--rows`` rows (4: a step's rollout, 2 prompts x 2 completions) with
   ``decode.generate`` (the trainer's sampler); time per token =
   (t(40) - t(8)) / 32, each t the best of 3, which cancels the prompt pass and the tracing of the
@@ -82,20 +84,22 @@ def machine_rates(hidden: int, inter: int, n: int) -> dict:
         / best(lambda: mx.eval(mx.quantized_matmul(ab[:32], *qb, transpose=True, group_size=64, bits=4)), 1)
         / 1e9,
         "read_gbs": big.nbytes / best(lambda: mx.eval(big.sum()), n) / 1e9,
-        "read_gbs_all_cores": read_bandwidth_all_cores(n),
+        "read_gbs_one_core": read_bandwidth(n, threads=1),
+        "read_gbs_all_cores": read_bandwidth(n),
     }
 
 
-def read_bandwidth_all_cores(n: int, mib: int = 512) -> float:
-    """Bytes / second read by one numpy ``sum`` per usable core over its share of a float32 array,
-    in threads (numpy releases the GIL in reductions): what a multi-threaded product can stream."""
+def read_bandwidth(n: int, mib: int = 512, threads: int | None = None) -> float:
+    """Bytes / second read by one numpy ``sum`` per thread (default: one per usable core) over its
+    share of a float32 array (numpy releases the GIL in reductions): what a product on that many
+    threads could stream at best."""
     import threading
 
     import numpy as np
 
     from mlx_xpo_plugin.host.fast_blas import usable_cores
 
-    k = usable_cores()
+    k = threads or usable_cores()
     parts = np.array_split(np.ones(mib * 2**18, dtype=np.float32), k)
 
     def once():
@@ -219,6 +223,7 @@ def render(data: dict) -> str:
         ("q4_f32act_gflops", "4-bit quantized_matmul (float32 activations) GFLOP/s"),
         ("q4_bf16act_gflops", "4-bit quantized_matmul (bfloat16 activations and scales, as shipped) GFLOP/s"),
         ("read_gbs", "read bandwidth GB/s, MLX sum (one thread)"),
+        ("read_gbs_one_core", "read bandwidth GB/s, numpy sum in one thread"),
         ("read_gbs_all_cores", "read bandwidth GB/s, numpy sum in one thread per core"),
     ):
         if k not in m:
@@ -227,12 +232,13 @@ def render(data: dict) -> str:
     lines += [
         "",
         "| checkpoint | compute_dtype | weights GB | decode ms/token (rows) | its products alone, ms "
-        "| floor ms/token | decode / floor "
+        "| floor ms/token | decode / floor | floor at one core's bandwidth | decode / that floor "
         "| scoring fwd GFLOP/s (rows) | vs sgemm | policy fwd+bwd GFLOP/s | vs sgemm |",
-        "|" + "---|" * 11,
+        "|" + "---|" * 13,
     ]
     sg = B.median(m["sgemm_gflops"])
     bw = max(B.median(m["read_gbs"]), B.median(m.get("read_gbs_all_cores") or [0.0]))
+    bw1 = B.median(m.get("read_gbs_one_core") or [None])
     for name, runs in data["variants"].items():
 
         def med(k):
@@ -253,7 +259,9 @@ def render(data: dict) -> str:
         lines.append(
             f"| {ckpt} | {setting} | {wb / 1e9:.2f} | {rng(dec, 0, 1e3)} ({runs[0]['rows']}) | "
             f"{rng(med('decode_products_s'), 0, 1e3)} | {floor * 1e3:.0f} | "
-            f"{B.fmt(dec[0] / floor, 2)} | {rng(fw)} ({runs[0]['rows']}) | {B.fmt(fw[0] / sg, 2)} | "
+            f"{B.fmt(dec[0] / floor, 2)} | {B.fmt(wb / bw1 / 1e6 if bw1 else None, 0)} | "
+            f"{B.fmt(dec[0] * bw1 * 1e9 / wb if bw1 else None, 2)} | "
+            f"{rng(fw)} ({runs[0]['rows']}) | {B.fmt(fw[0] / sg, 2)} | "
             f"{rng(pol)} | {B.fmt(pol[0] / sg, 2) if pol[0] else '–'} |"
         )
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """A real model size: step time and peak memory, ours vs upstream vs TRL, then the distance to the
-machine's limits per phase -- one run, about 30 minutes on 2 cores.
+machine's limits per phase -- one run: about 27 minutes of steps on 2 cores, then 8 of bench_limits.py.
 
     python bench/bench_q05.py                  # the side-by-side steps, then bench_limits.py
     python bench/bench_q05.py --skip-limits    # only the side-by-side steps

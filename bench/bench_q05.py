@@ -74,29 +74,13 @@ CELLS = (
 
 
 def settings(side: str, mode: str, model: str, iters: int, bonus: str | None) -> dict:
-    s = {
-        "model": model,
-        "data": B.data_path(),
-        "train": True,
-        "train_type": "lora",
-        "judge": model if side == "upstream" else JUDGE,
-        "iters": iters,
-        "batch_size": 2,
-        "max_completion_length": LENGTH,
-        "temperature": 0.8,
-        "learning_rate": 1e-5,
-        "beta": 0.1,
-        "steps_per_report": 1,
-        "save_every": 100000,
-        "seed": 0,
-        "fuse": False,
-        "test": False,
-        "grad_checkpoint": False,
-    }
-    if mode == "xpo":
-        s["alpha"] = [1e-5] if side == "upstream" else 1e-5
-        if side == "ours":
-            s["xpo_bonus"] = bonus
+    """bench_trl.py's settings for our side; upstream gets the checkpoint as its (LLM) judge, alpha
+    as its flag parses it, and no xpo_bonus (a setting it does not have)."""
+    s = T.ours_settings(mode, model, LENGTH, iters, bonus, judge=model if side == "upstream" else JUDGE)
+    if side == "upstream":
+        s.pop("xpo_bonus", None)
+        if mode == "xpo":
+            s["alpha"] = [1e-5]
     return s
 
 
@@ -135,8 +119,7 @@ def run_cell(cell, paths, ns, work: Path) -> dict:
     wd = work / f"{label.replace(' ', '_').replace(',', '')}-{side}"
     t0 = time.perf_counter()
     if side == "trl":
-        spec = T.trl_spec(mode, "q05", LENGTH, ns.iters, wd)
-        spec.update(model=paths[ckpt], reward_function="coin_reward")
+        spec = dict(T.trl_spec(mode, paths[ckpt], LENGTH, ns.iters, wd), reward_function="coin_reward")
         res = T.run_trl(spec, wd, timeout=3600)
     else:
         iters = ns.upstream_iters if side == "upstream" else ns.iters

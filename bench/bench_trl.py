@@ -112,13 +112,13 @@ def rules_path() -> str:
     return str(Path(rules.__file__).resolve())
 
 
-def ours_settings(mode: str, preset: str, length: int, iters: int, xpo_bonus: str) -> dict:
+def ours_settings(mode: str, model: str, length: int, iters: int, xpo_bonus: str, judge: str = JUDGE) -> dict:
     s = {
-        "model": B.model_path(preset),
+        "model": model,
         "data": B.data_path(),
         "train": True,
         "train_type": "lora",
-        "judge": JUDGE,
+        "judge": judge,
         "iters": iters,
         "batch_size": 2,
         "max_completion_length": length,
@@ -137,10 +137,10 @@ def ours_settings(mode: str, preset: str, length: int, iters: int, xpo_bonus: st
     return s
 
 
-def trl_spec(mode: str, preset: str, length: int, iters: int, workdir: Path) -> dict:
+def trl_spec(mode: str, model: str, length: int, iters: int, workdir: Path) -> dict:
     return {
         "mode": mode,
-        "model": B.model_path(preset),
+        "model": model,
         "data": B.data_path(),
         "iters": iters,
         "batch_size": 2,
@@ -229,14 +229,15 @@ def aggregate(runs: list[dict]) -> dict:
 def run_cell(preset, mode, length, repeats, iters, xpo_bonus, work, raw) -> dict:
     """One (preset, mode, length): `repeats` runs per side, alternating ours/trl/trl/ours."""
     per = {"ours": [], "trl": []}
+    model = B.model_path(preset)
     for r in range(repeats):
         for impl in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
             wd = work / f"{preset}-{mode}-{length}-{impl}-{r}"
             t0 = time.perf_counter()
             if impl == "ours":
-                res = B.run_one("ours", mode, ours_settings(mode, preset, length, iters, xpo_bonus), wd)
+                res = B.run_one("ours", mode, ours_settings(mode, model, length, iters, xpo_bonus), wd)
             else:
-                res = run_trl(trl_spec(mode, preset, length, iters, wd), wd)
+                res = run_trl(trl_spec(mode, model, length, iters, wd), wd)
             summ = summarize(res)
             per[impl].append(summ)
             raw.append(

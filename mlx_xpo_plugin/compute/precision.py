@@ -169,7 +169,7 @@ def column_major(w: mx.array) -> mx.array:
 def _lay_out(m: nn.Module) -> None:
     """Store a converted Linear / Embedding weight column by column, on the CPU backend only (the
     layout measured there; a GPU keeps what it was given)."""
-    if on_cpu_backend() and isinstance(m, (nn.Linear, nn.Embedding)) and m["weight"].ndim == 2:
+    if on_cpu_backend() and isinstance(m, (nn.Linear, nn.Embedding)):
         m.weight = column_major(m.weight)
 
 

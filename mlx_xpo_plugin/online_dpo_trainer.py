@@ -23,8 +23,9 @@ class OnlineDPO:
     def __init__(self, settings):
         self.settings = settings
 
-    def alpha(self, epoch: int) -> float:
-        """The exploration coefficient of a step in data epoch `epoch`: none."""
+    @property
+    def alpha_schedule(self):
+        """The exploration coefficient's schedule (:mod:`.loop.schedule`): none."""
         return 0.0
 
     def rollout(self, model, tokenizer, reference, prompt_ids, sampling) -> list:

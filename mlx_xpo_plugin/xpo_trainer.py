@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from mlx_xpo_plugin.api import train_method
 from mlx_xpo_plugin.compute.rollout import sample_policy_and_reference
-from mlx_xpo_plugin.loop.schedule import get_current_alpha, value_at_epoch
+from mlx_xpo_plugin.loop.schedule import get_current_alpha
 from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
 
 __all__ = ["XPO", "train_xpo", "get_current_alpha", "xpo_kl_bonus", "xpo_kl_upstream", "xpo_paper_term"]
@@ -87,8 +87,9 @@ class XPO(OnlineDPO):
     def form(self) -> str:
         return self.settings.xpo_bonus
 
-    def alpha(self, epoch: int) -> float:
-        return value_at_epoch(self.settings.alpha, epoch)
+    @property
+    def alpha_schedule(self):
+        return self.settings.alpha
 
     def rollout(self, model, tokenizer, reference, prompt_ids, sampling) -> list:
         """The paper form pairs a policy sample with a reference sample (ref_side 1)."""

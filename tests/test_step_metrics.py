@@ -2,6 +2,7 @@
 the schedule's epoch, sampling filters and the missing-EOS confidence."""
 
 import types
+from fractions import Fraction
 
 import mlx.core as mx
 import numpy as np
@@ -132,3 +133,65 @@ def test_a_winner_flipped_by_the_missing_eos_penalty_flips_the_confidence():
 def test_get_current_alpha_accepts_numpy_scalars(value):
     assert get_current_alpha(5, 10, value) == pytest.approx(float(value))
     assert get_current_alpha(5, 10, [value, value], steps_per_epoch=2) == pytest.approx(float(value))
+
+
+@pytest.mark.parametrize(
+    "n_prompts,batch,world,accum", [(10, 3, 1, 1), (12, 3, 1, 1), (10, 2, 1, 2), (7, 2, 2, 1), (11, 1, 3, 2)]
+)
+def test_trainer_schedule_is_get_current_alpha_with_prompts_per_step(
+    lora_model, prompt_data_dir, n_prompts, batch, world, accum
+):
+    """At every step the trainer's (beta, alpha) is get_current_alpha(step, total, schedule,
+    prompts / prompts per step), with a float and a Fraction alike, and it is the value of the
+    data epoch of the step's first prompt (processes simulated by the data order's stride)."""
+    sched, betas = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [0.5, 0.25, 0.125]
+    t = make_trainer(
+        lora_model,
+        prompt_data_dir,
+        mode="xpo",
+        batch_size=batch,
+        gradient_accumulation_steps=accum,
+        alpha=sched,
+        beta=betas,
+        iters=30,
+    )
+    t.train_set = PromptSet(t.train_set.ids[:n_prompts], t.train_set.texts[:n_prompts])
+    t.world = world
+    t.order = PromptOrder(n_prompts, seed=0, batch_size=batch, rank=0, world=world, state=t.state)
+    per_step = batch * world * accum
+    for step in range(1, 31):
+        t.step = step
+        t.order.begin_step()
+        first = t.order.position
+        for _ in range(accum):
+            t.order.take()
+        beta, alpha = t.schedule()
+        for spe in (n_prompts / per_step, Fraction(n_prompts, per_step)):
+            assert alpha == get_current_alpha(step, 30, sched, spe)
+            assert beta == get_current_alpha(step, 30, betas, spe)
+        assert alpha == float(min(first // n_prompts, 5))
+
+
+def test_logged_alpha_is_get_current_alpha_at_every_step(lora_model, prompt_data_dir):
+    model, tok, _ = lora_model
+    sched = [0.0, 1.0, 2.0, 3.0]
+    t = make_trainer(
+        lora_model,
+        prompt_data_dir,
+        mode="xpo",
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        lr=0.0,
+        alpha=sched,
+        iters=9,
+    )
+    t.train_set = PromptSet(t.train_set.ids[:10], t.train_set.texts[:10])
+    t.order = PromptOrder(10, seed=0, batch_size=2, state=t.state)
+    t.collect_pairs = FixedPairs(some_pairs(tok, 1))
+    for step in range(1, 10):
+        t.step = step
+        m = {}
+        t.train_step(m)
+        assert (
+            m["alpha"] == get_current_alpha(step, 9, sched, 10 / 4) == get_current_alpha(step, 9, sched, Fraction(5, 2))
+        )

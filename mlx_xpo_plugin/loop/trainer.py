@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from fractions import Fraction
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -31,7 +32,7 @@ from mlx_xpo_plugin.loop.pair_loss import PairLoss, pack_pairs, pair_loss, pair_
 from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples, keep_decided
 from mlx_xpo_plugin.loop.prompts import PromptOrder, PromptSet
 from mlx_xpo_plugin.loop.run_loop import run_loop
-from mlx_xpo_plugin.loop.schedule import value_at_epoch
+from mlx_xpo_plugin.loop.schedule import get_current_alpha
 
 __all__ = ["OnlineTrainer", "PromptSet"]
 
@@ -82,9 +83,13 @@ class OnlineTrainer:
         self.state.step = value
 
     def schedule(self) -> tuple[float, float]:
-        """(beta, alpha) of the current step, from the epoch its prompts come from."""
-        epoch = self.order.epoch
-        return value_at_epoch(self.settings.beta, epoch), self.method.alpha(epoch)
+        """(beta, alpha) of the current step: :func:`.schedule.get_current_alpha` with
+        steps_per_epoch = prompts / prompts per step (all processes), i.e. the data epoch of the
+        step's first prompt."""
+        s = self.settings
+        per_step = s.batch_size * s.gradient_accumulation_steps * self.world
+        spe = Fraction(max(1, len(self.train_set)), per_step)
+        return tuple(get_current_alpha(self.step, s.iters, x, spe) for x in (s.beta, self.method.alpha_schedule))
 
     # ------------------------------------------------------------------ one step
 

@@ -2,7 +2,7 @@
 judge picks the winner, and the DPO loss is applied to (chosen, rejected) on the fly.
 
 :class:`OnlineDPO` is what the shared loop (trainer.py) asks a method for: how to sample a pair,
-which alpha a step uses, and the exploration term (none here). XPO extends it (xpo_trainer.py).
+which pairs a step scores, the alpha schedule, and the exploration term (none here). XPO extends it (xpo_trainer.py).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from mlx_xpo_plugin.api import train_method
 from mlx_xpo_plugin.compute.rollout import sample_completions
+from mlx_xpo_plugin.loop.pairs import keep_decided
 
 MODE = "online_dpo"
 
@@ -32,9 +33,13 @@ class OnlineDPO:
         """Two policy completions per prompt, as samples ``(a, b, None)``."""
         return [(a, b, None) for a, b in sample_completions(model, tokenizer, prompt_ids, 2, sampling)]
 
-    def scoring_temperature(self, alpha: float):
-        """The temperature whose log-probs the exploration term needs (None: none)."""
-        return None
+    def training_pairs(self, prompts, samples: list, verdicts: list) -> list:
+        """The pairs a step scores: the decided ones (nothing is learnt from the others)."""
+        return keep_decided(prompts, samples, verdicts)
+
+    def policy_rows(self, ref_is_chosen) -> mx.array:
+        """[2P] bool: which rows (chosen..., rejected...) were sampled from the policy: all."""
+        return mx.ones((2 * ref_is_chosen.shape[0],), dtype=mx.bool_)
 
     def exploration_term(self, scores, ref_tok, ref_is_chosen, alpha: float) -> mx.array:
         """Per-pair term added to the loss: zero."""

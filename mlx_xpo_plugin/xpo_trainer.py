@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from mlx_xpo_plugin.api import train_method
 from mlx_xpo_plugin.compute.rollout import sample_policy_and_reference
+from mlx_xpo_plugin.loop.pairs import every_pair
 from mlx_xpo_plugin.loop.schedule import get_current_alpha
 from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
 
@@ -34,7 +35,7 @@ def xpo_kl_bonus(pol_tok, ref_tok, mask, alpha: float, sample_tok=None, reward_t
     the reference, and l_q those of the distribution the completions were sampled from
     (``sample_tok``: the policy at the sampling temperature; ``pol_tok`` when None):
 
-    value     bonus = alpha * (KL^(y_c) + KL^(y_r)),   KL^(y) = sum_t l_theta(y_t) - l_ref(y_t)
+    value     bonus = alpha * (KL^(y_c) + KL^(y_r)),   KL^(y) = sum_t l_q(y_t) - l_ref(y_t)
     gradient  alpha * sum_{i in (c, r)} sum_t (G_i(t) - G_j(t)) * grad l_q(y_i,t)
               G_i(t) = sum_{t' >= t} l_q(y_i,t') - l_ref(y_i,t')     (reward-to-go; with
               ``reward_to_go=False`` the whole-sequence sum), j = the pair's other completion.
@@ -42,16 +43,16 @@ def xpo_kl_bonus(pol_tok, ref_tok, mask, alpha: float, sample_tok=None, reward_t
     For two independent samples y_c, y_r of q_theta this is the score-function (REINFORCE)
     estimator of 2 * alpha * grad KL(q_theta || pi_ref) with the other sample's return as a
     leave-one-out baseline: unbiased, since E_y[grad log q_theta(y)] = 0 and the baseline does
-    not depend on y_i. At temperature 1, q_theta = pi_theta. The value is the single-sample KL
-    estimate (what ``objective/kl`` and ``exploration_bonus`` report); only the gradient differs
-    from :func:`xpo_kl_upstream`, whose gradient alpha * grad s_theta(y) has zero mean at
-    temperature 1.
+    not depend on y_i. At temperature 1, q_theta = pi_theta. The value is the single-sample
+    estimate of 2 * alpha * KL(q_theta || pi_ref) whose gradient is applied (``exploration_bonus``
+    reports it); at temperature 1 it equals :func:`xpo_kl_upstream`'s value, and only the
+    gradient differs: upstream's, alpha * grad s_theta(y), has zero mean at temperature 1.
     """
     sg = mx.stop_gradient
     q = pol_tok if sample_tok is None else sample_tok
     P = pol_tok.shape[0] // 2
-    value = (sg(pol_tok - ref_tok) * mask).sum(axis=-1)
     d = sg(q - ref_tok) * mask
+    value = d.sum(axis=-1)
     if reward_to_go:
         ret = mx.cumsum(d, axis=-1, reverse=True)
     else:
@@ -98,8 +99,17 @@ class XPO(OnlineDPO):
         both = sample_policy_and_reference(model, tokenizer, reference, prompt_ids, sampling)
         return [(p, r, 1) for p, r in both]
 
-    def scoring_temperature(self, alpha: float):
-        return self.settings.temperature if self.form == "kl" and alpha > 0 else None
+    def training_pairs(self, prompts, samples: list, verdicts: list) -> list:
+        """Every sampled pair: the exploration term needs no verdict, so ties and invalid verdicts
+        leave it unchanged (the DPO loss uses the decided pairs only). In the paper form a tie
+        is a win of the policy sample, as in TRL."""
+        return every_pair(prompts, samples, verdicts, ties_to_policy=self.form == "paper")
+
+    def policy_rows(self, ref_is_chosen) -> mx.array:
+        """In the paper form, every row but the reference sample's."""
+        if self.form != "paper":
+            return super().policy_rows(ref_is_chosen)
+        return mx.concatenate([mx.logical_not(ref_is_chosen), ref_is_chosen])
 
     def exploration_term(self, scores, ref_tok, ref_is_chosen, alpha: float) -> mx.array:
         P = scores.tokens.shape[0] // 2

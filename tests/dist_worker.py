@@ -43,8 +43,8 @@ def fixed_pairs(idx, metrics):
         rng = np.random.default_rng(i)
         c = Completion([int(x) for x in rng.integers(3, 500, 3 + i % 3)], "c", False)
         r = Completion([int(x) for x in rng.integers(3, 500, 2 + i % 4)], "r", False)
-        if i % 5 != 0:  # every 5th prompt: an invalid verdict, dropped
-            out.append(Pair(train.ids[i], train.texts[i], c, r))
+        # every 5th prompt: an invalid verdict (its exploration term still counts)
+        out.append(Pair(train.ids[i], train.texts[i], c, r, decided=i % 5 != 0))
     return out
 
 

@@ -68,14 +68,18 @@ def test_unknown_loss_type_is_a_clear_error():
         dpo_loss(mx.zeros(1), mx.zeros(1), mx.zeros(1), mx.zeros(1), 0.1, "nope")
 
 
-def test_kl_bonus_value_is_the_upstream_value_on_token_arrays():
-    """The 'kl' form reports the same number as upstream's formula; only its gradient differs."""
+def test_kl_bonus_value_is_the_sampled_distributions_kl_estimate_on_token_arrays():
+    """The 'kl' form's value is alpha * sum over the pair of s_q - s_ref (q: the distribution
+    sampled); without tempered log-probs (T = 1) it is upstream's number."""
     rng = np.random.default_rng(4)
     pol, ref, tmp = (rng.normal(-3, 1, (6, 5)).astype(np.float32) for _ in range(3))
     mask = (rng.uniform(size=(6, 5)) < 0.7).astype(np.float32)
-    got = np.array(xpo_kl_bonus(mx.array(pol * mask), mx.array(ref * mask), mx.array(mask), 1e-3, mx.array(tmp * mask)))
-    s, r = (pol * mask).sum(-1), (ref * mask).sum(-1)
-    np.testing.assert_allclose(got, 1e-3 * ((s[:3] - r[:3]) + (s[3:] - r[3:])), rtol=1e-5)
+    args = mx.array(pol * mask), mx.array(ref * mask), mx.array(mask), 1e-3
+    got = np.array(xpo_kl_bonus(*args, mx.array(tmp * mask)))
+    q, s, r = (tmp * mask).sum(-1), (pol * mask).sum(-1), (ref * mask).sum(-1)
+    np.testing.assert_allclose(got, 1e-3 * ((q[:3] - r[:3]) + (q[3:] - r[3:])), rtol=1e-5)
+    at_one = np.array(xpo_kl_bonus(*args))
+    np.testing.assert_allclose(at_one, 1e-3 * ((s[:3] - r[:3]) + (s[3:] - r[3:])), rtol=1e-5)
 
 
 def test_ipo_reward_metrics_use_the_per_token_means_the_loss_uses():

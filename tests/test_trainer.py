@@ -290,3 +290,53 @@ def test_the_validation_loss_is_the_configured_loss(lora_model, prompt_data_dir,
         s, r = s / n, r / n
     want = float(dpo_loss(s[:3], s[3:], r[:3], r[3:], 0.5, loss_type).mean())
     assert res["wins"] == 3 and res["loss"] == pytest.approx(want, rel=1e-4)
+
+
+def test_every_pair_marks_ties_and_invalid_verdicts_undecided_and_paper_ties_go_to_the_policy():
+    from mlx_xpo_plugin.loop.pairs import every_pair
+
+    prompts = PromptSet([[1], [2], [3]], ["p1", "p2", "p3"])
+    pol, ref = Completion([5], "pol", True), Completion([6], "ref", True)
+    verdicts = [Verdict.tied(), Verdict.bad("?"), Verdict(1)]
+    plain = every_pair(prompts, [(pol, ref, None)] * 3, verdicts)
+    assert [p.decided for p in plain] == [False, False, True]
+    assert (plain[0].chosen, plain[0].rejected, plain[2].chosen) == (pol, ref, ref)
+    paper = every_pair(prompts, [(pol, ref, 1)] * 3, verdicts, ties_to_policy=True)
+    assert [p.decided for p in paper] == [True, False, True]  # TRL: policy_score >= ref_score
+    assert (paper[0].chosen, paper[0].ref_is_chosen) == (pol, False)
+    assert (paper[1].rejected, paper[1].ref_is_chosen) == (ref, False)  # the term finds y_ref
+    assert (paper[2].chosen, paper[2].ref_is_chosen) == (ref, True)
+
+
+@pytest.mark.parametrize("mode,scored", [("online_dpo", 2), ("xpo", 4)])
+def test_xpo_scores_every_sampled_pair_online_dpo_the_decided_ones(lora_model, prompt_data_dir, mode, scored):
+    judge = ScriptedJudge([Verdict.tied(), Verdict(1), Verdict.bad("x"), Verdict(0)])
+    t = make_trainer(lora_model, prompt_data_dir, judge=judge, batch_size=4, mode=mode, alpha=1e-3)
+    t.step = 1
+    m = {}
+    assert t.train_step(m) is not None
+    assert (m["pairs/valid"], m["pairs/scored"]) == (2, scored)
+
+
+def test_an_undecided_pairs_exploration_term_is_applied_over_the_scored_pairs(lora_model, prompt_data_dir):
+    """With beta -> 0 only the exploration term moves the weights: a step whose third pair is a
+    tie makes the same update as one in which it was decided (the term needs no verdict, and is
+    averaged over the 3 scored pairs either way), and not the update of the two decided pairs."""
+    model, tok, _ = lora_model
+    rng = np.random.default_rng(0)
+    start = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in params(model).items()}
+    base = some_pairs(tok, 3)
+    undecided = Pair(base[2].prompt_ids, base[2].prompt_text, base[2].chosen, base[2].rejected, decided=False)
+    deltas = []
+    for pairs in (base, base[:2] + [undecided], base[:2]):
+        model.update(tree_unflatten([(k, mx.array(v)) for k, v in start.items()]))
+        t = make_trainer(lora_model, prompt_data_dir, mode="xpo", alpha=1.0, beta=1e-9, lr=0.1, micro_batch_size=2)
+        t.collect_pairs = FixedPairs(pairs)
+        t.step = 1
+        m = {}
+        t.train_step(m)
+        deltas.append(np.concatenate([(v - start[k]).ravel() for k, v in params(model).items()]))
+    all_decided, one_tie, two_pairs = deltas
+    assert np.abs(all_decided).max() > 1e-4
+    np.testing.assert_allclose(one_tie, all_decided, rtol=1e-4, atol=1e-6 * np.abs(all_decided).max())
+    assert np.abs(two_pairs - all_decided).max() > 1e-2 * np.abs(all_decided).max()

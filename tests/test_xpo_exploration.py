@@ -197,7 +197,7 @@ def test_tempered_scores_are_log_softmax_of_logits_over_temperature(tiny_model):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
-def test_trainer_kl_forms_report_the_same_loss_and_differ_in_the_update(lora_model, prompt_data_dir, temperature):
+def test_trainer_kl_forms_report_what_they_estimate_and_differ_in_the_update(lora_model, prompt_data_dir, temperature):
     from mlx.utils import tree_unflatten
     from test_trainer import FixedPairs, make_trainer, params, some_pairs
 
@@ -223,7 +223,113 @@ def test_trainer_kl_forms_report_the_same_loss_and_differ_in_the_update(lora_mod
         t.step = 1
         m = {}
         loss = t.train_step(m)
-        res[form] = (loss, m["exploration_bonus"], params(model))
-    (l1, b1, p1), (l2, b2, p2) = res["kl"], res["kl_upstream"]
-    assert l1 == pytest.approx(l2, rel=1e-5) and b1 == pytest.approx(b2, rel=1e-5) and b1 != 0
+        res[form] = (loss, m["exploration_bonus"], params(model), m)
+    (l1, b1, p1, m1), (l2, b2, p2, m2) = res["kl"], res["kl_upstream"]
+    # the 'kl' bonus is 2 alpha times the sampled distribution's KL estimate, upstream's 2 alpha
+    # times the untempered log-ratio; the same number at temperature 1
+    assert b1 == pytest.approx(2 * m1["objective/kl"], rel=1e-5) and b1 != 0
+    assert b2 == pytest.approx(2 * m2["objective/log_ratio"], rel=1e-5)
+    if temperature == 1.0:
+        assert l1 == pytest.approx(l2, rel=1e-5) and b1 == pytest.approx(b2, rel=1e-5)
+        assert m1["objective/kl"] == pytest.approx(m1["objective/log_ratio"], rel=1e-6)
+    else:
+        assert abs(m1["objective/kl"] - m1["objective/log_ratio"]) > 1e-3
     assert max(np.abs(p1[k] - p2[k]).max() for k in p1) > 1e-4
+
+
+# ---------------------------------------------------------------- ties, and what is logged
+
+
+def exact_kl(policy, ref, temperature):
+    lq, lr = token_logps(policy, temperature).sum(-1), token_logps(ref).sum(-1)
+    return float((mx.exp(lq) * (lq - lr)).sum())
+
+
+def step_expected_grad(policy, ref, temperature, alpha, tied, accounting):
+    """E[grad of a step's exploration loss] for steps of two independent sampled pairs, every
+    combination of pairs enumerated. ``tied`` [pairs] marks the pairs the judge ties; a step in
+    which both pairs tie makes no update. 'scored': the trainer's accounting (pair_loss.total:
+    the term over every scored pair / the scored pairs); 'decided': the term over the decided
+    pairs only / the decided pairs (what a loop that drops ties before scoring computes)."""
+    from mlx_xpo_plugin.loop.pair_loss import PairLoss, total
+
+    a, b, _ = all_pairs()
+    n = a.shape[0]
+    q = mx.stop_gradient(mx.exp(token_logps(policy, temperature).sum(-1)))
+    w = q[a] * q[b]
+    i, j = (mx.array(x.ravel()) for x in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    idx = mx.concatenate([i, j])  # the step's two pairs, first then second
+    decided = mx.logical_not(mx.array(tied))[idx]
+    n_decided = decided[: i.shape[0]].astype(mx.float32) + decided[i.shape[0] :].astype(mx.float32)
+    n_decided = mx.concatenate([n_decided, n_decided])
+    weight = mx.concatenate([w[i] * w[j]] * 2) * (n_decided > 0)  # no update without a decided pair
+    bonus = kl_form(ref, temperature, alpha)
+
+    def loss(p):
+        x = -bonus(p)[idx]  # the exploration term added to the loss
+        zeros = mx.zeros(x.shape)
+        if accounting == "scored":
+            res = PairLoss(zeros, x, None, None, None, None, decided)
+            share = total(res, 0.0, mx.maximum(n_decided, 1.0), 2.0)
+        else:
+            share = mx.where(decided, x, 0.0) / mx.maximum(n_decided, 1.0)
+        return (weight * share).sum()
+
+    return flat(mx.grad(loss)(policy))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kl_term_expected_gradient_is_unchanged_when_the_judge_ties_identical_completions(temperature):
+    """A judge that ties identical completions removes pairs whose bonus gradient is zero: the
+    term over every scored pair keeps E[grad] = -2 alpha grad KL; over the decided pairs only it
+    is inflated by 1 / P(decided)."""
+    policy, ref, alpha = tables(3), tables(103), 0.5
+    a, b, _ = all_pairs()
+    identical = np.array(a) == np.array(b)
+    want = -flat(exact_kl_grad(policy, ref, temperature, alpha))
+    never = np.zeros_like(identical)
+    got_no_ties = step_expected_grad(policy, ref, temperature, alpha, never, "scored")
+    got_ties = step_expected_grad(policy, ref, temperature, alpha, identical, "scored")
+    np.testing.assert_allclose(got_no_ties, want, rtol=1e-4, atol=1e-5 * np.linalg.norm(want))
+    np.testing.assert_allclose(got_ties, want, rtol=1e-4, atol=1e-5 * np.linalg.norm(want))
+    dropped = step_expected_grad(policy, ref, temperature, alpha, identical, "decided")
+    q = np.exp(np.array(token_logps(policy, temperature).sum(-1)))
+    assert (q**2).sum() > 0.1  # ties are frequent in this toy
+    assert np.linalg.norm(dropped) > 1.05 * np.linalg.norm(want)
+
+
+def test_kl_bonus_value_is_an_unbiased_estimate_of_the_sampled_kl():
+    """E over sampled pairs of the 'kl' bonus = 2 alpha KL(q_T || pi_ref) at T = 0.7."""
+    policy, ref, alpha, T = tables(4), tables(104), 0.5, 0.7
+    a, b, _ = all_pairs()
+    q = mx.exp(token_logps(policy, T).sum(-1))
+    value = (q[a] * q[b] * kl_form(ref, T, alpha)(policy)).sum().item()
+    assert value == pytest.approx(2 * alpha * exact_kl(policy, ref, T), rel=1e-4)
+
+
+def test_logged_kl_and_entropy_are_those_of_the_distribution_sampled():
+    """At T = 0.7: E[objective/kl] = KL(q_T || pi_ref) and E[objective/entropy] = H(q_T), exactly,
+    for the two-policy-sample forms and for the paper form (policy sample vs reference sample);
+    objective/log_ratio keeps E_q[s_theta - s_ref], neither of those KLs."""
+    from mlx_xpo_plugin.loop.pair_loss import PairLoss, objective_terms
+
+    policy, ref, T = tables(5), tables(105), 0.7
+    a, b, rows = all_pairs()
+    P = a.shape[0]
+    lq, lp, lr = token_logps(policy, T).sum(-1), token_logps(policy).sum(-1), token_logps(ref).sum(-1)
+    q, p_ref = np.exp(np.array(lq)), np.exp(np.array(lr))
+    kl_t, h_t, kl_1 = exact_kl(policy, ref, T), float(-(q * np.array(lq)).sum()), exact_kl(policy, ref, 1.0)
+    res = PairLoss(mx.zeros(P), mx.zeros(P), lp[rows], lr[rows], mx.ones(2 * P), None, None, lq[rows])
+    terms = objective_terms(res)
+    w = q[np.array(a)] * q[np.array(b)]
+    assert (w * terms["objective/kl"]).sum() == pytest.approx(kl_t, rel=1e-5)
+    assert (w * terms["objective/entropy"]).sum() == pytest.approx(h_t, rel=1e-5)
+    log_ratio = (w * terms["objective/log_ratio"]).sum()
+    assert log_ratio == pytest.approx(float((q * np.array(lp - lr)).sum()), rel=1e-5)
+    assert abs(log_ratio - kl_t) > 0.05 and abs(kl_1 - kl_t) > 0.05  # three different numbers
+    # paper form: row 2 of each pair is the reference's sample (weight pi_ref), not counted
+    from_policy = mx.concatenate([mx.ones(P, dtype=mx.bool_), mx.zeros(P, dtype=mx.bool_)])
+    terms = objective_terms(res._replace(from_policy=from_policy))
+    w = q[np.array(a)] * p_ref[np.array(b)]
+    assert (w * terms["objective/kl"]).sum() == pytest.approx(kl_t, rel=1e-5)
+    assert (w * terms["objective/entropy"]).sum() == pytest.approx(h_t, rel=1e-5)

@@ -14,13 +14,24 @@ from mlx_xpo_plugin.loop.jsonio import dumps
 #: How each metric combines over the micro-batches of a step and the steps of a report window
 #: (one table for every metric):
 #:   count  summed (COUNT_KEYS, and every other ``judge/...`` number that is not a ratio);
-#:   ratio  a mean weighted by the count it names (RATIO_WEIGHTS);
-#:   pair   a mean over the valid pairs of the window (the loss terms, rewards, log-probs);
+#:   ratio  a mean weighted by the count it names (RATIO_WEIGHTS): the exploration term and the
+#:          sampled KL and entropy are means over every scored pair (``pairs/scored``);
+#:   pair   a mean over the valid (decided) pairs of the window (DPO loss, rewards, log-probs);
 #:   step   a mean over the steps of the window (everything else: times, memory, alpha, ...).
-COUNT_KEYS = ("judge/pairs", "judge/invalid", "judge/ties", "judge/seconds", "pairs/valid", "train/nonfinite_steps")
+COUNT_KEYS = (
+    "judge/pairs",
+    "judge/invalid",
+    "judge/ties",
+    "judge/seconds",
+    "pairs/valid",
+    "pairs/scored",
+    "train/nonfinite_steps",
+)
+SCORED_PAIR_KEYS = ("loss/xpo", "exploration_bonus", "objective/kl", "objective/entropy", "objective/log_ratio")
 RATIO_WEIGHTS = {
     "judge/position_consistency": "judge/both_orders_valid",
     "objective/scores_margin": "judge/scored_pairs",
+    **{k: "pairs/scored" for k in SCORED_PAIR_KEYS},
 }
 PAIR_PREFIXES = ("rewards/", "logps/", "loss/", "objective/")
 PAIR_KEYS = ("loss", "exploration_bonus")

@@ -1,5 +1,5 @@
 """From sampled completions to training pairs: the judge's verdicts, TRL's missing-EOS penalty,
-and the pairs with a winner.
+and the pairs with a winner (or every sampled pair, marked decided or not).
 
 A sample is ``(a, b, ref_side)``: two completions of one prompt and, where one of them was sampled
 from the reference (xpo's paper form, and evaluation), its index (else None).
@@ -22,6 +22,7 @@ class Pair:
     chosen: Completion
     rejected: Completion
     ref_is_chosen: Optional[bool] = None  # which side is the reference sample, where there is one
+    decided: bool = True  # False: a tie or an invalid verdict (chosen, rejected = the sample's order)
 
 
 def apply_missing_eos_penalty(v: Verdict, a: Completion, b: Completion, penalty: Optional[float]) -> Verdict:
@@ -85,6 +86,25 @@ def keep_decided(prompts, samples: list, verdicts: list) -> list[Pair]:
             continue
         chosen, rejected = (a, b) if v.winner == 0 else (b, a)
         pairs.append(Pair(pid, text, chosen, rejected, None if ref_side is None else v.winner == ref_side))
+    return pairs
+
+
+def every_pair(prompts, samples: list, verdicts: list, ties_to_policy: bool = False) -> list[Pair]:
+    """Every sample as a Pair: the decided ones as (chosen, rejected), the others (ties, invalid
+    verdicts) in the sample's order with ``decided=False``. With ``ties_to_policy`` a tie between
+    a policy sample and a reference sample counts as a win of the policy sample (TRL's XPO:
+    ``chosen = policy_score >= reference_score``)."""
+    pairs = []
+    for pid, text, (a, b, ref_side), v in zip(prompts.ids, prompts.texts, samples, verdicts):
+        winner = v.winner
+        if winner is None and v.tie and ties_to_policy and ref_side is not None:
+            winner = 1 - ref_side
+        if winner is None:
+            ref_first = None if ref_side is None else ref_side == 0
+            pairs.append(Pair(pid, text, a, b, ref_first, decided=False))
+            continue
+        chosen, rejected = (a, b) if winner == 0 else (b, a)
+        pairs.append(Pair(pid, text, chosen, rejected, None if ref_side is None else winner == ref_side))
     return pairs
 
 

@@ -2,13 +2,15 @@
 
 One optimizer step (:meth:`OnlineTrainer.train_step`), for each of `gradient_accumulation_steps`
 micro-batches of `batch_size` prompts: take prompts -> sample two completions per prompt (the
-method's rollout) -> judge -> keep the pairs with a winner; then score every kept pair (policy
-with gradient, reference without), loss = sum over kept pairs of the pair loss / (kept pairs of
-the whole step, all processes), one optimizer update (none when no pair was kept).
+method's rollout) -> judge -> the method's training pairs (online DPO: the decided ones; XPO:
+every sampled pair, marked decided or not); then score them (policy with gradient, reference
+without), loss = pair_loss.total summed over the step's pairs (the DPO loss averaged over the
+decided pairs, the exploration term over every scored pair, all processes together), one
+optimizer update (none when no pair of the step was decided).
 
 The method (``online_dpo_trainer.OnlineDPO`` or ``xpo_trainer.XPO``) decides how a pair is
-sampled, the step's alpha and the exploration term. The loop's state that a checkpoint keeps is
-one :class:`.checkpoints.LoopState`.
+sampled, which pairs are scored, the alpha schedule and the exploration term. The loop's state
+that a checkpoint keeps is one :class:`.checkpoints.LoopState`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mlx_xpo_plugin.loop.evaluation import evaluate
 from mlx_xpo_plugin.loop.faults import Guard
 from mlx_xpo_plugin.loop.metrics import merge_step_metrics
 from mlx_xpo_plugin.loop.pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
-from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples, keep_decided
+from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples
 from mlx_xpo_plugin.loop.prompts import PromptOrder, PromptSet
 from mlx_xpo_plugin.loop.run_loop import run_loop
 from mlx_xpo_plugin.loop.schedule import get_current_alpha
@@ -102,8 +104,9 @@ class OnlineTrainer:
             pairs += self.collect_pairs(self.order.take(), metrics)  # sample -> judge -> keep
         beta, alpha = self.schedule()
         metrics.update(alpha=alpha, beta=beta, temperature=s.temperature, max_completion_length=s.max_completion_length)
-        n_valid = int(self._all_sum(mx.array(len(pairs))).item())
-        metrics["pairs/valid"] = n_valid
+        counts = self._all_sum(mx.array([sum(p.decided for p in pairs), len(pairs)]))
+        n_valid, n_scored = (int(c) for c in counts.tolist())
+        metrics["pairs/valid"], metrics["pairs/scored"] = n_valid, n_scored
         if n_valid == 0:
             self.log(
                 f"step {self.step}: no valid pair ({int(metrics.get('judge/invalid', 0))} invalid, "
@@ -112,7 +115,7 @@ class OnlineTrainer:
             self.guard.no_valid_pair(metrics)
             return None
         self.guard.valid_pair()
-        grads, loss_sum, results = self.score_and_differentiate(pairs, n_valid, beta, alpha, metrics)
+        grads, loss_sum, results = self.score_and_differentiate(pairs, (n_valid, n_scored), beta, alpha, metrics)
         if results:
             metrics.update(pair_metrics(results, beta, s.dpo_cpo_loss_type))
         metrics["loss"] = loss_sum
@@ -140,13 +143,14 @@ class OnlineTrainer:
         metrics.setdefault("_eos", []).extend(c.eos for c in comps)
         metrics.setdefault("_gen_tokens", []).append(sum(len(c.tokens) for c in comps))
         self.log_completions(prompts.texts, samples, verdicts)
-        return keep_decided(prompts, samples, verdicts)
+        return self.method.training_pairs(prompts, samples, verdicts)
 
-    def score_and_differentiate(self, pairs, n_valid: int, beta: float, alpha: float, metrics: dict):
-        """Gradients of sum(pair loss) / n_valid over this process's pairs, in micro-batches of
-        `micro_batch_size` pairs, averaged over processes (scaled so that the result is the sum)."""
+    def score_and_differentiate(self, pairs, n_pairs: tuple, beta: float, alpha: float, metrics: dict):
+        """Gradients of the step's loss (pair_loss.total; ``n_pairs`` = (decided, scored) pairs of
+        all processes) over this process's pairs, in micro-batches of `micro_batch_size` pairs,
+        averaged over processes (scaled so that the result is the sum)."""
         mb = self.settings.micro_batch_size or max(1, self.settings.batch_size)
-        norm = n_valid / self.world  # nn.average_gradients divides by the world size
+        norm = tuple(n / self.world for n in n_pairs)  # nn.average_gradients divides by the world size
         grads, loss_sum, results, t_ref, t_pol = None, 0.0, [], 0.0, 0.0
         for i in range(0, len(pairs), mb):
             batch = pairs[i : i + mb]
@@ -155,7 +159,10 @@ class OnlineTrainer:
             ref_tok = reference_logps(self.reference, inputs, targets, mask)
             t1 = time.perf_counter()
             flags = mx.array([bool(p.ref_is_chosen) for p in batch])
-            (loss, aux), g = self._value_and_grad(self.model, inputs, targets, mask, ref_tok, flags, norm, beta, alpha)
+            decided = mx.array([p.decided for p in batch])
+            (loss, aux), g = self._value_and_grad(
+                self.model, inputs, targets, mask, ref_tok, flags, decided, norm, beta, alpha
+            )
             mx.eval(loss, g, aux)
             t_ref, t_pol = t_ref + t1 - t0, t_pol + time.perf_counter() - t1
             grads = g if grads is None else tree_map(lambda x, y: x + y, grads, g)
@@ -169,9 +176,10 @@ class OnlineTrainer:
         metrics["time/reference"], metrics["time/policy"] = t_ref, t_pol
         return grads, loss_sum, results
 
-    def _loss(self, model, inputs, targets, mask, ref_tok, ref_is_chosen, norm, beta, alpha):
-        res = pair_loss(model, inputs, targets, mask, ref_tok, ref_is_chosen, self.method, self.settings, beta, alpha)
-        return total(res, self.settings.entropy_coef).sum() / norm, tuple(res)
+    def _loss(self, model, inputs, targets, mask, ref_tok, ref_is_chosen, decided, norm, beta, alpha):
+        s = self.settings
+        res = pair_loss(model, inputs, targets, mask, ref_tok, ref_is_chosen, self.method, s, beta, alpha, decided)
+        return total(res, s.entropy_coef, *norm).sum(), tuple(res)
 
     def skip_nonfinite(self, loss_sum: float, metrics: dict) -> None:
         """No update for a non-finite loss; enough of them in a row stop the run."""

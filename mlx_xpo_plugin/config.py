@@ -54,13 +54,16 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
     Setting("alpha", "floats", 1e-5, "XPO exploration-bonus coefficient; a float, or a per-epoch list "
        "such as 1e-4,1e-5,1e-6 (last entry held to the end).", minimum=0.0, studio=True,
        modes=("xpo",)),
-    Setting("xpo_bonus", "str", "kl", "XPO term. 'kl': + alpha * (KL on chosen + KL on rejected), its "
-       "gradient a score-function estimate of grad KL(policy at the sampling temperature || "
-       "reference). 'kl_upstream': the same value differentiated as written (mlx-lm-lora's "
-       "formula; zero-mean gradient at temperature 1). 'paper': a policy sample vs a reference "
-       "sample, loss + alpha * log pi(y_ref) (the XPO paper and TRL).",
+    Setting("xpo_bonus", "str", "kl", "XPO term, averaged over every sampled pair (ties and invalid "
+       "verdicts included). 'kl': - alpha * (KL on both samples), its gradient a score-function "
+       "estimate of -2 alpha grad KL(policy at the sampling temperature || reference); needs LoRA "
+       "dropout 0. 'kl_upstream': mlx-lm-lora's formula, differentiated as written: zero-mean "
+       "gradient at temperature 1, at other temperatures a bias whose direction depends on the "
+       "model. 'paper': a policy sample vs a reference sample, loss + alpha * log pi(y_ref), a tie "
+       "won by the policy sample (the XPO paper and TRL).",
        choices=("kl", "kl_upstream", "paper"), modes=("xpo",)),
-    Setting("dpo_cpo_loss_type", "str", "sigmoid", "DPO loss variant.",
+    Setting("dpo_cpo_loss_type", "str", "sigmoid", "DPO loss variant. ipo compares per-token mean "
+       "log-probs (the IPO paper, TRL's DPOTrainer); TRL's XPO and Online DPO trainers compare sums.",
        choices=("sigmoid", "hinge", "ipo", "dpop")),
     Setting("delta", "float", 50.0, "Drift-penalty coefficient of the dpop loss.", minimum=0.0),
     Setting("judge", "str", "Qwen/Qwen3-0.6B", "Pairwise judge: 'human', an http(s):// "
@@ -366,3 +369,20 @@ def _check_cross(a) -> None:
     for key in lp:
         if key not in ("rank", "dropout", "scale", "keys", "alpha"):
             raise ConfigError(f"lora_parameters.{key}", lp[key], "unknown key; valid: rank, dropout, scale, keys")
+    _check_dropout(a)
+
+
+def _check_dropout(a) -> None:
+    """The 'kl' term's gradient is a score function of the sampler: dropout (on in training, off
+    in rollouts) would score completions under another distribution than the one that sampled."""
+    dropout = a.lora_parameters.get("dropout", 0.0)
+    alphas = a.alpha if isinstance(a.alpha, list) else [a.alpha]
+    used = a.train_mode == "xpo" and a.xpo_bonus == "kl" and a.train_type != "full" and max(alphas) > 0
+    if used and isinstance(dropout, (int, float)) and dropout > 0:
+        raise ConfigError(
+            "lora_parameters.dropout",
+            dropout,
+            "must be 0 with xpo_bonus: kl (its gradient needs the log-probs of the policy that "
+            "sampled, and rollouts run without dropout)",
+            "set dropout: 0, or use xpo_bonus: paper or kl_upstream",
+        )

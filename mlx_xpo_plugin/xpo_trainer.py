@@ -2,14 +2,18 @@
 
 Three forms of the term (``xpo_bonus``), per pair, with s(y) the summed completion log-probs:
 
-  kl:           loss = L_DPO - alpha * (KL^(y_c) + KL^(y_r)),  KL^(y) = s_theta(y) - s_ref(y),
-                differentiated as the score-function estimate of grad KL(q_theta || pi_ref)
-                (:func:`xpo_kl_bonus`)
-  kl_upstream:  the same value differentiated as written (mlx-lm-lora; :func:`xpo_kl_upstream`)
+  kl:           X = -alpha * (KL^(y_a) + KL^(y_b)),  KL^(y) = s_q(y) - s_ref(y) (q: the policy at
+                the sampling temperature), differentiated as the score-function estimate of
+                -2 alpha grad KL(q_theta || pi_ref)   (:func:`xpo_kl_bonus`)
+  kl_upstream:  X = -alpha * (s_theta - s_ref summed over both samples), differentiated as
+                written (mlx-lm-lora; :func:`xpo_kl_upstream`)
   paper (TRL):  the pair is one policy sample and one reference sample y_ref;
-                loss = L_DPO + alpha * log pi_theta(y_ref | x)   (:func:`xpo_paper_term`)
+                X = alpha * log pi_theta(y_ref | x)   (:func:`xpo_paper_term`); a tie counts as
+                a win of the policy sample (TRL)
 
-alpha is a number or a per-epoch list (:func:`get_current_alpha`).
+None of them needs a verdict: every sampled pair is scored, X is averaged over all of them and
+the DPO loss over the decided ones (loop/pair_loss.py). alpha is a number or a per-epoch list
+(:func:`get_current_alpha`).
 """
 
 from __future__ import annotations
@@ -68,7 +72,9 @@ def xpo_kl_upstream(pol_c, pol_r, ref_c, ref_r, alpha: float) -> mx.array:
     loss): alpha * (KL^(chosen) + KL^(rejected)), KL^(y) = s_theta(y) - s_ref(y), differentiated
     as written. Its gradient, alpha * (grad s_theta(y_c) + grad s_theta(y_r)), is a score function
     at samples of the policy: zero in expectation at temperature 1, so it adds noise, not
-    exploration (at other temperatures it has a temperature-dependent bias instead).
+    exploration. At a temperature T != 1 its expectation, 2 alpha E_{y ~ q_T}[grad log pi_theta(y)],
+    is not zero and is not grad KL either: its direction depends on the model (along grad KL on
+    one model, against it on another; tests/test_xpo_exploration.py).
     """
     return alpha * ((pol_c - ref_c) + (pol_r - ref_r))
 

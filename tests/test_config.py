@@ -139,3 +139,17 @@ def test_a_setting_name_with_a_line_break_stays_on_one_line():
     with pytest.raises(ConfigError) as e:
         C.resolve("xpo", {}, set(), {**BASE, "lora_parameters": {"\n": 0}})
     assert "\n" not in str(e.value) and "'lora_parameters.\\n'" in str(e.value)
+
+
+def test_lora_dropout_is_refused_with_the_kl_form_only():
+    dropout = {"lora_parameters": {"rank": 8, "dropout": 0.05, "scale": 10.0}}
+    with pytest.raises(ConfigError) as e:
+        resolve(yaml_values=dropout, explicit=set(BASE))
+    msg = str(e.value)
+    assert "\n" not in msg and re.match(
+        r"lora_parameters.dropout: 0.05 is not valid; must be 0 with xpo_bonus: kl", msg
+    )
+    for other in ({"xpo_bonus": "paper"}, {"xpo_bonus": "kl_upstream"}, {"alpha": 0.0}, {"train_type": "full"}):
+        resolve(yaml_values={**dropout, **other}, explicit=set(BASE))
+    resolve(yaml_values=dropout, explicit=set(BASE), mode="online_dpo")
+    resolve(yaml_values={"lora_parameters": {"dropout": 0.0}}, explicit=set(BASE))

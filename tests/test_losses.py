@@ -89,3 +89,79 @@ def test_ipo_reward_metrics_use_the_per_token_means_the_loss_uses():
     acc = float(reward_stats(pol[:1], pol[1:], rf[:1], rf[1:], 0.1)["rewards/accuracies"][0])
     acc_summed = float(reward_stats(s[:1], s[1:], ref[:1], ref[1:], 0.1)["rewards/accuracies"][0])
     assert (acc, acc_summed) == (0.0, 1.0)  # summed: 2 - 1 > 0; per token: 0.25 - 1 < 0
+
+
+def trl_xpo_losses(model_logps_model, model_logps_ref, ref_logps_ref, ref_logps_model, chosen_mask, beta, alpha, kind):
+    """TRL's XPOTrainer._compute_losses written out (trl/trainer/xpo_trainer.py), on summed
+    completion log-probs: model_* of the policy, ref_* of the reference, on the policy's sample
+    (…_model) and the reference's sample (…_ref); chosen_mask: the policy's sample won."""
+    chosen = np.where(chosen_mask, model_logps_model, model_logps_ref) - np.where(
+        chosen_mask, ref_logps_model, ref_logps_ref
+    )
+    rejected = np.where(~chosen_mask, model_logps_model, model_logps_ref) - np.where(
+        ~chosen_mask, ref_logps_model, ref_logps_ref
+    )
+    logits = chosen - rejected
+    dpo = -np_logsig(beta * logits) if kind == "sigmoid" else (logits - 1 / (2 * beta)) ** 2
+    return (dpo + alpha * model_logps_ref).mean()
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_paper_form_step_loss_against_trls_formula(lora_model, prompt_data_dir, kind):
+    """The paper form's step loss is TRL's XPO loss for sigmoid; for ipo it is TRL's formula on
+    per-token mean log-probs (the documented difference: TRL's XPO compares sums)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+    from test_trainer import FixedPairs, make_trainer, some_pairs
+
+    from mlx_xpo_plugin.compute.reference import Reference
+    from mlx_xpo_plugin.compute.scoring import completion_logps
+    from mlx_xpo_plugin.loop.pair_loss import pack_pairs
+    from mlx_xpo_plugin.loop.pairs import Pair
+
+    model, tok, _ = lora_model
+    rng = np.random.default_rng(1)  # adapters away from zero: policy != reference
+    model.update(
+        tree_unflatten(
+            [
+                (k, v + mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
+                for k, v in tree_flatten(model.trainable_parameters())
+            ]
+        )
+    )
+    base = some_pairs(tok, 4, seed=3)  # chosen: the policy's sample, rejected: the reference's
+    policy_won = np.array([True, False, True, False])
+    pairs = [
+        Pair(p.prompt_ids, p.prompt_text, *((p.chosen, p.rejected) if w else (p.rejected, p.chosen)), not w)
+        for p, w in zip(base, policy_won)
+    ]
+    beta, alpha = 0.3, 0.05
+    t = make_trainer(
+        lora_model,
+        prompt_data_dir,
+        mode="xpo",
+        xpo_bonus="paper",
+        dpo_cpo_loss_type=kind,
+        beta=beta,
+        alpha=alpha,
+        lr=0.0,
+        micro_batch_size=3,
+        temperature=0.7,
+    )
+    t.collect_pairs = FixedPairs(pairs)
+    t.step = 1
+    m = {}
+    t.train_step(m)
+
+    inputs, targets, mask = pack_pairs(base)  # rows: policy samples, then reference samples
+    pol = completion_logps(model, inputs, targets, mask)
+    with Reference(model).use() as ref_model:
+        ref = completion_logps(ref_model, inputs, targets, mask)
+    P = len(base)
+    s, r, n = (np.array(x, np.float64) for x in (pol.sum, ref.sum, pol.counts))
+    args = (s[:P], s[P:], r[P:], r[:P], policy_won, beta, alpha, kind)
+    if kind == "sigmoid":
+        assert m["loss"] == pytest.approx(trl_xpo_losses(*args), rel=1e-5)
+    else:
+        means = trl_xpo_losses(s[:P] / n[:P], s[P:] / n[P:], r[P:] / n[P:], r[:P] / n[:P], policy_won, beta, 0.0, kind)
+        assert m["loss"] == pytest.approx(means + alpha * s[P:].mean(), rel=1e-5)
+        assert abs(m["loss"] - trl_xpo_losses(*args)) > 1e-2  # completions of different lengths

@@ -333,3 +333,15 @@ def test_logged_kl_and_entropy_are_those_of_the_distribution_sampled():
     w = q[np.array(a)] * p_ref[np.array(b)]
     assert (w * terms["objective/kl"]).sum() == pytest.approx(kl_t, rel=1e-5)
     assert (w * terms["objective/entropy"]).sum() == pytest.approx(h_t, rel=1e-5)
+
+
+def test_upstream_form_direction_at_another_temperature_depends_on_the_model():
+    """At T = 0.7 upstream's expected bonus gradient, E_q[grad s_theta], points along grad KL on
+    one tiny model and against it on another: a bias, not an exploration term."""
+    cos = []
+    for seed in (0, 4):
+        policy, ref, alpha = tables(seed), tables(seed + 100), 0.5
+        want = flat(exact_kl_grad(policy, ref, 0.7, alpha))
+        got = flat(expected_grad(upstream_form(ref, alpha), policy, 0.7))
+        cos.append(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+    assert cos[0] < -0.5 and cos[1] > 0.9

@@ -195,3 +195,22 @@ def test_logged_alpha_is_get_current_alpha_at_every_step(lora_model, prompt_data
         assert (
             m["alpha"] == get_current_alpha(step, 9, sched, 10 / 4) == get_current_alpha(step, 9, sched, Fraction(5, 2))
         )
+
+
+def test_a_judges_label_mass_is_a_mean_over_micro_batches_and_steps_not_a_sum():
+    m = merge_step_metrics({}, {"judge/label_mass": 0.9, "judge/pairs": 2})
+    merge_step_metrics(m, {"judge/label_mass": 0.6, "judge/pairs": 1})
+    assert m["judge/label_mass"] == pytest.approx(0.8)
+    w = MetricsWindow()
+    w.add(m)
+    w.add({"judge/label_mass": 0.2, "judge/pairs": 1})
+    assert w.report()["judge/label_mass"] == pytest.approx((0.8 * 3 + 0.2) / 4)
+
+
+def test_exploration_metrics_are_weighted_by_the_scored_pairs_over_a_window():
+    w = MetricsWindow()
+    w.add({"objective/kl": 1.0, "loss/xpo": -2.0, "pairs/scored": 3, "pairs/valid": 1})
+    w.add({"objective/kl": 5.0, "loss/xpo": 2.0, "pairs/scored": 1, "pairs/valid": 1})
+    out = w.report()
+    assert out["objective/kl"] == pytest.approx(2.0) and out["loss/xpo"] == pytest.approx(-1.0)
+    assert (out["pairs/scored"], out["pairs/valid"]) == (4, 2)

@@ -31,6 +31,7 @@ SCORED_PAIR_KEYS = ("loss/xpo", "exploration_bonus", "objective/kl", "objective/
 RATIO_WEIGHTS = {
     "judge/position_consistency": "judge/both_orders_valid",
     "objective/scores_margin": "judge/scored_pairs",
+    "judge/label_mass": "judge/pairs",  # a model judge's mean probability mass on its labels
     **{k: "pairs/scored" for k in SCORED_PAIR_KEYS},
 }
 PAIR_PREFIXES = ("rewards/", "logps/", "loss/", "objective/")

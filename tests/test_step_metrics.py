@@ -214,3 +214,40 @@ def test_exploration_metrics_are_weighted_by_the_scored_pairs_over_a_window():
     out = w.report()
     assert out["objective/kl"] == pytest.approx(2.0) and out["loss/xpo"] == pytest.approx(-1.0)
     assert (out["pairs/scored"], out["pairs/valid"]) == (4, 2)
+
+
+@pytest.mark.parametrize("mode,form", [("online_dpo", "kl"), ("xpo", "paper")])
+def test_logged_kl_and_entropy_at_temperature_07_use_the_tempered_policy(lora_model, prompt_data_dir, mode, form):
+    """objective/kl = mean over the policy's samples of s_q - s_ref with q = softmax(logits / 0.7),
+    objective/entropy = mean of -s_q, objective/log_ratio = mean of s_theta - s_ref; in the paper
+    form the reference's sample (here: every pair's second completion) is left out."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_xpo_plugin.compute.reference import Reference
+    from mlx_xpo_plugin.compute.scoring import completion_logps
+    from mlx_xpo_plugin.loop.pair_loss import pack_pairs
+    from mlx_xpo_plugin.loop.pairs import Pair
+
+    model, tok, _ = lora_model
+    rng = np.random.default_rng(2)
+    flat = tree_flatten(model.trainable_parameters())
+    model.update(tree_unflatten([(k, v + mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32))) for k, v in flat]))
+    pairs = [
+        Pair(p.prompt_ids, p.prompt_text, p.chosen, p.rejected, False if form == "paper" else None)
+        for p in some_pairs(tok, 3)
+    ]
+    t = make_trainer(lora_model, prompt_data_dir, mode=mode, xpo_bonus=form, alpha=0.1, lr=0.0, temperature=0.7)
+    t.collect_pairs = FixedPairs(pairs)
+    t.step = 1
+    m = {}
+    t.train_step(m)
+    inputs, targets, mask = pack_pairs(pairs)
+    sc = completion_logps(model, inputs, targets, mask, temperature=0.7)
+    with Reference(model).use() as ref_model:
+        ref = np.array(completion_logps(ref_model, inputs, targets, mask).sum)
+    s_q, s = np.array(sc.tempered.sum(-1)), np.array(sc.sum)
+    rows = slice(0, 3) if form == "paper" else slice(0, 6)  # paper: rows 3-5 are y_ref
+    assert m["objective/kl"] == pytest.approx((s_q - ref)[rows].mean(), rel=1e-4)
+    assert m["objective/entropy"] == pytest.approx(-s_q[rows].mean(), rel=1e-4)
+    assert m["objective/log_ratio"] == pytest.approx((s - ref)[rows].mean(), rel=1e-4)
+    assert abs(m["objective/kl"] - m["objective/log_ratio"]) > 1e-2

@@ -340,3 +340,14 @@ def test_an_undecided_pairs_exploration_term_is_applied_over_the_scored_pairs(lo
     assert np.abs(all_decided).max() > 1e-4
     np.testing.assert_allclose(one_tie, all_decided, rtol=1e-4, atol=1e-6 * np.abs(all_decided).max())
     assert np.abs(two_pairs - all_decided).max() > 1e-2 * np.abs(all_decided).max()
+
+
+def test_policy_rows_leave_out_the_reference_sample_in_the_paper_form_only():
+    flags = mx.array([True, False])  # pair 0: the reference's sample won; pair 1: the policy's
+    rows = {}
+    for form in ("paper", "kl"):
+        s = LoopSettings(iters=1, xpo_bonus=form)
+        rows[form] = np.array(XPO(s).policy_rows(flags)).tolist()
+    assert rows["paper"] == [False, True, True, False]
+    assert rows["kl"] == [True] * 4
+    assert np.array(OnlineDPO(LoopSettings(iters=1)).policy_rows(flags)).tolist() == [True] * 4

@@ -18,15 +18,17 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from mlx_xpo_plugin import config
+from mlx_xpo_plugin.commands import prior_run
 from mlx_xpo_plugin.commands.hints import command, ignored_judge_system, kernel_note, verbose
-from mlx_xpo_plugin.commands.run_lock import check_writable, hold
+from mlx_xpo_plugin.commands.peers import peer_errors, peer_run
+from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created, hold
 from mlx_xpo_plugin.compute.models import model_folder, same_folder
 from mlx_xpo_plugin.compute.quantized import folder_quantization, quantized_layers, refuse_full
 from mlx_xpo_plugin.contracts import JudgeContext, as_judge
 from mlx_xpo_plugin.errors import ConfigError, SaveFailed
 from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.loop.atomic import save_json
-from mlx_xpo_plugin.loop.faults import EXIT_JUDGE, JudgeFailure, intact_checkpoint
+from mlx_xpo_plugin.loop.faults import EXIT_JUDGE, EXIT_PEER, JudgeFailure, PeerLost, intact_checkpoint
 from mlx_xpo_plugin.loop.settings import from_config as loop_settings
 from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 
@@ -71,6 +73,8 @@ def preflight(cfg) -> None:
 
     if cfg.train:
         check_writable("adapter_path", cfg.adapter_path)
+        check_free("adapter_path", cfg.adapter_path)  # a run training there now is named first
+        prior_run.check(cfg, resume_command)  # another run's files there: refused, named
     if cfg.train_type == "full" and quantization(cfg):
         raise ConfigError("train_type", "full", "a quantized base cannot be fully fine-tuned; use lora or dora")
     n_train = check_data(cfg.data, need_train=cfg.train, need_test=cfg.test)
@@ -163,14 +167,17 @@ def resume_command(cfg) -> str:
 
 def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
     """Run a resolved config (see config.resolve) with a method (online_dpo_trainer.OnlineDPO,
-    xpo_trainer.XPO). Returns the exit status."""
+    xpo_trainer.XPO). Returns the exit status. Nothing is written before every check that needs
+    no model has passed; a refusal after loading removes the folder it created."""
     preflight(cfg)
-    if mx.distributed.init().rank() != 0:  # data parallel: only rank 0 prints and writes
+    rank = mx.distributed.init().rank()  # under mlx.launch: every process has passed its preflight
+    if rank != 0:  # data parallel: only rank 0 prints and writes
         sys.stdout = open(os.devnull, "w")
-    elif cfg.train:
-        with hold("adapter_path", cfg.adapter_path):  # one training run per adapter_path
-            return _run(cfg, method_cls, training_callback, progress)
-    return _run(cfg, method_cls, training_callback, progress)
+        return peer_run(cfg, rank, lambda: _run(cfg, method_cls, training_callback, progress))
+    if not cfg.train:
+        return _run(cfg, method_cls, training_callback, progress)
+    with created(cfg.adapter_path), hold("adapter_path", cfg.adapter_path):  # one run per adapter_path
+        return _run(cfg, method_cls, training_callback, progress)
 
 
 def _run(cfg, method_cls, training_callback, progress: bool) -> int:
@@ -202,16 +209,14 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     with contextlib.nullcontext() if loud else contextlib.redirect_stdout(io.StringIO()):  # upstream's "Loading ..."
         model, tokenizer, _ = from_pretrained(
             model=model_path,
-            new_adapter_path=cfg.adapter_path if cfg.train else None,
+            new_adapter_path=None,  # nothing written while loading: adapter_config.json comes in begin_writing
             lora_config=lora,
             quantized_load=quantization(cfg),
         )
     if cfg.train and cfg.train_type == "full" and quantized_layers(model):  # the loaded model decides
         q = quantized_layers(model)
         raise refuse_full(cfg.model, f"{len(q)} quantized layers, e.g. {q[0]}")
-    if cfg.train:
-        write_adapter_config(cfg)
-    elif os.path.isfile(trained):
+    if not cfg.train and os.path.isfile(trained):
         model.load_weights(trained, strict=False)
         print(f"adapters: loaded {trained}")
     # after every check of the loaded checkpoint (a quantized base refuses train_type full): the
@@ -275,6 +280,7 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
         trainer.judge.name = cfg.judge  # named in judge-failure messages
         trainer.resolved_config = {k: v for k, v in vars(cfg).items()}
         resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
+        begin_writing(cfg, resume)
         print(f"training {iters} steps ({steps_per_epoch} per epoch, {per_step} prompts per step, 2 completions each)")
         if resume:
             print(f"resuming from step {resume['step']} of {iters}")
@@ -284,12 +290,19 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
             err(f"{e}; {intact_checkpoint(cfg.adapter_path)}")
             print(f"resume with: {resume_command(cfg)}")
             return e.exit_status
+        except PeerLost as e:  # data parallel: nothing saved for the step in progress
+            why = "; ".join(peer_errors(cfg.adapter_path)) or str(e)
+            then = f"resume with: mlx.launch <the same options> {resume_command(cfg)}"
+            err(f"{why}; {intact_checkpoint(cfg.adapter_path, then)}")  # one line
+            return EXIT_PEER
         out = cfg.adapter_path
-        print(f"adapters: {os.path.join(out, 'adapters.safetensors')}")
+        if result["updates"]:
+            print(f"adapters: {os.path.join(out, 'adapters.safetensors')}")
         print(f"metrics:  {os.path.join(out, 'metrics.jsonl')}   samples: {os.path.join(out, 'completions.jsonl')}")
         if result["interrupted"] or result["stop_reason"]:
             why = result["stop_reason"] or "interrupted"
-            print(f"stopped at step {result['step']} of {iters}: {why}; checkpoint saved.")
+            saved = f"checkpoint of step {result['step']} saved"
+            print(f"stopped at step {result['stopped_at']} of {iters}: {why}; {saved}.")
             print(f"resume with: {resume_command(cfg)}")
             status = (
                 130
@@ -300,6 +313,12 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
                 if "judge" in why
                 else 1
             )  # exit statuses: README, "Faults"
+        if not result["updates"]:  # never a success, and the adapters are not presented as trained
+            status = status or (EXIT_JUDGE if trainer.guard.judgeless else 1)
+            err(
+                f"no step of this run made an update ({trainer.guard.judgeless} of {result['stopped_at']} steps "
+                f"without a valid pair): the adapters in {out} are untrained"
+            )
     if cfg.test and status == 0:
         test_set = load_prompts(cfg.data, "test", tokenizer, max_prompt)
         if trainer is None:
@@ -318,21 +337,38 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
             )
             trainer.judge.name = cfg.judge
         res = trainer.evaluate(test_set, cfg.test_batches)
+        prior_run.keep_previous(os.path.join(cfg.adapter_path, "test_metrics.json"))
         save_json(os.path.join(cfg.adapter_path, "test_metrics.json"), res)
         print("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
     if cfg.fuse and cfg.train and status == 0:
         from mlx_lm_lora.utils import save_pretrained_merged
 
         restore_storage(model, precision)  # the fused model is stored as the checkpoint was
+        fused = os.path.join(cfg.adapter_path, "fused")
         save_pretrained_merged(
-            model=model,
-            tokenizer=tokenizer,
-            save_path=os.path.join(cfg.adapter_path, "fused"),
-            de_quantize=quantization(cfg) is None,
+            model=model, tokenizer=tokenizer, save_path=fused + ".partial", de_quantize=quantization(cfg) is None
         )
-        print(f"fused model: {os.path.join(cfg.adapter_path, 'fused')}")
+        replaced = prior_run.replace_folder(fused + ".partial", fused)
+        print(f"fused model: {fused}" + (" (replaced the one fused before this resumed run)" if replaced else ""))
     judge.close()
     return status
+
+
+def begin_writing(cfg, resume) -> None:
+    """The first writes of a training run, after every refusal: move another run's files aside
+    (start_over), drop what a resumed run redoes, write adapter_config.json."""
+    if cfg.start_over and not prior_run.resumes_here(cfg):
+        moved = prior_run.move_aside(cfg.adapter_path)
+        if moved:
+            print(f"start_over: the previous run's files were moved to {moved}")
+    if resume:
+        dropped = prior_run.drop_copies_after(cfg.adapter_path, int(resume["step"]))
+        if dropped:
+            print(
+                f"resume: removed {len(dropped)} periodic adapter copies of steps after {resume['step']} "
+                f"({', '.join(dropped)}): this run redoes those steps"
+            )
+    write_adapter_config(cfg)
 
 
 def mode_main(method_cls):

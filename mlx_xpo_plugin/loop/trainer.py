@@ -25,7 +25,7 @@ from mlx.utils import tree_map
 from mlx_xpo_plugin.contracts import as_judge
 from mlx_xpo_plugin.loop.checkpoints import LoopState, save_checkpoint
 from mlx_xpo_plugin.loop.evaluation import evaluate
-from mlx_xpo_plugin.loop.faults import Guard
+from mlx_xpo_plugin.loop.faults import Guard, error_count
 from mlx_xpo_plugin.loop.metrics import merge_step_metrics
 from mlx_xpo_plugin.loop.pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
 from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples, keep_decided
@@ -97,15 +97,21 @@ class OnlineTrainer:
             pairs += self.collect_pairs(self.order.take(), metrics)  # sample -> judge -> keep
         beta, alpha = self.schedule()
         metrics.update(alpha=alpha, beta=beta, temperature=s.temperature, max_completion_length=s.max_completion_length)
-        n_valid = int(self._all_sum(mx.array(len(pairs))).item())
+        local = [len(pairs), int(metrics.get("judge/pairs", 0)), error_count(metrics)]
+        n_valid, n_pairs, n_errors = (int(x) for x in self._all_sum(mx.array(local)).tolist())
         metrics["pairs/valid"] = n_valid
+        self.guard.judged(n_pairs, n_errors)
+        errors = self.guard.error_line(n_pairs, n_errors)
         if n_valid == 0:
+            invalid = int(metrics.get("judge/invalid", 0)) - error_count(metrics)
             self.log(
-                f"step {self.step}: no valid pair ({int(metrics.get('judge/invalid', 0))} invalid, "
+                f"step {self.step}: no valid pair ({errors + '; ' if errors else ''}{invalid} invalid, "
                 f"{int(metrics.get('judge/ties', 0))} ties): no update"
             )
-            self.guard.no_valid_pair(metrics)
+            self.guard.no_valid_pair(metrics, n_pairs, n_errors)
             return None
+        if errors:
+            self.log(f"step {self.step}: the judge failed on {n_errors} of {n_pairs} pairs ({errors})")
         self.guard.valid_pair()
         grads, loss_sum, results = self.score_and_differentiate(pairs, n_valid, beta, alpha, metrics)
         if results:
@@ -117,6 +123,7 @@ class OnlineTrainer:
         t0 = time.perf_counter()
         self.opt.update(self.model, grads)
         mx.eval(self.model.parameters(), self.opt.state)
+        self.state.updates += 1
         metrics["time/optimizer"] = time.perf_counter() - t0
         return loss_sum
 

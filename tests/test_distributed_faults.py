@@ -11,7 +11,8 @@ from test_cli_e2e import TRAIN, base_cfg, rows, small_data, write_cfg
 from test_distributed import LAUNCH
 
 from mlx_xpo_plugin.commands.peers import peer_errors, peer_run
-from mlx_xpo_plugin.loop.faults import EXIT_JUDGE, JudgeFailure
+from mlx_xpo_plugin.exits import Exit
+from mlx_xpo_plugin.loop.faults import JudgeFailure
 
 SLOW_JUDGE = """
 import os, time
@@ -60,7 +61,7 @@ def test_sigkill_of_one_process_stops_the_other_with_one_line_and_resume_reaches
     assert f"error: process 1 of 2 was lost during step {step + 1} (" in lines[0], lines[0]
     assert f"the checkpoint of step {step} ({out / 'checkpoint'}) is intact: resume with: mlx.launch" in lines[0]
     assert f"--resume-adapter-file {out}" in lines[0]
-    assert "Node with rank 0 exited with code 5" in stderr  # EXIT_PEER; mlx.launch itself says 0
+    assert "Node with rank 0 exited with code 5" in stderr  # Exit.PEER; mlx.launch itself says 0
     assert step < 24
 
     r = subprocess.run(
@@ -84,11 +85,11 @@ def test_a_process_stopping_with_its_own_error_is_reported_once_by_process_0(tmp
     assert peer_errors(str(tmp_path), wait=0) == ["process 1 stopped: the judge 'j' raised ValueError: bad at step 3"]
     assert os.listdir(tmp_path) == []  # read once
 
-    def stops(status=EXIT_JUDGE):
+    def stops(status=Exit.JUDGE):
         import sys
 
         print("error: the judge 'j' failed on every pair of step 1", file=sys.stderr)
         return status
 
-    assert peer_run(type("C", (), {"adapter_path": str(tmp_path)}), 1, stops) == EXIT_JUDGE
+    assert peer_run(type("C", (), {"adapter_path": str(tmp_path)}), 1, stops) == Exit.JUDGE
     assert peer_errors(str(tmp_path), wait=0) == ["process 1 stopped: the judge 'j' failed on every pair of step 1"]

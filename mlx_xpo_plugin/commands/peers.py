@@ -19,8 +19,9 @@ import sys
 import time
 
 from mlx_xpo_plugin.errors import ConfigError, SaveFailed
+from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.atomic import save_json
-from mlx_xpo_plugin.loop.faults import EXIT_PEER, JudgeFailure, PeerLost, intact_checkpoint
+from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, intact_checkpoint
 
 
 def peer_error_file(adapter_path: str, rank: int) -> str:
@@ -37,9 +38,9 @@ def peer_run(cfg, rank: int, body) -> int:
         msg = ([x.removeprefix("error: ") for x in said.getvalue().splitlines() if x.strip()] or [""])[-1]
     except PeerLost as e:  # process 0 is gone: this process says so
         print(f"error: {e}; {intact_checkpoint(cfg.adapter_path, 'resume')}", file=sys.stderr)
-        return EXIT_PEER
+        return Exit.PEER
     except Exception as e:
-        status = getattr(e, "exit_status", 1)
+        status = getattr(e, "exit_status", Exit.NO_UPDATE)
         msg = str(e) if isinstance(e, (ConfigError, JudgeFailure, SaveFailed)) else f"{type(e).__name__}: {e}"
     if status:
         with contextlib.suppress(OSError):

@@ -170,3 +170,19 @@ def replace_folder(new: str, dest: str) -> bool:
     if had:
         shutil.rmtree(old, ignore_errors=True)
     return had
+
+
+def begin_writing(cfg, resume) -> None:
+    """The first writes of a training run, after every refusal: move another run's files aside
+    (start_over), drop the periodic copies of the steps a resumed run redoes."""
+    if cfg.start_over and not resumes_here(cfg):
+        moved = move_aside(cfg.adapter_path)
+        if moved:
+            print(f"start_over: the previous run's files were moved to {moved}")
+    if resume:
+        dropped = drop_copies_after(cfg.adapter_path, int(resume["step"]))
+        if dropped:
+            print(
+                f"resume: removed {len(dropped)} periodic adapter copies of steps after {resume['step']} "
+                f"({', '.join(dropped)}): this run redoes those steps"
+            )

@@ -98,8 +98,8 @@ def _save(trainer, final: bool) -> None:
         "alpha": alpha,
         "beta": beta,
         "final": final,
-        "fingerprint": getattr(trainer, "fingerprint", None),
-        "config": getattr(trainer, "resolved_config", None),
+        "fingerprint": trainer.fingerprint,
+        "config": trainer.config,
         "files": files,
     }
     ckpt.save_json(os.path.join(d, "state.json"), state)  # the commit point

@@ -6,14 +6,14 @@
   declares neither is resumed with a warning saying the run may not repeat exactly.
 * A judge that raises: :class:`GuardedJudge` turns the exception into :class:`JudgeFailure`; the
   loop rolls back to the start of the step (no update was made yet), saves that checkpoint and
-  stops with :data:`EXIT_JUDGE`.
+  stops with :data:`..exits.Exit.JUDGE`.
 * Errors on single pairs (a function judge's exception on one pair, an endpoint's failed
   request) are counted per pair as ``judge/errors/<kind>`` (the exception's class, or the
   endpoint's kind such as ``connection_refused``) and shown on the step's line. A step in which
   every pair failed, before the judge has answered any pair of this run, stops the run at once
-  with :data:`EXIT_JUDGE` (the judge is broken from the start; the checkpoint is that step's start).
+  with :data:`..exits.Exit.JUDGE` (the judge is broken from the start; the checkpoint is that step's start).
 * A judge that answers nothing usable: after ``max_judgeless_steps`` consecutive steps without a
-  valid pair the run stops with :data:`EXIT_JUDGE`; its checkpoint is rolled back to the last step
+  valid pair the run stops with :data:`..exits.Exit.JUDGE`; its checkpoint is rolled back to the last step
   before that streak, so a resumed run redoes those steps (no prompt is lost).
 * A run that ends without a single update is never a success (see the runner).
 * Validation draws judge randomness without consuming the training stream's (state restored).
@@ -31,9 +31,7 @@ import numpy as np
 
 from mlx_xpo_plugin.contracts import Judge, as_judge
 from mlx_xpo_plugin.errors import StopTraining
-
-EXIT_JUDGE = 3  #: the judge failed (raised, or no valid pair for max_judgeless_steps steps)
-EXIT_PEER = 5  #: data parallel: another process was lost or stopped with an error
+from mlx_xpo_plugin.exits import Exit
 
 
 class PeerLost(RuntimeError):
@@ -161,9 +159,9 @@ def restore(judge, state: Optional[dict], log: Callable[[str], None] = print) ->
 class Guard:
     """The loop's fault handling (see the module docstring); one per OnlineTrainer."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, judge_name: Optional[str] = None):
         self.t = trainer
-        trainer.judge = GuardedJudge(trainer.judge)
+        trainer.judge = GuardedJudge(trainer.judge, judge_name)
         self.status: Optional[int] = None  # the exit status a stop asks for (None: the default)
         self._snap: Optional[dict] = None  # the state at the start of the current step
         self._streak_start: Optional[dict] = None  # ... of the first step of a judgeless streak
@@ -199,10 +197,10 @@ class Guard:
 
     # -- a judge that raised
     def judge_crashed(self, e: JudgeFailure) -> None:
-        """The step in progress made no update: roll back to its start, stop with EXIT_JUDGE."""
+        """The step in progress made no update: roll back to its start, stop with Exit.JUDGE."""
         step = self.t.step
         self.roll_back_step()
-        self.status = EXIT_JUDGE
+        self.status = Exit.JUDGE
         self.t.stop_reason = f"{e} at step {step}; the checkpoint is the state before that step"
 
     def validate(self, evaluate: Callable[[], dict]) -> Optional[dict]:
@@ -212,7 +210,7 @@ class Guard:
         try:
             return evaluate()
         except JudgeFailure as e:
-            self.status = EXIT_JUDGE
+            self.status = Exit.JUDGE
             self.t.stop_reason = f"{e} during the validation of step {self.t.step}"
             return None
         except StopTraining as e:  # e.g. the human judge's 'q'
@@ -243,7 +241,7 @@ class Guard:
         self.judgeless += 1
         if pairs and errors >= pairs and not self.answered:
             self.roll_back_step()
-            self.status = EXIT_JUDGE
+            self.status = Exit.JUDGE
             self.t.stop_reason = (
                 f"the judge {self.t.judge.name!r} failed on every pair of step {self.t.step} "
                 f"({self.error_line(pairs, errors)}) and has answered none yet; the checkpoint "
@@ -260,7 +258,7 @@ class Guard:
         limit = self.t.settings.max_judgeless_steps
         if not limit or k["steps"] < limit:
             return
-        self.status = EXIT_JUDGE
+        self.status = Exit.JUDGE
         self._rollback = self._streak_start
         self.t.stop_reason = self.describe_streak()
 

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_xpo_plugin.errors import StopTraining
+from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.checkpoints import restore
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, is_peer_loss
 from mlx_xpo_plugin.loop.metrics import JsonlLog, MetricsWindow, is_pair_metric
@@ -53,7 +54,7 @@ class GracefulStop:
         if self.t.stop_requests > 1:
             sys.stderr.write(f"\n{name} again: exiting now; the last saved checkpoint is kept\n")
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(Exit.INTERRUPTED)
         if self.say:  # stderr, flushed: seen at once even when stdout is piped to a file
             sys.stderr.write(f"\n{name}: finishing this step, then saving a checkpoint (press again to quit at once)\n")
             sys.stderr.flush()

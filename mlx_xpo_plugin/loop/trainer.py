@@ -39,8 +39,9 @@ __all__ = ["OnlineTrainer", "PromptSet"]
 class OnlineTrainer:
     """The loop's parts: ``settings`` (loop/settings.py: LoopSettings), the ``method``
     (online_dpo_trainer.OnlineDPO or xpo_trainer.XPO), the policy ``model`` and its
-    ``tokenizer``, the frozen ``reference`` (reference.Reference), a pairwise ``judge``, an mlx
-    ``optimizer`` and the prompts."""
+    ``tokenizer``, the frozen ``reference`` (reference.Reference), a pairwise ``judge`` (named
+    ``judge_name`` in messages), an mlx ``optimizer`` and the prompts; ``fingerprint`` and
+    ``config`` are recorded in every checkpoint (checkpoints.py: what a resume must match)."""
 
     def __init__(
         self,
@@ -55,12 +56,17 @@ class OnlineTrainer:
         valid_set: Optional[PromptSet] = None,
         training_callback=None,
         log: Callable[[str], None] = print,
+        *,
+        judge_name: Optional[str] = None,
+        fingerprint: Optional[dict] = None,
+        config: Optional[dict] = None,
     ):
         self.settings, self.method = settings, method
         self.model, self.tokenizer, self.reference = model, tokenizer, reference
         self.judge = as_judge(judge)
         self.opt, self.train_set, self.valid_set = optimizer, train_set, valid_set
         self.callback = training_callback
+        self.fingerprint, self.config = fingerprint, config
         self.group = mx.distributed.init()  # data parallel under mlx.launch
         self.rank, self.world = self.group.rank(), self.group.size()
         self.log = log if self.rank == 0 else (lambda msg: None)
@@ -71,7 +77,7 @@ class OnlineTrainer:
         self.completions_log = None
         os.makedirs(settings.adapter_path, exist_ok=True)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
-        self.guard = Guard(self)  # wraps the judge: judge failures and rollbacks (faults.py)
+        self.guard = Guard(self, judge_name)  # wraps the judge: judge failures and rollbacks (faults.py)
 
     @property
     def step(self) -> int:

@@ -153,7 +153,10 @@ def keep_previous(path: str) -> None:
     """Rename an existing result file to ``<name>.<its date-time>.json`` and say so."""
     if os.path.isfile(path):
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
-        dest = f"{path[: -len('.json')]}.{stamp}.json"
+        dest, n = f"{path[: -len('.json')]}.{stamp}.json", 1
+        while os.path.exists(dest):  # two results within one second
+            n += 1
+            dest = f"{path[: -len('.json')]}.{stamp}-{n}.json"
         os.replace(path, dest)
         print(f"test: the previous result was kept as {dest}")
 

@@ -116,7 +116,7 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
         trainer = build_trainer(cfg, method_cls, models, judge, training_callback, progress)
         status = train(cfg, trainer) if cfg.train else Exit.DONE
         if cfg.test and status == Exit.DONE:
-            test(cfg, trainer)
+            status = test(cfg, trainer)
         if cfg.fuse and cfg.train and status == Exit.DONE:
             fuse(cfg, models)
     finally:
@@ -176,17 +176,23 @@ def report(cfg, trainer, result: dict) -> int:
     return of_run(result, trainer.guard.status, trainer.guard.judgeless)
 
 
-def test(cfg, trainer) -> None:
+def test(cfg, trainer) -> int:
     """Win-rate against the reference on the test prompts -> test_metrics.json (the previous
-    result is kept under its date)."""
+    result is kept under its date); a judge that failed on every pair gives no result (JUDGE)."""
     from mlx_xpo_plugin.commands.data import load_prompts
 
     prompts = load_prompts(cfg.data, "test", trainer.tokenizer, cfg.max_seq_length - cfg.max_completion_length)
+    before = trainer.judge.errors
     res = trainer.evaluate(prompts, cfg.test_batches)
+    failed = trainer.judge.errors - before
+    if res["pairs"] and failed >= res["pairs"]:
+        err(f"test: the judge {cfg.judge!r} failed on every pair ({failed} errors: {trainer.judge.last_error})")
+        return Exit.JUDGE
     path = os.path.join(cfg.adapter_path, "test_metrics.json")
     prior_run.keep_previous(path)
     save_json(path, res)
     print("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+    return Exit.DONE
 
 
 def fuse(cfg, models) -> None:

@@ -63,6 +63,7 @@ class GuardedJudge(Judge):
         self.name = name or getattr(inner, "name", None) or type(inner).__name__
         self.last_bad: Any = None
         self.last_error: Optional[str] = None  # "Class: message" of the last per-pair error
+        self.errors = 0  # pairs it failed on, every call together (judge/errors/<kind> summed)
 
     def judge(self, prompts, pairs):
         try:
@@ -73,6 +74,7 @@ class GuardedJudge(Judge):
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             raise JudgeFailure(f"the judge {self.name!r} raised {msg}") from e
         self.last_error = getattr(self.inner, "last_error", None) or self.last_error
+        self.errors += error_count(self.inner.last_metrics or {})
         bad = [v.raw for v in verdicts if v.winner is None and not v.tie]
         if bad:
             self.last_bad = bad[-1]

@@ -51,9 +51,9 @@ def check_writable(setting: str, path: str) -> None:
 
 @contextlib.contextmanager
 def created(path: str):
-    """Create the folder ``path`` for the body; when the body raises a ConfigError (a refusal
-    after loading), remove the folders it created if they hold nothing else, so that a refused
-    start leaves nothing behind."""
+    """Create the folder ``path`` for the body; when the body raises (a refusal after loading,
+    Ctrl-C while loading, a crash), remove the folders it created that are still empty, so that
+    a refused start leaves nothing behind (a folder holding files is never removed)."""
     made, p = [], os.path.abspath(path)
     while not os.path.exists(p):
         made.append(p)
@@ -61,8 +61,8 @@ def created(path: str):
     os.makedirs(path, exist_ok=True)
     try:
         yield
-    except ConfigError:
-        for d in made:  # deepest first
+    except BaseException:
+        for d in made:  # deepest first; rmdir removes only an empty folder
             try:
                 os.rmdir(d)
             except OSError:

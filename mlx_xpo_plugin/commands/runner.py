@@ -23,7 +23,7 @@ from mlx_xpo_plugin.commands.build import (
     write_adapter_config,
 )
 from mlx_xpo_plugin.commands.hints import command, ignored_judge_system, kernel_note
-from mlx_xpo_plugin.commands.peers import peer_errors, peer_run
+from mlx_xpo_plugin.commands.peers import discard_peer_errors, peer_errors, peer_run
 from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created, hold
 from mlx_xpo_plugin.compute.models import model_folder
 from mlx_xpo_plugin.compute.quantized import folder_quantization, refuse_full
@@ -104,7 +104,10 @@ def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
     if not cfg.train:
         return _run(cfg, method_cls, training_callback, progress)
     with created(cfg.adapter_path), hold("adapter_path", cfg.adapter_path):  # one run per adapter_path
-        return _run(cfg, method_cls, training_callback, progress)
+        try:
+            return _run(cfg, method_cls, training_callback, progress)
+        finally:
+            discard_peer_errors(cfg.adapter_path)
 
 
 def _run(cfg, method_cls, training_callback, progress: bool) -> int:

@@ -25,7 +25,8 @@ def as_config(mode: str, source: Union[Mapping[str, Any], Any]):
 
 def train_method(method_cls, source, training_callback=None, progress: bool = True) -> int:
     """Resolve `source` (see :func:`as_config`) for the method's mode and run it; returns the
-    exit status (0 on success). Raises ConfigError on bad settings."""
+    exit status (0 on success). Raises ConfigError on bad settings, and on an ``adapter_path``
+    that holds another run (as the command line does: resume it, or pass ``start_over: True``)."""
     from mlx_xpo_plugin.commands.runner import run  # here, not above: mlx.core must load after request() chose the BLAS
 
     return run(as_config(method_cls.mode, source), method_cls, training_callback, progress=progress)

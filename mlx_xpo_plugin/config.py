@@ -104,6 +104,9 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
     Setting("max_judgeless_steps", "int", 10, "Stop (exit status 3) after this many consecutive steps "
        "in which the judge gave no valid pair (errors, invalid answers, ties); the checkpoint is "
        "the state before them. Empty: no limit.", nullable=True, minimum=1),
+    Setting("start_over", "bool", False, "Train on an adapter_path that holds another run's files: "
+       "they are first moved to <adapter_path>.<date-time> (nothing is deleted). Without it such a "
+       "folder is refused, unless the run resumes its checkpoint."),
 )
 
 #: Upstream settings our modes read; validated with the same machinery (not re-documented).

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     other._group_actions.remove(act)
             group._group_actions.append(act)
             continue
+        if s.kind == "bool":  # a switch: --start-over
+            group.add_argument(s.flag, dest=s.name, action="store_const", const=True, default=None, help=help_)
+            continue
         if s.kind == "dict":
             kind = yaml.safe_load
         group.add_argument(s.flag, dest=s.name, type=kind, default=None, help=help_)

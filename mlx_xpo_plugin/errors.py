@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import difflib
 
+from mlx_xpo_plugin.exits import Exit
+
 
 class ConfigError(ValueError):
     """Bad input. ``str(err)`` is the one-line message a user sees; CLIs exit with status 2."""
 
-    exit_status = 2
+    exit_status = Exit.BAD_INPUT
 
     def __init__(self, setting: str, value, valid: str, hint: str = ""):
         self.setting, self.value, self.valid, self.hint = setting, value, valid, hint
@@ -33,7 +35,7 @@ class SaveFailed(OSError):
     """Writing a checkpoint or a log failed (disk full, unwritable folder); the previous checkpoint
     is intact. ``str(err)`` is the one-line message; ``checkpoint`` the folder to resume from."""
 
-    exit_status = 4
+    exit_status = Exit.SAVE
 
     def __init__(self, message: str, checkpoint: str = ""):
         super().__init__(message)

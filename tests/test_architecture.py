@@ -104,3 +104,52 @@ def test_no_module_over_400_lines():
         str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
     }
     assert long == {}
+
+
+def functions_called_by(module, name: str) -> dict:
+    """{callee name: function} for the package's functions that ``module.name`` calls by name."""
+    import inspect
+
+    tree = ast.parse(inspect.getsource(getattr(module, name)))
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            f = getattr(module, node.func.id, None)
+            if inspect.isfunction(f) and f.__module__.startswith(NAME):
+                out[node.func.id] = f
+    return out
+
+
+def test_the_composition_root_is_named_steps_of_at_most_40_lines():
+    import inspect
+
+    from mlx_xpo_plugin.commands import runner
+
+    steps = functions_called_by(runner, "_run")
+    assert {"load_models", "build_the_judge", "build_trainer", "train", "test", "fuse"} <= set(steps)
+    for name, f in {"_run": runner._run, "run": runner.run, "preflight": runner.preflight, **steps}.items():
+        n = len(inspect.getsourcelines(f)[0])
+        assert n <= 40, f"{name} is {n} lines"
+
+
+def test_the_trainer_is_built_once_and_gets_its_parts_through_its_constructor():
+    import re
+
+    outside = [p for p in PACKAGE.rglob("*.py") if p.parent.name != "loop"]
+    built = sum(p.read_text().count("OnlineTrainer(") for p in outside)
+    assert built == 1  # commands/build.py: build_trainer
+    for p in outside:
+        set_from_outside = re.findall(r"\btrainer\.[\w.]+ = ", p.read_text())
+        assert not set_from_outside, (p, set_from_outside)
+
+
+def test_one_table_of_exit_statuses_and_the_docs_show_it():
+    from mlx_xpo_plugin.exits import Exit
+
+    for p in PACKAGE.rglob("*.py"):  # no status written as a number outside exits.py
+        if p.name != "exits.py":
+            text = p.read_text()
+            assert "exit_status = 2" not in text and "exit(130)" not in text and "return 130" not in text, p
+    doc = (PACKAGE.parent / "docs" / "faults.md").read_text()
+    for status in Exit:
+        assert f"\n| {int(status)} | " in doc, status

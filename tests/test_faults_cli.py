@@ -116,10 +116,11 @@ def test_a_judge_that_goes_away_stops_the_run_with_a_checkpoint_before_it(tiny_m
     stop = [l for l in r.stdout.splitlines() if l.startswith("stopped at step")]
     assert len(stop) == 1, r.stdout[-3000:]
     assert stop[0].startswith(
-        f"stopped at step 3 of 400: the judge '{url}' gave no valid pair in 3 "
+        f"stopped at step 6 of 400: the judge '{url}' gave no valid pair in 3 "  # the step it stopped at
         "consecutive steps (steps 4-6, max_judgeless_steps=3): 6 pairs, 6 errors "
-        "(6 connection refused), 0 invalid answers, 0 ties; last answer: "
+        "(6 connection refused), 0 invalid answers, 0 ties; last error: connection_refused: "
     ), stop[0]
+    assert stop[0].endswith("checkpoint of step 3 saved.")
     assert "Connection refused" in stop[0] and "redoes those steps" in stop[0]
     assert f"--resume-adapter-file {out}" in r.stdout
     state = json.load(open(out / "checkpoint" / "state.json"))
@@ -188,5 +189,8 @@ def test_a_second_run_on_the_same_adapter_path_is_refused_and_a_killed_run_leave
     finally:
         first.kill()
     assert (out / ".lock").exists()  # the file stays, the lock does not
-    r = run(["--train-mode", "xpo", "--config", cfg, "--iters", "1", "--judge", "mlx_xpo_plugin.rules:prefer_letter_e"])
+    again = ["--iters", "1", "--judge", "mlx_xpo_plugin.rules:prefer_letter_e"]
+    r = run(["--train-mode", "xpo", "--config", cfg, *again])  # the killed run's files are not overwritten
+    assert r.returncode == 2 and "holds a run without a checkpoint" in r.stderr, r.stderr[-3000:]
+    r = run(["--train-mode", "xpo", "--config", cfg, *again, "--start-over"])
     assert r.returncode == 0, r.stderr[-3000:]

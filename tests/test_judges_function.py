@@ -279,7 +279,8 @@ def test_exceptions_are_caught_per_pair():
     vs = j.judge(["ok", "boom 1", "ok", "boom 2"], [("a", "b")] * 4)
     assert [v.winner for v in vs] == [1, None, 1, None]
     assert vs[1].invalid and vs[1].raw == "error: ValueError: no opinion on boom 1"
-    assert j.last_metrics == {"judge/function_errors": 2}
+    assert j.last_metrics == {"judge/errors/ValueError": 2}  # counted by class
+    assert j.last_error == "ValueError: no opinion on boom 2"
 
 
 def test_prompt_pair_length_mismatch():
@@ -329,7 +330,7 @@ def test_batched_raising_makes_all_invalid():
     j = FunctionJudge(fn, batched=True)
     vs = j.judge(["p", "q"], [("a", "b"), ("c", "d")])
     assert all(v.invalid and v.raw.startswith("error: KeyError") for v in vs)
-    assert j.last_metrics["judge/function_errors"] == 1
+    assert j.last_metrics["judge/errors/KeyError"] == 2  # the call's exception fails both pairs
 
 
 def test_pointwise_scores(user_module, registry):

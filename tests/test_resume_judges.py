@@ -18,11 +18,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_xpo_plugin.commands.data import load_prompts
 from mlx_xpo_plugin.compute.reference import Reference
 from mlx_xpo_plugin.contracts import Verdict
+from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.judges.function import FunctionJudge
 from mlx_xpo_plugin.judges.http import HTTPJudge
 from mlx_xpo_plugin.judges.llm import LLMJudge
 from mlx_xpo_plugin.loop.checkpoints import load_resume
-from mlx_xpo_plugin.loop.faults import EXIT_JUDGE
 from mlx_xpo_plugin.loop.settings import LoopSettings
 from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO
@@ -175,7 +175,7 @@ def test_a_judge_that_raises_stops_at_the_start_of_its_step_and_resumes_exactly(
     # calls: 1 = validation of step 0, 2-3 = steps 1-2, 4 = validation of step 2, 5 = step 3
     t = make(lora_model, prompt_data_dir, str(tmp_path / "ad"), start, RandomPlugin(crash_on_call=5))
     res = t.train()
-    assert res["step"] == 2 and t.guard.status == EXIT_JUDGE
+    assert res["step"] == 2 and t.guard.status == Exit.JUDGE
     assert "the judge 'RandomPlugin' raised RuntimeError: judge backend lost at step 3" in res["stop_reason"]
     state = json.load(open(tmp_path / "ad" / "checkpoint" / "state.json"))
     assert state["step"] == 2 and state["position"] == 4  # step 3's prompts are not consumed

@@ -49,6 +49,7 @@ def demo(ns) -> int:
         "train": True,
         "train_type": "lora",
         "adapter_path": str(out),
+        "start_over": True,  # a demo run moves the previous one's files to <output>.<date-time>
         "judge": "mlx_xpo_plugin.rules:prefer_letter_e",
         "iters": ns.iters,
         "batch_size": 4,

@@ -12,12 +12,14 @@ The callable takes one of three forms.
 
   Anything else is an invalid verdict, never a label: ``2``, ``-1``, ``"1"``, ``True`` /
   ``False`` (ambiguous: does True mean "a wins"?), NaN, a float outside [0, 1], or an exception
-  the function raised (caught per pair). ``Verdict.raw`` keeps the returned value (or the
-  exception text) for debugging.
+  the function raised (caught per pair, counted as ``judge/errors/<ExceptionClass>`` and shown
+  on the step's line; see loop/faults.py for when errors stop a run). ``Verdict.raw`` keeps the
+  returned value (or the exception text) for debugging.
 
 * Batched (``judge_config: {batched: true}`` or the attribute ``fn.batched = True``):
   ``fn(prompts, pairs) -> list`` with one answer per pair, read as above. A call that raises or
-  returns a list of the wrong length makes every verdict of that call invalid.
+  returns a list of the wrong length makes every verdict of that call invalid (an exception
+  counts as an error for each pair of the call).
 
 * Pointwise (``judge_config: {pointwise: true}`` or ``fn.pointwise = True``): a reward function
   ``fn(prompt, completion) -> float``. The higher score wins, equal scores tie, and
@@ -199,8 +201,8 @@ def scores_to_verdict(sa, sb) -> Verdict:
     return Verdict(0 if fa > fb else 1, conf, (sa, sb), False, (fa, fb))
 
 
-def _err(e: BaseException) -> str:
-    return f"error: {type(e).__name__}: {e}"
+def _text(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
 class FunctionJudge(Judge):
@@ -210,6 +212,7 @@ class FunctionJudge(Judge):
         self.fn, self.batched, self.pointwise = fn, bool(batched), bool(pointwise)
         self.name = name or getattr(fn, "__name__", repr(fn))
         self.last_metrics: dict = {}
+        self.last_error: Optional[str] = None  # "Class: message" of the last exception of a call
 
     # resume (see faults.py): the wrapper keeps no state; the global random / numpy.random draws of
     # the callable are in every checkpoint; a callable with its own state gives get_state/set_state
@@ -227,7 +230,8 @@ class FunctionJudge(Judge):
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         if len(prompts) != len(pairs):
             raise ValueError(f"{len(prompts)} prompts but {len(pairs)} pairs")
-        self._errors = 0
+        self._errors: dict = {}
+        self.last_error = None
         if self.pointwise:
             out = (
                 self._pointwise_batched(prompts, pairs)
@@ -238,24 +242,29 @@ class FunctionJudge(Judge):
             out = self._pairwise_batched(prompts, pairs)
         else:
             out = [self._pairwise_one(p, a, b) for p, (a, b) in zip(prompts, pairs)]
-        self.last_metrics = {"judge/function_errors": self._errors}
+        self.last_metrics = {f"judge/errors/{k}": n for k, n in sorted(self._errors.items())}
         return out
+
+    def _failed(self, e: Exception, pairs: int = 1) -> str:
+        """Count an exception against ``pairs`` pairs; the raw text of their verdicts."""
+        name = type(e).__name__
+        self._errors[name] = self._errors.get(name, 0) + pairs
+        self.last_error = _text(e)
+        return "error: " + self.last_error
 
     def _pairwise_one(self, prompt, a, b) -> Verdict:
         try:
             ans = self.fn(prompt, a, b)
         except Exception as e:
-            self._errors += 1
-            return Verdict.bad(raw=_err(e))
+            return Verdict.bad(raw=self._failed(e))
         return answer_to_verdict(ans)
 
-    def _call_batched(self, *args, n: int) -> Optional[list]:
+    def _call_batched(self, *args, n: int, pairs: int) -> Optional[list]:
         """The batched call's list of ``n`` answers, or None (and raw text in ``self._why``)."""
         try:
             res = self.fn(*args)
         except Exception as e:
-            self._errors += 1
-            self._why = _err(e)
+            self._why = self._failed(e, pairs)
             return None
         try:
             res = list(res)
@@ -268,7 +277,7 @@ class FunctionJudge(Judge):
         return res
 
     def _pairwise_batched(self, prompts, pairs) -> list[Verdict]:
-        res = self._call_batched(list(prompts), [tuple(p) for p in pairs], n=len(pairs))
+        res = self._call_batched(list(prompts), [tuple(p) for p in pairs], n=len(pairs), pairs=len(pairs))
         if res is None:
             return [Verdict.bad(raw=self._why) for _ in pairs]
         return [answer_to_verdict(r) for r in res]
@@ -277,13 +286,12 @@ class FunctionJudge(Judge):
         try:
             sa, sb = self.fn(prompt, a), self.fn(prompt, b)
         except Exception as e:
-            self._errors += 1
-            return Verdict.bad(raw=_err(e))
+            return Verdict.bad(raw=self._failed(e))
         return scores_to_verdict(sa, sb)
 
     def _pointwise_batched(self, prompts, pairs) -> list[Verdict]:
         n = len(pairs)
-        res = self._call_batched(list(prompts) * 2, [a for a, _ in pairs] + [b for _, b in pairs], n=2 * n)
+        res = self._call_batched(list(prompts) * 2, [a for a, _ in pairs] + [b for _, b in pairs], n=2 * n, pairs=n)
         if res is None:
             return [Verdict.bad(raw=self._why) for _ in pairs]
         return [scores_to_verdict(res[i], res[n + i]) for i in range(n)]

@@ -205,16 +205,19 @@ class HTTPJudge(SeededOrder):
         per_round = -(-len(futures) // self.concurrency) if futures else 0
         done, _ = cf.wait(futures, timeout=self._deadline() * max(per_round, 1))
         verdicts, unparsed, retries, kinds = [], 0, 0, {}
+        self.last_error = None  # "kind: reason" of the last failed request (shown on the step's line)
         for f in futures:
             if f not in done:
                 f.cancel()
                 verdicts.append(Verdict.bad({"error": "deadline exceeded"}))
                 kinds["deadline"] = kinds.get("deadline", 0) + 1
+                self.last_error = "deadline: deadline exceeded"
                 continue
             v, outcome, r = f.result()
             verdicts.append(v)
             if outcome not in ("ok", "unparsed"):
                 kinds[outcome] = kinds.get(outcome, 0) + 1
+                self.last_error = f"{outcome}: {v.raw.get('error') if isinstance(v.raw, dict) else v.raw}"
             unparsed += outcome == "unparsed"
             retries += r
         return verdicts, {

@@ -51,6 +51,7 @@ class LoopState:
     step: int = 0  # optimizer steps done
     position: int = 0  # prompts consumed, all processes together
     nonfinite_run: int = 0  # consecutive steps with a non-finite loss
+    updates: int = 0  # optimizer updates made (steps without a valid pair or finite loss make none)
     judge_state: Any = None  # the judge's get_state(), where it has internal randomness
 
     def set(self, other: "LoopState") -> None:
@@ -97,8 +98,8 @@ def _save(trainer, final: bool) -> None:
         "alpha": alpha,
         "beta": beta,
         "final": final,
-        "fingerprint": getattr(trainer, "fingerprint", None),
-        "config": getattr(trainer, "resolved_config", None),
+        "fingerprint": trainer.fingerprint,
+        "config": trainer.config,
         "files": files,
     }
     ckpt.save_json(os.path.join(d, "state.json"), state)  # the commit point
@@ -176,6 +177,7 @@ def restore(trainer, state: dict) -> None:
             step=int(state["step"]),
             position=int(state["position"]),
             nonfinite_run=int(state.get("nonfinite_run", 0)),
+            updates=int(state.get("updates", state["step"])),  # older checkpoints: assume every step updated
             judge_state=state.get("judge_state"),
         )
     )

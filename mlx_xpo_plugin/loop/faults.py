@@ -6,10 +6,16 @@
   declares neither is resumed with a warning saying the run may not repeat exactly.
 * A judge that raises: :class:`GuardedJudge` turns the exception into :class:`JudgeFailure`; the
   loop rolls back to the start of the step (no update was made yet), saves that checkpoint and
-  stops with :data:`EXIT_JUDGE`.
+  stops with :data:`..exits.Exit.JUDGE`.
+* Errors on single pairs (a function judge's exception on one pair, an endpoint's failed
+  request) are counted per pair as ``judge/errors/<kind>`` (the exception's class, or the
+  endpoint's kind such as ``connection_refused``) and shown on the step's line. A step in which
+  every pair failed, before the judge has answered any pair of this run, stops the run at once
+  with :data:`..exits.Exit.JUDGE` (the judge is broken from the start; the checkpoint is that step's start).
 * A judge that answers nothing usable: after ``max_judgeless_steps`` consecutive steps without a
-  valid pair the run stops with :data:`EXIT_JUDGE`; its checkpoint is rolled back to the last step
+  valid pair the run stops with :data:`..exits.Exit.JUDGE`; its checkpoint is rolled back to the last step
   before that streak, so a resumed run redoes those steps (no prompt is lost).
+* A run that ends without a single update is never a success (see the runner).
 * Validation draws judge randomness without consuming the training stream's (state restored).
 """
 
@@ -25,8 +31,23 @@ import numpy as np
 
 from mlx_xpo_plugin.contracts import Judge, as_judge
 from mlx_xpo_plugin.errors import StopTraining
+from mlx_xpo_plugin.exits import Exit
 
-EXIT_JUDGE = 3  #: the judge failed (raised, or no valid pair for max_judgeless_steps steps)
+
+class PeerLost(RuntimeError):
+    """Data parallel: a collective operation failed because another process is gone."""
+
+    def __init__(self, step: int, rank: int, world: int, cause: BaseException):
+        self.step, self.rank, self.world = step, rank, world
+        who = f"process {1 - rank}" if world == 2 else "another process"
+        super().__init__(f"{who} of {world} was lost during step {step} ({' '.join(str(cause).split())[:200]})")
+
+
+def is_peer_loss(world: int, e: BaseException) -> bool:
+    """A RuntimeError of MLX's distributed backends about a lost connection (ring, mpi, jaccl)."""
+    text = str(e).lower()
+    words = ("peer", "[ring]", "[mpi]", "[jaccl]", "connection", "socket", "recv", "send")
+    return world > 1 and isinstance(e, RuntimeError) and any(w in text for w in words)
 
 
 class JudgeFailure(RuntimeError):
@@ -41,6 +62,8 @@ class GuardedJudge(Judge):
         self.inner = as_judge(inner)
         self.name = name or getattr(inner, "name", None) or type(inner).__name__
         self.last_bad: Any = None
+        self.last_error: Optional[str] = None  # "Class: message" of the last per-pair error
+        self.errors = 0  # pairs it failed on, every call together (judge/errors/<kind> summed)
 
     def judge(self, prompts, pairs):
         try:
@@ -50,6 +73,8 @@ class GuardedJudge(Judge):
         except Exception as e:
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             raise JudgeFailure(f"the judge {self.name!r} raised {msg}") from e
+        self.last_error = getattr(self.inner, "last_error", None) or self.last_error
+        self.errors += error_count(self.inner.last_metrics or {})
         bad = [v.raw for v in verdicts if v.winner is None and not v.tie]
         if bad:
             self.last_bad = bad[-1]
@@ -74,6 +99,11 @@ class GuardedJudge(Judge):
 
     def close(self):
         self.inner.close()
+
+
+def error_count(metrics: dict) -> int:
+    """Pairs the judge failed on (``judge/errors/<kind>`` summed)."""
+    return int(sum(v for k, v in metrics.items() if k.startswith("judge/errors/") and isinstance(v, (int, float))))
 
 
 def _unwrap(judge) -> Judge:
@@ -131,14 +161,16 @@ def restore(judge, state: Optional[dict], log: Callable[[str], None] = print) ->
 class Guard:
     """The loop's fault handling (see the module docstring); one per OnlineTrainer."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, judge_name: Optional[str] = None):
         self.t = trainer
-        trainer.judge = GuardedJudge(trainer.judge)
+        trainer.judge = GuardedJudge(trainer.judge, judge_name)
         self.status: Optional[int] = None  # the exit status a stop asks for (None: the default)
         self._snap: Optional[dict] = None  # the state at the start of the current step
         self._streak_start: Optional[dict] = None  # ... of the first step of a judgeless streak
         self._streak: dict = {}
         self._rollback: Optional[dict] = None
+        self.answered = False  # the judge answered (valid, tie or invalid answer) a pair of this run
+        self.judgeless = 0  # steps of this run without a valid pair
 
     # -- the resumable state at a step boundary
     def snapshot(self) -> dict:
@@ -167,10 +199,10 @@ class Guard:
 
     # -- a judge that raised
     def judge_crashed(self, e: JudgeFailure) -> None:
-        """The step in progress made no update: roll back to its start, stop with EXIT_JUDGE."""
+        """The step in progress made no update: roll back to its start, stop with Exit.JUDGE."""
         step = self.t.step
         self.roll_back_step()
-        self.status = EXIT_JUDGE
+        self.status = Exit.JUDGE
         self.t.stop_reason = f"{e} at step {step}; the checkpoint is the state before that step"
 
     def validate(self, evaluate: Callable[[], dict]) -> Optional[dict]:
@@ -180,7 +212,7 @@ class Guard:
         try:
             return evaluate()
         except JudgeFailure as e:
-            self.status = EXIT_JUDGE
+            self.status = Exit.JUDGE
             self.t.stop_reason = f"{e} during the validation of step {self.t.step}"
             return None
         except StopTraining as e:  # e.g. the human judge's 'q'
@@ -190,11 +222,34 @@ class Guard:
             restore(self.t.judge, before, log=lambda m: None)
 
     # -- the failure budget
+    def judged(self, pairs: int, errors: int) -> None:
+        """Note a step's pairs and the pairs the judge failed on (all processes together)."""
+        if errors < pairs:
+            self.answered = True
+
+    def error_line(self, pairs: int, errors: int) -> str:
+        """'4 errors: ZeroDivisionError: ...' for a step's line, or ''."""
+        if not errors:
+            return ""
+        last = f": {self.t.judge.last_error}" if self.t.judge.last_error else ""
+        return f"{errors} error{'s' if errors != 1 else ''}{last}"
+
     def valid_pair(self) -> None:
         self._streak, self._streak_start = {}, None
 
-    def no_valid_pair(self, metrics: dict) -> None:
-        """Count a step without a valid pair; after max_judgeless_steps in a row, stop."""
+    def no_valid_pair(self, metrics: dict, pairs: int, errors: int) -> None:
+        """Count a step without a valid pair; after max_judgeless_steps in a row, stop. A step
+        whose every pair failed, before the judge answered any pair of this run, stops at once."""
+        self.judgeless += 1
+        if pairs and errors >= pairs and not self.answered:
+            self.roll_back_step()
+            self.status = Exit.JUDGE
+            self.t.stop_reason = (
+                f"the judge {self.t.judge.name!r} failed on every pair of step {self.t.step} "
+                f"({self.error_line(pairs, errors)}) and has answered none yet; the checkpoint "
+                f"is the state before step {self.t.step}"
+            )
+            return
         if not self._streak:
             self._streak_start = self._snap
         k = self._streak
@@ -205,7 +260,7 @@ class Guard:
         limit = self.t.settings.max_judgeless_steps
         if not limit or k["steps"] < limit:
             return
-        self.status = EXIT_JUDGE
+        self.status = Exit.JUDGE
         self._rollback = self._streak_start
         self.t.stop_reason = self.describe_streak()
 
@@ -214,28 +269,31 @@ class Guard:
         first = (self._streak_start["state"].step if self._streak_start else t.step - 1) + 1
         pairs, invalid, ties = (int(k.get(f"judge/{x}", 0)) for x in ("pairs", "invalid", "ties"))
         kinds = {key.split("/", 2)[2]: int(v) for key, v in k.items() if key.startswith("judge/errors/") and v}
-        errors = sum(kinds.values()) or int(k.get("judge/http_errors", 0) + k.get("judge/function_errors", 0))
+        errors = sum(kinds.values())
         kind_text = (
             (" (" + ", ".join(f"{c} {n.replace('_', ' ')}" for n, c in sorted(kinds.items())) + ")") if kinds else ""
         )
         last = " ".join(str(t.judge.last_bad).split())[:200] if t.judge.last_bad is not None else None
+        if last is not None and (last.startswith("error:") or last.startswith("{'error':")):
+            last = None  # an error's text: said once, as the last error
+        err = f"; last error: {t.judge.last_error}" if errors and t.judge.last_error else ""
         return (
             f"the judge {t.judge.name!r} gave no valid pair in {k['steps']} consecutive steps "
             f"(steps {first}-{t.step}, max_judgeless_steps={t.settings.max_judgeless_steps}): "
             f"{pairs} pairs, {errors} errors{kind_text}, {max(0, invalid - errors)} invalid "
-            f"answers, {ties} ties"
+            f"answers, {ties} ties{err}"
             + (f"; last answer: {last}" if last else "")
             + f"; the checkpoint is the state after step {first - 1}, so a resumed run "
             "redoes those steps"
         )
 
 
-def intact_checkpoint(adapter_path: str) -> str:
-    """After a failed save: which checkpoint is still there to resume from, in words."""
+def intact_checkpoint(adapter_path: str, then: str = "make room, then resume") -> str:
+    """After a failed save or a lost process: which checkpoint is there to resume from, in words."""
     path = os.path.join(adapter_path, "checkpoint", "state.json")
     try:
         with open(path) as f:
             step = json.load(f)["step"]
     except (OSError, ValueError, KeyError, TypeError):
         return "no checkpoint had been saved yet"
-    return f"the checkpoint of step {step} ({os.path.dirname(path)}) is intact: make room, then resume"
+    return f"the checkpoint of step {step} ({os.path.dirname(path)}) is intact: {then}"

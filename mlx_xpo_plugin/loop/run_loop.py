@@ -16,8 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_xpo_plugin.errors import StopTraining
+from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.checkpoints import restore
-from mlx_xpo_plugin.loop.faults import JudgeFailure
+from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, is_peer_loss
 from mlx_xpo_plugin.loop.metrics import JsonlLog, MetricsWindow, is_pair_metric
 
 PHASES = ("time/rollout", "time/judge", "time/reference", "time/policy", "time/optimizer")
@@ -53,7 +54,7 @@ class GracefulStop:
         if self.t.stop_requests > 1:
             sys.stderr.write(f"\n{name} again: exiting now; the last saved checkpoint is kept\n")
             sys.stderr.flush()
-            os._exit(130)
+            os._exit(Exit.INTERRUPTED)
         if self.say:  # stderr, flushed: seen at once even when stdout is piped to a file
             sys.stderr.write(f"\n{name}: finishing this step, then saving a checkpoint (press again to quit at once)\n")
             sys.stderr.flush()
@@ -165,6 +166,10 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
                 except JudgeFailure as e:  # no update was made: back to the step's start
                     t.guard.judge_crashed(e)
                     break
+                except RuntimeError as e:  # data parallel: a collective failed; nothing is saved
+                    if not is_peer_loss(t.world, e):
+                        raise
+                    raise PeerLost(t.step, t.rank, t.world, e) from None
                 step_row(metrics, time.perf_counter() - t0, t.opt.learning_rate)
                 if loss is None:
                     metrics.setdefault("train/no_update_steps", 1)
@@ -178,10 +183,18 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
                     t.save()
             if rep.window.pending:  # steps since the last report (e.g. interrupted mid-window)
                 rep.report()
+            stopped_at = t.step
             # still under our handlers: a Ctrl-C during this save exits at once, and the previous
             # checkpoint survives because every file is replaced atomically
             t.guard.before_final_save()
             t.save(final=t.step >= s.iters)
         finally:
             pbar.close()
-    return {**rep.last_val, "step": t.step, "interrupted": bool(t.stop_requests), "stop_reason": t.stop_reason}
+    return {
+        **rep.last_val,
+        "step": t.step,  # the step of the saved checkpoint
+        "stopped_at": stopped_at,  # the last step run (a judge stop rolls the checkpoint back)
+        "updates": t.state.updates,
+        "interrupted": bool(t.stop_requests),
+        "stop_reason": t.stop_reason,
+    }

@@ -28,7 +28,7 @@ from mlx.utils import tree_map
 from mlx_xpo_plugin.contracts import as_judge
 from mlx_xpo_plugin.loop.checkpoints import LoopState, save_checkpoint
 from mlx_xpo_plugin.loop.evaluation import evaluate
-from mlx_xpo_plugin.loop.faults import Guard
+from mlx_xpo_plugin.loop.faults import Guard, error_count
 from mlx_xpo_plugin.loop.metrics import merge_step_metrics
 from mlx_xpo_plugin.loop.pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
 from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples
@@ -42,8 +42,9 @@ __all__ = ["OnlineTrainer", "PromptSet"]
 class OnlineTrainer:
     """The loop's parts: ``settings`` (loop/settings.py: LoopSettings), the ``method``
     (online_dpo_trainer.OnlineDPO or xpo_trainer.XPO), the policy ``model`` and its
-    ``tokenizer``, the frozen ``reference`` (reference.Reference), a pairwise ``judge``, an mlx
-    ``optimizer`` and the prompts."""
+    ``tokenizer``, the frozen ``reference`` (reference.Reference), a pairwise ``judge`` (named
+    ``judge_name`` in messages), an mlx ``optimizer`` and the prompts; ``fingerprint`` and
+    ``config`` are recorded in every checkpoint (checkpoints.py: what a resume must match)."""
 
     def __init__(
         self,
@@ -58,12 +59,17 @@ class OnlineTrainer:
         valid_set: Optional[PromptSet] = None,
         training_callback=None,
         log: Callable[[str], None] = print,
+        *,
+        judge_name: Optional[str] = None,
+        fingerprint: Optional[dict] = None,
+        config: Optional[dict] = None,
     ):
         self.settings, self.method = settings, method
         self.model, self.tokenizer, self.reference = model, tokenizer, reference
         self.judge = as_judge(judge)
         self.opt, self.train_set, self.valid_set = optimizer, train_set, valid_set
         self.callback = training_callback
+        self.fingerprint, self.config = fingerprint, config
         self.group = mx.distributed.init()  # data parallel under mlx.launch
         self.rank, self.world = self.group.rank(), self.group.size()
         self.log = log if self.rank == 0 else (lambda msg: None)
@@ -74,7 +80,7 @@ class OnlineTrainer:
         self.completions_log = None
         os.makedirs(settings.adapter_path, exist_ok=True)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
-        self.guard = Guard(self)  # wraps the judge: judge failures and rollbacks (faults.py)
+        self.guard = Guard(self, judge_name)  # wraps the judge: judge failures and rollbacks (faults.py)
 
     @property
     def step(self) -> int:
@@ -104,16 +110,21 @@ class OnlineTrainer:
             pairs += self.collect_pairs(self.order.take(), metrics)  # sample -> judge -> keep
         beta, alpha = self.schedule()
         metrics.update(alpha=alpha, beta=beta, temperature=s.temperature, max_completion_length=s.max_completion_length)
-        counts = self._all_sum(mx.array([sum(p.decided for p in pairs), len(pairs)]))
-        n_valid, n_scored = (int(c) for c in counts.tolist())
+        local = [sum(p.decided for p in pairs), len(pairs), int(metrics.get("judge/pairs", 0)), error_count(metrics)]
+        n_valid, n_scored, n_pairs, n_errors = (int(x) for x in self._all_sum(mx.array(local)).tolist())
         metrics["pairs/valid"], metrics["pairs/scored"] = n_valid, n_scored
+        self.guard.judged(n_pairs, n_errors)
+        errors = self.guard.error_line(n_pairs, n_errors)
         if n_valid == 0:
+            invalid = int(metrics.get("judge/invalid", 0)) - error_count(metrics)
             self.log(
-                f"step {self.step}: no valid pair ({int(metrics.get('judge/invalid', 0))} invalid, "
+                f"step {self.step}: no valid pair ({errors + '; ' if errors else ''}{invalid} invalid, "
                 f"{int(metrics.get('judge/ties', 0))} ties): no update"
             )
-            self.guard.no_valid_pair(metrics)
+            self.guard.no_valid_pair(metrics, n_pairs, n_errors)
             return None
+        if errors:
+            self.log(f"step {self.step}: the judge failed on {n_errors} of {n_pairs} pairs ({errors})")
         self.guard.valid_pair()
         grads, loss_sum, results = self.score_and_differentiate(pairs, (n_valid, n_scored), beta, alpha, metrics)
         if results:
@@ -125,6 +136,7 @@ class OnlineTrainer:
         t0 = time.perf_counter()
         self.opt.update(self.model, grads)
         mx.eval(self.model.parameters(), self.opt.state)
+        self.state.updates += 1
         metrics["time/optimizer"] = time.perf_counter() - t0
         return loss_sum
 

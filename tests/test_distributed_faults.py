@@ -1,0 +1,95 @@
+"""Data parallel faults under MLX's own launcher (ring backend on loopback): a lost process, and a
+process that stops with an error of its own."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from test_cli_e2e import TRAIN, base_cfg, rows, small_data, write_cfg
+from test_distributed import LAUNCH
+
+from mlx_xpo_plugin.commands.peers import peer_errors, peer_run
+from mlx_xpo_plugin.exits import Exit
+from mlx_xpo_plugin.loop.faults import JudgeFailure
+
+SLOW_JUDGE = """
+import os, time
+import mlx.core as mx
+
+def judge(prompt, a, b):
+    rank = mx.distributed.init().rank()
+    open(os.path.join(os.environ["PIDS"], f"pid-{rank}"), "w").write(str(os.getpid()))
+    time.sleep(0.05)
+    return 0 if a.count("e") >= b.count("e") else 1
+"""
+
+
+def checkpoint_step(out):
+    try:
+        return json.load(open(out / "checkpoint" / "state.json"))["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_sigkill_of_one_process_stops_the_other_with_one_line_and_resume_reaches_the_end(tiny_model_path, tmp_path):
+    out, pids = tmp_path / "ad", tmp_path / "pids"
+    pids.mkdir()
+    (tmp_path / "slow.py").write_text(SLOW_JUDGE)
+    kw = dict(judge=f"{tmp_path / 'slow.py'}:judge", iters=24, save_every=1, steps_per_report=1, val_batches=1)
+    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, small_data(tmp_path, 96), out, **kw))
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", TRAIN, "--train-mode", "xpo", "--config", cfg]
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PIDS": str(pids)}
+    )
+    try:
+        deadline = time.time() + 120
+        while checkpoint_step(out) < 3 and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert checkpoint_step(out) >= 3, p.communicate()[1][-3000:]
+        os.kill(int((pids / "pid-1").read_text()), signal.SIGKILL)
+        t0 = time.time()
+        stdout, stderr = p.communicate(timeout=60)  # the survivor ends within 60 s
+        took = time.time() - t0
+    finally:
+        p.kill()
+    assert took < 60
+    lines = [x for x in stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    step = checkpoint_step(out)
+    assert f"error: process 1 of 2 was lost during step {step + 1} (" in lines[0], lines[0]
+    assert f"the checkpoint of step {step} ({out / 'checkpoint'}) is intact: resume with: mlx.launch" in lines[0]
+    assert f"--resume-adapter-file {out}" in lines[0]
+    assert "Node with rank 0 exited with code 5" in stderr  # Exit.PEER; mlx.launch itself says 0
+    assert step < 24
+
+    r = subprocess.run(
+        [*cmd, "--resume-adapter-file", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PIDS": str(pids)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert checkpoint_step(out) == 24
+    assert [x["step"] for x in rows(out) if "judge/pairs" in x] == list(range(1, 25))
+
+
+def test_a_process_stopping_with_its_own_error_is_reported_once_by_process_0(tmp_path, capsys):
+    def fails():
+        raise JudgeFailure("the judge 'j' raised ValueError: bad at step 3")
+
+    assert peer_run(type("C", (), {"adapter_path": str(tmp_path)}), 1, fails) == 1
+    assert capsys.readouterr().err == ""  # process 1 says nothing itself
+    assert peer_errors(str(tmp_path), wait=0) == ["process 1 stopped: the judge 'j' raised ValueError: bad at step 3"]
+    assert os.listdir(tmp_path) == []  # read once
+
+    def stops(status=Exit.JUDGE):
+        import sys
+
+        print("error: the judge 'j' failed on every pair of step 1", file=sys.stderr)
+        return status
+
+    assert peer_run(type("C", (), {"adapter_path": str(tmp_path)}), 1, stops) == Exit.JUDGE
+    assert peer_errors(str(tmp_path), wait=0) == ["process 1 stopped: the judge 'j' failed on every pair of step 1"]

@@ -43,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if s.kind == "dict":
             kind = yaml.safe_load
         group.add_argument(s.flag, dest=s.name, type=kind, default=None, help=help_)
+    if "resume_adapter_file" in existing:  # upstream's help speaks of a weights file
+        existing["resume_adapter_file"].help = RESUME_HELP
+
+
+RESUME_HELP = (
+    "xpo / online_dpo: the adapter FOLDER of the run to continue (its adapter_path, which holds checkpoint/); "
+    "the run goes on exactly where it stopped. Other modes: an adapters file to start from."
+)
 
 
 def json_schema(upstream_keys=None) -> dict:

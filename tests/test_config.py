@@ -182,3 +182,12 @@ def test_a_setting_name_with_a_line_break_stays_on_one_line():
     with pytest.raises(ConfigError) as e:
         C.resolve("xpo", {}, set(), {**BASE, "lora_parameters": {"\n": 0}})
     assert "\n" not in str(e.value) and "'lora_parameters.\\n'" in str(e.value)
+
+
+def test_resume_flag_help_says_it_takes_the_adapter_folder():
+    p = argparse.ArgumentParser()
+    p.add_argument("--resume-adapter-file", help="Load path to resume training from the given fine-tuned weights.")
+    config_views.add_arguments(p)
+    config_views.add_arguments(p)  # once per registered mode: the same text, not repeated
+    (action,) = [a for a in p._actions if a.dest == "resume_adapter_file"]
+    assert action.help == config_views.RESUME_HELP and "adapter FOLDER" in action.help

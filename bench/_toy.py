@@ -41,37 +41,15 @@ def load(path: str, seed: int):
     return model, tok
 
 
-def trainer(
-    model, tok, train, mode: str, extra: dict, *, seed, steps, batch, every, max_tokens, temperature, letter, ad
-):
-    """An OnlineTrainer of ``mode`` (``extra``: alpha, xpo_bonus) with the letter judge; it reports
-    and validates every ``every`` steps and saves nothing."""
-    s = LoopSettings(
-        iters=steps,
-        batch_size=batch,
-        seed=seed,
-        adapter_path=ad,
-        progress=False,
-        steps_per_report=every,
-        steps_per_eval=every,
-        save_every=10**9,
-        max_completion_length=max_tokens,
-        temperature=temperature,
-        **extra,
-    )
+def trainer(model, tok, train, mode: str, letter: str, ad: str, **loop):
+    """An OnlineTrainer of ``mode`` with the letter judge, saving nothing; ``loop``: the
+    LoopSettings (iters, batch_size, seed, steps_per_report, steps_per_eval, max_completion_length,
+    temperature, and for xpo alpha, xpo_bonus)."""
+    s = LoopSettings(adapter_path=ad, progress=False, save_every=10**9, **loop)
     method = (OnlineDPO if mode == "online_dpo" else XPO)(s)
-    judge = LetterJudge(letter)
+    opt = optim.Adam(learning_rate=LEARNING_RATE)
     t = OnlineTrainer(
-        s,
-        method,
-        model,
-        tok,
-        Reference(model),
-        judge,
-        optim.Adam(learning_rate=LEARNING_RATE),
-        train,
-        None,
-        log=lambda m: None,
+        s, method, model, tok, Reference(model), LetterJudge(letter), opt, train, None, log=lambda m: None
     )
     t.save = lambda final=False: None
     return t

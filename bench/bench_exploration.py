@@ -47,6 +47,9 @@ from mlx_xpo_plugin.xpo_trainer import xpo_kl_bonus
 ALPHAS = [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 FORMS = ["kl", "kl_upstream", "paper"]
 TEMPERATURE, MAX_TOKENS, BATCH = 0.8, 16, 4
+#: the trainer's settings besides steps, seed and the XPO term: no reports or validations of its own
+LOOP = {"batch_size": BATCH, "max_completion_length": MAX_TOKENS, "temperature": TEMPERATURE}
+LOOP.update(steps_per_report=10**9, steps_per_eval=10**9)
 
 
 load = toy.load
@@ -54,21 +57,7 @@ load = toy.load
 
 def trainer(model, tok, train, mode, form, alpha, seed, steps, letter, ad):
     extra = {} if mode == "online_dpo" else {"alpha": alpha, "xpo_bonus": form}
-    return toy.trainer(
-        model,
-        tok,
-        train,
-        mode,
-        extra,
-        seed=seed,
-        steps=steps,
-        batch=BATCH,
-        every=10**9,
-        max_tokens=MAX_TOKENS,
-        temperature=TEMPERATURE,
-        letter=letter,
-        ad=ad,
-    )
+    return toy.trainer(model, tok, train, mode, letter, ad, iters=steps, seed=seed, **LOOP, **extra)
 
 
 # ------------------------------------------------------------------ measurements

@@ -43,21 +43,8 @@ def one_run(model_path, data_dir, mode, extra, seed, steps, every, batch):
         train = load_prompts(data_dir, "train", tok, 200)
         test = load_prompts(data_dir, "test", tok, 200)
         test = PromptSet(test.ids * 2, test.texts * 2)
-        t = toy.trainer(
-            model,
-            tok,
-            train,
-            mode,
-            extra,
-            seed=seed,
-            steps=steps,
-            batch=batch,
-            every=every,
-            max_tokens=16,
-            temperature=1.0,
-            letter="e",
-            ad=ad,
-        )
+        loop = {"iters": steps, "seed": seed, "batch_size": batch, "max_completion_length": 16, "temperature": 1.0}
+        t = toy.trainer(model, tok, train, mode, "e", ad, steps_per_report=every, steps_per_eval=every, **loop, **extra)
         curve = []
 
         def validate():  # called by the loop at step 0 and every `every` steps

@@ -22,6 +22,7 @@ RESUMED = [
     _train(5, 0.70),
     _train(7, 0.60, pairs=2, invalid=1),
     _train(10, 0.50, pairs=6, invalid=0),
+    _val(5, 0, 0),
     _val(10, 8, 2),
     _train(15, 0.40),
 ]
@@ -47,6 +48,7 @@ def test_plot_leads_with_the_win_rate_interval_and_the_eval_result(tmp_path):
     labels = [t.get_text() for t in first.get_legend().get_texts()]
     assert "test.jsonl: 0.75 (95% CI 0.60-0.86; 30 won, 10 lost, 2 ties, 0 invalid)" in labels
     assert len(first.containers) == 2  # error bars: validation and test
+    assert "validation: no decided pair" in labels  # the tie-only validation at step 5: marked, not dropped
     val_x = list(first.containers[0].lines[0].get_xdata())
     assert val_x == [0, 10]
     loss_x = list(next(a for a in fig.axes if a.get_title() == "loss").lines[0].get_xdata())

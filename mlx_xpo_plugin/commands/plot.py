@@ -96,10 +96,14 @@ def _win_rate_panel(ax, rows: list[dict], test, last_step: int) -> None:
         err = [[p - lo for p, (lo, _) in zip(ps, cis)], [hi - p for p, (_, hi) in zip(ps, cis)]]
         ax.errorbar(xs, ps, yerr=err, marker="o", capsize=4, label="validation (valid.jsonl)")
         ax.annotate(f"{ps[-1]:.2f}", (xs[-1], ps[-1]), textcoords="offset points", xytext=(8, 4))
+    undecided = [r["step"] for r in rows if "val_wins" in r and not interval(r["val_wins"], r.get("val_losses", 0))]
+    if undecided:
+        ax.plot(undecided, [0.5] * len(undecided), "x", color="grey", ms=9, label="validation: no decided pair")
     if test is not None and interval(test["wins"], test["losses"]):
         p = test["wins"] / (test["wins"] + test["losses"])
         lo, hi = interval(test["wins"], test["losses"])
-        ax.errorbar([last_step], [p], yerr=[[p - lo], [hi - p]], marker="D", color="C3", capsize=4, ls="none")
+        x = last_step + max(0.5, 0.03 * last_step)  # beside the last validation, not on it
+        ax.errorbar([x], [p], yerr=[[p - lo], [hi - p]], marker="D", color="C3", capsize=4, ls="none")
         ax.plot([], [], marker="D", color="C3", ls="none", label=f"test.jsonl: {describe(test)}")
     if not vals and test is None:
         ax.text(0.5, 0.5, "no validation with a decided pair", ha="center", transform=ax.transAxes)

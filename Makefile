@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py
 	@echo "== installed; the commands are in $(VENV)/bin (source $(VENV)/bin/activate to put them on PATH)"
 
 demo: $(STAMP)
-	@echo "== offline XPO demo: a tiny random model learns a rule judge's preference (about 15 s; the first run also builds the model)"
+	@echo "== offline XPO demo: a tiny random model learns a rule judge's preference (5-15 s; the first run also builds the model)"
 	$(VENV)/bin/mlx-xpo demo
 
 test: $(STAMP)

@@ -139,7 +139,7 @@ def test_a_run_prints_the_win_rate_with_its_interval_and_never_nan(demo_run):
     assert "step 0 (untrained baseline): validation win-rate vs reference " in stdout
     assert re.search(r"step 6: validation win-rate vs reference (0|1)\.\d\d \(95% CI \d\.\d\d-\d\.\d\d; ", stdout)
     assert not re.search(r"\bnan\b", stdout, flags=re.I)
-    assert re.search(r"step +0 +untrained: (0|1)\.\d\d \(95% CI", stdout)  # the demo's summary
+    assert re.search(r"step +0 \(untrained\): (0|1)\.\d\d \(95% CI", stdout)  # the demo's summary
 
 
 def test_eval_prints_one_summary_line(demo_run, capsys, monkeypatch):

@@ -1,6 +1,6 @@
 """mlx-xpo: helper commands around the xpo and online_dpo train modes of mlx-lm-lora.
 
-mlx-xpo demo     offline XPO demo on an embedded tiny model and prompt set (about 15 s)
+mlx-xpo demo     offline XPO demo on an embedded tiny model and prompt set (5-15 s)
 mlx-xpo eval     win-rate of trained adapters against the reference on test.jsonl, with its 95% interval
 mlx-xpo plot     PNG of a run's training curves (<adapter_path>/training.png)
 mlx-xpo schema   JSON Schema of the YAML settings (or --markdown for the settings table)
@@ -84,8 +84,8 @@ def demo(ns) -> int:
     if val:
         print("  win-rate of the policy against the reference (the judge prefers more letter 'e'):")
         for r in val:
-            when = "untrained" if r["step"] == 0 else ""
-            print(f"    step {r['step']:>4} {when:>9}: {describe(r, prefix='val_')}")
+            when = " (untrained)" if r["step"] == 0 else ""
+            print(f"    step {r['step']:>4}{when}: {describe(r, prefix='val_')}")
         print("  0.5 is chance; above it the policy learned what the judge prefers.")
     from mlx_xpo_plugin.commands.plot import write_plot
 

@@ -4,18 +4,23 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test bench vendor clean
+.PHONY: demo test bench wheel vendor clean
 
 $(STAMP): pyproject.toml setup.py
+	@echo "== first use: creating $(VENV) and installing mlx-xpo-plugin with its test and plot extras"
+	@echo "   (mlx, mlx-lm, mlx-lm-lora, transformers, matplotlib, ...: about 1-3 minutes, longer on a slow network)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,plot]'
 	touch $(STAMP)
+	@echo "== installed; the commands are in $(VENV)/bin (source $(VENV)/bin/activate to put them on PATH)"
 
 demo: $(STAMP)
+	@echo "== offline XPO demo: a tiny random model learns a rule judge's preference (5-15 s; the first run also builds the model)"
 	$(VENV)/bin/mlx-xpo demo
 
 test: $(STAMP)
+	@echo "== ruff (lint and format check, a few seconds), then pytest: about 500 tests, 6-10 minutes on 2 cores"
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
@@ -23,8 +28,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
+# A wheel of this project in dist/ (its dependencies come from PyPI when the wheel is installed).
+wheel:
+	@echo "== building dist/mlx_xpo_plugin-*.whl (a few seconds; setuptools is fetched into an isolated build environment)"
+	$(PYTHON) -m pip wheel --no-deps --wheel-dir dist .
+	@ls dist/*.whl
+
 vendor:
 	bash vendor/sync.sh
 
 clean:
-	rm -rf $(VENV) .cache runs vendor/src
+	rm -rf $(VENV) .cache runs vendor/src dist build

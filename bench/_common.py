@@ -152,6 +152,8 @@ def with_range(d: dict, key: str, nd: int = 3, bold: bool = False) -> str:
 
 
 def md_table(header, rows) -> str:
+    """A Markdown table; ``header`` is a list of titles or one string of them separated by " | "."""
+    header = header.split(" | ") if isinstance(header, str) else header
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
@@ -222,9 +224,12 @@ def cleanup(work: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def add_grid_args(ap, name: str, repeats_help: str, iters_help: str, quick_help: str) -> None:
-    """The arguments of the side-by-side scripts (bench_step.py, bench_trl.py): the grid of presets,
-    modes and completion lengths, runs and steps, and the results file name."""
+def grid_parser(doc: str, name: str, repeats_help: str, iters_help: str, quick_help: str):
+    """The argument parser of the side-by-side scripts (bench_step.py, bench_trl.py): the grid of
+    presets, modes and completion lengths, runs and steps, and the results file name."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,small")
     ap.add_argument("--modes", default="xpo,online_dpo")
     ap.add_argument("--lengths", default="16,64")
@@ -233,10 +238,11 @@ def add_grid_args(ap, name: str, repeats_help: str, iters_help: str, quick_help:
     ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--name", default=name, help="results file name (bench/results/NAME.json|md)")
     ap.add_argument("--render-only", action="store_true", help="rewrite NAME.md from NAME.json, run nothing")
+    return ap
 
 
 def grid(ns) -> tuple[list[str], list[str], list[int]]:
-    """(presets, modes, lengths) from the arguments of add_grid_args; --quick keeps the tiny preset
+    """(presets, modes, lengths) from the arguments of grid_parser; --quick keeps the tiny preset
     and, unless --repeats says otherwise, 2 runs per side."""
     if ns.quick:
         ns.presets, ns.repeats = "tiny", ns.repeats or 2
@@ -259,3 +265,107 @@ def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     j.write_text(strict_dumps(data, indent=1) + "\n")  # strict JSON: NaN -> null
     m.write_text(markdown.rstrip() + "\n")
     return j, m
+
+
+# ------------------------------------------------------------------ the side-by-side scripts' driver
+# (bench_step.py: ours vs upstream; bench_trl.py: ours vs TRL; bench_scaling.py uses session/finish)
+
+
+def ours_settings(model: str, length: int, iters: int, judge: str, **extra) -> dict:
+    """Our trainer's settings in every side-by-side run: LoRA, batch 2, the completion length,
+    temperature 0.8, Adam 1e-5, seed 0, a report every step (the step timer), no saving, test or fuse."""
+    return {
+        "model": model,
+        "data": data_path(),
+        "train": True,
+        "train_type": "lora",
+        "judge": judge,
+        "iters": iters,
+        "batch_size": 2,
+        "max_completion_length": length,
+        "temperature": 0.8,
+        "learning_rate": 1e-5,
+        "steps_per_report": 1,
+        "save_every": 100000,
+        "seed": 0,
+        "fuse": False,
+        "test": False,
+        **extra,
+    }
+
+
+def alternate(cell: dict, sides: tuple, repeats: int, run, summarize, raw: list, tag: str, describe) -> dict:
+    """``repeats`` runs per side of one cell (preset, mode, completion length), alternating
+    A B, B A, A B ... so that drift in the machine's load hits both sides alike. ``run(impl, r)``
+    returns (result, extra fields of its raw record); each run's record goes to ``raw`` and one
+    line, ``describe(summary)``, to the console. Returns {side: [summaries]}."""
+    per = {side: [] for side in sides}
+    for r in range(repeats):
+        for impl in sides if r % 2 == 0 else sides[::-1]:
+            t0 = time.perf_counter()
+            res, extra = run(impl, r)
+            summ = summarize(res)
+            per[impl].append(summ)
+            raw.append({**cell, "impl": impl, "repeat": r, "summary": summ, "result": res, **extra})
+            print(
+                f"[{tag}] {cell['preset']:5s} {cell['mode']:10s} len {cell['max_completion_length']:3d} {impl:8s} "
+                f"#{r}: {describe(summ)} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    return per
+
+
+def compare(cell: dict, per: dict, sides: tuple, aggregate, **extra) -> dict:
+    """A cell's record: each side's aggregate, and the step-time ratio first side / second side
+    (of the medians, with the range of the per-repeat ratios)."""
+    a, b = sides
+    agg = {side: aggregate(per[side]) for side in sides}
+    paired = [x["step_seconds"] / y["step_seconds"] for x, y in zip(per[a], per[b])]
+    return {
+        **cell,
+        **extra,
+        a: agg[a],
+        b: agg[b],
+        "time_ratio": agg[a]["step_seconds"] / agg[b]["step_seconds"],
+        "time_ratio_min": min(paired),
+        "time_ratio_max": max(paired),
+    }
+
+
+def with_method(lines: list, data: dict) -> str:
+    """A results file's Markdown: ``lines``, then the method section."""
+    return "\n".join([*lines, "### Method", "", data["method"], ""])
+
+
+def cell_rows(cells: list, columns) -> list:
+    """Table rows: a cell's preset, mode and completion length, then ``columns(cell)``."""
+    return [[c["preset"], c["mode"], c["max_completion_length"], *columns(c)] for c in cells]
+
+
+def session(benchmark: str) -> dict:
+    """The start of a results file: the script, the machine, its load and the start time."""
+    return {"benchmark": benchmark, "machine": machine(), "loadavg_before": loadavg(), "_t0": time.perf_counter()}
+
+
+def header(data: dict, *more: str) -> list:
+    """The first lines of a results table: the machine, ``more``, the load and the wall time."""
+    return [
+        f"Machine: {machine_line(data['machine'])}.",
+        *more,
+        f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
+        f"script wall time {data['wall_seconds']:.0f} s.",
+        "",
+    ]
+
+
+def finish(name: str, tag: str, data: dict, render, work: Path, show: bool = False) -> None:
+    """Close a session: the load after and the wall time, results/NAME.json and .md written (the
+    table printed too with ``show``), the runs' folder removed."""
+    data["loadavg_after"] = loadavg()
+    data["wall_seconds"] = time.perf_counter() - data.pop("_t0")
+    md = render(data)
+    j, m = write_results(name, data, md)
+    if show:
+        print("\n" + md)
+    print(f"[{tag}] wrote {j} and {m} ({data['wall_seconds']:.0f} s)")
+    cleanup(work)

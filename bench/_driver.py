@@ -45,7 +45,7 @@ import resource
 import sys
 import time
 
-from _proc import proc_status_kb  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from _proc import proc_status_kb, run_facts  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps  # noqa: E402
 
@@ -264,17 +264,8 @@ def main():
         "blas_libraries_mapped": blas_libraries_mapped(),
         "blas": fast_blas.banner_line(),
         "steps": steps,
-        "rss_after_imports_mb": rss_after_imports_kb / 1024,
-        "peak_rss_mb": proc_status_kb("VmHWM") / 1024,
+        **run_facts(t_start, t_imported, t_end, rss_after_imports_kb, cb.t, counter.lengths),
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "import_seconds": t_imported - t_start,
-        "total_seconds": t_end - t_start,
-        "first_report_after_seconds": (cb.t[0] - t_imported) if cb.t else None,
-        "completion_tokens": {
-            "n": len(counter.lengths),
-            "max": max(counter.lengths) if counter.lengths else None,
-            "mean": (sum(counter.lengths) / len(counter.lengths)) if counter.lengths else None,
-        },
         **extra,
     }
     with open(out_path, "w") as f:

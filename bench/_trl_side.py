@@ -33,7 +33,7 @@ import os
 import sys
 import time
 
-from _proc import proc_status_kb  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from _proc import proc_status_kb, run_facts  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 
 def torch_blas() -> str:
@@ -186,25 +186,20 @@ def build_trainer(spec: dict, rec: Recorder):
             rec.step_end()
 
     if mode == "xpo":
-        from trl.experimental.xpo import XPOConfig, XPOTrainer
+        from trl.experimental.xpo import XPOConfig as Config
+        from trl.experimental.xpo import XPOTrainer as Trainer
 
-        args = XPOConfig(alpha=[spec["alpha"]], **common)
+        args = Config(alpha=[spec["alpha"]], **common)
         reward = tiny_reward_model(model.config.vocab_size, tok.pad_token_id, spec["seed"])
-        return XPOTrainer(
-            model=model,
-            reward_funcs=reward,
-            args=args,
-            train_dataset=ds,
-            processing_class=tok,
-            reward_processing_classes=tok,
-            peft_config=peft_config,
-            callbacks=[StepTimer()],
-        )
-    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+        more = {"reward_processing_classes": tok}
+    else:
+        from trl.experimental.online_dpo import OnlineDPOConfig as Config
+        from trl.experimental.online_dpo import OnlineDPOTrainer as Trainer
 
-    args = OnlineDPOConfig(**common)
-    reward = batched_reward(getattr(load_rules(spec["rules"]), spec.get("reward_function", "letter_e_reward")))
-    return OnlineDPOTrainer(
+        args = Config(**common)
+        reward = batched_reward(getattr(load_rules(spec["rules"]), spec.get("reward_function", "letter_e_reward")))
+        more = {}
+    return Trainer(
         model=model,
         reward_funcs=reward,
         args=args,
@@ -212,6 +207,7 @@ def build_trainer(spec: dict, rec: Recorder):
         processing_class=tok,
         peft_config=peft_config,
         callbacks=[StepTimer()],
+        **more,
     )
 
 
@@ -251,16 +247,7 @@ def main():
         "torch_threads": torch.get_num_threads(),
         "torch_blas": torch_blas(),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "rss_after_imports_mb": rss_after_imports_kb / 1024,
-        "peak_rss_mb": proc_status_kb("VmHWM") / 1024,
-        "import_seconds": t_imported - t_start,
-        "total_seconds": t_end - t_start,
-        "first_report_after_seconds": (rec.t[0] - t_imported) if rec.t else None,
-        "completion_tokens": {
-            "n": len(rec.lengths),
-            "max": max(rec.lengths) if rec.lengths else None,
-            "mean": sum(rec.lengths) / len(rec.lengths) if rec.lengths else None,
-        },
+        **run_facts(t_start, t_imported, t_end, rss_after_imports_kb, rec.t, rec.lengths),
     }
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)

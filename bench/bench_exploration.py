@@ -30,9 +30,9 @@ import sys
 import tempfile
 import time
 
+import _toy as toy
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from _common import RESULTS, cache_dir, model_path
 
@@ -41,71 +41,23 @@ from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
 from mlx_xpo_plugin.compute.reference import Reference
 from mlx_xpo_plugin.compute.rollout import SamplingConfig, sample_completions
 from mlx_xpo_plugin.compute.scoring import completion_logps, first_completion_position, pack
-from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.loop.prompts import PromptSet
-from mlx_xpo_plugin.loop.settings import LoopSettings
-from mlx_xpo_plugin.loop.trainer import OnlineTrainer
-from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
-from mlx_xpo_plugin.xpo_trainer import XPO, xpo_kl_bonus
+from mlx_xpo_plugin.xpo_trainer import xpo_kl_bonus
 
 ALPHAS = [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 FORMS = ["kl", "kl_upstream", "paper"]
 TEMPERATURE, MAX_TOKENS, BATCH = 0.8, 16, 4
-LORA = {"rank": 8, "dropout": 0.0, "scale": 10.0, "use_dora": False, "num_layers": -1}
+#: the trainer's settings besides steps, seed and the XPO term: no reports or validations of its own
+LOOP = {"batch_size": BATCH, "max_completion_length": MAX_TOKENS, "temperature": TEMPERATURE}
+LOOP.update(steps_per_report=10**9, steps_per_eval=10**9)
 
 
-class LetterJudge:
-    """More of `letter` wins; equal counts tie."""
-
-    def __init__(self, letter):
-        self.letter = letter
-
-    def judge(self, prompts, pairs):
-        out = []
-        for a, b in pairs:
-            ca, cb = a.count(self.letter), b.count(self.letter)
-            out.append(Verdict.tied() if ca == cb else Verdict(0 if ca > cb else 1))
-        return out
-
-
-def load(path, seed):
-    from mlx_lm_lora.utils import from_pretrained
-
-    mx.random.seed(seed)
-    model, tok, _ = from_pretrained(path, lora_config=LORA)
-    return model, tok
+load = toy.load
 
 
 def trainer(model, tok, train, mode, form, alpha, seed, steps, letter, ad):
     extra = {} if mode == "online_dpo" else {"alpha": alpha, "xpo_bonus": form}
-    s = LoopSettings(
-        iters=steps,
-        batch_size=BATCH,
-        seed=seed,
-        adapter_path=ad,
-        progress=False,
-        steps_per_report=10**9,
-        steps_per_eval=10**9,
-        save_every=10**9,
-        max_completion_length=MAX_TOKENS,
-        temperature=TEMPERATURE,
-        **extra,
-    )
-    method = (OnlineDPO if mode == "online_dpo" else XPO)(s)
-    t = OnlineTrainer(
-        s,
-        method,
-        model,
-        tok,
-        Reference(model),
-        LetterJudge(letter),
-        optim.Adam(learning_rate=3e-3),
-        train,
-        None,
-        log=lambda m: None,
-    )
-    t.save = lambda final=False: None
-    return t
+    return toy.trainer(model, tok, train, mode, letter, ad, iters=steps, seed=seed, **LOOP, **extra)
 
 
 # ------------------------------------------------------------------ measurements

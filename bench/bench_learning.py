@@ -19,21 +19,14 @@ import sys
 import tempfile
 import time
 
+import _toy as toy
 import mlx.core as mx
-import mlx.optimizers as optim
 from _common import RESULTS, cache_dir, model_path
 
 from mlx_xpo_plugin.commands.data import load_prompts
 from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
-from mlx_xpo_plugin.compute.reference import Reference
-from mlx_xpo_plugin.contracts import Verdict
 from mlx_xpo_plugin.loop.jsonio import dumps as strict_dumps
 from mlx_xpo_plugin.loop.prompts import PromptSet
-from mlx_xpo_plugin.loop.settings import LoopSettings
-from mlx_xpo_plugin.loop.trainer import OnlineTrainer
-from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
-from mlx_xpo_plugin.rules import prefer_letter_e
-from mlx_xpo_plugin.xpo_trainer import XPO
 
 CONFIGS = [
     ("online_dpo", "online_dpo", {}),
@@ -44,52 +37,14 @@ CONFIGS = [
 ]
 
 
-class RuleJudge:
-    def judge(self, prompts, pairs):
-        out = []
-        for p, (a, b) in zip(prompts, pairs):
-            w = prefer_letter_e(p, a, b)
-            out.append(Verdict.tied() if w is None else Verdict(w))
-        return out
-
-
 def one_run(model_path, data_dir, mode, extra, seed, steps, every, batch):
-    from mlx_lm_lora.utils import from_pretrained
-
-    mx.random.seed(seed)
     with tempfile.TemporaryDirectory() as ad:
-        model, tok, _ = from_pretrained(
-            model_path, lora_config={"rank": 8, "dropout": 0.0, "scale": 10.0, "use_dora": False, "num_layers": -1}
-        )
+        model, tok = toy.load(model_path, seed)
         train = load_prompts(data_dir, "train", tok, 200)
         test = load_prompts(data_dir, "test", tok, 200)
         test = PromptSet(test.ids * 2, test.texts * 2)
-        s = LoopSettings(
-            iters=steps,
-            batch_size=batch,
-            seed=seed,
-            adapter_path=ad,
-            progress=False,
-            steps_per_report=every,
-            steps_per_eval=every,
-            save_every=10**9,
-            max_completion_length=16,
-            temperature=1.0,
-            **extra,
-        )
-        method = (OnlineDPO if mode == "online_dpo" else XPO)(s)
-        t = OnlineTrainer(
-            s,
-            method,
-            model,
-            tok,
-            Reference(model),
-            RuleJudge(),
-            optim.Adam(learning_rate=3e-3),
-            train,
-            None,
-            log=lambda m: None,
-        )
+        loop = {"iters": steps, "seed": seed, "batch_size": batch, "max_completion_length": 16, "temperature": 1.0}
+        t = toy.trainer(model, tok, train, mode, "e", ad, steps_per_report=every, steps_per_eval=every, **loop, **extra)
         curve = []
 
         def validate():  # called by the loop at step 0 and every `every` steps
@@ -98,7 +53,6 @@ def one_run(model_path, data_dir, mode, extra, seed, steps, every, batch):
             curve.append({"pairs_judged": t.step * batch, "win_rate": r["win_rate"]})
 
         t.validate = validate
-        t.save = lambda final=False: None
         t.train()
         return curve
 

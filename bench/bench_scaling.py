@@ -74,11 +74,7 @@ def fits(points: dict, batches, lengths) -> dict:
 def render(data: dict) -> str:
     batches, lengths = data["batches"], data["lengths"]
     pts = {(p["batch_size"], p["max_completion_length"]): p for p in data["points"]}
-    lines = [
-        f"Machine: {B.machine_line(data['machine'])}.",
-        f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
-        f"script wall time {data['wall_seconds']:.0f} s.",
-        "",
+    lines = B.header(data) + [
         f"### Step time (s), {data['preset']} preset, {data['mode']}, rule judge",
         "",
         "Rows: batch size (prompts per step, 2 completions each); columns: completion length.",
@@ -168,7 +164,7 @@ def main(argv=None) -> int:
     ns = ap.parse_args(argv)
     batches = [int(x) for x in ns.batches.split(",") if x]
     lengths = [int(x) for x in ns.lengths.split(",") if x]
-    t0, la0 = time.perf_counter(), B.loadavg()
+    data = B.session("bench_scaling")
     work = Path(tempfile.mkdtemp(prefix="mlx-xpo-bench-scaling-"))
     runs = {}
     for r in range(ns.repeats):
@@ -207,33 +203,28 @@ def main(argv=None) -> int:
         else "(below 0.95 somewhere: see the table; at small sizes fixed per-step costs dominate, "
         "and dropped ties change the number of scored pairs)."
     )
-    data = {
-        "benchmark": "bench_scaling",
-        "machine": B.machine(),
-        "preset": ns.preset,
-        "mode": ns.mode,
-        "judge": JUDGE,
-        "batches": batches,
-        "lengths": lengths,
-        "iters": ns.iters,
-        "repeats": ns.repeats,
-        "loadavg_before": la0,
-        "loadavg_after": B.loadavg(),
-        "wall_seconds": time.perf_counter() - t0,
-        "points": [points[k] for k in sorted(points)],
-        "fits": f,
-        "linearity_note": note,
-        "method": (
-            f"Each (batch, length) is {ns.repeats} run(s) of {ns.iters} steps in a fresh process "
-            "(`bench/_driver.py`, the same measurement as bench_step.py), the grid's order reversed on every "
-            "other repeat; step 1 is warm-up; the value is the median, over every measured step of every "
-            "run, of the wall time between consecutive per-step reports. Fits are ordinary least squares "
-            "on those medians."
-        ),
-    }
-    j, m = B.write_results(ns.name, data, render(data))
-    print(f"[bench_scaling] wrote {j} and {m} ({data['wall_seconds']:.0f} s)")
-    B.cleanup(work)
+    data.update(
+        {
+            "preset": ns.preset,
+            "mode": ns.mode,
+            "judge": JUDGE,
+            "batches": batches,
+            "lengths": lengths,
+            "iters": ns.iters,
+            "repeats": ns.repeats,
+            "points": [points[k] for k in sorted(points)],
+            "fits": f,
+            "linearity_note": note,
+            "method": (
+                f"Each (batch, length) is {ns.repeats} run(s) of {ns.iters} steps in a fresh process "
+                "(`bench/_driver.py`, the same measurement as bench_step.py), the grid's order reversed on every "
+                "other repeat; step 1 is warm-up; the value is the median, over every measured step of every "
+                "run, of the wall time between consecutive per-step reports. Fits are ordinary least squares "
+                "on those medians."
+            ),
+        }
+    )
+    B.finish(ns.name, "bench_scaling", data, render, work)
     return 0
 
 

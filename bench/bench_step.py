@@ -16,38 +16,21 @@ Output: bench/results/step.json (every run, every step) and bench/results/step.m
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as B  # noqa: E402
 
+SIDES = ("ours", "upstream")
 PHASES = ("rollout", "judge", "reference", "policy", "optimizer", "other")
 CMP = ("rollout", "judge", "scoring", "rest")
 
 
 def settings_for(impl: str, mode: str, preset: str, length: int, iters: int) -> dict:
     model = B.model_path(preset)
-    s = {
-        "model": model,
-        "data": B.data_path(),
-        "train": True,
-        "train_type": "lora",
-        "judge": model,
-        "iters": iters,
-        "batch_size": 2,
-        "max_completion_length": length,
-        "temperature": 0.8,
-        "learning_rate": 1e-5,
-        "steps_per_report": 1,
-        "save_every": 100000,
-        "seed": 0,
-        "fuse": False,
-        "test": False,
-    }
+    s = B.ours_settings(model, length, iters, judge=model)  # the model itself as the LLM judge
     if mode == "xpo":
         s["alpha"] = [1e-5] if impl == "upstream" else 1e-5
     return s
@@ -156,53 +139,81 @@ def aggregate(runs: list[dict]) -> dict:
     return agg
 
 
+def memory_columns(c: dict) -> list:
+    o, u = c["ours"], c["upstream"]
+    return [
+        B.fmt(o["mx_peak_mb"], 1),
+        B.fmt(u["mx_peak_mb"], 1),
+        f"**{B.fmt(c['mx_peak_ratio'], 2)}**",
+        f"{B.fmt(o['mx_active_mb'], 1)} / {B.fmt(u['mx_active_mb'], 1)}",
+        f"{B.fmt(o['peak_rss_mb'], 0)} ({B.fmt(o['rss_above_imports_mb'], 0)})",
+        f"{B.fmt(u['peak_rss_mb'], 0)} ({B.fmt(u['rss_above_imports_mb'], 0)})",
+        B.fmt(c["rss_ratio"], 2),
+        B.fmt(c["rss_above_imports_ratio"], 2),
+        "yes" if c["mx_peak_ratio"] <= 0.6 else "no",
+    ]
+
+
+def phase_columns(c: dict) -> list:
+    o = c["ours"]
+    f, s = o["phase_fraction"], o["phase_seconds"]
+    return (
+        [B.fmt(o["own_step_seconds"])]
+        + [f"{100 * f[p]:.1f}% ({B.fmt(s[p], 3)})" for p in PHASES]
+        + ["yes" if f["other"] < 0.10 else "no", f"{100 * (o['outside_step_timer_fraction'] or 0):.1f}%"]
+    )
+
+
+def difference_columns(c: dict) -> list:
+    o, u = c["ours"]["cmp_seconds"], c["upstream"]["cmp_seconds"]
+    cells = []
+    for k in CMP:
+        r = (o[k] / u[k]) if o.get(k) is not None and u.get(k) else None
+        cells.append(f"{B.fmt(o[k])} / {B.fmt(u[k])} ({B.fmt(r, 2)})")
+    ot, ut = c["ours"]["scored_tokens_per_row"], c["upstream"]["scored_tokens_per_row"]
+    per_tok = None
+    if ot and ut and o.get("scoring") and u.get("scoring"):
+        per_tok = (o["scoring"] / ot) / (u["scoring"] / ut)
+    est = None
+    if ot and ut and u.get("scoring") is not None:
+        up_same = c["upstream"]["step_seconds"] + u["scoring"] * (ot / ut - 1.0)
+        est = c["ours"]["step_seconds"] / up_same
+    return cells + [f"{B.fmt(ot, 0)} / {B.fmt(ut, 0)}", B.fmt(per_tok, 2), B.fmt(est, 2)]
+
+
+def check_columns(c: dict) -> list:
+    o, u = c["ours"], c["upstream"]
+    ans = u.get("upstream_judge_answers") or {}
+    n = sum(ans.values()) if ans else 0
+    return [
+        f"{B.fmt(o['completion_tokens_mean'], 1)} / {o['completion_tokens_max']}",
+        f"{B.fmt(u['completion_tokens_mean'], 1)} / {u['completion_tokens_max']}",
+        B.fmt(o["own_step_seconds"]),
+        B.fmt(u["own_step_seconds"]),
+        f"{o.get('judge_invalid', 0):.0f} invalid, {o.get('judge_ties', 0):.0f} ties of {o.get('judge_pairs', 0):.0f}",
+        f"{ans.get('invalid', 0)} of {n} not '0'/'1'",
+    ]
+
+
 def render(data: dict) -> str:
     cfgs = data["configs"]
-    lines = [
-        f"Machine: {B.machine_line(data['machine'])}.",
-        f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
-        f"script wall time {data['wall_seconds']:.0f} s.",
-        "",
-    ]
-    rows = []
-    for c in cfgs:
-        o, u = c["ours"], c["upstream"]
-        rows.append(
-            [
-                c["preset"],
-                c["mode"],
-                c["max_completion_length"],
-                B.with_range(o, "step_seconds"),
-                B.with_range(u, "step_seconds"),
-                B.with_range(c, "time_ratio", 2, bold=True),
-                "yes" if c["time_ratio"] <= 0.5 else "no",
-            ]
-        )
+    lines = B.header(data)
+    rows = B.cell_rows(
+        cfgs,
+        lambda c: [
+            B.with_range(c["ours"], "step_seconds"),
+            B.with_range(c["upstream"], "step_seconds"),
+            B.with_range(c, "time_ratio", 2, bold=True),
+            "yes" if c["time_ratio"] <= 0.5 else "no",
+        ],
+    )
     lines += [
         "### Step time (seconds per optimizer step; median of per-run medians [min–max over runs])",
         "",
         B.md_table(["preset", "mode", "completion len", "ours", "upstream", "ours / upstream", "≤ 0.5×"], rows),
         "",
     ]
-    rows = []
-    for c in cfgs:
-        o, u = c["ours"], c["upstream"]
-        rows.append(
-            [
-                c["preset"],
-                c["mode"],
-                c["max_completion_length"],
-                B.fmt(o["mx_peak_mb"], 1),
-                B.fmt(u["mx_peak_mb"], 1),
-                f"**{B.fmt(c['mx_peak_ratio'], 2)}**",
-                f"{B.fmt(o['mx_active_mb'], 1)} / {B.fmt(u['mx_active_mb'], 1)}",
-                f"{B.fmt(o['peak_rss_mb'], 0)} ({B.fmt(o['rss_above_imports_mb'], 0)})",
-                f"{B.fmt(u['peak_rss_mb'], 0)} ({B.fmt(u['rss_above_imports_mb'], 0)})",
-                B.fmt(c["rss_ratio"], 2),
-                B.fmt(c["rss_above_imports_ratio"], 2),
-                "yes" if c["mx_peak_ratio"] <= 0.6 else "no",
-            ]
-        )
+    rows = B.cell_rows(cfgs, memory_columns)
     lines += [
         "### Peak memory (MB; LoRA; medians over runs)",
         "",
@@ -212,33 +223,16 @@ def render(data: dict) -> str:
         f"~{B.fmt(B.median([c['ours']['peak_rss_mb'] - c['ours']['rss_above_imports_mb'] for c in cfgs]), 0)} MB).",
         "",
         B.md_table(
-            [
-                "preset",
-                "mode",
-                "completion len",
-                "ours MLX peak",
-                "upstream MLX peak",
-                "MLX ratio",
-                "resident between steps, ours / upstream",
-                "ours peak RSS (above imports)",
-                "upstream peak RSS (above imports)",
-                "RSS ratio",
-                "RSS-above-imports ratio",
-                "MLX ≤ 0.6×",
-            ],
+            (
+                "preset | mode | completion len | ours MLX peak | upstream MLX peak | MLX ratio | "
+                "resident between steps, ours / upstream | ours peak RSS (above imports) | "
+                "upstream peak RSS (above imports) | RSS ratio | RSS-above-imports ratio | MLX ≤ 0.6×"
+            ),
             rows,
         ),
         "",
     ]
-    rows = []
-    for c in cfgs:
-        o = c["ours"]
-        f, s = o["phase_fraction"], o["phase_seconds"]
-        rows.append(
-            [c["preset"], c["mode"], c["max_completion_length"], B.fmt(o["own_step_seconds"])]
-            + [f"{100 * f[p]:.1f}% ({B.fmt(s[p], 3)})" for p in PHASES]
-            + ["yes" if f["other"] < 0.10 else "no", f"{100 * (o['outside_step_timer_fraction'] or 0):.1f}%"]
-        )
+    rows = B.cell_rows(cfgs, phase_columns)
     lines += [
         "### Where our step goes (share of `step_seconds`, mean over measured steps; median seconds in brackets)",
         "",
@@ -250,26 +244,7 @@ def render(data: dict) -> str:
         B.md_table(["preset", "mode", "len", "step s"] + list(PHASES) + ["other < 10%", "outside timer"], rows),
         "",
     ]
-    rows = []
-    for c in cfgs:
-        o, u = c["ours"]["cmp_seconds"], c["upstream"]["cmp_seconds"]
-        cells = []
-        for k in CMP:
-            r = (o[k] / u[k]) if o.get(k) is not None and u.get(k) else None
-            cells.append(f"{B.fmt(o[k])} / {B.fmt(u[k])} ({B.fmt(r, 2)})")
-        ot, ut = c["ours"]["scored_tokens_per_row"], c["upstream"]["scored_tokens_per_row"]
-        per_tok = None
-        if ot and ut and o.get("scoring") and u.get("scoring"):
-            per_tok = (o["scoring"] / ot) / (u["scoring"] / ut)
-        est = None
-        if ot and ut and u.get("scoring") is not None:
-            up_same = c["upstream"]["step_seconds"] + u["scoring"] * (ot / ut - 1.0)
-            est = c["ours"]["step_seconds"] / up_same
-        rows.append(
-            [c["preset"], c["mode"], c["max_completion_length"]]
-            + cells
-            + [f"{B.fmt(ot, 0)} / {B.fmt(ut, 0)}", B.fmt(per_tok, 2), B.fmt(est, 2)]
-        )
+    rows = B.cell_rows(cfgs, difference_columns)
     lines += [
         "### Where the difference comes from (median seconds per step, ours / upstream (ratio))",
         "",
@@ -285,41 +260,15 @@ def render(data: dict) -> str:
         "time scaled by the token ratio).",
         "",
         B.md_table(
-            [
-                "preset",
-                "mode",
-                "len",
-                "rollout",
-                "judge",
-                "scoring (ref + policy)",
-                "rest",
-                "scored tokens/row",
-                "scoring per token",
-                "step ratio at equal tokens (est.)",
-            ],
+            (
+                "preset | mode | len | rollout | judge | scoring (ref + policy) | rest | "
+                "scored tokens/row | scoring per token | step ratio at equal tokens (est.)"
+            ),
             rows,
         ),
         "",
     ]
-    rows = []
-    for c in cfgs:
-        o, u = c["ours"], c["upstream"]
-        ans = u.get("upstream_judge_answers") or {}
-        n = sum(ans.values()) if ans else 0
-        rows.append(
-            [
-                c["preset"],
-                c["mode"],
-                c["max_completion_length"],
-                f"{B.fmt(o['completion_tokens_mean'], 1)} / {o['completion_tokens_max']}",
-                f"{B.fmt(u['completion_tokens_mean'], 1)} / {u['completion_tokens_max']}",
-                B.fmt(o["own_step_seconds"]),
-                B.fmt(u["own_step_seconds"]),
-                f"{o.get('judge_invalid', 0):.0f} invalid, {o.get('judge_ties', 0):.0f} ties "
-                f"of {o.get('judge_pairs', 0):.0f}",
-                f"{ans.get('invalid', 0)} of {n} not '0'/'1'",
-            ]
-        )
+    rows = B.cell_rows(cfgs, check_columns)
     lines += [
         "### Checks",
         "",
@@ -331,23 +280,15 @@ def render(data: dict) -> str:
         "log-probabilities, so it always has a verdict unless the two labels tie).",
         "",
         B.md_table(
-            [
-                "preset",
-                "mode",
-                "len",
-                "ours tokens",
-                "upstream tokens",
-                "ours own timer s",
-                "upstream own timer s",
-                "ours judge",
-                "upstream judge",
-            ],
+            (
+                "preset | mode | len | ours tokens | upstream tokens | ours own timer s | "
+                "upstream own timer s | ours judge | upstream judge"
+            ),
             rows,
         ),
         "",
     ]
-    lines += ["### Method", "", data["method"], ""]
-    return "\n".join(lines)
+    return B.with_method(lines, data)
 
 
 METHOD = (
@@ -370,22 +311,19 @@ METHOD = (
 )
 
 
+#: help of --repeats, --iters and --quick
+GRID_HELP = ("runs per implementation (default 3)", "steps per run (default 6)", "tiny preset only, 2 repeats")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    B.add_grid_args(
-        ap,
-        "step",
-        repeats_help="runs per implementation (default 3)",
-        iters_help="steps per run (default 6)",
-        quick_help="tiny preset only, 2 repeats",
-    )
+    ap = B.grid_parser(__doc__, "step", *GRID_HELP)
     ns = ap.parse_args(argv)
     if ns.render_only:
         B.rerender(ns.name, render)
         return 0
     presets, modes, lengths = B.grid(ns)
     defaults = {"tiny": (3, 6), "small": (3, 6)}
-    t_start, la0 = time.perf_counter(), B.loadavg()
+    data = B.session("bench_step")
     work = Path(tempfile.mkdtemp(prefix="mlx-xpo-bench-step-"))
     configs, raw = [], []
     for preset in presets:
@@ -393,73 +331,42 @@ def main(argv=None) -> int:
         iters = ns.iters or defaults.get(preset, (2, 4))[1]
         for length in lengths:
             for mode in modes:
-                per = {"ours": [], "upstream": []}
-                for r in range(repeats):
-                    order = ("ours", "upstream") if r % 2 == 0 else ("upstream", "ours")
-                    for impl in order:
-                        s = settings_for(impl, mode, preset, length, iters)
-                        wd = work / f"{preset}-{mode}-{length}-{impl}-{r}"
-                        t0 = time.perf_counter()
-                        res = B.run_one(impl, mode, s, wd)
-                        summ = summarize(res, warmup=1)
-                        per[impl].append(summ)
-                        raw.append(
-                            {
-                                "preset": preset,
-                                "mode": mode,
-                                "max_completion_length": length,
-                                "impl": impl,
-                                "repeat": r,
-                                "summary": summ,
-                                "result": res,
-                                "cli": B.cli_equivalent(impl, mode, s),
-                            }
-                        )
-                        print(
-                            f"[bench_step] {preset:5s} {mode:10s} len {length:3d} {impl:8s} #{r}: "
-                            f"{summ['step_seconds']:.3f} s/step, MLX peak {summ['mx_peak_mb']:.1f} MB, "
-                            f"peak RSS {summ['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)",
-                            flush=True,
-                        )
-                o, u = aggregate(per["ours"]), aggregate(per["upstream"])
-                paired = [a["step_seconds"] / b["step_seconds"] for a, b in zip(per["ours"], per["upstream"])]
-                configs.append(
-                    {
-                        "preset": preset,
-                        "mode": mode,
-                        "max_completion_length": length,
-                        "repeats": repeats,
-                        "iters": iters,
-                        "ours": o,
-                        "upstream": u,
-                        "time_ratio": o["step_seconds"] / u["step_seconds"],
-                        "time_ratio_min": min(paired),
-                        "time_ratio_max": max(paired),
-                        "mx_peak_ratio": o["mx_peak_mb"] / u["mx_peak_mb"],
-                        "rss_ratio": o["peak_rss_mb"] / u["peak_rss_mb"],
-                        "rss_above_imports_ratio": o["rss_above_imports_mb"] / u["rss_above_imports_mb"],
-                    }
+                cell = {"preset": preset, "mode": mode, "max_completion_length": length}
+
+                def run(impl, r):
+                    s = settings_for(impl, mode, preset, length, iters)
+                    res = B.run_one(impl, mode, s, work / f"{preset}-{mode}-{length}-{impl}-{r}")
+                    return res, {"cli": B.cli_equivalent(impl, mode, s)}
+
+                per = B.alternate(
+                    cell, SIDES, repeats, run, lambda res: summarize(res, warmup=1), raw, "bench_step", _line
                 )
+                c = B.compare(cell, per, SIDES, aggregate, repeats=repeats, iters=iters)
+                o, u = c["ours"], c["upstream"]
+                c["mx_peak_ratio"] = o["mx_peak_mb"] / u["mx_peak_mb"]
+                c["rss_ratio"] = o["peak_rss_mb"] / u["peak_rss_mb"]
+                c["rss_above_imports_ratio"] = o["rss_above_imports_mb"] / u["rss_above_imports_mb"]
+                configs.append(c)
     iters_text = ", ".join(
         f"{p}: {ns.iters or defaults.get(p, (2, 4))[1]} steps per run, "
         f"{ns.repeats or defaults.get(p, (2, 4))[0]} runs per side"
         for p in presets
     )
-    data = {
-        "benchmark": "bench_step",
-        "machine": B.machine(),
-        "loadavg_before": la0,
-        "loadavg_after": B.loadavg(),
-        "wall_seconds": time.perf_counter() - t_start,
-        "method": METHOD.format(iters_text=iters_text),
-        "targets": {"time_ratio": 0.5, "mx_peak_ratio": 0.6, "other_fraction": 0.10},
-        "configs": configs,
-        "runs": raw,
-    }
-    j, m = B.write_results(ns.name, data, render(data))
-    print(f"[bench_step] wrote {j} and {m} ({data['wall_seconds']:.0f} s)")
-    B.cleanup(work)
+    data.update(
+        method=METHOD.format(iters_text=iters_text),
+        targets={"time_ratio": 0.5, "mx_peak_ratio": 0.6, "other_fraction": 0.10},
+        configs=configs,
+        runs=raw,
+    )
+    B.finish(ns.name, "bench_step", data, render, work)
     return 0
+
+
+def _line(summ: dict) -> str:
+    return (
+        f"{summ['step_seconds']:.3f} s/step, MLX peak {summ['mx_peak_mb']:.1f} MB, "
+        f"peak RSS {summ['peak_rss_mb']:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Output: bench/results/trl.json (every run, every step) and bench/results/trl.md 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -113,43 +112,32 @@ def rules_path() -> str:
 
 
 def ours_settings(mode: str, model: str, length: int, iters: int, xpo_bonus: str, judge: str = JUDGE) -> dict:
-    s = {
-        "model": model,
-        "data": B.data_path(),
-        "train": True,
-        "train_type": "lora",
-        "judge": judge,
-        "iters": iters,
-        "batch_size": 2,
-        "max_completion_length": length,
-        "temperature": 0.8,
-        "learning_rate": 1e-5,
-        "beta": 0.1,
-        "steps_per_report": 1,
-        "save_every": 100000,
-        "seed": 0,
-        "fuse": False,
-        "test": False,
-        "grad_checkpoint": False,
-    }
+    s = B.ours_settings(model, length, iters, judge, beta=0.1, grad_checkpoint=False)
     if mode == "xpo":
         s.update(alpha=1e-5, xpo_bonus=xpo_bonus)
     return s
 
 
+#: what TRL's side takes from our settings, so that both sides run the same values
+SHARED = (
+    "model",
+    "data",
+    "iters",
+    "batch_size",
+    "max_completion_length",
+    "temperature",
+    "learning_rate",
+    "beta",
+    "seed",
+)
+
+
 def trl_spec(mode: str, model: str, length: int, iters: int, workdir: Path) -> dict:
+    ours = ours_settings("xpo", model, length, iters, "paper")
     return {
         "mode": mode,
-        "model": model,
-        "data": B.data_path(),
-        "iters": iters,
-        "batch_size": 2,
-        "max_completion_length": length,
-        "temperature": 0.8,
-        "learning_rate": 1e-5,
-        "beta": 0.1,
-        "alpha": 1e-5,
-        "seed": 0,
+        **{k: ours[k] for k in SHARED},
+        "alpha": ours["alpha"],
         "threads": THREADS,
         "lora": lora_defaults(),
         "rules": rules_path(),
@@ -226,52 +214,27 @@ def aggregate(runs: list[dict]) -> dict:
     }
 
 
+SIDES = ("ours", "trl")
+
+
 def run_cell(preset, mode, length, repeats, iters, xpo_bonus, work, raw) -> dict:
     """One (preset, mode, length): `repeats` runs per side, alternating ours/trl/trl/ours."""
-    per = {"ours": [], "trl": []}
     model = B.model_path(preset)
-    for r in range(repeats):
-        for impl in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
-            wd = work / f"{preset}-{mode}-{length}-{impl}-{r}"
-            t0 = time.perf_counter()
-            if impl == "ours":
-                res = B.run_one("ours", mode, ours_settings(mode, model, length, iters, xpo_bonus), wd)
-            else:
-                res = run_trl(trl_spec(mode, model, length, iters, wd), wd)
-            summ = summarize(res)
-            per[impl].append(summ)
-            raw.append(
-                {
-                    "preset": preset,
-                    "mode": mode,
-                    "max_completion_length": length,
-                    "impl": impl,
-                    "repeat": r,
-                    "summary": summ,
-                    "result": res,
-                }
-            )
-            print(
-                f"[bench_trl] {preset:5s} {mode:10s} len {length:3d} {impl:4s} #{r}: "
-                f"{summ['step_seconds']:.3f} s/step, peak RSS {summ['peak_rss_mb']:.0f} MB "
-                f"({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
-    o, t = aggregate(per["ours"]), aggregate(per["trl"])
-    paired = [a["step_seconds"] / b["step_seconds"] for a, b in zip(per["ours"], per["trl"])]
-    return {
-        "preset": preset,
-        "mode": mode,
-        "max_completion_length": length,
-        "repeats": repeats,
-        "iters": iters,
-        "ours": o,
-        "trl": t,
-        "time_ratio": o["step_seconds"] / t["step_seconds"],
-        "time_ratio_min": min(paired),
-        "time_ratio_max": max(paired),
-        "rss_ratio": o["peak_rss_mb"] / t["peak_rss_mb"],
-    }
+    cell = {"preset": preset, "mode": mode, "max_completion_length": length}
+
+    def run(impl, r):
+        wd = work / f"{preset}-{mode}-{length}-{impl}-{r}"
+        if impl == "ours":
+            return B.run_one("ours", mode, ours_settings(mode, model, length, iters, xpo_bonus), wd), {}
+        return run_trl(trl_spec(mode, model, length, iters, wd), wd), {}
+
+    def line(summ):
+        return f"{summ['step_seconds']:.3f} s/step, peak RSS {summ['peak_rss_mb']:.0f} MB"
+
+    per = B.alternate(cell, SIDES, repeats, run, summarize, raw, "bench_trl", line)
+    c = B.compare(cell, per, SIDES, aggregate, repeats=repeats, iters=iters)
+    c["rss_ratio"] = c["ours"]["peak_rss_mb"] / c["trl"]["peak_rss_mb"]
+    return c
 
 
 # ------------------------------------------------------------------ report
@@ -281,58 +244,42 @@ def signal_name(mode: str) -> str:
     return "tiny reward model" if mode == "xpo" else "letter_e_reward"
 
 
+def columns(c: dict) -> list:
+    o, t = c["ours"], c["trl"]
+    return [
+        B.with_range(o, "step_seconds"),
+        B.with_range(t, "step_seconds"),
+        B.with_range(c, "time_ratio", 2, bold=True),
+        "yes" if c["time_ratio"] <= 1.0 else "no",
+        B.fmt(o["peak_rss_mb"], 0),
+        B.fmt(t["peak_rss_mb"], 0),
+        f"{B.fmt(1000 * o['signal_seconds'], 1)} / {B.fmt(1000 * t['signal_seconds'], 1)} ({signal_name(c['mode'])})",
+        f"{B.fmt(o['completion_tokens_mean'], 1)} / {B.fmt(t['completion_tokens_mean'], 1)}",
+    ]
+
+
 def render(data: dict) -> str:
     v = data["trl_versions"]
-    lines = [
-        f"Machine: {B.machine_line(data['machine'])}.",
+    lines = B.header(
+        data,
         f"TRL side: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, "
         f"accelerate {v['accelerate']}; BLAS {data.get('trl_blas', '?')}; {THREADS} torch threads, fp32.",
-        f"Load average before/after: {data['loadavg_before']} / {data['loadavg_after']}; "
-        f"script wall time {data['wall_seconds']:.0f} s.",
-        "",
-    ]
-    rows = []
-    for c in data["configs"]:
-        o, t = c["ours"], c["trl"]
-        rows.append(
-            [
-                c["preset"],
-                c["mode"],
-                c["max_completion_length"],
-                B.with_range(o, "step_seconds"),
-                B.with_range(t, "step_seconds"),
-                B.with_range(c, "time_ratio", 2, bold=True),
-                "yes" if c["time_ratio"] <= 1.0 else "no",
-                B.fmt(o["peak_rss_mb"], 0),
-                B.fmt(t["peak_rss_mb"], 0),
-                f"{B.fmt(1000 * o['signal_seconds'], 1)} / {B.fmt(1000 * t['signal_seconds'], 1)} "
-                f"({signal_name(c['mode'])})",
-                f"{B.fmt(o['completion_tokens_mean'], 1)} / {B.fmt(t['completion_tokens_mean'], 1)}",
-            ]
-        )
+    )
+    rows = B.cell_rows(data["configs"], columns)
     lines += [
         "### Step time (seconds per optimizer step; median of per-run medians [min–max over runs])",
         "",
         B.md_table(
-            [
-                "preset",
-                "mode",
-                "completion len",
-                "ours",
-                "TRL",
-                "ours / TRL",
-                "≤ 1.0",
-                "ours peak RSS MB",
-                "TRL peak RSS MB",
-                "judge / reward ms per step, ours / TRL (TRL's signal)",
-                "tokens/completion, ours / TRL",
-            ],
+            (
+                "preset | mode | completion len | ours | TRL | ours / TRL | ≤ 1.0 | ours peak RSS MB | "
+                "TRL peak RSS MB | judge / reward ms per step, ours / TRL (TRL's signal) | "
+                "tokens/completion, ours / TRL"
+            ),
             rows,
         ),
         "",
     ]
-    lines += ["### Method", "", data["method"], ""]
-    return "\n".join(lines)
+    return B.with_method(lines, data)
 
 
 METHOD = (
@@ -379,15 +326,16 @@ def method_text(configs, presets, ns) -> str:
     )
 
 
+#: help of --repeats, --iters and --quick
+GRID_HELP = (
+    "runs per side (default 4)",
+    "steps per run (default 8; step 1 is warm-up)",
+    "tiny preset only, 2 runs per side",
+)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    B.add_grid_args(
-        ap,
-        "trl",
-        repeats_help="runs per side (default 4)",
-        iters_help="steps per run (default 8; step 1 is warm-up)",
-        quick_help="tiny preset only, 2 runs per side",
-    )
+    ap = B.grid_parser(__doc__, "trl", *GRID_HELP)
     ap.add_argument(
         "--xpo-bonus",
         default="paper",
@@ -408,7 +356,7 @@ def main(argv=None) -> int:
     if ns.setup:
         return 0
     presets, modes, lengths = B.grid(ns)
-    t_start, la0 = time.perf_counter(), B.loadavg()
+    data = B.session("bench_trl")
     work = Path(tempfile.mkdtemp(prefix="mlx-xpo-bench-trl-"))
     configs, raw = [], []
     for preset in presets:
@@ -416,26 +364,17 @@ def main(argv=None) -> int:
         for length in lengths:
             for mode in modes:
                 configs.append(run_cell(preset, mode, length, repeats, iters, ns.xpo_bonus, work, raw))
-    data = {
-        "benchmark": "bench_trl",
-        "machine": B.machine(),
-        "trl_versions": versions,
-        "trl_blas": next((r["result"].get("torch_blas") for r in raw if r["impl"] == "trl"), None),
-        "loadavg_before": la0,
-        "loadavg_after": B.loadavg(),
-        "wall_seconds": time.perf_counter() - t_start,
-        "method": method_text(configs, presets, ns),
-        "xpo_bonus": ns.xpo_bonus,
-        "threads": THREADS,
-        "targets": {"time_ratio": 1.0},
-        "configs": configs,
-        "runs": raw,
-    }
-    md = render(data)
-    j, m = B.write_results(ns.name, data, md)
-    print("\n" + md)
-    print(f"[bench_trl] wrote {j} and {m} ({data['wall_seconds']:.0f} s)")
-    B.cleanup(work)
+    data.update(
+        trl_versions=versions,
+        trl_blas=next((r["result"].get("torch_blas") for r in raw if r["impl"] == "trl"), None),
+        method=method_text(configs, presets, ns),
+        xpo_bonus=ns.xpo_bonus,
+        threads=THREADS,
+        targets={"time_ratio": 1.0},
+        configs=configs,
+        runs=raw,
+    )
+    B.finish(ns.name, "bench_trl", data, render, work, show=True)
     return 0
 
 

@@ -71,7 +71,7 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
        "path or id.", studio=True),
     Setting("judge_system", "str", None, "Rubric system prompt for model and endpoint judges.",
        nullable=True, studio=True),
-    Setting("judge_config", "dict", {}, "Judge adapter options (see the judge section of the README)."),
+    Setting("judge_config", "dict", {}, "Options of the chosen judge (every judge's keys: docs/judges.md)."),
     Setting("max_completion_length", "int", 512, "Maximum sampled completion length in tokens.",
        minimum=1, studio=True),
     Setting("temperature", "float", 0.8, "Sampling temperature of the policy (0 = greedy). Applied after "

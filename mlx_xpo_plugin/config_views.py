@@ -1,5 +1,6 @@
 """The settings table in the forms users see: command-line flags (with YAML-style defaults),
-the JSON Schema (``mlx-xpo schema``) and the README's settings table."""
+the JSON Schema (``mlx-xpo schema``), the settings table of docs/settings.md and the
+``judge_config`` tables of docs/judges.md."""
 
 from __future__ import annotations
 
@@ -45,10 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if s.kind == "dict":
             kind = yaml.safe_load
         group.add_argument(s.flag, dest=s.name, type=kind, default=None, help=help_)
+    if "resume_adapter_file" in existing:  # upstream's help speaks of a weights file
+        existing["resume_adapter_file"].help = RESUME_HELP
 
 
-def json_schema() -> dict:
-    """JSON Schema (draft 2020-12) of a YAML config for the plugin's modes."""
+RESUME_HELP = (
+    "xpo / online_dpo: the adapter FOLDER of the run to continue (its adapter_path, which holds checkpoint/); "
+    "the run goes on exactly where it stopped. Other modes: an adapters file to start from."
+)
+
+
+def json_schema(upstream_keys=None) -> dict:
+    """JSON Schema (draft 2020-12) of a YAML config for the plugin's modes. Closed
+    (``additionalProperties: false``), so that an editor flags a misspelt key as the run would:
+    besides the settings table it lists the keys of mlx-lm-lora's other modes, which a run accepts
+    and does not use (``upstream_keys``; default: those of the installed mlx-lm-lora)."""
+    from .config import known_upstream_keys  # imports mlx_lm_lora.train: only when a schema is asked for
+
+    other = sorted(set(known_upstream_keys() if upstream_keys is None else upstream_keys) - set(SETTINGS))
 
     def one(s: Setting) -> dict:
         t = {
@@ -67,7 +82,7 @@ def json_schema() -> dict:
             if s.minimum is not None:
                 num_target["exclusiveMinimum" if s.exclusive_minimum else "minimum"] = s.minimum
             if s.maximum is not None:
-                num_target["maximum"] = s.maximum
+                num_target["exclusiveMaximum" if s.exclusive_maximum else "maximum"] = s.maximum
         if s.choices:
             t["enum"] = list(s.choices)
         if s.nullable:
@@ -81,12 +96,16 @@ def json_schema() -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "mlx-xpo-plugin config (xpo, online_dpo)",
         "type": "object",
-        "properties": {s.name: one(s) for s in SETTINGS.values()},
+        "properties": {
+            **{s.name: one(s) for s in SETTINGS.values()},
+            **{k: {"description": "an mlx-lm-lora setting of other train modes (accepted, not used)"} for k in other},
+        },
+        "additionalProperties": False,
     }
 
 
 def settings_markdown() -> str:
-    """The README's settings table, generated from PLUGIN_SETTINGS."""
+    """The settings table of docs/settings.md, generated from PLUGIN_SETTINGS."""
     rows = ["| Setting | Modes | Default | Valid | Studio | What it changes |", "|---|---|---|---|---|---|"]
     for s in PLUGIN_SETTINGS:
         valid = ", ".join(s.choices) if s.choices else _range_text(s)
@@ -97,12 +116,21 @@ def settings_markdown() -> str:
     return "\n".join(rows)
 
 
+def options_markdown(options: dict) -> str:
+    """The table of a judge's ``judge_config`` keys (docs/judges.md), from its OPTIONS."""
+    rows = ["| key | default | valid | what it changes |", "|---|---|---|---|"]
+    for key, s in options.items():
+        valid = ", ".join(s.choices) if s.choices else _range_text(s)
+        rows.append(f"| `{key}` | `{yaml_text(s.default)}` | {valid} | {s.help} |")
+    return "\n".join(rows)
+
+
 def _range_text(s: Setting) -> str:
     parts = [type_name(s)]
     if s.minimum is not None:
         parts.append((">" if s.exclusive_minimum else ">=") + f" {s.minimum}")
     if s.maximum is not None:
-        parts.append(f"<= {s.maximum}")
+        parts.append(("<" if s.exclusive_maximum else "<=") + f" {s.maximum}")
     if s.nullable:
         parts.append("or empty")
     return " ".join(parts)

@@ -1,6 +1,7 @@
 """`mlx-xpo demo / plot / eval / schema` as a user runs them."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,9 +134,38 @@ def test_eval_without_a_training_run_names_what_is_missing(tmp_path, capsys):
     assert err.count("\n") == 1 and "model: None is not valid; not given" in err and "pass --model" in err
 
 
-def test_wilson_interval():
-    lo, hi = cli.wilson(8, 10)
-    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+def test_a_run_prints_the_win_rate_with_its_interval_and_never_nan(demo_run):
+    _, _, stdout = demo_run
+    assert "step 0 (untrained baseline): validation win-rate vs reference " in stdout
+    assert re.search(r"step 6: validation win-rate vs reference (0|1)\.\d\d \(95% CI \d\.\d\d-\d\.\d\d; ", stdout)
+    assert not re.search(r"\bnan\b", stdout, flags=re.I)
+    assert re.search(r"step +0 \(untrained\): (0|1)\.\d\d \(95% CI", stdout)  # the demo's summary
+
+
+def test_eval_prints_one_summary_line(demo_run, capsys, monkeypatch):
+    out, _, _ = demo_run
+    monkeypatch.setattr("mlx_xpo_plugin.commands.runner.run", lambda cfg, method, progress=True: 0)
+    (out / "test_metrics.json").write_text(json.dumps({"wins": 0, "losses": 0, "ties": 24, "invalid": 0}))
+    assert cli.main(["eval", "--adapter-path", str(out)]) == 0
+    assert "win-rate vs reference on test.jsonl: no decided pair (0 won, 0 lost, 24 ties, 0 invalid)" in (
+        capsys.readouterr().out
+    )
+    assert cli.main(["eval", "--adapter-path", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["win_rate_ci95"] is None  # not [NaN, NaN]
+    (out / "test_metrics.json").unlink()
+
+
+def test_help_texts_are_complete_and_plain(capsys):
+    for argv in (["--help"], ["eval", "--help"], ["plot", "--help"], ["schema", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        text = capsys.readouterr().out
+        assert "``" not in text, argv
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            assert a.help, f"mlx-xpo {name} {a.option_strings or a.dest} has no help"
 
 
 def test_schema_command_prints_json_schema(capsys):

@@ -202,3 +202,23 @@ def test_shuffle_maps_back():
     blocks = out.split("Pair ")[1:]
     for i, (b, f) in enumerate(zip(blocks, flips)):
         assert f"[1] FIRST COMPLETION:\n{'B' if f else 'A'}{i}\n" in b
+
+
+def test_pairs_are_never_written_onto_the_progress_bar():
+    """A run's tqdm bar ends its line with no newline; the judge's first line must not follow it
+    on that line: the bar is cleared while pairs are shown, and drawn again after."""
+    from tqdm import tqdm
+
+    from mlx_xpo_plugin.judges.human import RULE
+
+    out = io.StringIO()
+    bar = tqdm(total=10, desc="xpo", file=out, dynamic_ncols=False, ncols=60)
+    bar.update(3)
+    try:
+        HumanJudge(stdin=io.StringIO("1\n2\n"), stdout=out).judge(["p", "q"], [("a", "b"), ("c", "d")])
+        drawn_after = out.getvalue().rsplit(RULE, 1)[1]
+    finally:
+        bar.close()
+    first = next(line for line in out.getvalue().split("\n") if RULE in line)
+    assert first.rsplit("\r", 1)[-1] == RULE  # what the terminal shows on that line: the rule alone
+    assert "3/10" in drawn_after  # the bar is back after the answers

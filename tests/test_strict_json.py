@@ -73,3 +73,5 @@ def test_a_run_with_undefined_win_rates_writes_only_strict_json(tiny_model_path,
     vals = [loads_strict(l) for l in open(out / "metrics.jsonl") if "val_win_rate" in l]
     assert vals and all(v["val_win_rate"] is None and v["val_ties"] > 0 for v in vals)
     assert loads_strict((out / "test_metrics.json").read_text())["win_rate"] is None
+    said = [line for line in r.stdout.splitlines() if "validation win-rate" in line]  # what the user reads
+    assert len(said) == 3 and all("no decided pair" in line and "nan" not in line for line in said), said

@@ -1,16 +1,17 @@
-"""``mlx-xpo``: helper commands around the train modes.
+"""mlx-xpo: helper commands around the xpo and online_dpo train modes of mlx-lm-lora.
 
-mlx-xpo demo     offline XPO demo on an embedded tiny model and prompt set
-mlx-xpo schema   JSON Schema of the YAML settings (or --markdown for the README table)
-mlx-xpo eval     judge win-rate of trained adapters against the reference on held-out prompts
-mlx-xpo plot     PNG of the training curves in <adapter_path>/metrics.jsonl
+mlx-xpo demo     offline XPO demo on an embedded tiny model and prompt set (5-15 s)
+mlx-xpo eval     win-rate of trained adapters against the reference on test.jsonl, with its 95% interval
+mlx-xpo plot     PNG of a run's training curves (<adapter_path>/training.png)
+mlx-xpo schema   JSON Schema of the YAML settings (or --markdown for the settings table)
+
+Training itself: mlx_lm_lora.train --train-mode xpo --config xpo.yaml (see README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from mlx_xpo_plugin.commands.hints import command
 from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.host.fast_blas import request
+from mlx_xpo_plugin.loop.win_rate import describe, interval
 
 
 def _console(name: str) -> str:
@@ -77,17 +79,17 @@ def demo(ns) -> int:
         print(f"[demo] training exited with status {rc}", file=sys.stderr)
         return rc
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    val = [r for r in rows if "val_win_rate" in r]
+    val = [r for r in rows if "val_wins" in r]
     # the run itself printed where the adapters, metrics and samples are: not said twice
     print(f"\n[demo] done in {time.time() - t0:.0f} s.")
     if val:
         print("  win-rate of the policy against the reference (the judge prefers more letter 'e'):")
         for r in val:
-            print(
-                f"    step {r['step']:>4}: {r['val_win_rate']:.2f}  ({r['val_wins']} won, {r['val_losses']} lost, "
-                f"{r['val_ties']} ties)"
-            )
+            when = " (untrained)" if r["step"] == 0 else ""
+            print(f"    step {r['step']:>4}{when}: {describe(r, prefix='val_')}")
         print("  0.5 is chance; above it the policy learned what the judge prefers.")
+    from mlx_xpo_plugin.commands.plot import write_plot
+
     try:
         print(f"  plot:        {write_plot(str(out))}  (the training curves)")
     except ImportError:  # matplotlib is the optional 'plot' extra
@@ -103,17 +105,6 @@ def schema(ns) -> int:
 
     print(config_views.settings_markdown() if ns.markdown else json.dumps(config_views.json_schema(), indent=2))
     return 0
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (95% by default)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (mid - half, mid + half)
 
 
 #: what ``eval`` takes from the training run saved in the adapter folder, unless given
@@ -194,77 +185,32 @@ def evaluate(ns) -> int:
         rc = run(cfg, OnlineDPO, progress=False)  # evaluation only: the method's sampling is unused
     if rc:
         return rc
-    res = json.load(open(os.path.join(ns.adapter_path, "test_metrics.json")))
-    lo, hi = wilson(res["wins"], res["wins"] + res["losses"])
-    res["win_rate_ci95"] = [lo, hi]
+    with open(os.path.join(ns.adapter_path, "test_metrics.json")) as f:
+        res = json.load(f)
+    ci = interval(res["wins"], res["losses"])
+    res["win_rate_ci95"] = list(ci) if ci else None
     if ns.json:
         from mlx_xpo_plugin.loop.jsonio import dumps  # strict JSON: an undefined win-rate is null, not NaN
 
         print(dumps(res))
     else:
-        print(
-            f"\n| win-rate vs reference | 95% CI | wins | losses | ties | invalid |\n|---|---|---|---|---|---|\n"
-            f"| {res['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | {res['wins']} | {res['losses']} | "
-            f"{res['ties']} | {res['invalid']} |"
-        )
+        print(f"\nwin-rate vs reference on test.jsonl: {describe(res)}")
+        print("0.5 means no change; the policy is better than the reference when the interval lies above 0.5.")
     return 0
-
-
-PLOT_KEYS = [
-    ("loss", "loss"),
-    ("rewards/accuracies", "accuracy"),
-    ("rewards/margins", "margin"),
-    ("objective/kl", "KL"),
-    ("exploration_bonus", "exploration bonus"),
-    ("alpha", "alpha"),
-    ("judge_invalid_rate", "judge invalid rate"),
-    ("val_win_rate", "win-rate vs reference"),
-]
 
 
 def plot(ns) -> int:
     if not os.path.isfile(os.path.join(ns.adapter_path, "metrics.jsonl")):
         print(f"error: adapter_path: {ns.adapter_path!r} has no metrics.jsonl", file=sys.stderr)
         return 2
+    from mlx_xpo_plugin.commands.plot import write_plot  # here: `mlx-xpo --help` stays quick
+
     try:
         print(write_plot(ns.adapter_path, ns.output))
     except ImportError:
         print("error: plot needs matplotlib: pip install 'mlx-xpo-plugin[plot]'", file=sys.stderr)
         return 2
     return 0
-
-
-def write_plot(adapter_path: str, output: str | None = None) -> str:
-    """PNG of the curves in ``adapter_path``/metrics.jsonl; returns its path. ImportError without
-    matplotlib (the optional 'plot' extra)."""
-    import matplotlib  # optional dependency: imported only here
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = os.path.join(adapter_path, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    for r in rows:
-        if r.get("judge/pairs"):
-            r["judge_invalid_rate"] = r.get("judge/invalid", 0) / r["judge/pairs"]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
-    for ax, (key, title) in zip(axes.flat, PLOT_KEYS):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None)
-        if key == "val_win_rate":
-            ax.axhline(0.5, color="grey", ls="--", lw=1)
-        if key in ("val_win_rate", "rewards/accuracies", "judge_invalid_rate"):
-            ax.set_ylim(-0.02, 1.02)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"training curves: {adapter_path}")
-    fig.tight_layout()
-    out = output or os.path.join(adapter_path, "training.png")
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,8 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", default=None, help="where the tiny model is cached")
     d.add_argument("-v", "--verbose", action="store_true", help="the run's detail lines too (model loading, ...)")
     d.set_defaults(func=demo)
-    s = sub.add_parser("schema", help="JSON Schema of the settings")
-    s.add_argument("--markdown", action="store_true", help="the README settings table instead")
+    s = sub.add_parser(
+        "schema",
+        help="JSON Schema of the YAML settings",
+        description="Print the JSON Schema of a YAML config for the xpo and online_dpo modes. For an editor: "
+        "mlx-xpo schema > xpo-schema.json, then '# yaml-language-server: $schema=xpo-schema.json' as the "
+        "first line of the YAML file.",
+    )
+    s.add_argument("--markdown", action="store_true", help="the settings table (docs/settings.md) instead")
     s.set_defaults(func=schema)
     e = sub.add_parser(
         "eval",
@@ -288,21 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
         "model, data, judge (and its system prompt and config), completion length and "
         "sampling settings default to the training run's, read from the adapter folder.",
     )
-    e.add_argument("--adapter-path", required=True)
-    e.add_argument("--model", default=None, help="default: the training run's")
+    e.add_argument("--adapter-path", required=True, help="the adapter folder of the trained run (its adapter_path)")
+    e.add_argument("--model", default=None, help="the base model (default: the training run's)")
     e.add_argument("--data", default=None, help="folder with test.jsonl (default: the training run's)")
-    e.add_argument("--judge", default=None, help="default: the training run's")
-    e.add_argument("--config", default=None)
-    e.add_argument("--train-type", default="lora", choices=["lora", "dora", "full"])
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--max-completion-length", type=int, default=None, help="default: the training run's")
-    e.add_argument("--temperature", type=float, default=None, help="default: the training run's")
-    e.add_argument("--seed", type=int, default=None)
-    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument(
+        "--judge", default=None, help="the judge, as the judge setting; 'human' to judge yourself (default: the run's)"
+    )
+    e.add_argument(
+        "--config", default=None, help="a YAML file with further settings (judge_system, judge_config, top_p, ...)"
+    )
+    e.add_argument(
+        "--train-type",
+        default="lora",
+        choices=["lora", "dora", "full"],
+        help="how the adapters were trained (default: lora)",
+    )
+    e.add_argument("--batch-size", type=int, default=4, help="prompts sampled and judged at once (default: 4)")
+    e.add_argument(
+        "--max-completion-length", type=int, default=None, help="tokens per completion (default: the training run's)"
+    )
+    e.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the training run's)")
+    e.add_argument("--seed", type=int, default=None, help="random seed of the sampling (default: 0)")
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the summary line")
     e.set_defaults(func=evaluate)
-    pl = sub.add_parser("plot", help="PNG of training curves")
-    pl.add_argument("adapter_path")
-    pl.add_argument("--output", default=None)
+    pl = sub.add_parser(
+        "plot",
+        help="PNG of a run's training curves",
+        description="Draw the win-rate against the reference (with its 95%% interval, and the eval result when "
+        "there is one) and the training curves of a run into <adapter_path>/training.png.",
+    )
+    pl.add_argument("adapter_path", help="the run's adapter folder (holding metrics.jsonl)")
+    pl.add_argument("--output", default=None, help="where to write the PNG (default: <adapter_path>/training.png)")
     pl.set_defaults(func=plot)
     return p
 

@@ -10,8 +10,10 @@ For each pair it prints the prompt and the two completions, numbered 1 and 2, an
   cleanly with its adapters saved; end of input (Ctrl-D) does the same;
 * anything else: a one-line hint, and the question again.
 
-Needs an interactive terminal: when standard input is not a TTY, ``check`` and ``build`` raise a
-ConfigError at once instead of waiting for input that never comes. Pairs are shown in their given
+While pairs are shown, the run's progress bar is cleared (it is drawn again after the last answer),
+so that no prompt is written onto the bar's line. Needs an interactive terminal: when standard
+input is not a TTY, ``check`` and ``build`` raise a ConfigError at once instead of waiting for
+input that never comes. Pairs are shown in their given
 order unless ``judge_config: {shuffle: true}`` (then each pair is swapped with probability 1/2,
 seeded, and the answer is mapped back).
 """
@@ -71,16 +73,20 @@ class HumanJudge(SeededOrder):
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         if len(prompts) != len(pairs):
             raise ValueError(f"{len(prompts)} prompts but {len(pairs)} pairs")
+        from tqdm import tqdm  # the progress bar's: imported with the first pair shown, not at start-up
+
         flips = draw_flips(self.rng, len(pairs)) if self.shuffle else [False] * len(pairs)
         out = []
-        for i, (prompt, (a, b), flip) in enumerate(zip(prompts, pairs, flips)):
-            first, second = (b, a) if flip else (a, b)
-            self._say(RULE)
-            self._say(f"Pair {i + 1} of {len(pairs)}")
-            self._say(f"PROMPT:\n{prompt}\n")
-            self._say(f"[1] FIRST COMPLETION:\n{first}\n")
-            self._say(f"[2] SECOND COMPLETION:\n{second}\n")
-            out.append(unflip(self._ask(), flip))
+        # the run's progress bar is cleared while pairs are shown and answered, drawn again after
+        with tqdm.external_write_mode(file=self.stdout):
+            for i, (prompt, (a, b), flip) in enumerate(zip(prompts, pairs, flips)):
+                first, second = (b, a) if flip else (a, b)
+                self._say(RULE)
+                self._say(f"Pair {i + 1} of {len(pairs)}")
+                self._say(f"PROMPT:\n{prompt}\n")
+                self._say(f"[1] FIRST COMPLETION:\n{first}\n")
+                self._say(f"[2] SECOND COMPLETION:\n{second}\n")
+                out.append(unflip(self._ask(), flip))
         self.last_metrics = {"judge/skipped": sum(v.raw == "skip" for v in out)}
         return out
 

@@ -20,6 +20,7 @@ from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.checkpoints import restore
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, is_peer_loss
 from mlx_xpo_plugin.loop.metrics import JsonlLog, MetricsWindow, is_pair_metric
+from mlx_xpo_plugin.loop.win_rate import validation_line
 
 PHASES = ("time/rollout", "time/judge", "time/reference", "time/policy", "time/optimizer")
 
@@ -102,12 +103,13 @@ class Reporter:
         if self.t.callback is not None and self.t.rank == 0:
             self.t.callback.on_train_loss_report({"iteration": self.t.step, "train_loss": row.get("loss"), **row})
         if pbar is not None:
+            shown = (
+                ("loss", "loss", ".4f"),
+                ("rewards/accuracies", "acc", ".2f"),
+                ("exploration_bonus", "bonus", ".2e"),
+            )
             pbar.set_postfix(
-                {
-                    "loss": f"{row.get('loss', float('nan')):.4f}",
-                    "acc": f"{row.get('rewards/accuracies', float('nan')):.2f}",
-                    "bonus": f"{row.get('exploration_bonus', 0.0):.2e}",
-                }
+                {n: format(row[k], f) for k, n, f in shown if row.get(k) is not None and np.isfinite(row[k])}
             )
 
     def validate(self) -> None:
@@ -122,10 +124,10 @@ class Reporter:
             self.metrics_log.write(row)
         if t.callback is not None:
             t.callback.on_val_loss_report({"iteration": t.step, "val_loss": res.get("loss"), **row})
-        t.log(
-            f"step {t.step}: validation win-rate vs reference {res['win_rate']:.3f} "
-            f"({res['wins']}-{res['losses']}, {res['ties']} ties, {res['invalid']} invalid)"
-        )
+        from tqdm import tqdm  # the progress bar's lock: with the bar, so only when a run starts
+
+        with tqdm.external_write_mode():  # the bar is cleared, the line printed, the bar drawn again
+            t.log(validation_line(t.step, res))
 
 
 def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:

@@ -33,6 +33,7 @@ from mlx_xpo_plugin.exits import Exit, of_run
 from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.loop.atomic import save_json
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, intact_checkpoint
+from mlx_xpo_plugin.loop.win_rate import describe
 
 __all__ = ["mode_main", "plan_steps", "preflight", "resume_command", "run"]
 
@@ -194,7 +195,7 @@ def test(cfg, trainer) -> int:
     path = os.path.join(cfg.adapter_path, "test_metrics.json")
     prior_run.keep_previous(path)
     save_json(path, res)
-    print("test: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+    print(f"test: win-rate vs reference {describe(res)}; {path}")
     return Exit.DONE
 
 

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test bench vendor clean
+.PHONY: demo test bench vendor patches compat clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ bench: $(STAMP)
 
 vendor:
 	bash vendor/sync.sh
+
+# the patch series in patches/, regenerated from the commits of the vendored tree (vendor/src)
+patches:
+	bash vendor/make-patches.sh
+
+# each supported mlx-lm-lora release in its own venv: 2 steps of xpo and online_dpo (downloads)
+compat: $(STAMP)
+	$(PY) -m pytest -q -m compat tests/test_compat.py
 
 clean:
 	rm -rf $(VENV) .cache runs vendor/src

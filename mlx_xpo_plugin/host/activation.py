@@ -43,7 +43,7 @@ RUN_PACKAGE_MAIN = (
     "import sys\nfrom mlx_xpo_plugin.host.activation import run_package_main\nsys.exit(run_package_main(globals()))\n"
 )
 #: the upstream releases this plugin supports (pyproject.toml's requirement; tests/test_packaging.py)
-SUPPORTED = "mlx-lm-lora>=5.9.0,<6"
+SUPPORTED = "mlx-lm-lora>=5.8.6,<6"
 _UPSTREAM_NEEDS = ("build_parser", "main", "CONFIG_DEFAULTS", "print_banner", "print_info")
 
 

@@ -45,7 +45,10 @@ def venv_with(tmp_path):
         sh([sys.executable, "-m", "venv", env])
         py = env / "bin" / "python"
         sh([py, "-m", "pip", "install", "-q", f"mlx-lm-lora=={release}"])
+        leftover = not (REPO / "build").exists()
         sh([py, "-m", "pip", "install", "-q", REPO])  # not editable: as a user installs it
+        if leftover:  # pip builds in the source tree
+            shutil.rmtree(REPO / "build", ignore_errors=True)
         return py
 
     yield make

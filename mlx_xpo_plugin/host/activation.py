@@ -12,8 +12,8 @@ its loader: the module executes unchanged, then :func:`activate` replaces
   upstream's own YAML/default merge and its status returned (the console script exits with it);
   any other mode goes to upstream's ``main`` untouched.
 
-This mirrors what ``patches/0001-add-pluggy-plugin-host-for-train-modes.patch`` does inside
-upstream; if the installed mlx-lm-lora has that host (``mlx_lm_lora.plugins``), nothing happens.
+This mirrors what the series in ``patches/`` does inside upstream; if the installed mlx-lm-lora
+has that host (``mlx_lm_lora.plugins``), nothing happens.
 ``python -m mlx_lm_lora.train`` works too: runpy asks the wrapped loader for the module's code,
 and gets a three-line stub that imports the (activated) module and exits with ``main()``.
 ``python -m mlx_lm_lora train`` likewise: the stub for ``mlx_lm_lora.__main__`` runs upstream's

@@ -8,6 +8,9 @@ model with the start-up hook path (stock upstream). pip's cache is reused; each 
 deleted once its release is checked, so at most one exists at a time.
 
 ``MLX_XPO_COMPAT_RELEASES="5.9.0 5.10.2"`` checks other releases than the supported ones.
+
+Also here: upstream's own test suite (shipped in the pinned sdist) ends the same way with and
+without the series in patches/ (a few minutes).
 """
 
 from __future__ import annotations
@@ -82,3 +85,34 @@ def test_release_keeps_its_version_and_trains_xpo_and_online_dpo(release, venv_w
         rows = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
         assert [x["step"] for x in rows if "judge/pairs" in x] == [1, 2]
         assert (out / "adapters.safetensors").is_file()
+
+
+def outcomes(tree: Path, junit: Path) -> dict:
+    """``{test id: outcome}`` of upstream's own suite (its ``tests/``) run with pytest in ``tree``."""
+    import xml.etree.ElementTree as ET
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update({"PYTHONPATH": str(tree), "MLX_XPO_PLUGIN": "0", "HF_HUB_OFFLINE": "1"})
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "tests"]
+    subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+    out = {}
+    for case in ET.parse(junit).iter("testcase"):
+        kinds = {child.tag for child in case} & {"failure", "error", "skipped"}
+        out[f"{case.get('classname')}.{case.get('name')}"] = sorted(kinds)[0] if kinds else "passed"
+    return out
+
+
+def test_upstream_suite_gives_the_same_result_with_and_without_the_series(tmp_path):
+    """The pinned sdist's own tests: every test present in both trees ends the same way, and the
+    series' new tests pass."""
+    from tests.test_patch import pin, pristine, sync
+
+    (tmp_path / "stock").mkdir()
+    stock = pristine(tmp_path / "stock")
+    assert sync("--dest", tmp_path / "patched").returncode == 0
+    patched = tmp_path / "patched" / f"mlx_lm_lora-{pin()['version']}"
+    before, after = outcomes(stock, tmp_path / "stock.xml"), outcomes(patched, tmp_path / "patched.xml")
+    assert before, "the sdist's tests did not run"
+    assert {k: after.get(k) for k in before} == before
+    new = {k: v for k, v in after.items() if k not in before}
+    assert new and set(new.values()) == {"passed"}, new

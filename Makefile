@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test bench wheel vendor clean
+.PHONY: demo test bench wheel vendor patches compat clean
 
 $(STAMP): pyproject.toml setup.py
 	@echo "== first use: creating $(VENV) and installing mlx-xpo-plugin with its test and plot extras"
@@ -36,6 +36,14 @@ wheel:
 
 vendor:
 	bash vendor/sync.sh
+
+# the patch series in patches/, regenerated from the commits of the vendored tree (vendor/src)
+patches:
+	bash vendor/make-patches.sh
+
+# each supported mlx-lm-lora release in its own venv: 2 steps of xpo and online_dpo (downloads)
+compat: $(STAMP)
+	$(PY) -m pytest -q -m compat tests/test_compat.py
 
 clean:
 	rm -rf $(VENV) .cache runs vendor/src dist build

@@ -68,7 +68,8 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
     Setting("delta", "float", 50.0, "Drift-penalty coefficient of the dpop loss.", minimum=0.0),
     Setting("judge", "str", "Qwen/Qwen3-0.6B", "Pairwise judge: 'human', an http(s):// "
        "OpenAI-compatible endpoint, 'module:callable' / 'file.py:callable', or an MLX model "
-       "path or id.", studio=True),
+       "path or id. Unlike upstream's own online modes, which have no default and require a "
+       "judge, this one defaults to Qwen/Qwen3-0.6B (the settings table).", studio=True),
     Setting("judge_system", "str", None, "Rubric system prompt for model and endpoint judges.",
        nullable=True, studio=True),
     Setting("judge_config", "dict", {}, "Options of the chosen judge (every judge's keys: docs/judges.md)."),

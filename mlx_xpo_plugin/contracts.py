@@ -45,8 +45,9 @@ class TrainMode:
     """A train mode a plugin offers to ``mlx_lm_lora.train``.
 
     ``main(args, explicit)`` owns the whole run of the mode: ``args`` is upstream's namespace after
-    its YAML/default merge, ``explicit`` the set of setting names given on the command line (or in
-    the dict passed to ``main``); it validates before loading anything and returns an exit status.
+    its YAML/default merge, ``explicit`` the set of setting names the user gave (typed on the
+    command line, keys of the dict passed to ``main``, or keys of the YAML config; never parser
+    defaults); it validates before loading anything and returns an exit status.
     """
 
     name: str

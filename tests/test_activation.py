@@ -113,12 +113,16 @@ def test_console_script_dispatches_to_a_plugin_mode(tmp_path):
 def test_train_mode_from_the_yaml_config(tmp_path):
     out, got = echo(tmp_path)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"train_mode: echo_mode\necho_out: {out}\nbatch_size: 4\nseed: 9\n")
+    cfg.write_text(f"train_mode: echo_mode\necho_out: {out}\nbatch_size: 4\nseed: 9\ntemperature: 0.5\n")
     r = run([CONSOLE_SCRIPT, "--config", cfg, "--seed", "5"], "echo")
     assert r.returncode == 0, r.stderr
     d = got()
-    assert d["explicit"] == ["config", "seed"]
+    # given = typed on the command line or present in the YAML; parser defaults never count
+    assert d["explicit"] == ["batch_size", "config", "echo_out", "seed", "temperature", "train_mode"]
     assert (d["args"]["batch_size"], d["args"]["seed"]) == (4, 5)  # YAML < CLI
+    # upstream's --temperature defaults to 1.0, so its own merge (fill what is None) loses the YAML's
+    assert d["args"]["temperature"] == 0.5
+    assert "max_completion_length" not in d["explicit"] and d["args"]["max_completion_length"] == 512
 
 
 def test_main_with_a_dict_dispatches_also_after_a_reload(tmp_path):
@@ -191,19 +195,119 @@ def test_env_switch_turns_activation_off():
     assert "invalid choice: 'echo_mode'" in r.stderr and not activation_lines(r)
 
 
-def test_broken_plugin_is_reported_once_and_upstream_runs():
+SKIPPED_BROKEN = (
+    "mlx-xpo-plugin: skipped plugin broken-plugin 0.1 (entry point broken = broken_plugin): "
+    "ImportError: broken_plugin: this test plugin always fails to import"
+)
+REFUSED_BETA = "error: beta: -1.0 is not valid; must be > 0.0"
+
+
+def test_a_plugin_that_fails_to_import_is_named_and_skipped():
     r = run([CONSOLE_SCRIPT, "--help"], "echo", "broken")
-    assert r.returncode == 0
-    lines = activation_lines(r)
-    assert len(lines) == 1 and lines[0].startswith(PREFIX) and "broken_plugin" in lines[0]
-    assert "{sft,dpo," in r.stdout and "echo_mode" not in r.stdout  # upstream, unchanged
+    assert r.returncode == 0, r.stderr
+    assert activation_lines(r) == [SKIPPED_BROKEN] and "Traceback" not in r.stderr
+    text = " ".join(r.stdout.split())
+    choices = text.split("--train-mode {", 1)[1].split("}", 1)[0].split(",")
+    assert {"sft", "xpo", "online_dpo", "echo_mode"} <= set(choices)  # everyone else still works
+
+
+@pytest.mark.parametrize("mode", ["xpo", "online_dpo"])
+def test_ours_still_runs_next_to_a_broken_plugin(mode):
+    """Our mode answers (its own one-line refusal, exit 2), not upstream's built-in mode."""
+    r = run([CONSOLE_SCRIPT, "--train-mode", mode, "--beta", "-1", "--model", "/nonexistent"], "broken")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.splitlines() == [SKIPPED_BROKEN, REFUSED_BETA]
+
+
+def test_sft_still_runs_upstream_next_to_a_broken_plugin(tmp_path):
+    r = run([CONSOLE_SCRIPT, "--train-mode", "sft", "--train", "--model", tmp_path / "missing"], "broken")
+    assert r.returncode != 0
+    assert "Configuration Summary" in r.stdout and "SFT" in r.stdout  # upstream's own main
+    assert activation_lines(r) == [SKIPPED_BROKEN]
+
+
+def test_a_plugin_whose_hook_raises_is_named_and_skipped(tmp_path):
+    out, got = echo(tmp_path)
+    r = run([CONSOLE_SCRIPT, "--train-mode", "echo_mode", "--echo-out", out, "--echo-status", "3"], "failreg", "echo")
+    assert r.returncode == 3, r.stderr
+    (line,) = activation_lines(r)
+    assert line.startswith("mlx-xpo-plugin: skipped plugin failreg-plugin 0.3: its register_train_modes hook raised")
+    r = run([CONSOLE_SCRIPT, "--train-mode", "half_mode"], "failreg")
+    assert r.returncode == 2 and "invalid choice: 'half_mode'" in r.stderr
+
+
+def test_a_mode_whose_options_clash_with_upstream_is_named_and_skipped():
+    r = run([CONSOLE_SCRIPT, "--help"], "badopts", "echo")
+    assert r.returncode == 0, r.stderr
+    (line,) = activation_lines(r)
+    assert line.startswith("mlx-xpo-plugin: skipped train mode 'badopts_mode' of badopts-plugin 0.2: ArgumentError:")
+    assert "--model" in line
+    assert "badopts_mode" not in r.stdout and "--badopts-knob" not in r.stdout and "echo_mode" in r.stdout
 
 
 def test_clashing_plugins_are_reported_naming_both():
     r = run([CONSOLE_SCRIPT, "--help"], "echo", "clash")
     assert r.returncode == 0
     (line,) = activation_lines(r)
-    assert "echo-plugin 1.0" in line and "clash-plugin 2.0" in line
+    assert "'echo_mode'" in line and "clash-plugin 2.0" in line and "echo-plugin 1.0" in line
+    assert "echo_mode" in r.stdout
+
+
+# -- exit statuses -----------------------------------------------------------------------------
+
+ENTRY_POINTS = {
+    "console script": [CONSOLE_SCRIPT],
+    "python -m mlx_lm_lora.train": [sys.executable, "-m", "mlx_lm_lora.train"],
+    "python -m mlx_lm_lora train": [sys.executable, "-m", "mlx_lm_lora", "train"],
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_exit_status_survives_every_entry_point(entry, tmp_path):
+    out, got = echo(tmp_path)
+    r = run([*ENTRY_POINTS[entry], "--train-mode", "echo_mode", "--echo-out", out, "--echo-status", "7"], "echo")
+    assert r.returncode == 7, r.stderr
+    assert got()["explicit"] == ["echo_out", "echo_status", "train_mode"]
+    r = run([*ENTRY_POINTS[entry], "--train-mode", "xpo", "--beta", "-1"])  # a refused config
+    assert r.returncode == 2 and r.stderr.splitlines() == [REFUSED_BETA]
+
+
+# -- an upstream release without the hook points -------------------------------------------------
+
+
+def fake_upstream(tmp_path, train_py: str):
+    pkg = tmp_path / "mlx_lm_lora"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text(train_py)
+    info = tmp_path / "mlx_lm_lora-4.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mlx-lm-lora\nVersion: 4.0.0\n")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "train_py, missing",
+    [
+        ("def main(args=None):\n    return 0\n", "build_parser, CONFIG_DEFAULTS, print_banner, print_info"),
+        (
+            "import argparse\nCONFIG_DEFAULTS = {}\nprint_banner = print_info = print\n"
+            "def build_parser():\n    return argparse.ArgumentParser()\n"
+            "def main(args=None):\n    return 0\n",
+            "a --train-mode option with choices in build_parser()",
+        ),
+    ],
+)
+def test_a_release_without_a_hook_point_is_refused_in_one_line(tmp_path, train_py, missing):
+    code = "from mlx_lm_lora.train import main; main()"
+    r = run([sys.executable, "-c", code], env={"PYTHONPATH": fake_upstream(tmp_path, train_py)})
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"mlx-xpo-plugin: mlx-lm-lora 4.0.0 is not supported: mlx_lm_lora.train has no {missing} "
+        f"(supported: {activation.SUPPORTED}; MLX_XPO_PLUGIN=0 runs it without this plugin)"
+    ]
+    r = run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path), "MLX_XPO_PLUGIN": "0"})
+    assert r.returncode == 0, r.stderr
 
 
 def test_exception_inside_the_finder_never_breaks_the_import(tmp_path):
@@ -222,12 +326,26 @@ def test_explicit_options_and_quiet_parse():
     def parser():
         p = argparse.ArgumentParser()
         p.add_argument("--a", type=int, default=3)
+        p.add_argument("--s", default="text")
         p.add_argument("--flag", action="store_true")
         p.add_argument("--mode", choices=["x", "y"])
         return p
 
     assert activation.explicit_options(parser(), ["--a", "3", "--mode", "x"]) == {"a", "mode"}
     assert activation.explicit_options(parser(), []) == set()
+    assert activation.explicit_options(parser(), ["--s", "text", "--flag"]) == {"s", "flag"}
     assert activation._quiet_parse(parser(), ["--mode", "z"]) is None  # error: silent, None
     assert activation._quiet_parse(parser(), ["-h"]) is None
     assert activation._quiet_parse(parser(), ["--flag"]).flag is True
+
+
+def test_a_process_started_by_mlx_launch_keeps_its_status():
+    """Each rank exits with the refused config's status (2); mlx.launch reports it per rank on a
+    warning line (its own exit status is documented in docs/upstream.md, not asserted here)."""
+    launch = BIN / "mlx.launch"
+    if not launch.exists():
+        pytest.skip("mlx.launch is not installed")
+    r = run([launch, "-n", "2", "--backend", "ring", "--", CONSOLE_SCRIPT, "--train-mode", "xpo", "--beta", "-1"])
+    out = r.stdout + r.stderr
+    assert out.count(REFUSED_BETA) >= 1
+    assert "exited with code 2" in out

@@ -31,3 +31,23 @@ def test_the_fast_blas_wheel_is_a_linux_only_dependency():
     marker = deps[0].split(";", 1)[1]
     assert "sys_platform == 'linux'" in marker  # never on macOS (Accelerate/Metal) or Windows
     assert "x86_64" in marker and "aarch64" in marker  # the platforms it has wheels for
+
+
+def test_the_upstream_range_is_the_one_checked_and_announced():
+    """pyproject.toml's mlx-lm-lora range = the start-up check's message = the oldest release
+    `make compat` installs; the upper bound lets the next minor releases in (<6)."""
+    from mlx_xpo_plugin.host.activation import SUPPORTED
+    from tests.test_compat import SUPPORTED_RELEASES
+
+    (req,) = [d.split("#")[0].strip() for d in PYPROJECT["project"]["dependencies"] if d.startswith("mlx-lm-lora")]
+    assert req.replace(" ", "") == SUPPORTED
+    lower = re.search(r">=([0-9.]+)", req).group(1)
+    assert lower == SUPPORTED_RELEASES[0] and ",<6" in req
+
+
+def test_mlx_lm_range_admits_what_every_supported_upstream_release_needs():
+    """Every supported mlx-lm-lora release needs mlx_lm>=0.32.0; ours must allow it."""
+    (req,) = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("mlx-lm>")]
+    lo = tuple(int(x) for x in re.search(r">=([0-9.]+)", req).group(1).split("."))
+    hi = tuple(int(x) for x in re.search(r"<([0-9.]+)", req).group(1).split("."))
+    assert lo <= (0, 32, 0) < hi

@@ -13,7 +13,7 @@ import pytest
 
 from mlx_xpo_plugin import __version__
 from mlx_xpo_plugin.contracts import BUILTIN_TRAIN_MODES
-from mlx_xpo_plugin.host.registry import DuplicateRegistration, collect, get_train_mode, make_plugin_manager
+from mlx_xpo_plugin.host.registry import collect, get_train_mode, make_plugin_manager
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
@@ -77,11 +77,58 @@ def test_third_party_mode_registers_and_runs(monkeypatch, tmp_path):
     assert got["args"]["echo_out"] == str(out)
 
 
-def test_two_plugins_one_name_is_an_error_naming_both(monkeypatch):
-    with pytest.raises(DuplicateRegistration) as e:
-        fresh_registry(monkeypatch, "echo", "clash")
-    msg = str(e.value)
-    assert "'echo_mode'" in msg and "echo-plugin 1.0" in msg and "clash-plugin 2.0" in msg
+def test_a_clashing_name_is_skipped_naming_both(monkeypatch):
+    reg = fresh_registry(monkeypatch, "echo", "clash")
+    assert reg.modes["echo_mode"].plugin == "clash-plugin 2.0"  # first by distribution name keeps it
+    (line,) = reg.problems
+    assert "'echo_mode'" in line and "clash-plugin 2.0 and echo-plugin 1.0" in line
+    assert line.endswith("echo-plugin 1.0's is not used")
+    assert {"xpo", "online_dpo"} <= set(reg.modes)
+
+
+def test_a_plugin_cannot_take_our_names(monkeypatch, tmp_path):
+    """A third-party plugin registering "xpo" is skipped; ours keeps the name."""
+    mod = tmp_path / "takexpo_plugin.py"
+    mod.write_text(
+        "import pluggy\n"
+        "class M:\n    name = 'xpo'\n    plugin = ''\n    add_arguments = None\n"
+        "@pluggy.HookimplMarker('mlx_lm_lora')\n"
+        "def register_train_modes(register):\n    register(M())\n"
+    )
+    info = tmp_path / "aaa_takexpo-1.0.dist-info"  # sorts before mlx-xpo-plugin
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: aaa-takexpo\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[mlx_lm_lora]\ntakexpo = takexpo_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = collect(make_plugin_manager())
+    assert reg.modes["xpo"].plugin == f"mlx-xpo-plugin {__version__}"
+    (line,) = reg.problems
+    assert "'xpo'" in line and "aaa-takexpo 1.0" in line
+
+
+def test_a_plugin_that_fails_to_import_is_skipped(monkeypatch):
+    reg = fresh_registry(monkeypatch, "echo", "broken")
+    (line,) = reg.problems
+    assert line.startswith("skipped plugin broken-plugin 0.1 (entry point broken = broken_plugin): ImportError: ")
+    assert {"echo_mode", "xpo", "online_dpo"} <= set(reg.modes)
+    assert "xpo" in {f for f in reg.modes} and reg.judges  # ours: modes and judges
+
+
+def test_a_plugin_whose_hook_raises_adds_nothing(monkeypatch):
+    reg = fresh_registry(monkeypatch, "failreg", "echo")
+    (line,) = reg.problems
+    assert "failreg-plugin 0.3" in line and "RuntimeError: failreg_plugin: registration always fails" in line
+    assert "half_mode" not in reg.modes and {"echo_mode", "xpo"} <= set(reg.modes)
+
+
+def test_default_registry_reports_each_problem_on_one_line():
+    import io
+
+    from mlx_xpo_plugin.host.registry import Registry, report_problems
+
+    out = io.StringIO()
+    report_problems(Registry(problems=["skipped plugin a 1", "skipped plugin b 2"]), out)
+    assert out.getvalue() == "mlx-xpo-plugin: skipped plugin a 1\nmlx-xpo-plugin: skipped plugin b 2\n"
 
 
 def test_a_plugin_may_replace_a_builtin_name(monkeypatch):

@@ -7,9 +7,12 @@
 # 2. reuses <cache>/<sdist>.tar.gz (default cache: vendor/, git-ignored) or downloads it from
 #    PyPI with `pip download`; checks its sha256 against the pin;
 # 3. unpacks it into <dest>/<name>-<version>/ (default dest: vendor/src/, git-ignored), replacing
-#    any earlier tree, and applies <patches>/*.patch in order (default: patches/).
+#    any earlier tree, makes it a git repository whose first commit (tag "upstream") is the
+#    sdist as published, and applies <patches>/*.patch in order (default: patches/) with
+#    `git am`, one commit each (with patch(1) and no repository where git is missing).
 # Re-running is safe: the tree is always rebuilt from the sdist. The tree is assembled in a
 # temporary folder and only moved into place once every patch applied.
+# Change the series by committing in that repository; vendor/make-patches.sh writes it back.
 # Use the result with:  PYTHONPATH=vendor/src/<name>-<version> mlx_lm_lora.train ...
 set -euo pipefail
 
@@ -71,14 +74,27 @@ have="$(sha256 "$sdist")"
   got      $have
 Delete the cached file to download it again, or fix the pin."
 
-tar -xzf "$sdist" -C "$tmp" || die "cannot unpack $sdist"
+tar --no-same-owner -xzf "$sdist" -C "$tmp" || die "cannot unpack $sdist"
 [ -d "$tmp/$dist" ] || die "$sdist does not contain the folder $dist/"
 
+git_here() {  # git inside $tmp/$dist only, with a fixed committer (authors come from the patches)
+  (cd "$tmp/$dist" && GIT_CEILING_DIRECTORIES="$tmp" GIT_COMMITTER_NAME="vendor/sync.sh" \
+    GIT_COMMITTER_EMAIL="sync@vendor.invalid" git -c core.autocrlf=false -c commit.gpgsign=false "$@")
+}
+use_git=0
+if command -v git >/dev/null 2>&1; then
+  use_git=1
+  git_here init -q
+  git_here add -A
+  git_here -c user.name=upstream -c user.email=upstream@sdist.invalid commit -q \
+    -m "$name $version as published on PyPI (sdist)"
+  git_here tag upstream
+fi
 apply_patch() {  # $1 = patch file, applied inside $tmp/$dist
-  if command -v patch >/dev/null 2>&1; then
+  if [ "$use_git" = 1 ]; then
+    git_here am -q --keep-cr "$1" || { git_here am --abort >/dev/null 2>&1; return 1; }
+  else  # no git: patch(1), same result without the commits
     patch -p1 --forward --batch --no-backup-if-mismatch --quiet -d "$tmp/$dist" < "$1"
-  else  # no patch(1): git apply, kept from discovering the enclosing repository
-    (cd "$tmp/$dist" && GIT_CEILING_DIRECTORIES="$tmp" git apply -p1 "$1")
   fi
 }
 shopt -s nullglob

@@ -6,6 +6,8 @@ It must stay cheap and can never fail: it only puts a tiny finder at the front o
 * ``mlx.core``: in this project's commands (or everywhere with ``MLX_XPO_BLAS_SCOPE=all``),
   :func:`mlx_xpo_plugin.host.fast_blas.preload` first puts a fast BLAS under MLX on Linux CPUs
   (standard library only; see that module), then the import proceeds as usual;
+* ``mlx_lm_lora.__main__`` (``python -m mlx_lm_lora``): handed to the activation code, which keeps
+  the status of ``main`` as the exit status;
 * ``mlx_lm_lora.train``: marks the process as one of this project's commands
   (:func:`mlx_xpo_plugin.host.fast_blas.request`), and only then is :mod:`mlx_xpo_plugin.host.activation`
   imported (and through it pluggy, our registry, ...).
@@ -17,7 +19,7 @@ Keep ``mlx_xpo_plugin/__init__.py`` free of imports: it runs in every interprete
 
 import sys
 
-from mlx_xpo_plugin.host.startup import MLX_CORE, TARGET, enabled, report
+from mlx_xpo_plugin.host.startup import MLX_CORE, PACKAGE_MAIN, TARGET, enabled, report
 
 
 class TrainModuleFinder:
@@ -37,12 +39,13 @@ class TrainModuleFinder:
             except Exception as e:  # never break an import
                 report(e)
             return None
-        if fullname != TARGET:
+        if fullname not in (TARGET, PACKAGE_MAIN):
             return None
         try:
-            from mlx_xpo_plugin.host import fast_blas
+            if fullname == TARGET:
+                from mlx_xpo_plugin.host import fast_blas
 
-            fast_blas.request()
+                fast_blas.request()
             from mlx_xpo_plugin.host import activation
 
             return activation.find_spec(self, fullname, path, target)

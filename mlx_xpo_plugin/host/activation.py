@@ -12,15 +12,19 @@ its loader: the module executes unchanged, then :func:`activate` replaces
   upstream's own YAML/default merge and its status returned (the console script exits with it);
   any other mode goes to upstream's ``main`` untouched.
 
-This mirrors what ``patches/0001-add-pluggy-plugin-host-for-train-modes.patch`` does inside
-upstream; if the installed mlx-lm-lora has that host (``mlx_lm_lora.plugins``), nothing happens.
+This mirrors what the series in ``patches/`` does inside upstream; if the installed mlx-lm-lora
+has that host (``mlx_lm_lora.plugins``), nothing happens.
 ``python -m mlx_lm_lora.train`` works too: runpy asks the wrapped loader for the module's code,
 and gets a three-line stub that imports the (activated) module and exits with ``main()``.
+``python -m mlx_lm_lora train`` likewise: the stub for ``mlx_lm_lora.__main__`` runs upstream's
+own code, then exits with the status the (wrapped) ``main`` returned (upstream discards it).
 
-Safety: any exception raised by this code (including a plugin failing to load) is reported once,
-on one stderr line, and upstream then runs exactly as if this package were not installed.
-Exceptions raised by a mode's own ``main`` are the mode's and propagate. ``MLX_XPO_PLUGIN=0``
-turns activation off.
+Safety: a plugin that fails to import, to register or to add its options, or that registers a
+name already taken, is named on one stderr line and skipped (registry.py); the others work. A
+hook point missing from upstream (an unsupported release) refuses the run: one line naming the
+release, exit 2. Any other exception raised by this code is reported once, on one stderr line,
+and upstream then runs exactly as if this package were not installed. Exceptions raised by a
+mode's own ``main`` are the mode's and propagate. ``MLX_XPO_PLUGIN=0`` turns activation off.
 """
 
 from __future__ import annotations
@@ -30,15 +34,28 @@ import os
 import sys
 from importlib.machinery import PathFinder
 
-from mlx_xpo_plugin.host.startup import TARGET, enabled, report
+from mlx_xpo_plugin.host.startup import PACKAGE_MAIN, TARGET, enabled, report
 
 #: what ``python -m mlx_lm_lora.train`` runs as ``__main__`` once activation is in place
 RUN_AS_MAIN = "import sys\nfrom mlx_lm_lora.train import main\nsys.exit(main())\n"
+#: what ``python -m mlx_lm_lora`` runs: upstream's __main__ code, then exit with main()'s status
+RUN_PACKAGE_MAIN = (
+    "import sys\nfrom mlx_xpo_plugin.host.activation import run_package_main\nsys.exit(run_package_main(globals()))\n"
+)
+#: the upstream releases this plugin supports (pyproject.toml's requirement; tests/test_packaging.py)
+SUPPORTED = "mlx-lm-lora>=5.8.6,<6"
 _UPSTREAM_NEEDS = ("build_parser", "main", "CONFIG_DEFAULTS", "print_banner", "print_info")
 
 
 class _State:
     failed = False  # set on the first activation error: from then on upstream runs unchanged
+    modes = None  # {name: mode} of the plugin modes whose options upstream's parser accepts
+    status = None  # what the last call of the wrapped main returned
+    package_main_loader = None  # upstream's loader of mlx_lm_lora.__main__
+
+
+class Unsupported(Exception):
+    """The installed mlx-lm-lora lacks a hook point activation needs."""
 
 
 def fail(exc) -> None:
@@ -56,7 +73,7 @@ def upstream_hosts_plugins(path=None) -> bool:
 
 def find_spec(finder, fullname, path=None, target=None):
     """Called by the start-up finder for ``mlx_lm_lora.train``: its real spec, loader wrapped."""
-    if fullname != TARGET or not enabled() or upstream_hosts_plugins(path):
+    if fullname not in (TARGET, PACKAGE_MAIN) or not enabled() or upstream_hosts_plugins(path):
         return None
     for other in sys.meta_path:
         if other is finder or not hasattr(other, "find_spec"):
@@ -85,17 +102,53 @@ class TrainLoader:
 
     def exec_module(self, module):
         self.loader.exec_module(module)
+        if module.__name__ != TARGET:
+            return
         try:
             activate(module)
+        except Unsupported as e:  # refuse clearly: one line, exit 2, no traceback
+            sys.stderr.write(f"mlx-xpo-plugin: {e}\n")
+            raise SystemExit(2) from None
         except Exception as e:
             fail(e)
 
     def get_code(self, fullname):
         # runpy (python -m) executes the code it gets here as __main__, where upstream's
-        # `if __name__ == "__main__": main()` would call the unwrapped main; give it a stub.
-        if fullname == TARGET and sys._getframe(1).f_globals.get("__name__") == "runpy":
-            return compile(RUN_AS_MAIN, f"<mlx-xpo-plugin: python -m {TARGET}>", "exec")
+        # `if __name__ == "__main__": main()` discards main's status; give it a stub.
+        if sys._getframe(1).f_globals.get("__name__") == "runpy":
+            if fullname == TARGET:
+                return compile(RUN_AS_MAIN, f"<mlx-xpo-plugin: python -m {TARGET}>", "exec")
+            if fullname == PACKAGE_MAIN:
+                _State.package_main_loader = self.loader
+                return compile(RUN_PACKAGE_MAIN, "<mlx-xpo-plugin: python -m mlx_lm_lora>", "exec")
         return self.loader.get_code(fullname)
+
+
+def run_package_main(main_globals: dict):
+    """Run upstream's ``mlx_lm_lora/__main__.py`` in ``main_globals``; the status its ``main`` returned."""
+    exec(_State.package_main_loader.get_code(PACKAGE_MAIN), main_globals)
+    return _State.status
+
+
+def upstream_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlx-lm-lora")
+    except PackageNotFoundError:
+        return "(version unknown)"
+
+
+def check_hook_points(module) -> None:
+    """Raise :class:`Unsupported`, naming the release, if ``mlx_lm_lora.train`` lacks what we use."""
+    missing = [n for n in _UPSTREAM_NEEDS if not hasattr(module, n)]
+    if not missing and train_mode_action(module.build_parser()) is None:
+        missing = ["a --train-mode option with choices in build_parser()"]
+    if missing:
+        raise Unsupported(
+            f"mlx-lm-lora {upstream_version()} is not supported: mlx_lm_lora.train has no "
+            f"{', '.join(missing)} (supported: {SUPPORTED}; MLX_XPO_PLUGIN=0 runs it without this plugin)"
+        )
 
 
 def plugin_modes() -> dict:
@@ -105,24 +158,51 @@ def plugin_modes() -> dict:
     return default_registry().modes
 
 
+def train_mode_action(parser: argparse.ArgumentParser):
+    for action in parser._actions:  # upstream is stock here: its parser can only be extended after the fact
+        if action.dest == "train_mode" and action.choices is not None:
+            return action
+    return None
+
+
+def usable_modes(base_parser) -> dict:
+    """The plugin modes whose options ``base_parser()`` (upstream's) accepts; each refused mode is
+    named on one stderr line and skipped. Each mode's options are tried on a copy of the parser
+    (``parents=``) that already holds the accepted modes' options, so two modes adding one option
+    is caught too."""
+    if _State.modes is None:
+        scratch, ok = base_parser(), {}
+        for name, mode in plugin_modes().items():
+            if mode.add_arguments is not None:
+                try:
+                    mode.add_arguments(argparse.ArgumentParser(parents=[scratch], add_help=False))
+                except (Exception, SystemExit) as e:
+                    what = " ".join(f"{type(e).__name__}: {e}".split())
+                    sys.stderr.write(f"mlx-xpo-plugin: skipped train mode {name!r} of {mode.plugin}: {what}\n")
+                    continue
+                mode.add_arguments(scratch)
+            ok[name] = mode
+        _State.modes = ok
+    return _State.modes
+
+
 def extend_parser(parser: argparse.ArgumentParser, modes: dict) -> None:
     """Add ``modes`` to the ``--train-mode`` choices and let each add its options."""
-    for action in parser._actions:
-        if action.dest == "train_mode" and action.choices is not None:
-            action.choices = list(dict.fromkeys([*action.choices, *modes]))
-            break
-    else:
+    action = train_mode_action(parser)
+    if action is None:
         raise RuntimeError("mlx_lm_lora.train.build_parser() has no --train-mode choices")
+    action.choices = list(dict.fromkeys([*action.choices, *modes]))
     for mode in modes.values():
         if mode.add_arguments is not None:
             mode.add_arguments(parser)
 
 
 def explicit_options(parser: argparse.ArgumentParser, argv) -> set:
-    """Names of the options given in ``argv``: parse again with every default suppressed."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    """Names of the options typed in ``argv``: every destination starts as a marker object in the
+    namespace (argparse then sets no default), and what parsing changed was typed."""
+    marker = object()
+    ns = argparse.Namespace(**{k: marker for k in vars(parser.parse_args([]))})
+    return {k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not marker}
 
 
 class _NotOurs(Exception):
@@ -162,9 +242,12 @@ def _yaml_train_mode(module, path):
     return cfg.get("train_mode") if isinstance(cfg, dict) else None
 
 
-def plan(module, args):
-    """``(mode, namespace, explicit)`` when ``args`` selects a plugin mode, else None."""
-    modes = plugin_modes()
+def plan(module, args, base_parser):
+    """``(mode, namespace, explicit)`` when ``args`` selects a plugin mode, else None. ``explicit``
+    holds what the user gave: options typed on the command line (or the keys of a dict passed to
+    ``main``; for a namespace, the values that differ from the parser's defaults), plus the YAML's
+    keys (see :func:`merge_like_upstream`)."""
+    modes = usable_modes(base_parser)
     if args is None:
         argv = sys.argv[1:]
         ns = _quiet_parse(module.build_parser(), argv)
@@ -186,17 +269,21 @@ def plan(module, args):
         explicit = explicit_options(module.build_parser(), argv)
     elif isinstance(args, dict):
         explicit = set(args)
-    else:  # a namespace: as in upstream's YAML merge, a value that is set was given
-        explicit = {k for k, v in vars(args).items() if v is not None}
+    else:  # a namespace: what differs from the parser's defaults
+        defaults = vars(module.build_parser().parse_args([]))
+        explicit = {k for k, v in vars(args).items() if k not in defaults or v != defaults[k]}
     return mode, ns, explicit
 
 
-def merge_like_upstream(module, ns) -> None:
-    """Upstream main's merge: YAML values, then CONFIG_DEFAULTS, fill what is still None."""
+def merge_like_upstream(module, ns, explicit: set) -> None:
+    """Upstream main's merge, made exact: a YAML value replaces whatever the user did not type
+    (upstream's merge fills only what is None, so a YAML key whose option has a default was lost),
+    and counts as given (added to ``explicit``); then CONFIG_DEFAULTS fill what is still None."""
     if getattr(ns, "config", None):
         for k, v in (_yaml(module, ns.config) or {}).items():
-            if getattr(ns, k, None) is None:
+            if k not in explicit:
                 setattr(ns, k, v)
+                explicit.add(k)
     for k, v in module.CONFIG_DEFAULTS.items():
         if getattr(ns, k, None) is None:
             setattr(ns, k, v)
@@ -208,9 +295,7 @@ def activate(module) -> None:
         return
     if getattr(getattr(module, "main", None), "__mlx_xpo_plugin__", False):
         return  # already wrapped (a reload re-defines main and comes through here again)
-    missing = [n for n in _UPSTREAM_NEEDS if not hasattr(module, n)]
-    if missing:
-        raise RuntimeError(f"mlx_lm_lora.train has no {', '.join(missing)}")
+    check_hook_points(module)
     upstream_build_parser, upstream_main = module.build_parser, module.main
 
     def build_parser():
@@ -218,17 +303,21 @@ def activate(module) -> None:
         if _State.failed:
             return parser
         try:
-            extend_parser(parser, plugin_modes())
+            extend_parser(parser, usable_modes(upstream_build_parser))
         except Exception as e:
             fail(e)
             return upstream_build_parser()  # a clean one: add_arguments may have half-run
         return parser
 
     def main(args=None):
+        _State.status = status = dispatch(args)
+        return status
+
+    def dispatch(args):
         found = None
         if not _State.failed:
             try:
-                found = plan(module, args)
+                found = plan(module, args, upstream_build_parser)
             except Exception as e:
                 fail(e)
         if found is None:
@@ -236,7 +325,7 @@ def activate(module) -> None:
         mode, ns, explicit = found
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # as upstream's main
         module.print_banner()
-        merge_like_upstream(module, ns)  # a bad YAML fails here as it does in upstream
+        merge_like_upstream(module, ns, explicit)  # a bad YAML fails here as it does in upstream
         module.print_info(mode.banner())
         return mode.main(ns, explicit)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata as md
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,6 +31,7 @@ class DuplicateRegistration(RuntimeError):
 class Registry:
     modes: dict = field(default_factory=dict)  # name -> TrainMode
     judges: dict = field(default_factory=dict)  # name -> JudgeFactory
+    problems: list = field(default_factory=list)  # one line per plugin (or name) that was skipped
     _owner: dict = field(default_factory=dict)
 
     def _add(self, table: dict, kind: str, name: str, obj, owner: str):
@@ -39,18 +42,52 @@ class Registry:
         table[name] = obj
 
 
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus what per-entry-point loading learnt: labels and skipped plugins."""
+
+    def __init__(self):
+        super().__init__(PROJECT)
+        self.labels: dict = {}  # id(plugin) -> "distribution version"
+        self.problems: list = []
+
+
 def _plugin_label(pm: pluggy.PluginManager, plugin) -> str:
-    for p, dist in pm.list_plugin_distinfo():
-        if p is plugin:
-            return f"{dist.project_name} {dist.version}"
-    return pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
+    label = getattr(pm, "labels", {}).get(id(plugin))
+    return label or pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
 
 
-def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(PROJECT)
+def _entry_point_label(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else f"entry point {ep.name} = {ep.value}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def load_plugins(pm: PluginManager) -> None:
+    """Load the ``mlx_lm_lora`` entry points one by one: one that fails to import or to register
+    (e.g. a hook with a wrong signature) is recorded in ``pm.problems`` and skipped; the others load
+    (pluggy's ``load_setuptools_entrypoints`` stops at the first failure)."""
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        label = _entry_point_label(ep)
+        try:
+            plugin = ep.load()
+            if not pm.is_registered(plugin):
+                pm.register(plugin, name=ep.name)
+        except Exception as e:
+            pm.problems.append(f"skipped plugin {label} (entry point {ep.name} = {ep.value}): {_one_line(e)}")
+            continue
+        pm.labels[id(plugin)] = label
+
+
+def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> PluginManager:
+    pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     if load_entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        load_plugins(pm)
     builtin = importlib.import_module(BUILTIN_PLUGIN)  # by name, as an entry point is loaded
     if not pm.is_registered(builtin):  # not installed as a distribution (e.g. a source checkout)
         pm.register(builtin, name=BUILTIN_PLUGIN)
@@ -59,27 +96,58 @@ def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> plu
     return pm
 
 
+def _ours_first(pm, impls):
+    """This project's plugin first (its modes win a clash), then the others by label."""
+    builtin = importlib.import_module(BUILTIN_PLUGIN)
+    return sorted(impls, key=lambda i: (i.plugin is not builtin, _plugin_label(pm, i.plugin)))
+
+
+def _collect_hook(pm, reg: Registry, hook: str, kind: str, table: dict, prepare=None) -> None:
+    """Call ``hook`` of each plugin on its own: a plugin whose hook raises adds nothing; a name
+    already taken is skipped (the first owner keeps it); both are recorded in ``reg.problems``."""
+    for impl in _ours_first(pm, getattr(pm.hook, hook).get_hookimpls()):
+        owner = _plugin_label(pm, impl.plugin)
+        offered = []
+        try:
+            impl.function(register=offered.append)
+        except Exception as e:
+            reg.problems.append(f"skipped plugin {owner}: its {hook} hook raised {_one_line(e)}")
+            continue
+        for obj in offered:
+            if prepare is not None:
+                prepare(obj, owner)
+            try:
+                reg._add(table, kind, obj.name, obj, owner)
+            except DuplicateRegistration as e:
+                reg.problems.append(f"skipped {e}; {owner}'s is not used")
+
+
+def _own_mode(mode: TrainMode, owner: str) -> None:
+    if not getattr(mode, "plugin", ""):
+        mode.plugin = owner
+
+
 def collect(pm: pluggy.PluginManager) -> Registry:
-    """Ask every plugin for its modes and judges; two plugins with one name is an error."""
-    reg = Registry()
-    for impl in pm.hook.register_train_modes.get_hookimpls():
-        owner = _plugin_label(pm, impl.plugin)
-
-        def add_mode(mode: TrainMode, owner=owner):
-            if not mode.plugin:
-                mode.plugin = owner
-            reg._add(reg.modes, "train mode", mode.name, mode, owner)
-
-        impl.function(register=add_mode)
-    for impl in pm.hook.register_judges.get_hookimpls():
-        owner = _plugin_label(pm, impl.plugin)
-        impl.function(register=lambda f, owner=owner: reg._add(reg.judges, "judge", f.name, f, owner))
+    """Ask every plugin for its modes and judges. Never raises for a plugin's fault: what is
+    skipped (hook raised, name already registered by another plugin) is listed in ``problems``."""
+    reg = Registry(problems=list(getattr(pm, "problems", ())))
+    _collect_hook(pm, reg, "register_train_modes", "train mode", reg.modes, _own_mode)
+    _collect_hook(pm, reg, "register_judges", "judge", reg.judges)
     return reg
+
+
+def report_problems(reg: Registry, stream=None) -> None:
+    """One stderr line per skipped plugin or name."""
+    stream = stream or sys.stderr
+    for line in reg.problems:
+        stream.write(f"mlx-xpo-plugin: {line}\n")
 
 
 @functools.lru_cache(maxsize=1)
 def default_registry() -> Registry:
-    return collect(make_plugin_manager())
+    reg = collect(make_plugin_manager())
+    report_problems(reg)
+    return reg
 
 
 def get_train_mode(name: str) -> Optional[TrainMode]:

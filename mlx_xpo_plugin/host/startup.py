@@ -6,6 +6,7 @@ import os
 import sys
 
 TARGET = "mlx_lm_lora.train"
+PACKAGE_MAIN = "mlx_lm_lora.__main__"  # python -m mlx_lm_lora train
 MLX_CORE = "mlx.core"
 _OFF = ("0", "false", "no", "off")
 

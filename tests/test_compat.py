@@ -1,0 +1,118 @@
+"""Compatibility with each supported mlx-lm-lora release (``make compat``; marked ``compat``, so
+left out of the default test command: it installs packages from the package index).
+
+For each release: a fresh virtual environment gets ``mlx-lm-lora==<release>`` first, then this
+project (as a user would add it); the release must still be the installed one afterwards, and
+``python -m mlx_lm_lora.train`` must run 2 steps of xpo and of online_dpo on the tiny offline
+model with the start-up hook path (stock upstream). pip's cache is reused; each environment is
+deleted once its release is checked, so at most one exists at a time.
+
+``MLX_XPO_COMPAT_RELEASES="5.9.0 5.10.2"`` checks other releases than the supported ones.
+
+Also here: upstream's own test suite (shipped in the pinned sdist) ends the same way with and
+without the series in patches/ (a few minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.compat
+
+REPO = Path(__file__).resolve().parent.parent
+#: every release from the lower bound of pyproject.toml's range up to the newest one published
+SUPPORTED_RELEASES = ("5.8.6", "5.9.0", "5.10.0", "5.10.1", "5.10.2")
+RELEASES = tuple(os.environ.get("MLX_XPO_COMPAT_RELEASES", "").split()) or SUPPORTED_RELEASES
+
+
+def sh(cmd, timeout=900, **kw):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture
+def venv_with(tmp_path):
+    made = []
+
+    def make(release: str) -> Path:
+        env = tmp_path / f"venv-{release}"
+        made.append(env)
+        sh([sys.executable, "-m", "venv", env])
+        py = env / "bin" / "python"
+        sh([py, "-m", "pip", "install", "-q", f"mlx-lm-lora=={release}"])
+        leftover = not (REPO / "build").exists()
+        sh([py, "-m", "pip", "install", "-q", REPO])  # not editable: as a user installs it
+        if leftover:  # pip builds in the source tree
+            shutil.rmtree(REPO / "build", ignore_errors=True)
+        return py
+
+    yield make
+    for env in made:
+        shutil.rmtree(env, ignore_errors=True)
+
+
+def installed_version(py, name):
+    code = f"import importlib.metadata as m; print(m.version({name!r}))"
+    return sh([py, "-c", code]).stdout.strip()
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_release_keeps_its_version_and_trains_xpo_and_online_dpo(release, venv_with, tmp_path, tiny_model_path):
+    from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
+
+    data = write_prompt_dataset(tmp_path / "data")
+    py = venv_with(release)
+    assert installed_version(py, "mlx-lm-lora") == release  # installing the plugin kept the release
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLX_XPO_PLUGIN", "VIRTUAL_ENV")}
+    env.update({"NO_COLOR": "1", "HF_HUB_OFFLINE": "1"})
+    for mode in ("xpo", "online_dpo"):
+        out = tmp_path / f"ad-{mode}"
+        argv = [py, "-m", "mlx_lm_lora.train", "--train-mode", mode, "--model", tiny_model_path, "--data", data]
+        argv += ["--train", "--adapter-path", out, "--iters", "2", "--batch-size", "2", "--max-seq-length", "128"]
+        argv += ["--judge", "mlx_xpo_plugin.rules:prefer_letter_e", "--max-completion-length", "6"]
+        argv += ["--steps-per-report", "1"]
+        r = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"{release} {mode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        assert f"{mode}: mlx-xpo-plugin" in r.stdout and "replaces the built-in mode" in r.stdout
+        rows = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
+        assert [x["step"] for x in rows if "judge/pairs" in x] == [1, 2]
+        assert (out / "adapters.safetensors").is_file()
+
+
+def outcomes(tree: Path, junit: Path) -> dict:
+    """``{test id: outcome}`` of upstream's own suite (its ``tests/``) run with pytest in ``tree``."""
+    import xml.etree.ElementTree as ET
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update({"PYTHONPATH": str(tree), "MLX_XPO_PLUGIN": "0", "HF_HUB_OFFLINE": "1"})
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "tests"]
+    subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+    out = {}
+    for case in ET.parse(junit).iter("testcase"):
+        kinds = {child.tag for child in case} & {"failure", "error", "skipped"}
+        out[f"{case.get('classname')}.{case.get('name')}"] = sorted(kinds)[0] if kinds else "passed"
+    return out
+
+
+def test_upstream_suite_gives_the_same_result_with_and_without_the_series(tmp_path):
+    """The pinned sdist's own tests: every test present in both trees ends the same way, and the
+    series' new tests pass."""
+    from tests.test_patch import pin, pristine, sync
+
+    (tmp_path / "stock").mkdir()
+    stock = pristine(tmp_path / "stock")
+    assert sync("--dest", tmp_path / "patched").returncode == 0
+    patched = tmp_path / "patched" / f"mlx_lm_lora-{pin()['version']}"
+    before, after = outcomes(stock, tmp_path / "stock.xml"), outcomes(patched, tmp_path / "patched.xml")
+    assert before, "the sdist's tests did not run"
+    assert {k: after.get(k) for k in before} == before
+    new = {k: v for k, v in after.items() if k not in before}
+    assert new and set(new.values()) == {"passed"}, new

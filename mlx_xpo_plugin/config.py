@@ -148,7 +148,7 @@ UPSTREAM_SETTINGS: tuple[Setting, ...] = tuple(
         ("load_in_mxfp4", "bool", False, "Quantize the base to mxfp4.", None, None, False, {}),
         ("grad_checkpoint", "bool", False, "Gradient checkpointing.", None, None, False, {}),
         ("fuse", "bool", False, "Fuse adapters into the model after training.", None, None, False, {}),
-        ("wandb", "str", None, "WandB project.", None, None, True, {}),
+        ("wandb", "str", None, "WandB project to report the run to (needs the wandb package).", None, None, True, {}),
         ("qat_enable", "bool", False, "QAT (not applicable to online modes).", None, None, False, {}),
         ("config", "str", None, "YAML file.", None, None, True, {}),
     ]

@@ -186,6 +186,17 @@ def build_the_judge(cfg, m: Models):
     return as_judge(build_judge(cfg.judge, ctx))
 
 
+def reporting(cfg, training_callback):
+    """The training callback, wrapped in upstream's WandB reporting when ``wandb`` names a project
+    (a training run, process 0), as upstream's own modes do."""
+    if not (cfg.wandb and cfg.train) or mx.distributed.init().rank() != 0:
+        return training_callback
+    from mlx_lm.tuner.callbacks import WandBCallback  # imports wandb: only when asked for
+
+    config = dict(vars(cfg))
+    return WandBCallback(cfg.wandb, log_dir=cfg.adapter_path, config=config, wrapped_callback=training_callback)
+
+
 def build_trainer(cfg, method_cls, m: Models, judge, training_callback, progress: bool) -> OnlineTrainer:
     """The one OnlineTrainer of a run: on the training prompts (a test-only run: the test
     prompts, one step planned), with the config it records in its checkpoints."""
@@ -212,7 +223,7 @@ def build_trainer(cfg, method_cls, m: Models, judge, training_callback, progress
         build_optimizer(cfg),
         prompts,
         valid,
-        training_callback,
+        reporting(cfg, training_callback),
         judge_name=cfg.judge,  # named in judge-failure messages
         fingerprint=fingerprint(cfg),
         config=dict(vars(cfg)),

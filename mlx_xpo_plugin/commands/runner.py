@@ -7,6 +7,7 @@ the models, build the judge, build the trainer, train, test, fuse (the parts: bu
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -68,6 +69,8 @@ def preflight(cfg) -> None:
     if cfg.reference_model_path:
         model_folder("reference_model_path", cfg.reference_model_path)
     check_the_judge(cfg)
+    if cfg.wandb and cfg.train and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("wandb", cfg.wandb, "reporting to WandB needs the wandb package (pip install wandb)")
     if cfg.resume_adapter_file:
         from mlx_xpo_plugin.loop.checkpoints import check_resume
 

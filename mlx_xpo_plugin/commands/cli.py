@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_xpo_plugin.commands.estimate import add_parser as add_estimate
 from mlx_xpo_plugin.commands.hints import command
 from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.host.fast_blas import request
@@ -303,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("adapter_path")
     pl.add_argument("--output", default=None)
     pl.set_defaults(func=plot)
+    add_estimate(sub)
     return p
 
 

@@ -27,7 +27,8 @@ this project's commands the run's banner says why (:func:`banner_line`), elsewhe
 line does. Standard library only: this runs at import time.
 
 While completions are decoded token by token, :func:`spare_core_for_python` keeps that OpenBLAS
-on one core fewer than the process may use (see there).
+on one core fewer than the process may use, and at every rollout cuts both counts to the cores
+other processes leave idle (see there); idle workers spin briefly (:data:`SPIN_LOG2`).
 """
 
 from __future__ import annotations
@@ -157,9 +158,27 @@ def _exported_prefix(lib) -> str | None:
     return None
 
 
+#: what OpenBLAS reads, when loaded, for how long idle workers spin: 2**value CPU cycles (4-30;
+#: 28 when unset). Ours (unless the user set one): about 0.4 ms at 2.5 GHz, longer than the gaps
+#: between the products of one pass, far shorter than the default's 0.1 s after the last one
+TIMEOUT_ENVS = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
+SPIN_LOG2 = 20
+
+
+def limit_spinning(env: dict | None = None) -> str | None:
+    """Set ``OPENBLAS_THREAD_TIMEOUT`` to :data:`SPIN_LOG2` in ``env`` (the process's environment,
+    read by OpenBLAS when it is loaded) unless the user set one; returns the value set or None."""
+    env = os.environ if env is None else env
+    if any(env.get(k, "").strip() for k in TIMEOUT_ENVS):
+        return None
+    env[TIMEOUT_ENVS[0]] = str(SPIN_LOG2)
+    return env[TIMEOUT_ENVS[0]]
+
+
 def _load(path: str) -> tuple[str, int | None]:
     """Load ``path`` globally and make its routines MLX's; returns (their name prefix, the thread
     count set by :func:`spare_a_core` or None)."""
+    limit_spinning()
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     prefix = _exported_prefix(lib)
     if prefix is None:
@@ -219,6 +238,7 @@ def preload(quiet: bool = False) -> dict:
             prefix, threads = _load(path)
             where = f"{why}; {threads} thread{'s' * (threads != 1)}" if threads else why
             STATE.update(prefix=prefix, loaded=path, blas=f"{os.path.basename(path)} (preloaded for MLX; {where})")
+            STATE["threads"] = current_threads()  # the process's count, cut per phase later
         except OSError as e:
             STATE["why"] = f"{why}: could not be loaded ({e}); the bundled reference BLAS is kept"
             failed = True
@@ -243,8 +263,52 @@ def banner_line() -> str | None:
     if not STATE or (STATE.get("blas") == "as shipped with mlx" and not STATE.get("why")):
         return None
     if STATE.get("loaded"):
-        return f"BLAS: {STATE['blas']}"
+        threads = threads_line()
+        return f"BLAS: {STATE['blas']}" + (f"; {threads}" if threads else "")
     return f"BLAS: {STATE['blas']}: {STATE['why']}"
+
+
+def _runnable_self() -> int:  # threads of this process in state R now
+    n = 0
+    for stat in glob.glob("/proc/self/task/*/stat"):
+        try:
+            with open(stat) as f:
+                n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return n
+
+
+def busy_elsewhere(samples: int = 5, gap_s: float = 0.002) -> int:
+    """Threads of other processes runnable now: the most, over ``samples`` reads ``gap_s`` apart,
+    of /proc/loadavg's running count less this process's; 0 without /proc (macOS)."""
+    import time
+
+    most = 0
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):
+            return 0
+        most = max(most, running - _runnable_self())
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    return most
+
+
+def fit_to_idle_cores(wanted: int, cores: int | None = None, busy: int | None = None) -> int:
+    """``wanted`` threads, cut to the cores no other process keeps busy (at least one; unchanged
+    when none is busy): a product
+    split over threads waits for the slowest one, and a thread that shares its core with another
+    process's waits for a scheduler time slice (README, "Speed on Linux CPUs": measured)."""
+    cores = usable_cores() if cores is None else cores
+    busy = busy_elsewhere() if busy is None else busy
+    return max(1, min(wanted, cores - busy) if busy > 0 else wanted)
+
+
+#: the thread counts last set per phase, for the run's banner
+PHASE_THREADS: dict = {}
 
 
 def usable_cores() -> int:
@@ -268,6 +332,12 @@ def _threads_api(lib, prefix: str = ""):
     return get, put
 
 
+def current_threads() -> int | None:
+    """The thread count of the preloaded OpenBLAS (None without one)."""
+    api = _openblas_threads(STATE.get("loaded"), STATE.get("prefix", ""))
+    return api[0]() if api else None
+
+
 def _openblas_threads(path: str | None, prefix: str = ""):
     """(get, set) of the thread count of the OpenBLAS loaded from ``path``, or None."""
     if not path:
@@ -281,32 +351,50 @@ def _openblas_threads(path: str | None, prefix: str = ""):
 
 @contextlib.contextmanager
 def spare_core_for_python():
-    """Run the block with the preloaded OpenBLAS on at most ``usable_cores() - 1`` threads.
+    """Run the block with the preloaded OpenBLAS on at most ``usable_cores() - 1`` threads, and
+    on no more than the cores other processes leave idle (:func:`fit_to_idle_cores`); on exit,
+    the count the process had, cut the same way, for the scoring passes that follow.
 
     Token-by-token decoding keeps two threads of the process busy: MLX's stream thread runs step
     t while the Python thread builds step t+1. A decode step's matrix products have one row per
     sequence, too few to gain from being split across threads, and OpenBLAS's idle workers spin
     (``sched_yield``) between calls, taking the core the Python thread needs (README, "Sampling":
-    measured); the scoring forward/backward did not gain, so the count goes back on exit. Pending
-    MLX work is finished on entry and on exit, so the count never changes under a running product.
-    A no-op unless this module preloaded an OpenBLAS.
+    measured). Pending MLX work is finished on entry and on exit, so the count never changes
+    under a running product. A no-op unless this module preloaded an OpenBLAS.
     """
     api = _openblas_threads(STATE["loaded"], STATE.get("prefix", "")) if STATE.get("loaded") else None
     if api is None:
         yield
         return
     get, put = api
-    before = get()
-    wanted = max(1, min(before, usable_cores() - 1))
-    if wanted == before:
-        yield
-        return
+    before = STATE.get("threads") or get()  # the process's count, as set at load
+    busy = busy_elsewhere() if before > 1 else 0
+    cores = usable_cores()
+    wanted = fit_to_idle_cores(min(before, cores - 1), cores, busy)
+    after = fit_to_idle_cores(before, cores, busy)
+    PHASE_THREADS.update(decoding=wanted, scoring=after)
     import mlx.core as mx  # loaded by now: a BLAS is only preloaded for it
 
     mx.synchronize()
-    put(wanted)
+    if get() != wanted:
+        put(wanted)
     try:
         yield
     finally:
         mx.synchronize()
-        put(before)
+        if get() != after:
+            put(after)
+
+
+def threads_line() -> str | None:
+    """Thread counts per phase of the preloaded OpenBLAS and its spin time, for the run's banner."""
+    api = _openblas_threads(STATE.get("loaded"), STATE.get("prefix", "")) if STATE.get("loaded") else None
+    if api is None:
+        return None
+    n = STATE.get("threads") or api[0]()
+    cores = usable_cores()
+    spin = next((os.environ[k].strip() for k in TIMEOUT_ENVS if os.environ.get(k, "").strip()), "28")
+    return (
+        f"threads per phase: scoring {n}, decoding {max(1, min(n, cores - 1))} of {cores} cores, fewer while "
+        f"other processes keep cores busy; idle threads spin 2**{spin} cycles"
+    )

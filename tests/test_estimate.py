@@ -110,11 +110,14 @@ def test_estimate_rejects_a_bad_setting_in_one_line(run_yaml, capsys):
     assert err.startswith("error: batch_size") and "\n" not in err
 
 
-def test_projection_line_only_for_runs_over_a_minute(run_yaml):
+def test_projection_line_only_for_runs_over_a_minute(run_yaml, monkeypatch):
     from mlx_xpo_plugin import config
 
     short = config.resolve("xpo", {}, set(), yaml.safe_load(open(run_yaml())))
-    assert estimate.projection_line(short) is None
+    real_rates = calibration.rates
+    monkeypatch.setattr(calibration, "rates", lambda *a, **k: pytest.fail("calibrated for a short run"))
+    assert estimate.projection_line(short) is None  # under a minute even at the slowest rates
+    monkeypatch.setattr(calibration, "rates", real_rates)
     long = config.resolve("xpo", {}, set(), yaml.safe_load(open(run_yaml(iters=200_000))))
     line = estimate.projection_line(long)
     assert line is not None and "s per step" in line and "200000 steps" in line

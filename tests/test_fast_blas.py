@@ -234,10 +234,11 @@ class FakeOpenBLAS:
 
 @pytest.fixture
 def fake_openblas(monkeypatch):
-    def make(threads, cores, busy=0):
+    def make(threads, cores, busy=0, user=False):
         fake = FakeOpenBLAS(threads)
         monkeypatch.setitem(fast_blas.STATE, "loaded", "libopenblas.so.0")
         monkeypatch.setitem(fast_blas.STATE, "threads", threads)
+        monkeypatch.setitem(fast_blas.STATE, "user_threads", user)
         monkeypatch.setattr(fast_blas, "_openblas_threads", fake.api)
         monkeypatch.setattr(fast_blas, "usable_cores", lambda: cores)
         monkeypatch.setattr(fast_blas, "busy_elsewhere", lambda: busy)
@@ -246,10 +247,15 @@ def fake_openblas(monkeypatch):
     return make
 
 
-@pytest.mark.parametrize("threads, cores, inside", [(2, 2, 1), (16, 16, 15), (8, 16, 8), (1, 2, 1), (4, 1, 1)])
-def test_decoding_leaves_one_core_to_python_and_restores_the_count(fake_openblas, threads, cores, inside):
-    fake = fake_openblas(threads, cores)
-    with fast_blas.spare_core_for_python():
+@pytest.mark.parametrize(
+    "threads, cores, user, inside",
+    [(1, 2, False, 2), (15, 16, False, 16), (8, 16, True, 8), (1, 2, True, 1), (4, 1, True, 1), (1, 1, False, 1)],
+)
+def test_decoding_runs_on_every_core_or_the_users_count_and_restores_the_count(
+    fake_openblas, threads, cores, user, inside
+):
+    fake = fake_openblas(threads, cores, user=user)
+    with fast_blas.decoding_threads():
         assert fake.threads == inside
     assert fake.threads == threads
     assert fake.history == ([] if inside == threads else [inside, threads])  # nothing set when nothing changes
@@ -257,25 +263,25 @@ def test_decoding_leaves_one_core_to_python_and_restores_the_count(fake_openblas
 
 @pytest.mark.parametrize(
     "threads, cores, busy, inside, after",
-    [(16, 16, 0, 15, 16), (16, 16, 4, 12, 12), (16, 16, 16, 1, 1), (2, 2, 1, 1, 1), (2, 2, 5, 1, 1)],
+    [(15, 16, 0, 16, 15), (15, 16, 4, 12, 12), (15, 16, 16, 1, 1), (1, 2, 1, 1, 1), (2, 2, 5, 1, 1)],
 )
 def test_threads_are_cut_to_the_cores_other_processes_leave_idle(fake_openblas, threads, cores, busy, inside, after):
     fake = fake_openblas(threads, cores, busy)
-    with fast_blas.spare_core_for_python():
+    with fast_blas.decoding_threads():
         assert fake.threads == inside
     assert fake.threads == after
     assert fast_blas.PHASE_THREADS == {"decoding": inside, "scoring": after}
 
 
 def test_a_cut_count_goes_back_up_when_the_load_goes_away(fake_openblas, monkeypatch):
-    fake = fake_openblas(4, 4, busy=3)
-    with fast_blas.spare_core_for_python():
+    fake = fake_openblas(3, 4, busy=3)
+    with fast_blas.decoding_threads():
         assert fake.threads == 1
     assert fake.threads == 1
     monkeypatch.setattr(fast_blas, "busy_elsewhere", lambda: 0)
-    with fast_blas.spare_core_for_python():
-        assert fake.threads == 3
-    assert fake.threads == 4
+    with fast_blas.decoding_threads():
+        assert fake.threads == 4
+    assert fake.threads == 3
 
 
 def test_busy_elsewhere_leaves_out_this_process_threads(monkeypatch):
@@ -305,18 +311,18 @@ def test_idle_threads_spin_briefly_unless_the_user_said_otherwise(env, after):
 
 
 def test_the_count_is_restored_when_the_block_raises(fake_openblas):
-    fake = fake_openblas(4, 4)
+    fake = fake_openblas(3, 4)
     with pytest.raises(RuntimeError, match="boom"):
-        with fast_blas.spare_core_for_python():
-            assert fake.threads == 3
+        with fast_blas.decoding_threads():
+            assert fake.threads == 4
             raise RuntimeError("boom")
-    assert fake.threads == 4
+    assert fake.threads == 3
 
 
 def test_no_preloaded_openblas_means_nothing_is_touched(monkeypatch):
     monkeypatch.setitem(fast_blas.STATE, "loaded", None)
     monkeypatch.setattr(fast_blas, "_openblas_threads", lambda path: pytest.fail("looked for OpenBLAS"))
-    with fast_blas.spare_core_for_python():
+    with fast_blas.decoding_threads():
         pass
 
 
@@ -326,16 +332,16 @@ def test_a_library_without_the_openblas_thread_api_is_left_alone():
     assert fast_blas._openblas_threads(libc) is None  # loads, but has no openblas_set_num_threads
 
 
-def test_sampling_runs_with_the_spare_core(tiny_model, fake_openblas, monkeypatch):
+def test_sampling_runs_on_every_idle_core(tiny_model, fake_openblas, monkeypatch):
     from mlx_xpo_plugin.compute import decode, rollout
 
     model, tok = tiny_model
-    fake = fake_openblas(2, 2)
+    fake = fake_openblas(1, 2)
     seen = []
     real = decode.generate
     monkeypatch.setattr(decode, "generate", lambda *a, **k: (seen.append(fake.threads), real(*a, **k))[1])
     out = rollout.sample_completions(model, tok, [[5, 6, 7]], 2, rollout.SamplingConfig(max_tokens=4))
-    assert seen == [1] and fake.threads == 2
+    assert seen == [2] and fake.threads == 1
     assert [len(c.tokens) > 0 for c in out[0]] == [True, True]
 
 
@@ -350,7 +356,7 @@ get = getattr(lib, prefix + "openblas_get_num_threads")
 before = get()
 a = np.random.default_rng(0).standard_normal((4, 256), dtype=np.float32)
 b = np.random.default_rng(1).standard_normal((256, 768), dtype=np.float32)
-with fast_blas.spare_core_for_python():
+with fast_blas.decoding_threads():
     inside = get()
     err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max())
 print(json.dumps({"before": before, "inside": inside, "after": get(), "phases": fast_blas.PHASE_THREADS,
@@ -361,7 +367,7 @@ print(json.dumps({"before": before, "inside": inside, "after": get(), "phases": 
 @linux_cpu
 @pytest.mark.skipif(SYSTEM_LIB is None and PIP_LIB is None, reason="no OpenBLAS on this machine")
 @pytest.mark.parametrize("threads", ["2", "1"])
-def test_the_real_openblas_runs_on_one_core_fewer_while_decoding(threads):
+def test_the_real_openblas_decodes_on_the_idle_cores(threads):
     e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN")}
     e["MLX_XPO_BLAS_SCOPE"] = "all"
     r = subprocess.run(
@@ -376,7 +382,7 @@ def test_the_real_openblas_runs_on_one_core_fewer_while_decoding(threads):
     # each count is cut to the cores other processes leave idle (the machine may be busy now)
     assert out["before"] == int(threads)
     assert out["phases"] == {"decoding": out["inside"], "scoring": out["after"]}
-    assert 1 <= out["inside"] <= max(1, min(int(threads), out["cores"] - 1))
+    assert 1 <= out["inside"] <= min(int(threads), out["cores"])  # the user set the count here
     assert 1 <= out["after"] <= int(threads)
     assert out["max_abs_err"] < 1e-3
 

@@ -25,6 +25,19 @@ from mlx_xpo_plugin.errors import ConfigError
 SAMPLE = 256
 #: the projection is shown at the start of a run when the whole run is expected to take longer
 SHOW_ABOVE_S = 60.0
+#: rates slower than any machine this runs on (the reference BLAS of a small CPU, a busy machine):
+#: a run projected under :data:`SHOW_ABOVE_S` with them needs no calibration to say nothing
+SLOW = cost.Rates(
+    sgemm=1e9,
+    stream=1e9,
+    fwd_rate=((64, 1e9),),
+    bwd_rate=((64, 1e9),),
+    call=(0.01, 0.01),
+    token=(0.002, 0.003),
+    fwd=(0.01, 0.01),
+    bwd=(0.02, 0.03),
+    opt=(0.01, 0.005),
+)
 
 
 def mean_prompt_tokens(folder: str, data_dir: str, split: str = "train") -> float:
@@ -156,15 +169,18 @@ def _counts(cfg) -> tuple[int, int]:
 def projection_line(cfg, n_prompts: int | None = None) -> str | None:
     """The projection as one line when the whole run is expected to take over :data:`SHOW_ABOVE_S`
     seconds, else None (also None when it cannot be made: a model or data it cannot read).
-    Calibrates this machine once (a few seconds) when nothing is cached for it."""
+    Calibrates this machine once (a few seconds) when nothing is cached for it, unless the run
+    is under a minute even at the rates of :data:`SLOW`."""
     from mlx_xpo_plugin.commands import calibration
     from mlx_xpo_plugin.compute.models import model_folder
 
     try:
         n_train, n_valid = _counts(cfg)
-        rates, _ = calibration.rates()
+        n_train = n_train if n_prompts is None else n_prompts
         plen = mean_prompt_tokens(model_folder("model", cfg.model), cfg.data)
-        res = project(cfg, n_train if n_prompts is None else n_prompts, rates, plen, n_valid)
+        if project(cfg, n_train, SLOW, plen, n_valid)["total_seconds"] <= SHOW_ABOVE_S:
+            return None  # under a minute even on the slowest machine: no calibration needed
+        res = project(cfg, n_train, calibration.rates()[0], plen, n_valid)
     except (ConfigError, OSError, KeyError, ValueError):
         return None
     return summary_line(res) if res["total_seconds"] > SHOW_ABOVE_S else None

@@ -26,9 +26,9 @@ on macOS (Accelerate, Metal) or with a CUDA build. Any failure leaves MLX exactl
 this project's commands the run's banner says why (:func:`banner_line`), elsewhere one stderr
 line does. Standard library only: this runs at import time.
 
-While completions are decoded token by token, :func:`spare_core_for_python` keeps that OpenBLAS
-on one core fewer than the process may use, and at every rollout cuts both counts to the cores
-other processes leave idle (see there); idle workers spin briefly (:data:`SPIN_LOG2`).
+While completions are decoded token by token, :func:`decoding_threads` runs that OpenBLAS on every
+usable core, and at every rollout cuts the decoding and scoring counts to the cores other
+processes leave idle (see there); idle workers spin briefly (:data:`SPIN_LOG2`).
 """
 
 from __future__ import annotations
@@ -201,11 +201,9 @@ def spare_a_core(lib, prefix: str, env: dict | None = None) -> int | None:
     """Run a prefixed (pip) OpenBLAS on at most ``usable_cores() - 1`` threads, unless the user
     set its thread count; returns the count set, or None.
 
-    Its workers wait for each other by spinning without giving the core away (no ``sched_yield``,
-    unlike Debian's build), so when the process or the machine has more runnable threads than
-    cores (MLX's stream thread, the Python thread, other jobs) a product can stall for a scheduler
-    time slice. One core fewer keeps a core for the rest (README, "Speed on Linux CPUs": measured).
-    """
+    Its workers spin without giving the core away, so with more runnable threads than cores
+    (MLX's stream thread, the Python thread, other jobs) a product can stall for a scheduler time
+    slice; one core fewer keeps a core for the rest (README, "Speed on Linux CPUs": measured)."""
     env = os.environ if env is None else env
     if any(env.get(k, "").strip() for k in THREAD_ENVS):
         return None
@@ -239,6 +237,7 @@ def preload(quiet: bool = False) -> dict:
             where = f"{why}; {threads} thread{'s' * (threads != 1)}" if threads else why
             STATE.update(prefix=prefix, loaded=path, blas=f"{os.path.basename(path)} (preloaded for MLX; {where})")
             STATE["threads"] = current_threads()  # the process's count, cut per phase later
+            STATE["user_threads"] = any(os.environ.get(k, "").strip() for k in THREAD_ENVS)
         except OSError as e:
             STATE["why"] = f"{why}: could not be loaded ({e}); the bundled reference BLAS is kept"
             failed = True
@@ -350,17 +349,17 @@ def _openblas_threads(path: str | None, prefix: str = ""):
 
 
 @contextlib.contextmanager
-def spare_core_for_python():
-    """Run the block with the preloaded OpenBLAS on at most ``usable_cores() - 1`` threads, and
-    on no more than the cores other processes leave idle (:func:`fit_to_idle_cores`); on exit,
-    the count the process had, cut the same way, for the scoring passes that follow.
+def decoding_threads():
+    """Run the block (token-by-token decoding) with the preloaded OpenBLAS on every usable core
+    (on the user's count where one was set), then go back to the process's count for the scoring
+    passes that follow; each count cut to the cores other processes leave idle now
+    (:func:`fit_to_idle_cores`).
 
-    Token-by-token decoding keeps two threads of the process busy: MLX's stream thread runs step
-    t while the Python thread builds step t+1. A decode step's matrix products have one row per
-    sequence, too few to gain from being split across threads, and OpenBLAS's idle workers spin
-    (``sched_yield``) between calls, taking the core the Python thread needs (README, "Sampling":
-    measured). Pending MLX work is finished on entry and on exit, so the count never changes
-    under a running product. A no-op unless this module preloaded an OpenBLAS.
+    A decode step streams every weight once through products of a few rows; one thread reads
+    them at a fraction of the memory bandwidth, so all cores decode faster when they are idle
+    (bench/results/decode.md), and a busy machine gets one thread (bench/results/threads.md).
+    Pending MLX work is finished on entry and on exit, so the count never changes under a running
+    product. A no-op unless this module preloaded an OpenBLAS.
     """
     api = _openblas_threads(STATE["loaded"], STATE.get("prefix", "")) if STATE.get("loaded") else None
     if api is None:
@@ -368,9 +367,9 @@ def spare_core_for_python():
         return
     get, put = api
     before = STATE.get("threads") or get()  # the process's count, as set at load
-    busy = busy_elsewhere() if before > 1 else 0
     cores = usable_cores()
-    wanted = fit_to_idle_cores(min(before, cores - 1), cores, busy)
+    busy = busy_elsewhere()
+    wanted = fit_to_idle_cores(min(before, cores) if STATE.get("user_threads") else cores, cores, busy)
     after = fit_to_idle_cores(before, cores, busy)
     PHASE_THREADS.update(decoding=wanted, scoring=after)
     import mlx.core as mx  # loaded by now: a BLAS is only preloaded for it
@@ -395,6 +394,7 @@ def threads_line() -> str | None:
     cores = usable_cores()
     spin = next((os.environ[k].strip() for k in TIMEOUT_ENVS if os.environ.get(k, "").strip()), "28")
     return (
-        f"threads per phase: scoring {n}, decoding {max(1, min(n, cores - 1))} of {cores} cores, fewer while "
+        f"threads per phase: scoring {n}, decoding {min(n, cores) if STATE.get('user_threads') else cores} of "
+        f"{cores} cores, fewer while "
         f"other processes keep cores busy; idle threads spin 2**{spin} cycles"
     )

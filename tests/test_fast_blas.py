@@ -332,17 +332,25 @@ def test_a_library_without_the_openblas_thread_api_is_left_alone():
     assert fast_blas._openblas_threads(libc) is None  # loads, but has no openblas_set_num_threads
 
 
-def test_sampling_runs_on_every_idle_core(tiny_model, fake_openblas, monkeypatch):
+def test_a_model_that_fits_in_the_caches_decodes_on_one_core_fewer(tiny_model, fake_openblas, monkeypatch):
     from mlx_xpo_plugin.compute import decode, rollout
 
     model, tok = tiny_model
-    fake = fake_openblas(1, 2)
+    fake = fake_openblas(3, 4)
     seen = []
     real = decode.generate
     monkeypatch.setattr(decode, "generate", lambda *a, **k: (seen.append(fake.threads), real(*a, **k))[1])
     out = rollout.sample_completions(model, tok, [[5, 6, 7]], 2, rollout.SamplingConfig(max_tokens=4))
-    assert seen == [2] and fake.threads == 1
+    assert seen == [3] and fake.threads == 3  # the tiny model: far under ALL_CORES_ABOVE
     assert [len(c.tokens) > 0 for c in out[0]] == [True, True]
+
+
+@pytest.mark.parametrize("big, inside", [(True, 4), (False, 2)])
+def test_only_a_model_larger_than_the_caches_decodes_on_every_core(fake_openblas, big, inside):
+    fake = fake_openblas(2, 4)
+    with fast_blas.decoding_threads(fast_blas.ALL_CORES_ABOVE * (2 if big else 0.5)):
+        assert fake.threads == inside
+    assert fake.threads == 2
 
 
 THREADS_PROBE = r"""

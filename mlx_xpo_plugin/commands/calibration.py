@@ -1,10 +1,11 @@
 """This machine's rates for :mod:`mlx_xpo_plugin.compute.cost`, measured in a few seconds and cached.
 
 * ``sgemm``: FLOP/s of a float32 ``[256 x 1024] @ [1024 x 2048]`` product, best of a few;
-* ``stream``: bytes/s at which 4-row float32 products read their weights: ``[4 x 1024] @ [1024 x
-  4096]`` against 8 different matrices (128 MiB, more than a CPU's caches) in one graph, best of
-  3, on the threads the rollout decodes with (:func:`.fast_blas.decoding_threads`: fewer when
-  other processes keep cores busy at that moment);
+* ``stream``: bytes/s at which decoding 4 rows reads the weights, on the threads the rollout
+  decodes with (:func:`.fast_blas.decoding_threads`: fewer when other processes keep cores busy
+  at that moment): the trainer's decoder on a 2-layer probe of width 1024 (the weights' bytes over
+  the time per token less its dispatch cost); on a slow BLAS, ``[4 x 1024] @ [1024 x 4096]``
+  against 8 different matrices (128 MiB, more than a CPU's caches), best of 3;
 * scoring rates: FLOP/s of the trainer's reference pass and of its loss's forward + backward
   pass on 2-layer probes of width 256 and 1024 (4 rows of 24 + 32 tokens), the dispatch costs
   below taken off (the wider probe only where a pass takes under 0.3 s at the sgemm rate);
@@ -242,6 +243,26 @@ def _quick(hidden: int, sgemm: float) -> bool:
     return forward_flops(shape, 4, 24, 32) / sgemm < 0.3
 
 
+def decode_stream_rate(hidden: int, token: tuple) -> float:
+    """Bytes/s at which the trainer's decoder reads a 2-layer probe of width ``hidden`` per token
+    (4 rows, on the decoding threads): its weights' bytes / (t(10) - t(2)) / 8 less the per-token
+    dispatch cost ``token`` of 2 layers."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_xpo_plugin.compute import decode
+    from mlx_xpo_plugin.host.fast_blas import decoding_threads
+
+    model = _probe_model(2, hidden)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
+    prompts = [[(7 * r + j) % 120 + 3 for j in range(24)] for r in range(4)]
+    with decoding_threads():
+        t2, t10 = (_best(lambda n=n: decode.generate(model, prompts, n, greedy, []), 3) for n in (2, 10))
+    per = (t10 - t2) / 8
+    return weights / max(per - token[0] - 2 * token[1], 0.25 * per)
+
+
 def measure() -> dict:
     """Every rate (a few seconds); a JSON-ready dict with the fitted ``(a, b)`` pairs."""
     t0 = time.perf_counter()
@@ -255,7 +276,7 @@ def measure() -> dict:
     widths = [(h, scoring_rates(h, fitted)) for h in PROBE_WIDTHS if h == PROBE_WIDTHS[0] or _quick(h, sgemm)]
     return {
         "sgemm": sgemm,
-        "stream": stream_rate(),
+        "stream": decode_stream_rate(1024, fitted["token"]) if _quick(1024, sgemm) else stream_rate(),
         "fwd_rate": [[h, r[0]] for h, r in widths],
         "bwd_rate": [[h, r[1]] for h, r in widths],
         **fitted,

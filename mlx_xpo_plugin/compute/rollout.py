@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
@@ -57,7 +58,7 @@ def sample_completions(
         model.eval()  # sample from the policy itself: no (LoRA) dropout while generating
     flat = [list(p) for p in prompts for _ in range(n)]
     try:
-        with decoding_threads():
+        with decoding_threads(sum(v.nbytes for _, v in tree_flatten(model.parameters()))):
             if decode.supports(model):
                 generated = decode.generate(model, flat, cfg.max_tokens, cfg.sampler(), eos_ids)
             else:

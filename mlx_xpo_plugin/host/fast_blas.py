@@ -278,7 +278,7 @@ def _runnable_self() -> int:  # threads of this process in state R now
     return n
 
 
-def busy_elsewhere(samples: int = 5, gap_s: float = 0.002) -> int:
+def busy_elsewhere(samples: int = 3, gap_s: float = 0.0005) -> int:
     """Threads of other processes runnable now: the most, over ``samples`` reads ``gap_s`` apart,
     of /proc/loadavg's running count less this process's; 0 without /proc (macOS)."""
     import time
@@ -308,6 +308,8 @@ def fit_to_idle_cores(wanted: int, cores: int | None = None, busy: int | None = 
 
 #: the thread counts last set per phase, for the run's banner
 PHASE_THREADS: dict = {}
+#: models whose weights are larger (more than a CPU's last-level cache) decode on every core
+ALL_CORES_ABOVE = 64 * 2**20
 
 
 def usable_cores() -> int:
@@ -349,18 +351,15 @@ def _openblas_threads(path: str | None, prefix: str = ""):
 
 
 @contextlib.contextmanager
-def decoding_threads():
-    """Run the block (token-by-token decoding) with the preloaded OpenBLAS on every usable core
-    (on the user's count where one was set), then go back to the process's count for the scoring
-    passes that follow; each count cut to the cores other processes leave idle now
-    (:func:`fit_to_idle_cores`).
-
-    A decode step streams every weight once through products of a few rows; one thread reads
-    them at a fraction of the memory bandwidth, so all cores decode faster when they are idle
-    (bench/results/decode.md), and a busy machine gets one thread (bench/results/threads.md).
-    Pending MLX work is finished on entry and on exit, so the count never changes under a running
-    product. A no-op unless this module preloaded an OpenBLAS.
-    """
+def decoding_threads(weight_bytes: int | None = None):
+    """Decode (the block) on every usable core when the model's weights exceed
+    :data:`ALL_CORES_ABOVE`, else on at most one core fewer than the process's count (the user's
+    count, where set, is used instead), then go back to the process's count for scoring; each cut
+    to the cores other processes leave idle now (:func:`fit_to_idle_cores`). A decode step reads
+    every weight once through products of a few rows: one thread reads a large model at a fraction
+    of the memory's speed (bench/results/decode.md); a model that fits in the caches costs its
+    operations, which threads only add to. MLX work is finished on entry and exit. A no-op
+    unless this module preloaded an OpenBLAS."""
     api = _openblas_threads(STATE["loaded"], STATE.get("prefix", "")) if STATE.get("loaded") else None
     if api is None:
         yield
@@ -368,9 +367,10 @@ def decoding_threads():
     get, put = api
     before = STATE.get("threads") or get()  # the process's count, as set at load
     cores = usable_cores()
-    busy = busy_elsewhere()
-    wanted = fit_to_idle_cores(min(before, cores) if STATE.get("user_threads") else cores, cores, busy)
-    after = fit_to_idle_cores(before, cores, busy)
+    big = weight_bytes is None or weight_bytes > ALL_CORES_ABOVE
+    wanted = min(before, cores) if STATE.get("user_threads") else (cores if big else min(before, cores - 1))
+    busy = busy_elsewhere() if max(before, wanted) > 1 else 0
+    wanted, after = fit_to_idle_cores(wanted, cores, busy), fit_to_idle_cores(before, cores, busy)
     PHASE_THREADS.update(decoding=wanted, scoring=after)
     import mlx.core as mx  # loaded by now: a BLAS is only preloaded for it
 
@@ -395,6 +395,6 @@ def threads_line() -> str | None:
     spin = next((os.environ[k].strip() for k in TIMEOUT_ENVS if os.environ.get(k, "").strip()), "28")
     return (
         f"threads per phase: scoring {n}, decoding {min(n, cores) if STATE.get('user_threads') else cores} of "
-        f"{cores} cores, fewer while "
+        f"{cores} cores (weights over 64 MiB), fewer while "
         f"other processes keep cores busy; idle threads spin 2**{spin} cycles"
     )

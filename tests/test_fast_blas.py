@@ -414,20 +414,22 @@ class FakeLib:
 @pytest.mark.parametrize(
     "threads, cores, env, after",
     [
-        (2, 2, {}, 1),
-        (16, 16, {}, 15),
+        (2, 2, {}, 2),
+        (16, 8, {}, 8),
         (4, 16, {}, 4),
         (1, 1, {}, 1),
         (2, 2, {"OPENBLAS_NUM_THREADS": "2"}, 2),  # the user's count wins
         (2, 2, {"OMP_NUM_THREADS": "2"}, 2),
     ],
 )
-def test_the_pip_openblas_leaves_a_core_unless_the_user_set_its_threads(monkeypatch, threads, cores, env, after):
+def test_the_pip_openblas_runs_on_the_usable_cores_unless_the_user_set_its_threads(
+    monkeypatch, threads, cores, env, after
+):
     monkeypatch.setattr(fast_blas, "usable_cores", lambda: cores)
     lib = FakeLib(threads)
-    got = fast_blas.spare_a_core(lib, "scipy_", env)
+    got = fast_blas.all_cores(lib, "scipy_", env)
     assert lib.threads == after and got == (None if env else after)
 
 
 def test_a_library_without_the_prefixed_thread_api_is_left_alone():
-    assert fast_blas.spare_a_core(FakeLib(4, prefix=""), "scipy_", {}) is None
+    assert fast_blas.all_cores(FakeLib(4, prefix=""), "scipy_", {}) is None

@@ -177,7 +177,7 @@ def limit_spinning(env: dict | None = None) -> str | None:
 
 def _load(path: str) -> tuple[str, int | None]:
     """Load ``path`` globally and make its routines MLX's; returns (their name prefix, the thread
-    count set by :func:`spare_a_core` or None)."""
+    count set by :func:`all_cores` or None)."""
     limit_spinning()
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     prefix = _exported_prefix(lib)
@@ -188,7 +188,7 @@ def _load(path: str) -> tuple[str, int | None]:
         from mlx_xpo_plugin.host import blas_shim  # only for prefixed libraries
 
         blas_shim.forward_loaded(lib, prefix)
-        threads = spare_a_core(lib, prefix)
+        threads = all_cores(lib, prefix)
     _LIB[:] = [lib]
     return prefix, threads
 
@@ -197,13 +197,11 @@ def _load(path: str) -> tuple[str, int | None]:
 THREAD_ENVS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 
-def spare_a_core(lib, prefix: str, env: dict | None = None) -> int | None:
-    """Run a prefixed (pip) OpenBLAS on at most ``usable_cores() - 1`` threads, unless the user
-    set its thread count; returns the count set, or None.
-
-    Its workers spin without giving the core away, so with more runnable threads than cores
-    (MLX's stream thread, the Python thread, other jobs) a product can stall for a scheduler time
-    slice; one core fewer keeps a core for the rest (README, "Speed on Linux CPUs": measured)."""
+def all_cores(lib, prefix: str, env: dict | None = None) -> int | None:
+    """Run a prefixed (pip) OpenBLAS on every usable core (its own count may be the machine's,
+    beyond this process's affinity), unless the user set its thread count; returns the count set,
+    or None. Every rollout cuts it to the cores other processes leave idle
+    (:func:`decoding_threads`): a product split over a busy core waits for a time slice."""
     env = os.environ if env is None else env
     if any(env.get(k, "").strip() for k in THREAD_ENVS):
         return None
@@ -211,7 +209,7 @@ def spare_a_core(lib, prefix: str, env: dict | None = None) -> int | None:
     if api is None:
         return None
     get, put = api
-    wanted = max(1, min(get(), usable_cores() - 1))
+    wanted = max(1, min(get(), usable_cores()))
     put(wanted)
     return wanted
 

@@ -7,9 +7,11 @@ Each cell is one process training the ``small`` preset (xpo, 2 prompts x 2 compl
 tokens, a function judge, 8 steps; the median of steps 2-8), on the machine as it is and with one
 busy-loop process per core started around it (each stopped after at most ``--busy-s`` seconds).
 Sides: this checkout's policy as shipped (no thread setting), with ``OPENBLAS_NUM_THREADS`` set to
-the core count (the counts it starts from are then cut to idle cores at every rollout), and
-``OPENBLAS_NUM_THREADS=1``; with ``--old``, an older checkout's interpreter at the core count
-(before the cut and the short spin). Rounds alternate the order of the sides.
+the core count (the counts it starts from are then cut to idle cores at every rollout), with
+``OPENBLAS_THREAD_TIMEOUT=20`` (idle threads spin 2**20 cycles instead of 2**28), and
+``OPENBLAS_NUM_THREADS=1``; with ``--old``, an older
+checkout's interpreter at the core count (before the cut). Rounds alternate
+the order of the sides.
 
 Output: bench/results/threads.json and threads.md.
 """
@@ -106,6 +108,7 @@ def main():
     sides = {
         "policy as shipped": (sys.executable, {}),
         f"OPENBLAS_NUM_THREADS={cores}": (sys.executable, {"OPENBLAS_NUM_THREADS": str(cores)}),
+        "policy, idle threads spin 2**20 cycles": (sys.executable, {"OPENBLAS_THREAD_TIMEOUT": "20"}),
         "one thread": (sys.executable, {"OPENBLAS_NUM_THREADS": "1"}),
     }
     if ns.old:

@@ -115,9 +115,12 @@ def test_projection_line_only_for_runs_over_a_minute(run_yaml, monkeypatch):
 
     short = config.resolve("xpo", {}, set(), yaml.safe_load(open(run_yaml())))
     real_rates = calibration.rates
+    real_tokens = estimate.mean_prompt_tokens
     monkeypatch.setattr(calibration, "rates", lambda *a, **k: pytest.fail("calibrated for a short run"))
+    monkeypatch.setattr(estimate, "mean_prompt_tokens", lambda *a: pytest.fail("loaded a tokenizer"))
     assert estimate.projection_line(short) is None  # under a minute even at the slowest rates
     monkeypatch.setattr(calibration, "rates", real_rates)
+    monkeypatch.setattr(estimate, "mean_prompt_tokens", real_tokens)
     long = config.resolve("xpo", {}, set(), yaml.safe_load(open(run_yaml(iters=200_000))))
     line = estimate.projection_line(long)
     assert line is not None and "s per step" in line and "200000 steps" in line

@@ -300,16 +300,6 @@ def test_busy_elsewhere_leaves_out_this_process_threads(monkeypatch):
     assert fast_blas.busy_elsewhere(samples=2, gap_s=0) == 2  # the most of 3 - 1 and 2 - 1
 
 
-@pytest.mark.parametrize(
-    "env, after", [({}, "20"), ({"OPENBLAS_THREAD_TIMEOUT": "28"}, "28"), ({"GOTO_THREAD_TIMEOUT": "6"}, None)]
-)
-def test_idle_threads_spin_briefly_unless_the_user_said_otherwise(env, after):
-    env = dict(env)
-    set_ = fast_blas.limit_spinning(env)
-    assert env.get("OPENBLAS_THREAD_TIMEOUT") == after
-    assert set_ == ("20" if after == "20" else None)
-
-
 def test_the_count_is_restored_when_the_block_raises(fake_openblas):
     fake = fake_openblas(3, 4)
     with pytest.raises(RuntimeError, match="boom"):

@@ -61,6 +61,16 @@ def mean_prompt_tokens(folder: str, data_dir: str, split: str = "train") -> floa
     return sum(lens) / len(lens)
 
 
+def rough_prompt_tokens(data_dir: str, split: str = "train") -> float:
+    """A generous prompt length without a tokenizer: 2 characters per token plus 32 for the
+    template, over the first :data:`SAMPLE` prompts."""
+    from mlx_xpo_plugin.commands.data import read_rows, split_path
+
+    rows = read_rows(split_path(data_dir, split))[:SAMPLE]
+    chars = [sum(len(m.get("content") or "") for m in msgs) for msgs in rows]
+    return sum(chars) / max(1, len(chars)) / 2 + 32
+
+
 def weight_bytes(cfg, model_cfg: dict) -> float:
     """Bytes per weight as the base computes: 4 where ``compute_dtype`` gives float32 (``auto`` on
     a CPU), else the setting's or the checkpoint's dtype (4-bit and the like count as 2)."""
@@ -170,16 +180,16 @@ def projection_line(cfg, n_prompts: int | None = None) -> str | None:
     """The projection as one line when the whole run is expected to take over :data:`SHOW_ABOVE_S`
     seconds, else None (also None when it cannot be made: a model or data it cannot read).
     Calibrates this machine once (a few seconds) when nothing is cached for it, unless the run
-    is under a minute even at the rates of :data:`SLOW`."""
+    is under a minute even at the rates of :data:`SLOW` with :func:`rough_prompt_tokens`."""
     from mlx_xpo_plugin.commands import calibration
     from mlx_xpo_plugin.compute.models import model_folder
 
     try:
         n_train, n_valid = _counts(cfg)
         n_train = n_train if n_prompts is None else n_prompts
+        if project(cfg, n_train, SLOW, rough_prompt_tokens(cfg.data), n_valid)["total_seconds"] <= SHOW_ABOVE_S:
+            return None  # under a minute even on the slowest machine: no tokenizer, no calibration
         plen = mean_prompt_tokens(model_folder("model", cfg.model), cfg.data)
-        if project(cfg, n_train, SLOW, plen, n_valid)["total_seconds"] <= SHOW_ABOVE_S:
-            return None  # under a minute even on the slowest machine: no calibration needed
         res = project(cfg, n_train, calibration.rates()[0], plen, n_valid)
     except (ConfigError, OSError, KeyError, ValueError):
         return None

@@ -28,7 +28,7 @@ line does. Standard library only: this runs at import time.
 
 While completions are decoded token by token, :func:`decoding_threads` runs that OpenBLAS on every
 usable core, and at every rollout cuts the decoding and scoring counts to the cores other
-processes leave idle (see there); idle workers spin briefly (:data:`SPIN_LOG2`).
+processes leave idle (see there).
 """
 
 from __future__ import annotations
@@ -159,26 +159,14 @@ def _exported_prefix(lib) -> str | None:
 
 
 #: what OpenBLAS reads, when loaded, for how long idle workers spin: 2**value CPU cycles (4-30;
-#: 28 when unset). Ours (unless the user set one): about 0.4 ms at 2.5 GHz, longer than the gaps
-#: between the products of one pass, far shorter than the default's 0.1 s after the last one
+#: 28 when unset). Left as set: 20 measured 4% slower steps than 28 on an idle machine, and a busy
+#: one gets one thread anyway (bench/results/threads_spin.md)
 TIMEOUT_ENVS = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
-SPIN_LOG2 = 20
-
-
-def limit_spinning(env: dict | None = None) -> str | None:
-    """Set ``OPENBLAS_THREAD_TIMEOUT`` to :data:`SPIN_LOG2` in ``env`` (the process's environment,
-    read by OpenBLAS when it is loaded) unless the user set one; returns the value set or None."""
-    env = os.environ if env is None else env
-    if any(env.get(k, "").strip() for k in TIMEOUT_ENVS):
-        return None
-    env[TIMEOUT_ENVS[0]] = str(SPIN_LOG2)
-    return env[TIMEOUT_ENVS[0]]
 
 
 def _load(path: str) -> tuple[str, int | None]:
     """Load ``path`` globally and make its routines MLX's; returns (their name prefix, the thread
     count set by :func:`all_cores` or None)."""
-    limit_spinning()
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     prefix = _exported_prefix(lib)
     if prefix is None:

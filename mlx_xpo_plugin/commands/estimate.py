@@ -205,7 +205,7 @@ def render(cfg, res: dict, record: dict, cache_file: str) -> str:
         f"step: {cfg.batch_size} prompts x {cfg.gradient_accumulation_steps} micro-batch(es), 2 completions each, "
         f"prompts {res['prompt_tokens']:.0f} tokens on average, completions up to {cfg.max_completion_length} tokens; "
         f"judge: {res['judge_kind']}; compute_dtype: {cfg.compute_dtype}",
-        f"machine: sgemm {r['sgemm'] / 1e9:.1f} GFLOP/s, 4-row products read weights at {r['stream'] / 1e9:.1f} GB/s "
+        f"machine: sgemm {r['sgemm'] / 1e9:.1f} GFLOP/s, decoding reads weights at {r['stream'] / 1e9:.1f} GB/s "
         f"(measured {record['measured_at']}; cached in {cache_file})",
         "",
         "| phase | seconds per step |",

@@ -44,7 +44,7 @@ def WIDTH_PROBE(hidden: int) -> dict:
         num_attention_heads=hidden // 64,
         num_key_value_heads=max(1, hidden // 256),
         intermediate_size=4 * hidden,
-        vocab_size=8192,
+        vocab_size=64 * hidden,  # an output layer of a real model's share of the weights
     )
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_xpo_plugin.commands.estimate import add_parser as add_estimate
 from mlx_xpo_plugin.commands.hints import command
 from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.host.fast_blas import request
@@ -272,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("adapter_path", help="the run's adapter folder (holding metrics.jsonl)")
     pl.add_argument("--output", default=None, help="where to write the PNG (default: <adapter_path>/training.png)")
     pl.set_defaults(func=plot)
+    add_estimate(sub)
     return p
 
 

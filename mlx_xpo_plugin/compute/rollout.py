@@ -4,8 +4,8 @@ All completions of a batch are generated together: by the compiled fixed-shape d
 :mod:`.decode` where the model's cache allows it (plain KV caches, most models), else by mlx-lm's
 BatchGenerator. The sampled token ids travel unchanged to scoring; the text is decoded only for
 the judge. xpo's paper form and evaluation sample one policy and one reference completion per
-prompt (:func:`sample_policy_and_reference`). While sampling, a preloaded OpenBLAS leaves one core to the Python thread
-(:func:`.fast_blas.spare_core_for_python`).
+prompt (:func:`sample_policy_and_reference`). While sampling, a preloaded OpenBLAS runs on every
+idle core (:func:`.fast_blas.decoding_threads`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_xpo_plugin.compute import decode
-from mlx_xpo_plugin.host.fast_blas import spare_core_for_python
+from mlx_xpo_plugin.host.fast_blas import decoding_threads
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def sample_completions(
         model.eval()  # sample from the policy itself: no (LoRA) dropout while generating
     flat = [list(p) for p in prompts for _ in range(n)]
     try:
-        with spare_core_for_python():
+        with decoding_threads(sum(v.nbytes for _, v in tree_flatten(model.parameters()))):
             if decode.supports(model):
                 generated = decode.generate(model, flat, cfg.max_tokens, cfg.sampler(), eos_ids)
             else:

@@ -26,8 +26,9 @@ on macOS (Accelerate, Metal) or with a CUDA build. Any failure leaves MLX exactl
 this project's commands the run's banner says why (:func:`banner_line`), elsewhere one stderr
 line does. Standard library only: this runs at import time.
 
-While completions are decoded token by token, :func:`spare_core_for_python` keeps that OpenBLAS
-on one core fewer than the process may use (see there).
+While completions are decoded token by token, :func:`decoding_threads` runs that OpenBLAS on every
+usable core, and at every rollout cuts the decoding and scoring counts to the cores other
+processes leave idle (see there).
 """
 
 from __future__ import annotations
@@ -157,9 +158,15 @@ def _exported_prefix(lib) -> str | None:
     return None
 
 
+#: what OpenBLAS reads, when loaded, for how long idle workers spin: 2**value CPU cycles (4-30;
+#: 28 when unset). Left as set: 20 measured 4% slower steps than 28 on an idle machine, and a busy
+#: one gets one thread anyway (bench/results/threads_spin.md)
+TIMEOUT_ENVS = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
+
+
 def _load(path: str) -> tuple[str, int | None]:
     """Load ``path`` globally and make its routines MLX's; returns (their name prefix, the thread
-    count set by :func:`spare_a_core` or None)."""
+    count set by :func:`all_cores` or None)."""
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     prefix = _exported_prefix(lib)
     if prefix is None:
@@ -169,7 +176,7 @@ def _load(path: str) -> tuple[str, int | None]:
         from mlx_xpo_plugin.host import blas_shim  # only for prefixed libraries
 
         blas_shim.forward_loaded(lib, prefix)
-        threads = spare_a_core(lib, prefix)
+        threads = all_cores(lib, prefix)
     _LIB[:] = [lib]
     return prefix, threads
 
@@ -178,15 +185,11 @@ def _load(path: str) -> tuple[str, int | None]:
 THREAD_ENVS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 
-def spare_a_core(lib, prefix: str, env: dict | None = None) -> int | None:
-    """Run a prefixed (pip) OpenBLAS on at most ``usable_cores() - 1`` threads, unless the user
-    set its thread count; returns the count set, or None.
-
-    Its workers wait for each other by spinning without giving the core away (no ``sched_yield``,
-    unlike Debian's build), so when the process or the machine has more runnable threads than
-    cores (MLX's stream thread, the Python thread, other jobs) a product can stall for a scheduler
-    time slice. One core fewer keeps a core for the rest (README, "Speed on Linux CPUs": measured).
-    """
+def all_cores(lib, prefix: str, env: dict | None = None) -> int | None:
+    """Run a prefixed (pip) OpenBLAS on every usable core (its own count may be the machine's,
+    beyond this process's affinity), unless the user set its thread count; returns the count set,
+    or None. Every rollout cuts it to the cores other processes leave idle
+    (:func:`decoding_threads`): a product split over a busy core waits for a time slice."""
     env = os.environ if env is None else env
     if any(env.get(k, "").strip() for k in THREAD_ENVS):
         return None
@@ -194,7 +197,7 @@ def spare_a_core(lib, prefix: str, env: dict | None = None) -> int | None:
     if api is None:
         return None
     get, put = api
-    wanted = max(1, min(get(), usable_cores() - 1))
+    wanted = max(1, min(get(), usable_cores()))
     put(wanted)
     return wanted
 
@@ -219,6 +222,8 @@ def preload(quiet: bool = False) -> dict:
             prefix, threads = _load(path)
             where = f"{why}; {threads} thread{'s' * (threads != 1)}" if threads else why
             STATE.update(prefix=prefix, loaded=path, blas=f"{os.path.basename(path)} (preloaded for MLX; {where})")
+            STATE["threads"] = current_threads()  # the process's count, cut per phase later
+            STATE["user_threads"] = any(os.environ.get(k, "").strip() for k in THREAD_ENVS)
         except OSError as e:
             STATE["why"] = f"{why}: could not be loaded ({e}); the bundled reference BLAS is kept"
             failed = True
@@ -243,8 +248,54 @@ def banner_line() -> str | None:
     if not STATE or (STATE.get("blas") == "as shipped with mlx" and not STATE.get("why")):
         return None
     if STATE.get("loaded"):
-        return f"BLAS: {STATE['blas']}"
+        threads = threads_line()
+        return f"BLAS: {STATE['blas']}" + (f"; {threads}" if threads else "")
     return f"BLAS: {STATE['blas']}: {STATE['why']}"
+
+
+def _runnable_self() -> int:  # threads of this process in state R now
+    n = 0
+    for stat in glob.glob("/proc/self/task/*/stat"):
+        try:
+            with open(stat) as f:
+                n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return n
+
+
+def busy_elsewhere(samples: int = 3, gap_s: float = 0.0005) -> int:
+    """Threads of other processes runnable now: the most, over ``samples`` reads ``gap_s`` apart,
+    of /proc/loadavg's running count less this process's; 0 without /proc (macOS)."""
+    import time
+
+    most = 0
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):
+            return 0
+        most = max(most, running - _runnable_self())
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    return most
+
+
+def fit_to_idle_cores(wanted: int, cores: int | None = None, busy: int | None = None) -> int:
+    """``wanted`` threads, cut to the cores no other process keeps busy (at least one; unchanged
+    when none is busy): a product
+    split over threads waits for the slowest one, and a thread that shares its core with another
+    process's waits for a scheduler time slice (README, "Speed on Linux CPUs": measured)."""
+    cores = usable_cores() if cores is None else cores
+    busy = busy_elsewhere() if busy is None else busy
+    return max(1, min(wanted, cores - busy) if busy > 0 else wanted)
+
+
+#: the thread counts last set per phase, for the run's banner
+PHASE_THREADS: dict = {}
+#: models whose weights are larger (more than a CPU's last-level cache) decode on every core
+ALL_CORES_ABOVE = 64 * 2**20
 
 
 def usable_cores() -> int:
@@ -268,6 +319,12 @@ def _threads_api(lib, prefix: str = ""):
     return get, put
 
 
+def current_threads() -> int | None:
+    """The thread count of the preloaded OpenBLAS (None without one)."""
+    api = _openblas_threads(STATE.get("loaded"), STATE.get("prefix", ""))
+    return api[0]() if api else None
+
+
 def _openblas_threads(path: str | None, prefix: str = ""):
     """(get, set) of the thread count of the OpenBLAS loaded from ``path``, or None."""
     if not path:
@@ -280,33 +337,50 @@ def _openblas_threads(path: str | None, prefix: str = ""):
 
 
 @contextlib.contextmanager
-def spare_core_for_python():
-    """Run the block with the preloaded OpenBLAS on at most ``usable_cores() - 1`` threads.
-
-    Token-by-token decoding keeps two threads of the process busy: MLX's stream thread runs step
-    t while the Python thread builds step t+1. A decode step's matrix products have one row per
-    sequence, too few to gain from being split across threads, and OpenBLAS's idle workers spin
-    (``sched_yield``) between calls, taking the core the Python thread needs (README, "Sampling":
-    measured); the scoring forward/backward did not gain, so the count goes back on exit. Pending
-    MLX work is finished on entry and on exit, so the count never changes under a running product.
-    A no-op unless this module preloaded an OpenBLAS.
-    """
+def decoding_threads(weight_bytes: int | None = None):
+    """Decode (the block) on every usable core when the model's weights exceed
+    :data:`ALL_CORES_ABOVE`, else on at most one core fewer than the process's count (the user's
+    count, where set, is used instead), then go back to the process's count for scoring; each cut
+    to the cores other processes leave idle now (:func:`fit_to_idle_cores`). A decode step reads
+    every weight once through products of a few rows: one thread reads a large model at a fraction
+    of the memory's speed (bench/results/decode.md); a model that fits in the caches costs its
+    operations, which threads only add to. MLX work is finished on entry and exit. A no-op
+    unless this module preloaded an OpenBLAS."""
     api = _openblas_threads(STATE["loaded"], STATE.get("prefix", "")) if STATE.get("loaded") else None
     if api is None:
         yield
         return
     get, put = api
-    before = get()
-    wanted = max(1, min(before, usable_cores() - 1))
-    if wanted == before:
-        yield
-        return
+    before = STATE.get("threads") or get()  # the process's count, as set at load
+    cores = usable_cores()
+    big = weight_bytes is None or weight_bytes > ALL_CORES_ABOVE
+    wanted = min(before, cores) if STATE.get("user_threads") else (cores if big else min(before, cores - 1))
+    busy = busy_elsewhere() if max(before, wanted) > 1 else 0
+    wanted, after = fit_to_idle_cores(wanted, cores, busy), fit_to_idle_cores(before, cores, busy)
+    PHASE_THREADS.update(decoding=wanted, scoring=after)
     import mlx.core as mx  # loaded by now: a BLAS is only preloaded for it
 
     mx.synchronize()
-    put(wanted)
+    if get() != wanted:
+        put(wanted)
     try:
         yield
     finally:
         mx.synchronize()
-        put(before)
+        if get() != after:
+            put(after)
+
+
+def threads_line() -> str | None:
+    """Thread counts per phase of the preloaded OpenBLAS and its spin time, for the run's banner."""
+    api = _openblas_threads(STATE.get("loaded"), STATE.get("prefix", "")) if STATE.get("loaded") else None
+    if api is None:
+        return None
+    n = STATE.get("threads") or api[0]()
+    cores = usable_cores()
+    spin = next((os.environ[k].strip() for k in TIMEOUT_ENVS if os.environ.get(k, "").strip()), "28")
+    return (
+        f"threads per phase: scoring {n}, decoding {min(n, cores) if STATE.get('user_threads') else cores} of "
+        f"{cores} cores (weights over 64 MiB), fewer while "
+        f"other processes keep cores busy; idle threads spin 2**{spin} cycles"
+    )

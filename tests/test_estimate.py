@@ -4,6 +4,7 @@ measured tiny step."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -185,3 +186,23 @@ def test_estimate_within_30_percent_of_a_measured_tiny_step(tmp_path, tiny_model
         if 0.7 <= ratios[-1] <= 1.3:
             return
     pytest.fail(f"projected / measured tiny step: {[round(x, 2) for x in ratios]} (none within 0.7-1.3)")
+
+
+def test_a_run_over_a_minute_prints_its_projection_first(run_yaml, tmp_path, monkeypatch, capsys):
+    """The training command's first line is the projection (here: every run counts as long, at
+    the slow rates, so nothing is calibrated); under mlx.launch each process takes its share."""
+    from mlx_xpo_plugin import config
+    from mlx_xpo_plugin.api import train_method
+    from mlx_xpo_plugin.xpo_trainer import XPO
+
+    monkeypatch.setattr(estimate, "SHOW_ABOVE_S", -1.0)
+    monkeypatch.setattr(calibration, "rates", lambda *a, **k: (estimate.SLOW, {}))
+    path = run_yaml(iters=None, epochs=1, adapter_path=str(tmp_path / "ad"), steps_per_eval=100)
+    cfg = config.resolve("xpo", {}, set(), yaml.safe_load(open(path)))
+    one, two = estimate.projection_line(cfg), estimate.projection_line(cfg, world=2)
+    steps = [int(line.split(" steps")[0].rsplit(" ", 1)[1]) for line in (one, two)]
+    assert steps[1] == math.ceil(steps[0] / 2)  # each of 2 processes: half the prompts of an epoch
+    capsys.readouterr()
+    assert train_method(XPO, path, progress=False) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == one

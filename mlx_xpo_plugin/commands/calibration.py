@@ -171,7 +171,7 @@ def _probe_loss(model, prompt: int = 24, completion: int = 16):
         import mlx.core as mx
 
         res = pair_loss(m, inputs, targets, mask, ref_tok, mx.array([False, True]), method, settings, 0.1, 1e-5)
-        return total(res, settings.entropy_coef).sum() / 2
+        return total(res, settings.entropy_coef, 2, 2).sum()  # 2 decided pairs of 2 scored
 
     return ref, loss
 

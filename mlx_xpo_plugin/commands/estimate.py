@@ -176,9 +176,10 @@ def _counts(cfg) -> tuple[int, int]:
     return n_train, len(read_rows(valid)) if os.path.isfile(valid) else 0
 
 
-def projection_line(cfg, n_prompts: int | None = None) -> str | None:
+def projection_line(cfg, n_prompts: int | None = None, world: int = 1) -> str | None:
     """The projection as one line when the whole run is expected to take over :data:`SHOW_ABOVE_S`
-    seconds, else None (also None when it cannot be made: a model or data it cannot read).
+    seconds, else None (also None when it cannot be made: a model or data it cannot read). Under
+    ``mlx.launch`` each of ``world`` processes takes its share of the prompts of every step.
     Calibrates this machine once (a few seconds) when nothing is cached for it, unless the run
     is under a minute even at the rates of :data:`SLOW` with :func:`rough_prompt_tokens`."""
     from mlx_xpo_plugin.commands import calibration
@@ -186,7 +187,7 @@ def projection_line(cfg, n_prompts: int | None = None) -> str | None:
 
     try:
         n_train, n_valid = _counts(cfg)
-        n_train = n_train if n_prompts is None else n_prompts
+        n_train = (n_train if n_prompts is None else n_prompts) // max(1, world)  # each process's share
         if project(cfg, n_train, SLOW, rough_prompt_tokens(cfg.data), n_valid)["total_seconds"] <= SHOW_ABOVE_S:
             return None  # under a minute even on the slowest machine: no tokenizer, no calibration
         plen = mean_prompt_tokens(model_folder("model", cfg.model), cfg.data)

@@ -23,6 +23,7 @@ from mlx_xpo_plugin.commands.build import (
     quantization,
     write_adapter_config,
 )
+from mlx_xpo_plugin.commands.estimate import projection_line
 from mlx_xpo_plugin.commands.hints import command, ignored_judge_system, kernel_note
 from mlx_xpo_plugin.commands.peers import discard_peer_errors, peer_errors, peer_run
 from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created, hold
@@ -107,6 +108,9 @@ def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
         return peer_run(cfg, rank, lambda: _run(cfg, method_cls, training_callback, progress))
     if not cfg.train:
         return _run(cfg, method_cls, training_callback, progress)
+    projection = projection_line(cfg, world=mx.distributed.init().size())  # when the run is over a minute
+    if projection:
+        print(projection)
     with created(cfg.adapter_path), hold("adapter_path", cfg.adapter_path):  # one run per adapter_path
         try:
             return _run(cfg, method_cls, training_callback, progress)

@@ -162,7 +162,7 @@ def column_major(w: mx.array) -> mx.array:
     """``w`` ([out, in]) stored column by column (the same values). A layer multiplies by its
     transpose, ``x @ w.T``, which is then row-contiguous, so BLAS reads it as stored rather than
     as a transposed operand; OpenBLAS's sgemm streams a weight read that way faster when the
-    activations have few rows, i.e. while decoding (README, "Distance to the machine's limits")."""
+    activations have few rows, i.e. while decoding (docs/cost.md, "Decoding against the machine's limit")."""
     return mx.contiguous(w.T).T
 
 

@@ -286,7 +286,7 @@ def fit_to_idle_cores(wanted: int, cores: int | None = None, busy: int | None = 
     """``wanted`` threads, cut to the cores no other process keeps busy (at least one; unchanged
     when none is busy): a product
     split over threads waits for the slowest one, and a thread that shares its core with another
-    process's waits for a scheduler time slice (README, "Speed on Linux CPUs": measured)."""
+    process's waits for a scheduler time slice (docs/cost.md, "Threads": measured)."""
     cores = usable_cores() if cores is None else cores
     busy = busy_elsewhere() if busy is None else busy
     return max(1, min(wanted, cores - busy) if busy > 0 else wanted)
@@ -379,8 +379,9 @@ def threads_line() -> str | None:
     n = STATE.get("threads") or api[0]()
     cores = usable_cores()
     spin = next((os.environ[k].strip() for k in TIMEOUT_ENVS if os.environ.get(k, "").strip()), "28")
+    user = STATE.get("user_threads")
+    decoding = f"{min(n, cores)}" if user else f"{cores} ({max(1, cores - 1)} for weights under 64 MiB)"
     return (
-        f"threads per phase: scoring {n}, decoding {min(n, cores) if STATE.get('user_threads') else cores} of "
-        f"{cores} cores (weights over 64 MiB), fewer while "
+        f"threads per phase of {cores} cores: scoring {n}, decoding {decoding}, fewer while "
         f"other processes keep cores busy; idle threads spin 2**{spin} cycles"
     )

@@ -147,18 +147,20 @@ def _probe_model(layers: int, hidden: int = PROBE["hidden_size"]):
 
 
 def _probe_loss(model, prompt: int = 24, completion: int = 16):
-    """The trainer's reference pass and loss (xpo, default settings) on 2 prompts of ``prompt``
-    tokens, each with two completions of ``completion`` tokens: (reference pass, loss function)."""
+    """The trainer's reference pass and loss (xpo's default settings, so the tempered log-probs
+    are scored too) on 2 prompts of ``prompt`` tokens, each with two completions of
+    ``completion`` tokens: (reference pass, loss function). The loop's base method stands in for
+    XPO: its exploration term is element-wise over the scored tokens, nothing beside the passes."""
     from mlx_xpo_plugin import config
     from mlx_xpo_plugin.compute.reference import Reference
     from mlx_xpo_plugin.compute.scoring import pack
+    from mlx_xpo_plugin.loop.method import OnlineDPO
     from mlx_xpo_plugin.loop.pair_loss import pair_loss, reference_logps, total
     from mlx_xpo_plugin.loop.settings import from_config
-    from mlx_xpo_plugin.xpo_trainer import XPO
 
     cfg = config.resolve("xpo", {}, set(), {"model": "probe", "data": "probe", "train": True, "batch_size": 2})
     settings = from_config(cfg, 1, progress=False)
-    method = XPO(settings)
+    method = OnlineDPO(settings)
     prompts = [[(7 * r + j) % 120 + 3 for j in range(prompt)] for r in range(2)] * 2
     comps = [[(13 * r + 5 * j) % 120 + 3 for j in range(completion)] for r in range(4)]
     inputs, targets, mask = pack(prompts, comps)

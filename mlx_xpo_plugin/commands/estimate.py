@@ -107,7 +107,7 @@ def judge_work(cfg) -> dict:
 
 def project(cfg, n_train: int, rates: cost.Rates, prompt_len: float, n_valid: int = 0) -> dict:
     """Seconds per step by phase, the run's steps, validation passes and total seconds."""
-    from mlx_xpo_plugin.commands.runner import plan_steps
+    from mlx_xpo_plugin.commands.build import plan_steps
     from mlx_xpo_plugin.compute.models import model_folder
 
     folder = model_folder("model", cfg.model)

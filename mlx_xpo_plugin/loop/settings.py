@@ -1,6 +1,6 @@
 """What the training loop reads: the loop's share of the settings table (config.SETTINGS), with
 the same names, defaults and help, plus the run's number of steps and the progress bar. (The
-mode is the method the loop is given: online_dpo_trainer.OnlineDPO or xpo_trainer.XPO.)
+mode is the method the loop is given: loop.method.OnlineDPO or xpo_trainer.XPO.)
 
 ``LoopSettings(iters=40, batch_size=4, alpha=1e-3)`` is how Python callers (the benches, the
 tests) build one; a run from YAML or the command line uses :func:`from_config`.

@@ -8,7 +8,7 @@ without), loss = pair_loss.total summed over the step's pairs (the DPO loss aver
 decided pairs, the exploration term over every scored pair, all processes together), one
 optimizer update (none when no pair of the step was decided).
 
-The method (``online_dpo_trainer.OnlineDPO`` or ``xpo_trainer.XPO``) decides how a pair is
+The method (``loop.method.OnlineDPO`` or ``xpo_trainer.XPO``) decides how a pair is
 sampled, which pairs are scored, the alpha schedule and the exploration term. The loop's state
 that a checkpoint keeps is one :class:`.checkpoints.LoopState`.
 """
@@ -41,7 +41,7 @@ __all__ = ["OnlineTrainer", "PromptSet"]
 
 class OnlineTrainer:
     """The loop's parts: ``settings`` (loop/settings.py: LoopSettings), the ``method``
-    (online_dpo_trainer.OnlineDPO or xpo_trainer.XPO), the policy ``model`` and its
+    (loop.method.OnlineDPO or xpo_trainer.XPO), the policy ``model`` and its
     ``tokenizer``, the frozen ``reference`` (reference.Reference), a pairwise ``judge`` (named
     ``judge_name`` in messages), an mlx ``optimizer`` and the prompts; ``fingerprint`` and
     ``config`` are recorded in every checkpoint (checkpoints.py: what a resume must match)."""

@@ -95,6 +95,17 @@ def run_one(impl: str, mode: str, settings: dict, workdir: Path, timeout: float 
     return res
 
 
+def child_result(argv: list, label: str, timeout: float, env: dict | None = None) -> dict:
+    """Run ``argv`` (a Python child that prints ``RESULT <json>``) in a scratch folder, passed as
+    its last argument; the parsed JSON, or exit naming ``label`` with the child's stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([*argv, str(Path(tmp) / "run")], capture_output=True, text=True, env=env, timeout=timeout)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{label} failed: {r.stderr[-3000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
 def cli_equivalent(impl: str, mode: str, settings: dict) -> str:
     """The command a user would type for the same run (settings in cfg.yaml)."""
     if impl == "ours":

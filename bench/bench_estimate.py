@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,7 +28,7 @@ from pathlib import Path
 from mlx_xpo_plugin.api import as_config, train_method
 from mlx_xpo_plugin.xpo_trainer import XPO
 from mlx_xpo_plugin.commands import calibration, estimate
-model, data, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+model, data, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 s = dict(model=model, data=data, train=True, adapter_path=out, judge="mlx_xpo_plugin.rules:coin_reward",
          iters=steps, batch_size=2, max_completion_length=32, steps_per_report=1, steps_per_eval=10000,
          val_batches=1, save_every=10000, seed=0, test=False, fuse=False)
@@ -54,17 +52,7 @@ def run(preset: str, steps: int) -> dict:
     dtype = "bfloat16" if preset == "q05" else "float32"
     name = f"model-{preset}-bf16" if preset == "q05" else f"model-{preset}"
     model = str(build_tiny_model(B.cache_dir() / name, preset=preset, dtype=dtype))
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(
-            [sys.executable, "-c", ONE, model, B.data_path(), str(Path(tmp) / "run"), str(steps)],
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise SystemExit(f"{preset} failed: {r.stderr[-3000:]}")
-    return json.loads(line[7:])
+    return B.child_result([sys.executable, "-c", ONE, model, B.data_path(), str(steps)], preset, timeout=3600)
 
 
 def render(data: dict) -> str:

@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as B  # noqa: E402
+
+from mlx_xpo_plugin.commands.calibration import best_of  # noqa: E402
 
 
 def build(preset: str, bits):
@@ -50,16 +51,6 @@ def build(preset: str, bits):
 
     name = f"model-{preset}-bf16" + (f"-q{bits}" if bits else "")
     return str(build_tiny_model(B.cache_dir() / name, preset=preset, dtype="bfloat16", bits=bits))
-
-
-def best(fn, n: int) -> float:
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
 
 
 def machine_rates(hidden: int, inter: int, n: int) -> dict:
@@ -73,17 +64,17 @@ def machine_rates(hidden: int, inter: int, n: int) -> dict:
     mx.eval(a, b, ab, bb, *q, *qb, big)
     flop = 2 * 256 * hidden * inter
     return {
-        "sgemm_gflops": flop / best(lambda: mx.eval(a @ b), n) / 1e9,
-        "bf16_gemm_gflops": flop / best(lambda: mx.eval(ab @ bb), max(1, n // 3)) / 1e9,
+        "sgemm_gflops": flop / best_of(lambda: mx.eval(a @ b), n) / 1e9,
+        "bf16_gemm_gflops": flop / best_of(lambda: mx.eval(ab @ bb), max(1, n // 3)) / 1e9,
         "q4_f32act_gflops": flop
-        / best(lambda: mx.eval(mx.quantized_matmul(a, *q, transpose=True, group_size=64, bits=4)), max(1, n // 3))
+        / best_of(lambda: mx.eval(mx.quantized_matmul(a, *q, transpose=True, group_size=64, bits=4)), max(1, n // 3))
         / 1e9,
         # 32 rows: at its rate (well under 1 GFLOP/s here) 256 rows would take seconds per product
         "q4_bf16act_gflops": flop
         / 8
-        / best(lambda: mx.eval(mx.quantized_matmul(ab[:32], *qb, transpose=True, group_size=64, bits=4)), 1)
+        / best_of(lambda: mx.eval(mx.quantized_matmul(ab[:32], *qb, transpose=True, group_size=64, bits=4)), 1)
         / 1e9,
-        "read_gbs": big.nbytes / best(lambda: mx.eval(big.sum()), n) / 1e9,
+        "read_gbs": big.nbytes / best_of(lambda: mx.eval(big.sum()), n) / 1e9,
         "read_gbs_one_core": read_bandwidth(n, threads=1),
         "read_gbs_all_cores": read_bandwidth(n),
     }
@@ -109,7 +100,7 @@ def read_bandwidth(n: int, mib: int = 512, threads: int | None = None) -> float:
         for t in ts:
             t.join()
 
-    return mib * 2**20 / best(once, n) / 1e9
+    return mib * 2**20 / best_of(once, n) / 1e9
 
 
 def decode_products(model, rows: int):
@@ -170,19 +161,19 @@ def measure_variant(
             for _, m in model.named_modules()
             if isinstance(m, nn.QuantizedLinear)
         )
-    products = best(decode_products(model, rows), 3)
+    products = best_of(decode_products(model, rows), 3)
     model.freeze()
     linear_to_lora_layers(model, model.args.num_hidden_layers, {"rank": 8, "dropout": 0.0, "scale": 10.0})
     mx.eval(model.parameters())
     greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
     prompts = [[(7 * r + j) % 1500 + 3 for j in range(prompt)] for r in range(rows)]
-    t1, t2 = (best(lambda n=n: decode.generate(model, prompts, n, greedy, []), 3) for n in decode_tokens)
+    t1, t2 = (best_of(lambda n=n: decode.generate(model, prompts, n, greedy, []), 3) for n in decode_tokens)
     per_token = (t2 - t1) / (decode_tokens[1] - decode_tokens[0])
     comps = [[(13 * r + 5 * j) % 1500 + 3 for j in range(completion)] for r in range(rows)]
     inputs, targets, mask = pack(prompts, comps)
     seq = prompt + completion - 1
     fl = model_flops(model.args, rows * seq, rows * completion, rows, seq, n_body)
-    fwd = best(lambda: mx.eval(completion_logps(model, inputs, targets, mask).tokens), 1)
+    fwd = best_of(lambda: mx.eval(completion_logps(model, inputs, targets, mask).tokens), 1)
     out = {
         "setting": setting,
         "weight_bytes": weight_bytes,
@@ -202,7 +193,7 @@ def measure_variant(
             v, g = nn.value_and_grad(model, loss)(model)
             mx.eval(v, g)
 
-        t = best(pol, 1)
+        t = best_of(pol, 1)
         out.update(policy_s=t, policy_gflops=2 * fl / t / 1e9)
     return out
 

@@ -19,11 +19,9 @@ Output: bench/results/threads.json and threads.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,18 +55,7 @@ def busy_loops(n: int, seconds: float) -> list:
 def one(python: str, env_extra: dict, model: str, data: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT")}
     env.update(env_extra)
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(
-            [python, "-c", STEP, model, data, os.path.join(tmp, "run")],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise SystemExit(f"{python} failed: {r.stderr[-2000:]}")
-    return json.loads(line[7:])
+    return B.child_result([python, "-c", STEP, model, data], python, timeout=600, env=env)
 
 
 def render(data: dict) -> str:

@@ -99,7 +99,8 @@ def cache_path(ident: dict, cache: str | os.PathLike | None = None) -> Path:
     return Path(cache or default_cache_dir()) / "calibration" / f"{key}.json"
 
 
-def _best(fn, n: int) -> float:
+def best_of(fn, n: int) -> float:
+    """The fastest of ``n`` timed calls of ``fn``, after one untimed call."""
     fn()  # warm-up (allocation, tracing)
     ts = []
     for _ in range(n):
@@ -114,9 +115,9 @@ def sgemm_rate() -> float:
 
     a, b = mx.random.normal((256, 1024)), mx.random.normal((1024, 2048))
     mx.eval(a, b)
-    t = _best(lambda: mx.eval(a @ b), 1)
+    t = best_of(lambda: mx.eval(a @ b), 1)
     n = 5 if t < 0.05 else 1  # the bundled reference BLAS is slow: one repeat is enough there
-    return 2 * 256 * 1024 * 2048 / min(t, _best(lambda: mx.eval(a @ b), n))
+    return 2 * 256 * 1024 * 2048 / min(t, best_of(lambda: mx.eval(a @ b), n))
 
 
 def stream_rate() -> float:
@@ -128,7 +129,7 @@ def stream_rate() -> float:
     x = mx.random.normal((4, 1024))
     mx.eval(x, *ws)
     with decoding_threads():  # the thread count the rollout decodes with
-        t = _best(lambda: mx.eval(*[x @ w for w in ws]), 3)
+        t = best_of(lambda: mx.eval(*[x @ w for w in ws]), 3)
     return sum(w.nbytes for w in ws) / t
 
 
@@ -190,10 +191,10 @@ def dispatch_costs(layers: int, repeats: int = 5) -> dict:
     model = _probe_model(layers)
     sampler = SamplingConfig(max_tokens=10, temperature=0.8).sampler()
     prompts = [[(7 * r + j) % 120 + 3 for j in range(24)] for r in range(4)]
-    t2, t10 = (_best(lambda n=n: decode.generate(model, prompts, n, sampler, []), repeats) for n in (2, 10))
+    t2, t10 = (best_of(lambda n=n: decode.generate(model, prompts, n, sampler, []), repeats) for n in (2, 10))
     token = max(0.0, (t10 - t2) / 8)
     ref, loss = _probe_loss(model)
-    fwd = _best(ref, repeats)
+    fwd = best_of(ref, repeats)
     ref_tok = ref()
     grad = nn.value_and_grad(model, loss)
     holder = {}
@@ -203,14 +204,14 @@ def dispatch_costs(layers: int, repeats: int = 5) -> dict:
         mx.eval(v, g)
         holder["g"] = g
 
-    bwd_s = _best(bwd, repeats)
+    bwd_s = best_of(bwd, repeats)
     opt = optim.Adam(learning_rate=1e-5)
 
     def step():
         opt.update(model, holder["g"])
         mx.eval(model.parameters(), opt.state)
 
-    return {"call": max(0.0, t2 - 2 * token), "token": token, "fwd": fwd, "bwd": bwd_s, "opt": _best(step, repeats)}
+    return {"call": max(0.0, t2 - 2 * token), "token": token, "fwd": fwd, "bwd": bwd_s, "opt": best_of(step, repeats)}
 
 
 def scoring_rates(hidden: int, dispatch: dict, repeats: int = 3) -> tuple[float, float]:
@@ -224,10 +225,10 @@ def scoring_rates(hidden: int, dispatch: dict, repeats: int = 3) -> tuple[float,
 
     model = _probe_model(2, hidden)
     ref, loss = _probe_loss(model, 24, 32)
-    fwd = _best(ref, repeats)
+    fwd = best_of(ref, repeats)
     ref_tok = ref()
     grad = nn.value_and_grad(model, loss)
-    bwd = _best(lambda: mx.eval(grad(model, ref_tok)), repeats)
+    bwd = best_of(lambda: mx.eval(grad(model, ref_tok)), repeats)
     f = forward_flops(shape_of({**PROBE, **WIDTH_PROBE(hidden), "num_hidden_layers": 2}), 4, 24, 32)
 
     def rate(flops, t, ab):
@@ -260,7 +261,7 @@ def decode_stream_rate(hidden: int, token: tuple) -> float:
     greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
     prompts = [[(7 * r + j) % 120 + 3 for j in range(24)] for r in range(4)]
     with decoding_threads():
-        t2, t10 = (_best(lambda n=n: decode.generate(model, prompts, n, greedy, []), 3) for n in (2, 10))
+        t2, t10 = (best_of(lambda n=n: decode.generate(model, prompts, n, greedy, []), 3) for n in (2, 10))
     per = (t10 - t2) / 8
     return weights / max(per - token[0] - 2 * token[1], 0.25 * per)
 

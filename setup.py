@@ -9,11 +9,16 @@ mlx_xpo_plugin/host/activation.py).
   ``editable_mode = True`` and an ``install`` command whose ``install_lib`` is the folder the
   editable wheel is made from (where it also puts data files and scripts); the file goes there.
 Either way it is listed in the wheel's RECORD, so ``pip uninstall`` removes it.
+
+On Linux it also builds ``mlx_xpo_plugin.host._skinny``, the few-row product kernel decoding runs
+on (mlx_xpo_plugin/host/skinny.py). It is optional: where no C compiler is found the package is
+installed without it, and decoding's products go to the BLAS (the run's banner says so).
 """
 
 import os
+import sys
 
-from setuptools import Command, setup
+from setuptools import Command, Extension, setup
 from setuptools.command.build import build
 
 PTH_NAME = "mlx_xpo_plugin.pth"
@@ -61,4 +66,16 @@ class build_with_pth(build):
     sub_commands = build.sub_commands + [("build_pth", None)]
 
 
-setup(cmdclass={"build": build_with_pth, "build_pth": build_pth})
+SKINNY = Extension(
+    "mlx_xpo_plugin.host._skinny",
+    sources=["mlx_xpo_plugin/host/skinny.c"],
+    depends=["mlx_xpo_plugin/host/skinny_dot.h"],
+    extra_compile_args=["-O3", "-pthread", "-Wno-psabi"],  # psabi: GCC's note on 32-byte vector arguments
+    extra_link_args=["-pthread"],
+    optional=True,
+)
+
+setup(
+    cmdclass={"build": build_with_pth, "build_pth": build_pth},
+    ext_modules=[SKINNY] if sys.platform == "linux" else [],
+)

@@ -9,7 +9,7 @@ import sys
 import mlx.core  # noqa: F401  (bundled_reference_blas looks next to the imported mlx)
 import pytest
 
-from mlx_xpo_plugin.host import fast_blas
+from mlx_xpo_plugin.host import fast_blas, skinny
 
 BUNDLED = fast_blas.bundled_reference_blas()
 linux_cpu = pytest.mark.skipif(BUNDLED is None, reason="only the Linux mlx[cpu] wheel bundles the reference BLAS")
@@ -91,27 +91,33 @@ PROBE = r"""
 import ctypes, json, sys
 import numpy as np
 import mlx.core as mx
-from mlx_xpo_plugin.host import fast_blas
+from mlx_xpo_plugin.host import fast_blas, skinny
 
 class DlInfo(ctypes.Structure):
     _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
                 ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
 
 libdl = ctypes.CDLL(None)
-try:
-    sgemm = ctypes.cast(libdl.cblas_sgemm, ctypes.c_void_p)  # the global scope's cblas_sgemm
+
+def owner(name):  # the file whose routine the global scope's `name` is, or None
+    try:
+        address = ctypes.cast(getattr(libdl, name), ctypes.c_void_p)
+    except AttributeError:
+        return None  # not in the global scope: MLX uses the copy bundled in its own local scope
     info = DlInfo()
-    libdl.dladdr(sgemm, ctypes.byref(info))
-    owner = info.fname.decode()
-except AttributeError:
-    owner = None  # not in the global scope: MLX uses the copy bundled in its own local scope
+    libdl.dladdr(address, ctypes.byref(info))
+    return info.fname.decode()
+
 rng = np.random.default_rng(0)
 a, b = rng.standard_normal((64, 96), dtype=np.float32), rng.standard_normal((96, 80), dtype=np.float32)
 err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a @ b).max())
 m = rng.standard_normal((32, 32), dtype=np.float32) + 32 * np.eye(32, dtype=np.float32)
 inv_err = float(np.abs(np.array(mx.linalg.inv(mx.array(m), stream=mx.cpu)) @ m - np.eye(32)).max())  # LAPACK
 maps = open("/proc/self/maps").read()
-print(json.dumps({"state": fast_blas.STATE, "owner": owner, "max_abs_err": err, "inv_err": inv_err,
+x, w = rng.standard_normal((4, 512), dtype=np.float32), rng.standard_normal((256, 512), dtype=np.float32)
+few_err = float(np.abs(np.array(mx.array(x) @ mx.array(w).T) - x @ w.T).max())  # the few-row kernel's
+print(json.dumps({"state": fast_blas.STATE, "owner": owner("cblas_sgemv"), "sgemm_owner": owner("cblas_sgemm"),
+                  "few_err": few_err, "max_abs_err": err, "inv_err": inv_err,
                   "shim_mapped": "mlx-xpo-blas-shim" in maps}))
 """
 
@@ -134,13 +140,14 @@ def test_the_named_blas_is_preloaded_globally_before_mlx_and_products_stay_corre
     out = probe({"MLX_XPO_BLAS": BUNDLED})
     assert out["state"]["loaded"] == BUNDLED
     assert os.path.realpath(out["owner"]) == os.path.realpath(BUNDLED)
-    assert out["max_abs_err"] < 1e-3
+    assert os.path.realpath(out["sgemm_owner"]) == os.path.realpath(SKINNY or BUNDLED)
+    assert out["max_abs_err"] < 1e-3 and out["few_err"] < 1e-3
 
 
 @linux_cpu
 def test_off_leaves_mlx_as_shipped():
     out = probe({"MLX_XPO_BLAS": "off"})
-    assert out["state"]["loaded"] is None and out["owner"] is None
+    assert out["state"]["loaded"] is None and out["owner"] is None and out["sgemm_owner"] is None
     assert "bundled reference BLAS" in out["state"]["blas"] and out["max_abs_err"] < 1e-3
 
 
@@ -173,6 +180,7 @@ def test_this_projects_commands_get_the_fast_blas_by_default(first):
 
 PIP_LIB = fast_blas.pip_openblas()
 SYSTEM_LIB = __import__("ctypes.util").util.find_library("openblas")
+SKINNY = skinny.library_path()  # the few-row kernel, where this install built it
 
 
 @linux_cpu
@@ -183,7 +191,8 @@ def test_the_pip_openblas_takes_mlxs_products_through_the_shim(named):
         pytest.skip("a system OpenBLAS is installed: it is chosen first")
     out = probe({"MLX_XPO_BLAS": PIP_LIB} if named else {})
     assert out["state"]["loaded"] == PIP_LIB and out["state"]["prefix"] == "scipy_"
-    assert os.path.realpath(out["owner"]) == os.path.realpath(PIP_LIB)  # MLX's cblas_sgemm is OpenBLAS's
+    assert os.path.realpath(out["owner"]) == os.path.realpath(PIP_LIB)  # MLX's cblas_sgemv is OpenBLAS's
+    assert os.path.realpath(out["sgemm_owner"]) == os.path.realpath(SKINNY or PIP_LIB)  # sgemm: the kernel's
     assert out["shim_mapped"] and out["max_abs_err"] < 1e-3 and out["inv_err"] < 1e-3
 
 
@@ -347,7 +356,7 @@ THREADS_PROBE = r"""
 import ctypes, json
 import numpy as np
 import mlx.core as mx
-from mlx_xpo_plugin.host import fast_blas
+from mlx_xpo_plugin.host import fast_blas, skinny
 lib = ctypes.CDLL(fast_blas.STATE["loaded"])
 prefix = fast_blas.STATE["prefix"]
 get = getattr(lib, prefix + "openblas_get_num_threads")

@@ -195,12 +195,15 @@ def load_global(image: bytes, name: str = "mlx-xpo-blas-shim") -> ctypes.CDLL:
         return ctypes.CDLL(f.name, mode=ctypes.RTLD_GLOBAL)
 
 
-def forward_loaded(lib: ctypes.CDLL, prefix: str) -> int:
+def forward_loaded(lib: ctypes.CDLL, prefix: str, sgemm: int | None = None) -> int:
     """Put the ``prefix``-ed routines of the loaded ``lib`` in the global scope under their plain
-    names; returns how many names were forwarded."""
+    names, ``cblas_sgemm`` bound to ``sgemm`` where given (the few-row kernel, :mod:`.skinny`);
+    returns how many names were forwarded."""
     found = addresses(lib, prefix)
     if "cblas_sgemm" not in found:
         raise OSError(f"it has no {prefix}cblas_sgemm")
+    if sgemm is not None:
+        found["cblas_sgemm"] = sgemm
     load_global(build(found))
     return len(found)
 

@@ -5,17 +5,20 @@ The Linux ``mlx[cpu]`` wheel bundles the *reference* (netlib) BLAS
 products (bench/results/blas.md), and matrix products are most of a training step (rollout,
 judge, scoring and backward alike).
 
-MLX calls BLAS through the dynamic linker, and a library loaded into the process's *global*
-symbol scope before ``mlx.core`` is loaded takes precedence over the bundled one. So when
-``mlx.core`` is first imported, the start-up hook (:mod:`mlx_xpo_plugin.host._bootstrap`) calls
-:func:`preload`, which loads, with ``RTLD_GLOBAL``, the first of:
+MLX calls BLAS through the dynamic linker, and a routine put into the process's *global* symbol
+scope before ``mlx.core`` is loaded takes precedence over the bundled one. So when ``mlx.core``
+is first imported, the start-up hook (:mod:`mlx_xpo_plugin.host._bootstrap`) calls
+:func:`preload`, which loads the first of:
 
 * the file named by ``MLX_XPO_BLAS`` (``MLX_XPO_BLAS=off`` keeps the bundled BLAS);
 * the system's OpenBLAS (Debian/Ubuntu: ``apt install libopenblas0-pthread``; Fedora: ``dnf
   install openblas``);
 * the OpenBLAS of the ``scipy-openblas32`` wheel, a dependency of this package on Linux x86-64 and
-  AArch64 (no root needed). It exports its routines with a ``scipy_`` prefix, so
-  :mod:`.blas_shim` puts the plain names MLX imports in the global scope, bound to them.
+  AArch64 (no root needed), which exports its routines with a ``scipy_`` prefix;
+
+and :mod:`.blas_shim` puts the plain names MLX imports in the global scope, bound to that
+library's routines, except ``cblas_sgemm``: that is :mod:`.skinny`'s kernel, which computes the
+products of 1-8 rows that decoding is made of and hands every other product to the library.
 
 and only where it helps: on Linux, with the reference BLAS bundled in the installed mlx, and (by
 default) in processes that run this project's commands: those that import ``mlx_lm_lora.train``
@@ -40,6 +43,8 @@ import glob
 import os
 import sys
 from importlib.machinery import PathFinder
+
+from mlx_xpo_plugin.host import blas_shim, skinny
 
 ENV = "MLX_XPO_BLAS"
 SCOPE_ENV = "MLX_XPO_BLAS_SCOPE"
@@ -165,18 +170,15 @@ TIMEOUT_ENVS = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
 
 
 def _load(path: str) -> tuple[str, int | None]:
-    """Load ``path`` globally and make its routines MLX's; returns (their name prefix, the thread
+    """Load ``path`` and make its routines MLX's (:mod:`.blas_shim`), few-row products bound to
+    :mod:`.skinny`'s kernel where it was built; returns (the routines' name prefix, the thread
     count set by :func:`all_cores` or None)."""
-    lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(path)
     prefix = _exported_prefix(lib)
     if prefix is None:
         raise OSError(f"it exports no cblas_sgemm (nor {', '.join(p + 'cblas_sgemm' for p in PREFIXES if p)})")
-    threads = None
-    if prefix:
-        from mlx_xpo_plugin.host import blas_shim  # only for prefixed libraries
-
-        blas_shim.forward_loaded(lib, prefix)
-        threads = all_cores(lib, prefix)
+    blas_shim.forward_loaded(lib, prefix, sgemm=skinny.attach(lib, prefix))
+    threads = all_cores(lib, prefix) if prefix else None
     _LIB[:] = [lib]
     return prefix, threads
 
@@ -248,8 +250,8 @@ def banner_line() -> str | None:
     if not STATE or (STATE.get("blas") == "as shipped with mlx" and not STATE.get("why")):
         return None
     if STATE.get("loaded"):
-        threads = threads_line()
-        return f"BLAS: {STATE['blas']}" + (f"; {threads}" if threads else "")
+        parts = [threads_line(), skinny.STATE.get("line")]
+        return f"BLAS: {STATE['blas']}" + "".join(f"; {p}" for p in parts if p)
     return f"BLAS: {STATE['blas']}: {STATE['why']}"
 
 

@@ -3,22 +3,26 @@
     python bench/bench_decode.py                  # q05 (Qwen2.5-0.5B's shape), bf16 checkpoint, auto
     python bench/bench_decode.py --preset small --rounds 3
 
-The checkpoint is loaded as a run loads it (``compute_dtype: auto``: float32 on the CPU, weights
-stored column by column). Per round, alternating the order of the variants:
+The checkpoint is loaded as a run loads it (``compute_dtype: auto``: float32 on the CPU). Per
+round, alternating the order of the variants:
 
 * ms per decoded token = (t(n2) - t(n1)) / (n2 - n1), each t one call of ``decode.generate``
   (the trainer's decoder; greedy), which cancels the prompt pass and the per-call tracing;
-* variants: 4 rows (a step's rollout at 2 prompts) with the BLAS on 1 thread and on one thread
-  per core, and 8 rows on 1 thread (the cost of more rows per decode step);
+* variants: 4 rows (a step's rollout at 2 prompts) on the few-row kernel (host/skinny.c) with one
+  thread per core (as a run decodes) and with 1 thread, on OpenBLAS alone (``skinny.off()``) with
+  one thread per core, 8 rows on the kernel, and 4 rows with LoRA adapters on every layer (rank 8,
+  as the policy decodes: each adapter adds two small products);
 * the floor: bytes of every weight a step reads (the projections and the tied embedding as the
   output layer) / read bandwidth with one numpy thread per core, measured in the same round.
 
-Tokens are the same in every variant at 4 rows (checked). Output: bench/results/decode.json, .md.
+Tokens at 4 rows are compared across the kernel and OpenBLAS variants (printed in the results).
+Output: bench/results/decode.json, .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -63,7 +67,10 @@ def render(data: dict) -> str:
             f"| {name} | {B.fmt(B.median(ms), 0)} [{B.fmt(min(ms), 0)}–{B.fmt(max(ms), 0)}] | "
             f"{B.fmt(B.median(ratio), 2)} [{B.fmt(min(ratio), 2)}–{B.fmt(max(ratio), 2)}] |"
         )
-    lines.append(f"\nSame tokens at 4 rows on 1 and on {data['cores']} threads: {data['same_tokens']}.")
+    lines.append(
+        f"\nSame greedy tokens at 4 rows on the kernel (1 and {data['cores']} threads) and on OpenBLAS alone: "
+        f"{data['same_tokens']}."
+    )
     return "\n".join(lines)
 
 
@@ -99,7 +106,23 @@ def main():
             mx.synchronize()
             api[1](k)
 
-    variants = {"4 rows, 1 thread": (4, 1), f"4 rows, {cores} threads": (4, cores), "8 rows, 1 thread": (8, 1)}
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlx_xpo_plugin.host import skinny
+
+    lora = load(path)[0]
+    precision.apply(lora, "auto", "model", log=lambda s: None)
+    linear_to_lora_layers(lora, lora.args.num_hidden_layers, {"rank": 8, "dropout": 0.0, "scale": 10.0})
+    lora.eval()
+    kernel, blas = contextlib.nullcontext, skinny.off
+    # name: (model, rows, threads, where the few-row products run)
+    variants = {
+        f"4 rows, kernel, {cores} threads": (model, 4, cores, kernel),
+        "4 rows, kernel, 1 thread": (model, 4, 1, kernel),
+        f"4 rows, OpenBLAS alone, {cores} threads": (model, 4, cores, blas),
+        f"8 rows, kernel, {cores} threads": (model, 8, cores, kernel),
+        f"4 rows with LoRA, kernel, {cores} threads": (lora, 4, cores, kernel),
+    }
     data = {
         "preset": ns.preset,
         "rounds": ns.rounds,
@@ -112,18 +135,22 @@ def main():
         "floor_ms": [],
     }
     tokens = {}
+    for m in (model, lora):  # the first calls trace and compile the decode step: not timed
+        per_token(m, 4, (2, 3))
     for r in range(ns.rounds):
         bw = read_bandwidth(3)
         data["read_gbs"].append(bw)
         data["floor_ms"].append(wb / (bw * 1e9) * 1e3)
         for name in list(variants) if r % 2 == 0 else list(variants)[::-1]:
-            rows, k = variants[name]
+            m, rows, k, where = variants[name]
             threads(k)
-            t, out = per_token(model, rows, n)
-            tokens.setdefault(rows, set()).add(str(out))
+            with where():
+                t, out = per_token(m, rows, n)
+            if m is model:
+                tokens.setdefault(rows, set()).add(str(out))
             data["variants"][name].append(t)
             print(r, name, f"{t * 1e3:.0f} ms/token, floor {data['floor_ms'][-1]:.0f} ms", flush=True)
-    threads(1)
+    threads(cores)
     data["same_tokens"] = len(tokens[4]) == 1
     data["load_after"] = B.loadavg()
     j, md = B.write_results(ns.name, data, render(data))

@@ -12,9 +12,9 @@ base once at load:
   checkpoint: ``mlx_lm.load(original, adapter_path=...)`` gives the same model, up to the
   rounding of the activations' dtype.
 
-The converted layers keep their frozen/trainable state (quantized weights are always frozen). On
-the CPU backend their weights are stored column by column (:func:`column_major`): the same
-matrices, laid out as BLAS reads them fastest for ``x @ W.T``.
+The converted layers keep their frozen/trainable state (quantized weights are always frozen) and
+``nn.Linear``'s [out, in] layout, which the few-row kernel decoding runs on reads as stored
+(mlx_xpo_plugin/host/skinny.c).
 
 ``auto`` converts only when the bytes the conversion adds, ``sum(numel * 4) - bytes stored now``
 over the converted arrays, are at most half of the memory available at that moment
@@ -158,21 +158,6 @@ def _dequantized(m: nn.Module, dtype) -> nn.Module:
     return new
 
 
-def column_major(w: mx.array) -> mx.array:
-    """``w`` ([out, in]) stored column by column (the same values). A layer multiplies by its
-    transpose, ``x @ w.T``, which is then row-contiguous, so BLAS reads it as stored rather than
-    as a transposed operand; OpenBLAS's sgemm streams a weight read that way faster when the
-    activations have few rows, i.e. while decoding (docs/cost.md, "Decoding against the machine's limit")."""
-    return mx.contiguous(w.T).T
-
-
-def _lay_out(m: nn.Module) -> None:
-    """Store a converted Linear / Embedding weight column by column, on the CPU backend only (the
-    layout measured there; a GPU keeps what it was given)."""
-    if on_cpu_backend() and isinstance(m, (nn.Linear, nn.Embedding)):
-        m.weight = column_major(m.weight)
-
-
 def _local_trainable(m: nn.Module):
     return [(k, v) for k, v in m.trainable_parameters().items() if isinstance(v, mx.array)]
 
@@ -230,7 +215,6 @@ def apply(model: nn.Module, setting: str, what: str = "model", log=print, keep_o
             if keep_original:
                 conv.originals[path] = m
             new = _dequantized(m, dtype)
-            _lay_out(new)
             mx.eval(new.parameters())
             model.update_modules(tree_unflatten([(path, new)]))
         else:
@@ -238,8 +222,6 @@ def apply(model: nn.Module, setting: str, what: str = "model", log=print, keep_o
             conv.cast[path] = {k: m[k].dtype for k in keys}
             for k in keys:
                 m[k] = m[k].astype(dtype)
-            if "weight" in keys:
-                _lay_out(m)
             mx.eval([m[k] for k in keys])
     where = "the CPU backend" if on_cpu_backend() else "this device"
     conv.line = (

@@ -206,3 +206,15 @@ def test_a_run_over_a_minute_prints_its_projection_first(run_yaml, tmp_path, mon
     assert train_method(XPO, path, progress=False) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == one
+
+
+def test_a_calibration_made_without_the_few_row_kernel_is_not_reused_with_it(monkeypatch, tmp_path):
+    """Decoding's rate depends on where its products run: the cache key says which."""
+    from mlx_xpo_plugin.host import skinny
+
+    monkeypatch.setattr(skinny, "STATE", {"isa": None})
+    without = calibration.identity()
+    monkeypatch.setattr(skinny, "STATE", {"isa": "avx2+fma"})
+    with_kernel = calibration.identity()
+    assert with_kernel["few_row_kernel"] == "avx2+fma"
+    assert calibration.cache_path(without, tmp_path) != calibration.cache_path(with_kernel, tmp_path)

@@ -5,8 +5,10 @@ import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -128,6 +130,33 @@ def test_results_do_not_depend_on_the_blas_thread_count(tmp_path, threads):
         many.sgemm(a, w, cn)
         assert (c1 == cn).all()
     assert many.asked == 20  # the count is the BLAS's, read at every product
+
+
+@needs_kernel
+def test_a_forked_child_starts_its_own_threads(tmp_path):
+    """A child of fork() has none of its parent's pool threads: its products must not wait for them."""
+    kernel = Kernel(tmp_path, threads=2)
+    kernel.lib.xpo_skinny_tune(-1, 1 << 12, 100)
+    rng = np.random.default_rng(4)
+    a, w = rng.standard_normal((2, 256), dtype=np.float32), rng.standard_normal((512, 256), dtype=np.float32)
+    c = np.zeros((2, 512), np.float32)
+    kernel.sgemm(a, w, c)  # the parent's pool is started
+    pid = os.fork()
+    if pid == 0:  # the child: one product over two threads, then out, whatever happens
+        try:
+            d = np.zeros_like(c)
+            kernel.sgemm(a, w, d)
+            os._exit(0 if (d == c).all() else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's product waited for threads it does not have")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 @pytest.mark.skipif(fast_blas.pip_openblas() is None, reason="scipy-openblas32 is not installed")

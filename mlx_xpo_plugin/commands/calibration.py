@@ -18,7 +18,8 @@
 
 The result is cached as JSON under ``<cache>/calibration/`` (``MLX_XPO_CACHE``, else
 ``~/.cache/mlx-xpo-plugin``) in a file named by a hash of what the rates depend on: the host, its
-CPU and usable cores, the mlx version and the BLAS under MLX with its thread count.
+CPU and usable cores, the mlx version, the BLAS under MLX with its thread count and the few-row
+kernel (host/skinny.c) where decoding's products run on it.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def identity() -> dict:
     """What the rates depend on (the cache key)."""
     import mlx.core as mx
 
-    from mlx_xpo_plugin.host import fast_blas
+    from mlx_xpo_plugin.host import fast_blas, skinny
 
     return {
         "version": VERSION,
@@ -89,6 +90,7 @@ def identity() -> dict:
         "device": str(mx.default_device()),
         "blas": fast_blas.STATE.get("blas") or "as shipped with mlx",
         "blas_threads": fast_blas.current_threads(),
+        "few_row_kernel": skinny.STATE.get("isa"),  # decoding's products: the kernel's or the BLAS's
     }
 
 

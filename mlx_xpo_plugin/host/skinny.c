@@ -157,6 +157,16 @@ static void multiply(int M, int N, int K, float alpha, const float *A, int lda, 
     pthread_mutex_unlock(&one_job);
 }
 
+/* a child process of fork() has none of the workers: it starts its own when it needs them */
+static void forget_workers(void) {
+    workers = 0;
+    pthread_mutex_init(&one_job, NULL);
+    pthread_mutex_init(&sleep_lock, NULL);
+    pthread_cond_init(&wake, NULL);
+}
+
+static void at_fork(void) { pthread_atfork(NULL, NULL, forget_workers); }
+
 /* ---- exported */
 
 void xpo_cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
@@ -174,8 +184,10 @@ void xpo_cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, f
 /* the BLAS's own sgemm (every product this does not take) and its thread count (NULL: one) */
 int xpo_skinny_init(sgemm_fn sgemm, threads_fn get_threads) {
     if (!sgemm) return -1;
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
     forward_sgemm = sgemm;
     blas_threads = get_threads;
+    pthread_once(&once, at_fork);
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {

@@ -91,7 +91,7 @@ PROBE = r"""
 import ctypes, json, sys
 import numpy as np
 import mlx.core as mx
-from mlx_xpo_plugin.host import fast_blas, skinny
+from mlx_xpo_plugin.host import fast_blas
 
 class DlInfo(ctypes.Structure):
     _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
@@ -356,7 +356,7 @@ THREADS_PROBE = r"""
 import ctypes, json
 import numpy as np
 import mlx.core as mx
-from mlx_xpo_plugin.host import fast_blas, skinny
+from mlx_xpo_plugin.host import fast_blas
 lib = ctypes.CDLL(fast_blas.STATE["loaded"])
 prefix = fast_blas.STATE["prefix"]
 get = getattr(lib, prefix + "openblas_get_num_threads")

@@ -40,6 +40,7 @@ class Kernel:
         self._sgemm, self._threads = SGEMM(self._forward), THREADS(self._count)  # kept alive
         self.lib.xpo_skinny_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self.lib.xpo_skinny_tune.argtypes = [ctypes.c_long] * 3
+        self.lib.xpo_skinny_counts.argtypes = [ctypes.POINTER(ctypes.c_long)]
         self.lib.xpo_cblas_sgemm.argtypes = [
             *[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
             ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
@@ -64,7 +65,6 @@ class Kernel:
 
     def counts(self):
         out = (ctypes.c_long * 2)()
-        self.lib.xpo_skinny_counts.argtypes = [ctypes.POINTER(ctypes.c_long)]
         self.lib.xpo_skinny_counts(out)
         return tuple(out)
 
@@ -164,7 +164,7 @@ def test_attach_without_the_extension_leaves_the_blas_and_says_why(monkeypatch):
     blas = ctypes.CDLL(fast_blas.pip_openblas())
     monkeypatch.setattr(skinny, "STATE", {})
     monkeypatch.setattr(skinny, "library_path", lambda folder=None: None)
-    assert skinny.attach(blas, "scipy_") is None and not skinny.loaded()
+    assert skinny.attach(blas, "scipy_") is None and skinny.STATE["isa"] is None
     assert skinny.STATE["line"] == "few-row products (decoding): the BLAS's (the _skinny extension was not built)"
 
 

@@ -20,14 +20,14 @@ and :mod:`.blas_shim` puts the plain names MLX imports in the global scope, boun
 library's routines, except ``cblas_sgemm``: that is :mod:`.skinny`'s kernel, which computes the
 products of 1-8 rows that decoding is made of and hands every other product to the library.
 
-and only where it helps: on Linux, with the reference BLAS bundled in the installed mlx, and (by
-default) in processes that run this project's commands: those that import ``mlx_lm_lora.train``
-(its console script, ``python -m``), run ``mlx-xpo``, import :mod:`mlx_xpo_plugin.api`, or
-import ``mlx.core`` through this package's modules, before anything else imported ``mlx.core``.
-``MLX_XPO_BLAS_SCOPE=all`` applies it to every MLX process of the environment. Nothing is loaded
-on macOS (Accelerate, Metal) or with a CUDA build. Any failure leaves MLX exactly as shipped; in
-this project's commands the run's banner says why (:func:`banner_line`), elsewhere one stderr
-line does. Standard library only: this runs at import time.
+It does so only where it helps: on Linux, with the reference BLAS bundled in the installed mlx, and
+(by default) in processes that run this project's commands: those that import ``mlx_lm_lora.train``
+(its console script, ``python -m``), run ``mlx-xpo``, import :mod:`mlx_xpo_plugin.api`, or import
+``mlx.core`` through this package's modules, before anything else imported ``mlx.core``.
+``MLX_XPO_BLAS_SCOPE=all`` applies it to every MLX process of the environment. Nothing is loaded on
+macOS (Accelerate, Metal) or with a CUDA build. Any failure leaves MLX exactly as shipped; in this
+project's commands the run's banner says why (:func:`banner_line`), elsewhere one stderr line does.
+Standard library only: this runs at import time.
 
 While completions are decoded token by token, :func:`decoding_threads` runs that OpenBLAS on every
 usable core, and at every rollout cuts the decoding and scoring counts to the cores other

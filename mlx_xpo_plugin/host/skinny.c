@@ -133,11 +133,19 @@ static int threads_for(long elements) {
     return t < 1 ? 1 : t;
 }
 
+/* the threads a product of `elements` weights runs on; above one, the caller holds the pool
+ * (one_job) and releases it when the product is done. One while another caller has the pool. */
+static int take_pool(long elements) {
+    int threads = threads_for(elements);
+    if (threads == 1 || pthread_mutex_trylock(&one_job) != 0) return 1;
+    threads = grow_pool(threads);
+    if (threads == 1) pthread_mutex_unlock(&one_job);
+    return threads;
+}
+
 static void multiply(int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
                      float beta, float *C, int ldc) {
-    int threads = threads_for((long)N * K);
-    if (threads > 1 && pthread_mutex_trylock(&one_job) != 0) threads = 1; /* another caller has the pool */
-    else if (threads > 1 && (threads = grow_pool(threads)) == 1) pthread_mutex_unlock(&one_job);
+    int threads = take_pool((long)N * K);
     if (threads == 1) {
         columns(M, A, lda, B, ldb, C, ldc, K, 0, N, alpha, beta);
         return;

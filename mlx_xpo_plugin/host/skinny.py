@@ -65,11 +65,6 @@ def attach(blas: ctypes.CDLL, prefix: str, path: str | None = None) -> int | Non
     return _address(lib, "xpo_cblas_sgemm")
 
 
-def loaded() -> bool:
-    """True once :func:`attach` bound the kernel in this process."""
-    return bool(_LIB)
-
-
 def counts() -> tuple[int, int]:
     """(products the kernel computed, products it handed to the BLAS) so far in this process."""
     if not _LIB:

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 from test_cli_e2e import TRAIN, base_cfg, rows, small_data, write_cfg
@@ -93,3 +94,44 @@ def test_a_process_stopping_with_its_own_error_is_reported_once_by_process_0(tmp
 
     assert peer_run(type("C", (), {"adapter_path": str(tmp_path)}), 1, stops) == Exit.JUDGE
     assert peer_errors(str(tmp_path), wait=0) == ["process 1 stopped: the judge 'j' failed on every pair of step 1"]
+
+
+LAUNCHER_STOPS_THE_SURVIVOR = r"""
+import os, signal, sys, time
+from types import SimpleNamespace
+from mlx_xpo_plugin.loop.faults import PeerLost
+from mlx_xpo_plugin.loop.run_loop import GracefulStop
+
+trainer = SimpleNamespace(rank=0, stop_requests=0)
+try:
+    with GracefulStop(trainer):
+        raise PeerLost(3, 0, 2, RuntimeError("[ring] Recv failed with errno=104"))
+except PeerLost as e:
+    os.kill(os.getpid(), signal.SIGTERM)  # mlx.launch terminates the others once one process failed
+    time.sleep(float(sys.argv[1]))  # process 0 waits for the peers' messages meanwhile (commands/peers.py)
+    print(f"error: {e}", flush=True)
+"""
+
+
+def test_a_process_that_lost_a_peer_says_so_although_the_launcher_terminates_it():
+    """mlx.launch sends SIGTERM to the survivors as soon as one process has failed: a survivor
+    already stopping must still print its one line (it was killed by the default handler)."""
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", LAUNCHER_STOPS_THE_SURVIVOR, "0.5"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "error: process 1 of 2 was lost during step 3 ([ring] Recv failed with errno=104)"
+
+
+def test_a_survivor_that_hangs_after_the_launchers_sigterm_still_ends():
+    """The grace is bounded: a process that does not end within GRACE_S of the SIGTERM is ended."""
+    from mlx_xpo_plugin.loop.run_loop import GRACE_S
+
+    t0 = time.time()
+    r = subprocess.run(
+        [sys.executable, "-c", LAUNCHER_STOPS_THE_SURVIVOR, str(GRACE_S + 30)], capture_output=True, text=True,
+        timeout=GRACE_S + 60,
+    )  # fmt: skip
+    assert r.returncode != 0 and r.stdout == "" and time.time() - t0 < GRACE_S + 20

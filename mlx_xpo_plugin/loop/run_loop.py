@@ -30,9 +30,19 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**32)
 
 
+#: seconds a process that lost a peer may take to report it after the launcher's SIGTERM
+GRACE_S = 10
+
+
+def _end_within_grace(signum, frame) -> None:
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # its default action ends the process
+    signal.alarm(GRACE_S)
+
+
 class GracefulStop:
     """SIGINT/SIGTERM: the first asks the trainer to stop after this step (``stop_requests``);
-    the second exits at once (every file is written atomically: the last checkpoint stays)."""
+    the second exits at once (every file is written atomically: the last checkpoint stays).
+    Leaving with :class:`PeerLost`, a SIGTERM ends the process only :data:`GRACE_S` seconds later."""
 
     def __init__(self, trainer):
         self.t, self.say, self._old = trainer, trainer.rank == 0, {}
@@ -45,9 +55,13 @@ class GracefulStop:
                 pass
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+        if exc_type is not None and issubclass(exc_type, PeerLost) and signal.SIGTERM in self._old:
+            # mlx.launch terminates every process once one has failed; this one is stopping
+            # already, and has yet to say why (commands/peers.py): it gets GRACE_S seconds for that
+            signal.signal(signal.SIGTERM, _end_within_grace)
 
     def _on_signal(self, signum, frame):
         self.t.stop_requests += 1

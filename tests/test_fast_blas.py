@@ -122,13 +122,18 @@ print(json.dumps({"state": fast_blas.STATE, "owner": owner("cblas_sgemv"), "sgem
 """
 
 
-def probe(env, first="", scope="all"):
+def probe(env, first="", scope="all", cwd=None):
     """PROBE in a fresh interpreter, after ``first``; ``scope``: MLX_XPO_BLAS_SCOPE (None: unset)."""
     e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN", "MLX_XPO_BLAS_SCOPE")}
     if scope is not None:
         e["MLX_XPO_BLAS_SCOPE"] = scope
     r = subprocess.run(
-        [sys.executable, "-c", first + "\n" + PROBE], capture_output=True, text=True, env={**e, **env}, timeout=120
+        [sys.executable, "-c", first + "\n" + PROBE],
+        capture_output=True,
+        text=True,
+        env={**e, **env},
+        timeout=120,
+        cwd=cwd,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     return {**json.loads(r.stdout.strip().splitlines()[-1]), "stderr": r.stderr}
@@ -142,6 +147,16 @@ def test_the_named_blas_is_preloaded_globally_before_mlx_and_products_stay_corre
     assert os.path.realpath(out["owner"]) == os.path.realpath(BUNDLED)
     assert os.path.realpath(out["sgemm_owner"]) == os.path.realpath(SKINNY or BUNDLED)
     assert out["max_abs_err"] < 1e-3 and out["few_err"] < 1e-3
+
+
+@linux_cpu
+def test_a_folder_named_mlx_in_the_working_directory_does_not_hide_the_bundled_blas(tmp_path):
+    """mlx is a namespace package: MLX's own kernel cache ($TMPDIR/mlx) or a clone of the mlx
+    repository in the working directory comes first in its __path__ under ``python -c``/``-m``."""
+    (tmp_path / "mlx" / "0.32.4").mkdir(parents=True)
+    out = probe({}, cwd=tmp_path)
+    assert out["state"]["loaded"] and out["state"]["blas"] != "as shipped with mlx", out["state"]
+    assert out["max_abs_err"] < 1e-3
 
 
 @linux_cpu

@@ -65,20 +65,27 @@ _REQUESTED = []  # non-empty once request() was called
 
 
 def bundled_reference_blas(site_dir: str | None = None) -> str | None:
-    """The reference BLAS the Linux mlx[cpu] wheel bundles, or None (macOS, CUDA, other builds)."""
+    """The reference BLAS the Linux mlx[cpu] wheel bundles, or None (macOS, CUDA, other builds).
+
+    ``mlx`` is a namespace package: every folder named ``mlx`` on ``sys.path`` is part of it (MLX's
+    own kernel cache ``$TMPDIR/mlx`` where the working directory is ``$TMPDIR``, a clone of its
+    repository), so each of its folders is looked next to, in order."""
     if sys.platform != "linux":
         return None
-    if site_dir is None:
+    if site_dir is not None:
+        folders = [site_dir]
+    else:
         mlx = sys.modules.get("mlx")
         paths = list(getattr(mlx, "__path__", None) or [])
         if not paths:
             spec = PathFinder.find_spec("mlx")  # not imported yet: where it would come from
             paths = list(spec.submodule_search_locations or []) if spec else []
-        if not paths:
-            return None
-        site_dir = os.path.dirname(os.path.abspath(paths[0]))
-    found = sorted(glob.glob(os.path.join(site_dir, "mlx_cpu.libs", "libblas*.so*")))
-    return found[0] if found else None
+        folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    for folder in folders:
+        found = sorted(glob.glob(os.path.join(folder, "mlx_cpu.libs", "libblas*.so*")))
+        if found:
+            return found[0]
+    return None
 
 
 def pip_openblas(path: list | None = None) -> str | None:

@@ -124,7 +124,11 @@ print(json.dumps({"state": fast_blas.STATE, "owner": owner("cblas_sgemv"), "sgem
 
 def probe(env, first="", scope="all", cwd=None):
     """PROBE in a fresh interpreter, after ``first``; ``scope``: MLX_XPO_BLAS_SCOPE (None: unset)."""
-    e = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN", "MLX_XPO_BLAS_SCOPE")}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN", "MLX_XPO_BLAS_SCOPE", "MLX_XPO_FEW_ROW_KERNEL")
+    }
     if scope is not None:
         e["MLX_XPO_BLAS_SCOPE"] = scope
     r = subprocess.run(
@@ -209,6 +213,17 @@ def test_the_pip_openblas_takes_mlxs_products_through_the_shim(named):
     assert os.path.realpath(out["owner"]) == os.path.realpath(PIP_LIB)  # MLX's cblas_sgemv is OpenBLAS's
     assert os.path.realpath(out["sgemm_owner"]) == os.path.realpath(SKINNY or PIP_LIB)  # sgemm: the kernel's
     assert out["shim_mapped"] and out["max_abs_err"] < 1e-3 and out["inv_err"] < 1e-3
+
+
+@linux_cpu
+@pytest.mark.skipif(PIP_LIB is None or SKINNY is None, reason="needs scipy-openblas32 and the built kernel")
+def test_with_the_few_row_kernel_switched_off_mlx_multiplies_with_the_openblas_alone():
+    if SYSTEM_LIB:
+        pytest.skip("a system OpenBLAS is installed: it is chosen first")
+    out = probe({"MLX_XPO_FEW_ROW_KERNEL": "off"})
+    assert out["state"]["loaded"] == PIP_LIB
+    assert os.path.realpath(out["sgemm_owner"]) == os.path.realpath(PIP_LIB)
+    assert out["max_abs_err"] < 1e-3 and out["few_err"] < 1e-3
 
 
 @linux_cpu

@@ -164,8 +164,31 @@ def test_attach_without_the_extension_leaves_the_blas_and_says_why(monkeypatch):
     blas = ctypes.CDLL(fast_blas.pip_openblas())
     monkeypatch.setattr(skinny, "STATE", {})
     monkeypatch.setattr(skinny, "library_path", lambda folder=None: None)
-    assert skinny.attach(blas, "scipy_") is None and skinny.STATE["isa"] is None
+    assert skinny.attach(blas, "scipy_", env={}) is None and skinny.STATE["isa"] is None
     assert skinny.STATE["line"] == "few-row products (decoding): the BLAS's (the _skinny extension was not built)"
+
+
+@needs_kernel
+@pytest.mark.skipif(fast_blas.pip_openblas() is None, reason="scipy-openblas32 is not installed")
+@pytest.mark.parametrize("value", ["off", "0", "OFF"])
+def test_the_kernel_can_be_switched_off_and_the_banner_says_so(monkeypatch, value):
+    blas = ctypes.CDLL(fast_blas.pip_openblas())
+    monkeypatch.setattr(skinny, "STATE", {})
+    assert skinny.attach(blas, "scipy_", env={skinny.ENV: value}) is None and skinny.STATE["isa"] is None
+    assert skinny.STATE["line"] == f"few-row products (decoding): the BLAS's (MLX_XPO_FEW_ROW_KERNEL={value})"
+
+
+@needs_kernel
+@pytest.mark.skipif(fast_blas.pip_openblas() is None, reason="scipy-openblas32 is not installed")
+def test_an_unknown_switch_value_keeps_the_kernel_and_is_named(monkeypatch, tmp_path):
+    blas = ctypes.CDLL(fast_blas.pip_openblas())
+    monkeypatch.setattr(skinny, "STATE", {})
+    monkeypatch.setattr(skinny, "_LIB", [])
+    private = tmp_path / "skinny_copy.so"  # its own globals: this process's MLX keeps its kernel as set up
+    shutil.copy(LIBRARY, private)
+    assert skinny.attach(blas, "scipy_", path=str(private), env={skinny.ENV: "fast"}) is not None
+    assert skinny.STATE["line"].startswith("few-row products (decoding): own kernel (")
+    assert skinny.STATE["line"].endswith("; MLX_XPO_FEW_ROW_KERNEL='fast' is not one of on, off: ignored")
 
 
 DECODE = r"""
@@ -213,7 +236,7 @@ print(json.dumps(out))
 @needs_kernel
 @linux_cpu
 def test_decoding_on_the_kernel_gives_the_blas_tokens_and_log_probs(tiny_model_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_BLAS", "MLX_XPO_PLUGIN", skinny.ENV)}
     r = subprocess.run(
         [sys.executable, "-c", DECODE, tiny_model_path], capture_output=True, text=True, timeout=300, env=env
     )

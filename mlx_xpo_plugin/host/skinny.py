@@ -19,6 +19,9 @@ from importlib.machinery import EXTENSION_SUFFIXES
 
 #: products with fewer weights (N * K) than this go to the BLAS: the pool's hand-off costs more
 DEFAULT_MIN_ELEMENTS = 1 << 15
+#: ``MLX_XPO_FEW_ROW_KERNEL=off`` leaves every product to the BLAS (the fast BLAS stays)
+ENV = "MLX_XPO_FEW_ROW_KERNEL"
+_OFF, _ON = ("0", "false", "no", "off"), ("", "1", "true", "yes", "on")
 #: what happened, for the run's banner: {"line": the banner's words, "isa": the copy chosen}
 STATE: dict = {}
 _LIB = []
@@ -41,10 +44,15 @@ def _address(lib, name: str) -> int | None:
         return None
 
 
-def attach(blas: ctypes.CDLL, prefix: str, path: str | None = None) -> int | None:
+def attach(blas: ctypes.CDLL, prefix: str, path: str | None = None, env: dict | None = None) -> int | None:
     """Give the kernel ``blas``'s sgemm (for every product it does not take) and thread count;
-    returns the address of ``xpo_cblas_sgemm``, or None (not built, not loadable: MLX then calls
-    the BLAS's own). :data:`STATE` says which, for the banner."""
+    returns the address of ``xpo_cblas_sgemm``, or None (switched off by :data:`ENV`, not built,
+    not loadable: MLX then calls the BLAS's own). :data:`STATE` says which, for the banner."""
+    value = (os.environ if env is None else env).get(ENV, "").strip()
+    if value.lower() in _OFF:
+        STATE.update(line=f"few-row products (decoding): the BLAS's ({ENV}={value})", isa=None)
+        return None
+    ignored = "" if value.lower() in _ON else f"; {ENV}={value!r} is not one of on, off: ignored"
     path = path or library_path()
     if path is None:
         STATE.update(line="few-row products (decoding): the BLAS's (the _skinny extension was not built)", isa=None)
@@ -61,7 +69,7 @@ def attach(blas: ctypes.CDLL, prefix: str, path: str | None = None) -> int | Non
     lib.xpo_skinny_init(_address(blas, prefix + "cblas_sgemm"), _address(blas, prefix + "openblas_get_num_threads"))
     isa = lib.xpo_skinny_isa().decode()
     _LIB[:] = [lib]
-    STATE.update(line=f"few-row products (decoding): own kernel ({isa})", isa=isa)
+    STATE.update(line=f"few-row products (decoding): own kernel ({isa}){ignored}", isa=isa)
     return _address(lib, "xpo_cblas_sgemm")
 
 

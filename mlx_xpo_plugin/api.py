@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping, Union
 
 from mlx_xpo_plugin import config
+from mlx_xpo_plugin.commands.hints import unused_upstream_settings
 from mlx_xpo_plugin.host.fast_blas import request
 
 request()  # a program that imports the API is one of this project's: a fast BLAS goes under MLX
@@ -12,15 +14,19 @@ request()  # a program that imports the API is one of this project's: a fast BLA
 
 def as_config(mode: str, source: Union[Mapping[str, Any], Any]):
     """A dict (every key counts as given), an OnlineArgs, or a path to a YAML file -> OnlineArgs."""
-    if isinstance(source, config.OnlineArgs):
-        values = dict(vars(source))
+    if isinstance(source, config.OnlineArgs):  # every setting is a field: those of other modes are left out
+        values = {k: v for k, v in vars(source).items() if config.read_by(k, mode)}
     elif isinstance(source, str):
         values = {**config.load_yaml(source), "config": source}
     else:
         values = dict(source)
     values.setdefault("train", True)
     values["train_mode"] = mode
-    return config.resolve(mode, values, set(values), {})
+    cfg = config.resolve(mode, values, set(values), {})
+    note = unused_upstream_settings(mode, config.unused_upstream(values))
+    if note:
+        print(note, file=sys.stderr)
+    return cfg
 
 
 def train_method(method_cls, source, training_callback=None, progress: bool = True) -> int:

@@ -166,20 +166,10 @@ def known_upstream_keys() -> set:
         keys = set(CONFIG_DEFAULTS)
     except Exception:  # pragma: no cover - upstream missing
         keys = set()
-    return keys | {
-        "wandb",
-        "list_reward_functions",
-        "hf_dataset",
-        "train_key",
-        "prompt_feature",
-        "text_feature",
-        "chat_feature",
-        "completion_feature",
-        "chosen_feature",
-        "rejected_feature",
-        "system_feature",
-        "mask_prompt",
-    }
+    extra = "wandb list_reward_functions hf_dataset train_key mask_prompt " + " ".join(
+        f"{k}_feature" for k in ("prompt", "text", "chat", "completion", "chosen", "rejected", "system")
+    )  # upstream's keys that have no entry in CONFIG_DEFAULTS
+    return keys | set(extra.split())
 
 
 # ---------------------------------------------------------------- parsing and checking
@@ -321,19 +311,33 @@ OnlineArgs = dataclasses.make_dataclass(
 )
 
 
+def read_by(name: str, mode: str) -> bool:
+    """Whether the setting ``name`` (a key of :data:`SETTINGS`) is read by ``mode``."""
+    s = SETTINGS.get(name)
+    return s is not None and (not s.plugin or mode in s.modes)
+
+
+def unused_upstream(given) -> list:
+    """Upstream's settings among the keys ``given`` that the online modes do not read (options of
+    its other modes, e.g. ``group_size``), sorted."""
+    upstream_keys = known_upstream_keys()
+    return sorted(k for k in given if k not in SETTINGS and k in upstream_keys)
+
+
 def resolve(mode: str, cli: dict, explicit: set, yaml_values: dict) -> Any:
     """Merge command line > YAML > default for `mode` and validate every value.
 
-    ``cli`` holds the parsed values (only those in ``explicit`` count as given). Unknown YAML keys
-    are errors with a did-you-mean. Raises ConfigError (one line) on the first bad value.
+    ``cli`` holds the parsed values (only those in ``explicit`` count as given). Unknown keys,
+    given in the YAML or explicitly (the Python API passes every key so), are errors with a
+    did-you-mean. Raises ConfigError (one line) on the first bad value.
     """
     upstream_keys = known_upstream_keys()
-    for k in yaml_values:
+    given = {**{k: cli[k] for k in explicit if k in cli}, **yaml_values}
+    for k, v in given.items():
         if k not in SETTINGS and k not in upstream_keys:
-            raise ConfigError(k, yaml_values[k], "unknown setting", did_you_mean(k, set(SETTINGS) | upstream_keys))
-        s = SETTINGS.get(k)
-        if s is not None and s.plugin and mode not in s.modes:
-            raise ConfigError(k, yaml_values[k], f"only used by --train-mode {' / '.join(s.modes)}")
+            raise ConfigError(k, v, "unknown setting", did_you_mean(k, set(SETTINGS) | upstream_keys))
+        if k in SETTINGS and not read_by(k, mode):
+            raise ConfigError(k, v, f"only used by --train-mode {' / '.join(SETTINGS[k].modes)}")
     values = {}
     for name, s in SETTINGS.items():
         if name in explicit and name in cli:

@@ -69,6 +69,21 @@ def test_bad_values_give_one_line_errors(yaml_values, pattern):
     assert "\n" not in msg and re.search(pattern, msg), msg
 
 
+@pytest.mark.parametrize(
+    "mode, values, pattern",
+    [
+        ("xpo", {"alpah": 1e-4}, r"alpah: 0.0001 is not valid; unknown setting \(did you mean 'alpha'\?\)"),
+        ("online_dpo", {"alpha": 1e-4}, r"alpha: 0.0001 .*only used by --train-mode xpo"),
+    ],
+)
+def test_the_python_api_refuses_what_the_yaml_refuses(mode, values, pattern):
+    """A dict passed to the API counts every key as given: a misspelt one is not silently dropped."""
+    from mlx_xpo_plugin.api import as_config
+
+    with pytest.raises(ConfigError, match=pattern):
+        as_config(mode, {"model": "m", "data": "d", **values})
+
+
 def test_alpha_is_rejected_for_online_dpo():
     with pytest.raises(ConfigError, match="only used by --train-mode xpo"):
         resolve(yaml_values={"alpha": 1e-4}, explicit=set(BASE), mode="online_dpo")
@@ -205,3 +220,26 @@ def test_resume_flag_help_says_it_takes_the_adapter_folder():
     config_views.add_arguments(p)  # once per registered mode: the same text, not repeated
     (action,) = [a for a in p._actions if a.dest == "resume_adapter_file"]
     assert action.help == config_views.RESUME_HELP and "adapter FOLDER" in action.help
+
+
+def test_upstream_settings_of_other_modes_are_named_as_ignored(tmp_path, capsys):
+    """group_size (GRPO) and hf_dataset are upstream's: accepted, but a run says it does not use them."""
+    from mlx_xpo_plugin.api import as_config
+    from mlx_xpo_plugin.commands.runner import mode_main
+    from mlx_xpo_plugin.exits import Exit
+    from mlx_xpo_plugin.xpo_trainer import XPO
+
+    want = "note: --train-mode xpo does not use group_size, hf_dataset (settings of upstream's other modes): ignored"
+    as_config("xpo", {"model": "m", "data": "d", "group_size": 4, "hf_dataset": {"name": "x"}})
+    assert capsys.readouterr().err.strip() == want
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"train: true\nmodel: {tmp_path / 'no-model'}\ndata: {tmp_path / 'no-data'}\nhf_dataset: {{name: x}}\n"
+    )
+    status = mode_main(XPO)({"config": str(path), "train_mode": "xpo", "group_size": 4}, {"config", "group_size"})
+    err = capsys.readouterr().err
+    assert status == Exit.BAD_INPUT and err.splitlines()[0] == want, err
+
+    as_config("xpo", {"model": "m", "data": "d", "alpha": 1e-4})  # every key read: no note
+    assert capsys.readouterr().err == ""

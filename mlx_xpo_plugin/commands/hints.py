@@ -1,6 +1,6 @@
 """What a run tells its user besides its results: commands as they can be typed (a hint must work
-when copied into the shell), how loud a run is, the first run's kernel compile, a setting the
-chosen judge ignores."""
+when copied into the shell), how loud a run is, the first run's kernel compile, settings the
+mode or the chosen judge ignores."""
 
 from __future__ import annotations
 
@@ -68,6 +68,13 @@ def kernel_note(device=None, env=None, version: str | None = None) -> Optional[s
     except OSError:  # not there yet
         cold = True
     return f"compiling kernels (once; MLX keeps them in {d}): the first step takes longer" if cold else None
+
+
+def unused_upstream_settings(mode: str, keys: list) -> Optional[str]:
+    """A note naming upstream's settings that were given but that ``mode`` does not read."""
+    if not keys:
+        return None
+    return f"note: --train-mode {mode} does not use {', '.join(keys)} (settings of upstream's other modes): ignored"
 
 
 def ignored_judge_system(judge_system, factory) -> Optional[str]:

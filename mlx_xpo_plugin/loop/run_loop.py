@@ -58,7 +58,8 @@ class GracefulStop:
     def __exit__(self, exc_type, exc, tb):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-        if exc_type is not None and issubclass(exc_type, PeerLost) and signal.SIGTERM in self._old:
+        lost_peer = exc_type is not None and issubclass(exc_type, PeerLost)
+        if lost_peer and signal.SIGTERM in self._old and hasattr(signal, "alarm"):  # POSIX
             # mlx.launch terminates every process once one has failed; this one is stopping
             # already, and has yet to say why (commands/peers.py): it gets GRACE_S seconds for that
             signal.signal(signal.SIGTERM, _end_within_grace)

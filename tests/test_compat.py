@@ -69,6 +69,10 @@ def test_release_keeps_its_version_and_trains_xpo_and_online_dpo(release, venv_w
     from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
 
     data = write_prompt_dataset(tmp_path / "data")
+    judge = tmp_path / "judge.py"  # never a tie: 2 steps of 6-token completions tied on letter e alone
+    judge.write_text(
+        "def judge(prompt, a, b):\n    return 0 if (a.count('e'), len(a)) >= (b.count('e'), len(b)) else 1\n"
+    )
     py = venv_with(release)
     assert installed_version(py, "mlx-lm-lora") == release  # installing the plugin kept the release
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLX_XPO_PLUGIN", "VIRTUAL_ENV")}
@@ -77,7 +81,7 @@ def test_release_keeps_its_version_and_trains_xpo_and_online_dpo(release, venv_w
         out = tmp_path / f"ad-{mode}"
         argv = [py, "-m", "mlx_lm_lora.train", "--train-mode", mode, "--model", tiny_model_path, "--data", data]
         argv += ["--train", "--adapter-path", out, "--iters", "2", "--batch-size", "2", "--max-seq-length", "128"]
-        argv += ["--judge", "mlx_xpo_plugin.rules:prefer_letter_e", "--max-completion-length", "6"]
+        argv += ["--judge", f"{judge}:judge", "--max-completion-length", "6"]
         argv += ["--steps-per-report", "1"]
         r = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"{release} {mode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"

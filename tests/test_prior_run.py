@@ -3,6 +3,7 @@ writes nothing, results are kept, a resume drops what it redoes (CLI and Python 
 
 import json
 import os
+import re
 import types
 
 import pytest
@@ -129,6 +130,23 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"step": 2, "fingerprint": {"model": "/m/one"}}))
     with pytest.raises(ConfigError, match=r"made with model='/m/one', this run has model='/m/two'"):
         check_resume(str(tmp_path), types.SimpleNamespace(model="/m/two"))
+
+
+@pytest.mark.parametrize("theirs, how", [(2, "under mlx.launch -n 2"), (4, "under mlx.launch -n 4")])
+def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path, theirs, how):
+    """Like batch_size, the number of processes decides each step's prompts and the step count."""
+    from mlx_xpo_plugin.loop.checkpoints import check_resume, fingerprint
+
+    cfg = types.SimpleNamespace(model="/m/one")
+    (tmp_path / "checkpoint").mkdir()
+    state = {"step": 2, "fingerprint": {**fingerprint(cfg), "processes": theirs}}
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
+    want = f"made by {theirs} processes, this run has 1: resume it {how} (the prompts of each step"
+    with pytest.raises(ConfigError, match=re.escape(want)):
+        check_resume(str(tmp_path), cfg)
+    state["fingerprint"].pop("processes")  # a checkpoint written before the count was recorded
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
+    assert check_resume(str(tmp_path), cfg)[1]["step"] == 2
 
 
 def test_a_new_test_result_keeps_the_previous_one(tmp_path, capsys):

@@ -60,7 +60,17 @@ class LoopState:
 
 
 def fingerprint(cfg) -> dict:
-    return {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
+    """The settings a resumed run must share with its checkpoint, and its number of processes
+    (``mlx.launch -n``): like batch_size, it decides the prompts of each step and the step count."""
+    return {**{k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}, "processes": mx.distributed.init().size()}
+
+
+def _other_processes(theirs: int, mine: int) -> str:
+    how = "without mlx.launch" if theirs == 1 else f"under mlx.launch -n {theirs}"
+    return (
+        f"the checkpoint was made by {theirs} process{'es' * (theirs != 1)}, this run has {mine}: resume it "
+        f"{how} (the prompts of each step and the number of steps depend on it)"
+    )
 
 
 def save_checkpoint(trainer, final: bool = False) -> None:
@@ -142,9 +152,11 @@ def check_resume(path: str, cfg) -> tuple[str, dict]:
         state = json.load(f)
     mine = fingerprint(cfg)
     theirs = state.get("fingerprint") or {}
-    diff = [k for k in FINGERPRINT_KEYS if k in theirs and theirs[k] != mine[k]]
+    diff = [k for k in mine if k in theirs and theirs[k] != mine[k]]  # older checkpoints lack "processes"
     if diff:
         k = diff[0]
+        if k == "processes":
+            raise ConfigError("resume_adapter_file", path, _other_processes(theirs[k], mine[k]))
         raise ConfigError(
             "resume_adapter_file", path, f"the checkpoint was made with {k}={theirs[k]!r}, this run has {k}={mine[k]!r}"
         )

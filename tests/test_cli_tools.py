@@ -155,6 +155,29 @@ def test_eval_prints_one_summary_line(demo_run, capsys, monkeypatch):
     (out / "test_metrics.json").unlink()
 
 
+def test_eval_takes_the_training_yaml_whose_values_beat_the_runs(demo_run, capsys, monkeypatch, tmp_path):
+    """The xpo YAML a run was trained with works for eval: its xpo-only settings (alpha, xpo_bonus)
+    do not change an evaluation, and what it sets beats the training run's values."""
+    out, cache, _ = demo_run
+    seen = []
+    monkeypatch.setattr("mlx_xpo_plugin.commands.runner.run", lambda cfg, method, progress=True: seen.append(cfg) or 0)
+    (out / "test_metrics.json").write_text(json.dumps({"wins": 3, "losses": 1, "ties": 0, "invalid": 0}))
+    yaml = tmp_path / "xpo.yaml"
+    yaml.write_text("alpha: [1.0e-4, 1.0e-5]\nxpo_bonus: kl\ntemperature: 0.5\n")
+    assert cli.main(["eval", "--adapter-path", str(out), "--config", str(yaml)]) == 0
+    assert seen[-1].temperature == 0.5 and seen[-1].max_completion_length == 16  # the YAML's, the run's
+    assert "temperature=" not in capsys.readouterr().err
+
+    yaml.write_text(
+        f"model: {cache / 'demo-model'}\ndata: {cache / 'demo-data'}\njudge: mlx_xpo_plugin.rules:prefer_letter_e\n"
+    )
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "test_metrics.json").write_text(json.dumps({"wins": 1, "losses": 0, "ties": 0, "invalid": 0}))
+    assert cli.main(["eval", "--adapter-path", str(tmp_path / "empty"), "--config", str(yaml)]) == 0
+    assert seen[-1].model == str(cache / "demo-model")  # given by the YAML: no training run needed
+    (out / "test_metrics.json").unlink()
+
+
 def test_help_texts_are_complete_and_plain(capsys):
     for argv in (["--help"], ["eval", "--help"], ["plot", "--help"], ["schema", "--help"], ["demo", "--help"]):
         with pytest.raises(SystemExit):

@@ -154,9 +154,12 @@ def evaluate(ns) -> int:
         "temperature": ns.temperature,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    trained = {k: v for k, v in trained_settings(ns.adapter_path).items() if k not in given}
+    # the YAML a run was trained with may hold xpo's own settings (alpha, xpo_bonus): not read here
+    yaml_values = config.load_yaml(ns.config) if ns.config else {}
+    yaml_values = {k: v for k, v in yaml_values.items() if k not in config.SETTINGS or config.read_by(k, "online_dpo")}
+    trained = {k: v for k, v in trained_settings(ns.adapter_path).items() if k not in given and k not in yaml_values}
     for key in ("model", "data", "judge"):
-        if key not in given and key not in trained:
+        if key not in given and key not in trained and key not in yaml_values:
             raise ConfigError(
                 key,
                 None,
@@ -173,7 +176,7 @@ def evaluate(ns) -> int:
         "batch_size": ns.batch_size,
         "train_type": ns.train_type,
     }
-    cfg = config.resolve("online_dpo", values, set(values), config.load_yaml(ns.config) if ns.config else {})
+    cfg = config.resolve("online_dpo", values, set(values), yaml_values)
     # with --json, stdout carries the JSON object only: every other line goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if ns.json else contextlib.nullcontext():
         if trained:
@@ -248,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge", default=None, help="the judge, as the judge setting; 'human' to judge yourself (default: the run's)"
     )
     e.add_argument(
-        "--config", default=None, help="a YAML file with further settings (judge_system, judge_config, top_p, ...)"
+        "--config",
+        default=None,
+        help="a YAML file with further settings (judge_system, judge_config, top_p, ...); the run's own "
+        "YAML works: what it sets beats the training run's values, and xpo's alpha and xpo_bonus are not read",
     )
     e.add_argument(
         "--train-type",

@@ -159,34 +159,34 @@ def test_a_forked_child_starts_its_own_threads(tmp_path):
     assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
-@pytest.mark.skipif(fast_blas.pip_openblas() is None, reason="scipy-openblas32 is not installed")
-def test_attach_without_the_extension_leaves_the_blas_and_says_why(monkeypatch):
-    blas = ctypes.CDLL(fast_blas.pip_openblas())
+@pytest.fixture
+def pip_blas(monkeypatch):
+    """The scipy-openblas32 library, loaded privately; skinny.STATE starts empty."""
+    if fast_blas.pip_openblas() is None:
+        pytest.skip("scipy-openblas32 is not installed")
     monkeypatch.setattr(skinny, "STATE", {})
+    return ctypes.CDLL(fast_blas.pip_openblas())
+
+
+def test_attach_without_the_extension_leaves_the_blas_and_says_why(monkeypatch, pip_blas):
     monkeypatch.setattr(skinny, "library_path", lambda folder=None: None)
-    assert skinny.attach(blas, "scipy_", env={}) is None and skinny.STATE["isa"] is None
+    assert skinny.attach(pip_blas, "scipy_", env={}) is None and skinny.STATE["isa"] is None
     assert skinny.STATE["line"] == "few-row products (decoding): the BLAS's (the _skinny extension was not built)"
 
 
 @needs_kernel
-@pytest.mark.skipif(fast_blas.pip_openblas() is None, reason="scipy-openblas32 is not installed")
 @pytest.mark.parametrize("value", ["off", "0", "OFF"])
-def test_the_kernel_can_be_switched_off_and_the_banner_says_so(monkeypatch, value):
-    blas = ctypes.CDLL(fast_blas.pip_openblas())
-    monkeypatch.setattr(skinny, "STATE", {})
-    assert skinny.attach(blas, "scipy_", env={skinny.ENV: value}) is None and skinny.STATE["isa"] is None
+def test_the_kernel_can_be_switched_off_and_the_banner_says_so(pip_blas, value):
+    assert skinny.attach(pip_blas, "scipy_", env={skinny.ENV: value}) is None and skinny.STATE["isa"] is None
     assert skinny.STATE["line"] == f"few-row products (decoding): the BLAS's (MLX_XPO_FEW_ROW_KERNEL={value})"
 
 
 @needs_kernel
-@pytest.mark.skipif(fast_blas.pip_openblas() is None, reason="scipy-openblas32 is not installed")
-def test_an_unknown_switch_value_keeps_the_kernel_and_is_named(monkeypatch, tmp_path):
-    blas = ctypes.CDLL(fast_blas.pip_openblas())
-    monkeypatch.setattr(skinny, "STATE", {})
+def test_an_unknown_switch_value_keeps_the_kernel_and_is_named(monkeypatch, tmp_path, pip_blas):
     monkeypatch.setattr(skinny, "_LIB", [])
     private = tmp_path / "skinny_copy.so"  # its own globals: this process's MLX keeps its kernel as set up
     shutil.copy(LIBRARY, private)
-    assert skinny.attach(blas, "scipy_", path=str(private), env={skinny.ENV: "fast"}) is not None
+    assert skinny.attach(pip_blas, "scipy_", path=str(private), env={skinny.ENV: "fast"}) is not None
     assert skinny.STATE["line"].startswith("few-row products (decoding): own kernel (")
     assert skinny.STATE["line"].endswith("; MLX_XPO_FEW_ROW_KERNEL='fast' is not one of on, off: ignored")
 

@@ -44,14 +44,15 @@ import os
 import sys
 from importlib.machinery import PathFinder
 
-from mlx_xpo_plugin.host import blas_shim, skinny
+from mlx_xpo_plugin.host import blas_shim, skinny, startup
+from mlx_xpo_plugin.host.startup import OFF_VALUES
 
 ENV = "MLX_XPO_BLAS"
 SCOPE_ENV = "MLX_XPO_BLAS_SCOPE"
 SCOPES = ("commands", "all")
 PIP_PACKAGE = "scipy-openblas32"
 PREFIXES = ("", "scipy_")  # how a candidate may name cblas_sgemm
-_OFF = ("0", "false", "no", "off", "bundled", "reference")
+_OFF = OFF_VALUES + ("bundled", "reference")
 HINT = (
     f"pip install {PIP_PACKAGE} (no root needed), or install OpenBLAS (Debian/Ubuntu: apt install "
     f"libopenblas0-pthread), and it is used automatically; or set {ENV}=/path/to/libopenblas.so"
@@ -244,7 +245,7 @@ def preload(quiet: bool = False) -> dict:
 def banner_line() -> str | None:
     """One line for a run's banner on Linux CPUs (None where MLX's own BLAS is used)."""
     if not STATE and bundled_reference_blas() is not None:  # the hook was off or out of scope
-        off = os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() in ("0", "false", "no", "off")
+        off = not startup.enabled()
         STATE.update(
             blas="bundled reference BLAS (slow)",
             loaded=None,

@@ -17,11 +17,13 @@ import glob
 import os
 from importlib.machinery import EXTENSION_SUFFIXES
 
+from mlx_xpo_plugin.host.startup import OFF_VALUES
+
 #: products with fewer weights (N * K) than this go to the BLAS: the pool's hand-off costs more
 DEFAULT_MIN_ELEMENTS = 1 << 15
 #: ``MLX_XPO_FEW_ROW_KERNEL=off`` leaves every product to the BLAS (the fast BLAS stays)
 ENV = "MLX_XPO_FEW_ROW_KERNEL"
-_OFF, _ON = ("0", "false", "no", "off"), ("", "1", "true", "yes", "on")
+_ON = ("", "1", "true", "yes", "on")
 #: what happened, for the run's banner: {"line": the banner's words, "isa": the copy chosen}
 STATE: dict = {}
 _LIB = []
@@ -49,7 +51,7 @@ def attach(blas: ctypes.CDLL, prefix: str, path: str | None = None, env: dict | 
     returns the address of ``xpo_cblas_sgemm``, or None (switched off by :data:`ENV`, not built,
     not loadable: MLX then calls the BLAS's own). :data:`STATE` says which, for the banner."""
     value = (os.environ if env is None else env).get(ENV, "").strip()
-    if value.lower() in _OFF:
+    if value.lower() in OFF_VALUES:
         STATE.update(line=f"few-row products (decoding): the BLAS's ({ENV}={value})", isa=None)
         return None
     ignored = "" if value.lower() in _ON else f"; {ENV}={value!r} is not one of on, off: ignored"

@@ -8,11 +8,12 @@ import sys
 TARGET = "mlx_lm_lora.train"
 PACKAGE_MAIN = "mlx_lm_lora.__main__"  # python -m mlx_lm_lora train
 MLX_CORE = "mlx.core"
-_OFF = ("0", "false", "no", "off")
+#: values of an on/off environment variable that mean off
+OFF_VALUES = ("0", "false", "no", "off")
 
 
 def enabled() -> bool:
-    return os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() not in _OFF
+    return os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() not in OFF_VALUES
 
 
 _reported = False

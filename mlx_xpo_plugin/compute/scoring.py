@@ -4,8 +4,8 @@ For a row x = prompt + completion, the score is s(y) = sum_{t in completion} log
 prompt tokens and padding are masked out; an EOS the policy produced is part of the completion
 and counted once. The output layer (vocabulary projection) is applied only from the first
 completion position of the batch on, where the model's layout allows it (verified once per model
-class against the full forward); otherwise the full logits are computed. Large vocabularies are
-scored in blocks of positions (:data:`LOGITS_BLOCK_BYTES`).
+class against the full forward); otherwise the full logits are computed. Passes that are not
+differentiated score large vocabularies in blocks of positions (:data:`LOGITS_BLOCK_BYTES`).
 """
 
 from __future__ import annotations
@@ -86,101 +86,18 @@ def _reduce(logits, targets, with_entropy: bool, temperature):
     return logp, entropy, tempered
 
 
-def _head_module(model):
-    """The module holding the output layer's weights (the tied embedding or lm_head)."""
-    inner = model.model
-    return inner.embed_tokens if getattr(model.args, "tie_word_embeddings", False) else model.lm_head
-
-
-def _values(a: mx.array) -> mx.array:
-    """An evaluated array's values as a new array with no graph behind it (bfloat16 via its bits:
-    numpy has no bfloat16)."""
-    if a.dtype == mx.bfloat16:
-        return mx.array(np.array(a.view(mx.uint16))).view(mx.bfloat16)
-    return mx.array(np.array(a))
-
-
-def _block_dlogits(z, t, cots, with_entropy: bool, temperature):
-    """d(sum_j c_j . outputs_j)/dz for one block of float32 logits z [B, w, V], targets t and the
-    cotangents c of (logp, entropy?, tempered?), from p = softmax(z), p_T = softmax(z / T):
-    d logp/dz = e_t - p;  d tempered/dz = (e_t - p_T) / T;  d H/dz = -p (log p + H)."""
-    c = list(cots)
-    lse = mx.logsumexp(z, axis=-1, keepdims=True)
-    logp = z - lse
-    p = mx.exp(logp)
-    c_logp = c.pop(0)[..., None]
-    dz = -c_logp * p
-    at_t = c_logp
-    if with_entropy:
-        c_ent = c.pop(0)[..., None]
-        ent = -(p * logp).sum(axis=-1, keepdims=True)
-        dz = dz - c_ent * p * (logp + ent)
-    if c:  # tempered
-        c_tmp = c.pop(0)[..., None] / temperature
-        dz = dz - c_tmp * mx.softmax(z / temperature, axis=-1)
-        at_t = at_t + c_tmp
-    picked = mx.take_along_axis(dz, t[..., None], axis=-1)
-    return mx.put_along_axis(dz, t[..., None], picked + at_t, axis=-1)
-
-
-def _blocked(model, hidden, targets, with_entropy: bool, temperature, width: int):
-    """:func:`_reduce` over blocks of ``width`` positions, one block's logits at a time.
-
-    Forward: each block is evaluated before the next is built and only its [B, w] results are
-    kept (an evaluated array under a gradient transform keeps its graph, logits included, so the
-    values are copied out). Backward (a custom VJP): each block's logits are recomputed from its
-    hidden states, their gradient written out (:func:`_block_dlogits`) and sent back through the
-    output layer (``mx.vjp`` of it: the hidden states' gradient, and the layer's trainable
-    parameters' for full fine-tuning or a LoRA on lm_head), evaluated block by block."""
-    from mlx.utils import tree_flatten, tree_unflatten  # only on this path
-
-    head_mod, head_fn = _head_module(model), _split(model)[1]
-    params = head_mod.trainable_parameters()
-    tempered_on = temperature not in (None, 0, 0.0, 1, 1.0)
-    spans = [(i, min(i + width, hidden.shape[1])) for i in range(0, hidden.shape[1], width)]
-
-    def logits(p, h):
-        if p:
-            head_mod.update(p)
-        return head_fn(h)
-
-    def forward_block(p, h, t):  # a function, so that the block's arrays die when it returns
-        logp, ent, tempered = _reduce(logits(p, h), t, with_entropy, temperature)
-        out = [logp] + ([ent] if with_entropy else []) + ([tempered] if tempered_on else [])
-        mx.eval(out)
-        return [_values(o) for o in out]
-
-    @mx.custom_function
-    def scores(p, h, t):
-        parts = [forward_block(p, h[:, a:b], t[:, a:b]) for a, b in spans]
-        return [mx.concatenate(list(c), axis=1) for c in zip(*parts)]
-
-    def backward_block(p, names, h, t, cots):  # the gradients of (head parameters..., h)
-        def head(*arrays):  # mx.vjp takes a flat list of arrays
-            return [logits(tree_unflatten(list(zip(names, arrays[:-1]))), arrays[-1])]
-
-        z = logits(p, h)
-        dz = _block_dlogits(z.astype(mx.float32), t, cots, with_entropy, temperature)
-        _, grads = mx.vjp(head, [v for _, v in tree_flatten(p)] + [h], [dz.astype(z.dtype)])
-        mx.eval(grads)
-        return [_values(g) for g in grads]  # values only, as in the forward
-
-    @scores.vjp
-    def scores_vjp(primals, cotangents, outputs):
-        p, h, t = primals
-        names = [k for k, _ in tree_flatten(p)]
-        dh, dp = [], None
-        for a, b in spans:
-            grads = backward_block(p, names, h[:, a:b], t[:, a:b], [c[:, a:b] for c in cotangents])
-            dh.append(grads[-1])
-            dp = grads[:-1] if dp is None else [x + y for x, y in zip(dp, grads[:-1])]
-        dp = tree_unflatten(list(zip(names, dp))) if names else p
-        return dp, mx.concatenate(dh, axis=1), mx.zeros_like(t)
-
-    cols = scores(params, hidden, targets)
-    logp = cols.pop(0)
-    ent = cols.pop(0) if with_entropy else None
-    return logp, ent, (cols.pop(0) if tempered_on else None)
+def _blocked(head, hidden, targets, with_entropy: bool, temperature, width: int):
+    """:func:`_reduce` over blocks of ``width`` positions, each evaluated before the next is built,
+    so that about one block's logits exist at a time (outside a gradient transform, an evaluated
+    array lets go of the arrays it was computed from). Under a gradient transform the values and
+    gradients stay right, but the evaluation keeps every intermediate of the forward pass alive
+    until the backward pass (see :func:`token_logps`)."""
+    parts = []
+    for a in range(0, hidden.shape[1], width):
+        block = _reduce(head(hidden[:, a : a + width]), targets[:, a : a + width], with_entropy, temperature)
+        mx.eval([x for x in block if x is not None])
+        parts.append(block)
+    return tuple(None if c[0] is None else mx.concatenate(list(c), axis=1) for c in zip(*parts))
 
 
 def token_logps(
@@ -190,15 +107,19 @@ def token_logps(
     with_entropy: bool = False,
     start: int = 0,
     temperature: float | None = None,
+    forward_only: bool = False,
 ):
     """(log p(target_j | inputs_<=j), entropy of p at j or None, log p_T(target_j | ...) or None)
     for positions j >= start, where p_T = softmax(logits / T) is the distribution sampled at
     temperature T (computed when ``temperature`` is given and is neither 0 nor 1).
 
-    The output layer runs only on positions >= start. When its float32 logits there,
-    rows x positions x vocabulary x 4 bytes, exceed :data:`LOGITS_BLOCK_BYTES`, they are made
-    and reduced in blocks of positions (each block recomputed in the backward pass), so about
-    one block of logits exists at a time (:func:`_blocked`)."""
+    The output layer runs only on positions >= start. In a pass that is not differentiated
+    (``forward_only``: the reference's), float32 logits there that exceed
+    :data:`LOGITS_BLOCK_BYTES` (rows x positions x vocabulary x 4 bytes) are made and reduced in
+    blocks of positions, so about one block of logits exists at a time (:func:`_blocked`). A
+    differentiated pass runs in one: evaluating blocks inside the gradient transform keeps every
+    intermediate of the forward pass alive until the backward pass, which at a real depth costs
+    far more than the logits (docs/precision.md)."""
     targets = targets[:, start:]
     if _split_ok(model):
         backbone, head = _split(model)
@@ -206,8 +127,8 @@ def token_logps(
         vocab = int(getattr(model.args, "vocab_size", 0) or 0)
         rows, positions = hidden.shape[0], hidden.shape[1]
         width = max(1, LOGITS_BLOCK_BYTES // max(1, rows * vocab * 4))
-        if vocab and positions > width:
-            return _blocked(model, hidden, targets, with_entropy, temperature, width)
+        if forward_only and vocab and positions > width:
+            return _blocked(head, hidden, targets, with_entropy, temperature, width)
         logits = head(hidden)
     else:
         logits = model(inputs)[:, start:]
@@ -241,13 +162,21 @@ class Scores:
 
 
 def completion_logps(
-    model, inputs, targets, mask, with_entropy: bool = False, temperature: float | None = None, start: int | None = None
+    model,
+    inputs,
+    targets,
+    mask,
+    with_entropy: bool = False,
+    temperature: float | None = None,
+    start: int | None = None,
+    forward_only: bool = False,
 ) -> Scores:
     """Per-token completion log-probs of every row. ``start`` (default: the first completion
-    position in ``mask``) skips the output layer on positions no row scores."""
+    position in ``mask``) skips the output layer on positions no row scores; ``forward_only``:
+    a pass no gradient is taken of (:func:`token_logps`)."""
     if start is None:
         start = first_completion_position(mask)
-    logp, ent, tempered = token_logps(model, inputs, targets, with_entropy, start, temperature)
+    logp, ent, tempered = token_logps(model, inputs, targets, with_entropy, start, temperature, forward_only)
     mask = mask[:, start:]
     return Scores(
         logp * mask,

@@ -52,7 +52,7 @@ def pack_pairs(pairs) -> tuple[mx.array, mx.array, mx.array]:
 def reference_logps(reference, inputs, targets, mask) -> mx.array:
     """Per-token completion log-probs of the reference ([2P, T], no gradient)."""
     with reference.use() as ref_model:
-        tok = completion_logps(ref_model, inputs, targets, mask).tokens
+        tok = completion_logps(ref_model, inputs, targets, mask, forward_only=True).tokens
         mx.eval(tok)
     return mx.stop_gradient(tok)
 

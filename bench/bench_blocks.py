@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as B  # noqa: E402
-from bench_limits import build  # noqa: E402
+from bench_limits import load_as_run  # noqa: E402
 
 VARIANTS = (("reference", "one pass"), ("reference", "blocks"), ("policy", "one pass"), ("policy", "blocks"))
 
@@ -106,18 +106,13 @@ def main():
     ns = ap.parse_args()
     if ns.render_only:
         return B.rerender(ns.name, render)
-    from mlx_xpo_plugin.host import fast_blas
-
-    fast_blas.request()
-    fast_blas.preload()  # the BLAS our commands run on (before mlx.core)
+    model = load_as_run(ns.preset)
     import mlx.core as mx
-    from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from mlx_xpo_plugin.compute import precision, scoring
+    from mlx_xpo_plugin.compute import scoring
+    from mlx_xpo_plugin.host import fast_blas
 
-    model, _ = load(build(ns.preset, None))
-    precision.apply(model, "auto", "model", log=lambda s: None)
     model.freeze()
     linear_to_lora_layers(model, model.args.num_hidden_layers, {"rank": 8, "dropout": 0.0, "scale": 10.0})
     mx.eval(model.parameters())

@@ -53,6 +53,22 @@ def build(preset: str, bits):
     return str(build_tiny_model(B.cache_dir() / name, preset=preset, dtype="bfloat16", bits=bits))
 
 
+def load_as_run(preset: str):
+    """The preset's bf16 checkpoint loaded as a run loads it: the fast BLAS chosen first (before
+    mlx.core loads), then ``compute_dtype: auto`` (float32 on the CPU)."""
+    from mlx_xpo_plugin.host import fast_blas
+
+    fast_blas.request()
+    fast_blas.preload()
+    from mlx_lm import load
+
+    from mlx_xpo_plugin.compute import precision
+
+    model, _ = load(build(preset, None))
+    precision.apply(model, "auto", "model", log=lambda s: None)
+    return model
+
+
 def sgemm_gflops(hidden: int, inter: int, n: int) -> float:
     """float32 GFLOP/s of a 256-row product at an MLP's shape (256 x hidden @ hidden x inter), best of n."""
     import mlx.core as mx

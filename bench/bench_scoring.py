@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as B  # noqa: E402
-from bench_limits import build, sgemm_gflops  # noqa: E402
+from bench_limits import load_as_run, sgemm_gflops  # noqa: E402
 
 from mlx_xpo_plugin.commands.calibration import best_of  # noqa: E402
 
@@ -162,19 +162,12 @@ def main():
     ns = ap.parse_args()
     if ns.render_only:
         return B.rerender(ns.name, render)
+    model = load_as_run(ns.preset)
+    model.eval()
+    from mlx_xpo_plugin.commands.tiny import PRESETS
     from mlx_xpo_plugin.host import fast_blas
 
-    fast_blas.request()
-    fast_blas.preload()  # the BLAS our commands run on (before mlx.core)
-    from mlx_lm import load
-
-    from mlx_xpo_plugin.commands.tiny import PRESETS
-    from mlx_xpo_plugin.compute import precision
-
     p = PRESETS[ns.preset]
-    model, _ = load(build(ns.preset, None))
-    precision.apply(model, "auto", "model", log=lambda s: None)
-    model.eval()
     data = {
         "preset": ns.preset,
         "rows": ns.rows,

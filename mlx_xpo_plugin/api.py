@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Mapping, Union
 
 from mlx_xpo_plugin import config
-from mlx_xpo_plugin.commands.hints import unused_upstream_settings
+from mlx_xpo_plugin.commands.hints import note_unused_upstream
 from mlx_xpo_plugin.host.fast_blas import request
 
 request()  # a program that imports the API is one of this project's: a fast BLAS goes under MLX
@@ -23,9 +22,7 @@ def as_config(mode: str, source: Union[Mapping[str, Any], Any]):
     values.setdefault("train", True)
     values["train_mode"] = mode
     cfg = config.resolve(mode, values, set(values), {})
-    note = unused_upstream_settings(mode, config.unused_upstream(values))
-    if note:
-        print(note, file=sys.stderr)
+    note_unused_upstream(mode, values)
     return cfg
 
 

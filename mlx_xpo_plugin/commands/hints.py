@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.host.startup import OFF_VALUES, ON_VALUES
 
 
 def command(name: str, cwd: str | None = None) -> str:
@@ -38,9 +39,9 @@ def verbose(env=None) -> bool:
     """Whether a run prints its detail lines too (upstream's model-loading lines, how the reference
     and the judge are held): ``MLX_XPO_VERBOSE=1`` (``mlx-xpo demo -v`` sets it); default off."""
     value = (os.environ if env is None else env).get(VERBOSE_ENV, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
+    if value in ("",) + OFF_VALUES:
         return False
-    if value in ("1", "true", "yes", "on"):
+    if value in ON_VALUES:
         return True
     raise ConfigError(VERBOSE_ENV, value, "use 1 (detail lines too) or 0 (the default)")
 
@@ -70,11 +71,17 @@ def kernel_note(device=None, env=None, version: str | None = None) -> Optional[s
     return f"compiling kernels (once; MLX keeps them in {d}): the first step takes longer" if cold else None
 
 
-def unused_upstream_settings(mode: str, keys: list) -> Optional[str]:
-    """A note naming upstream's settings that were given but that ``mode`` does not read."""
-    if not keys:
-        return None
-    return f"note: --train-mode {mode} does not use {', '.join(keys)} (settings of upstream's other modes): ignored"
+def note_unused_upstream(mode: str, given) -> None:
+    """Print to stderr a note naming upstream's settings among the keys ``given`` that ``mode``
+    does not read (options of upstream's other modes), if there are any."""
+    from mlx_xpo_plugin import config  # here: `mlx-xpo --help` imports this module and stays quick
+
+    keys = config.unused_upstream(given)
+    if keys:
+        print(
+            f"note: --train-mode {mode} does not use {', '.join(keys)} (settings of upstream's other modes): ignored",
+            file=sys.stderr,
+        )
 
 
 def ignored_judge_system(judge_system, factory) -> Optional[str]:

@@ -24,7 +24,7 @@ from mlx_xpo_plugin.commands.build import (
     write_adapter_config,
 )
 from mlx_xpo_plugin.commands.estimate import projection_line
-from mlx_xpo_plugin.commands.hints import command, ignored_judge_system, kernel_note, unused_upstream_settings
+from mlx_xpo_plugin.commands.hints import command, ignored_judge_system, kernel_note, note_unused_upstream
 from mlx_xpo_plugin.commands.peers import discard_peer_errors, peer_errors, peer_run
 from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created, hold
 from mlx_xpo_plugin.compute.models import model_folder
@@ -234,9 +234,7 @@ def mode_main(method_cls):
             cli = dict(vars(args)) if not isinstance(args, dict) else dict(args)
             yaml_values = config.load_yaml(cli.get("config"))
             cfg = config.resolve(mode_name, cli, set(explicit), yaml_values)
-            note = unused_upstream_settings(mode_name, config.unused_upstream(set(yaml_values) | set(explicit)))
-            if note:
-                print(note, file=sys.stderr)
+            note_unused_upstream(mode_name, set(yaml_values) | set(explicit))
             return run(cfg, method_cls, training_callback)
         except ConfigError as e:
             err(str(e))

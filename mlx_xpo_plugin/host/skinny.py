@@ -17,13 +17,12 @@ import glob
 import os
 from importlib.machinery import EXTENSION_SUFFIXES
 
-from mlx_xpo_plugin.host.startup import OFF_VALUES
+from mlx_xpo_plugin.host.startup import OFF_VALUES, ON_VALUES
 
 #: products with fewer weights (N * K) than this go to the BLAS: the pool's hand-off costs more
 DEFAULT_MIN_ELEMENTS = 1 << 15
 #: ``MLX_XPO_FEW_ROW_KERNEL=off`` leaves every product to the BLAS (the fast BLAS stays)
 ENV = "MLX_XPO_FEW_ROW_KERNEL"
-_ON = ("", "1", "true", "yes", "on")
 #: what happened, for the run's banner: {"line": the banner's words, "isa": the copy chosen}
 STATE: dict = {}
 _LIB = []
@@ -54,7 +53,7 @@ def attach(blas: ctypes.CDLL, prefix: str, path: str | None = None, env: dict | 
     if value.lower() in OFF_VALUES:
         STATE.update(line=f"few-row products (decoding): the BLAS's ({ENV}={value})", isa=None)
         return None
-    ignored = "" if value.lower() in _ON else f"; {ENV}={value!r} is not one of on, off: ignored"
+    ignored = "" if value.lower() in ("",) + ON_VALUES else f"; {ENV}={value!r} is not one of on, off: ignored"
     path = path or library_path()
     if path is None:
         STATE.update(line="few-row products (decoding): the BLAS's (the _skinny extension was not built)", isa=None)

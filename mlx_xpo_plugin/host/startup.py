@@ -8,8 +8,9 @@ import sys
 TARGET = "mlx_lm_lora.train"
 PACKAGE_MAIN = "mlx_lm_lora.__main__"  # python -m mlx_lm_lora train
 MLX_CORE = "mlx.core"
-#: values of an on/off environment variable that mean off
+#: values of an on/off environment variable that mean off, and on
 OFF_VALUES = ("0", "false", "no", "off")
+ON_VALUES = ("1", "true", "yes", "on")
 
 
 def enabled() -> bool:

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# No test reaches a model hub. huggingface_hub reads these when it is first imported, so they are
+# set before anything imports it, and the commands the tests start inherit them: a hub id not in
+# the cache fails at once. tests/test_hub.py serves its own hub on 127.0.0.1 to the commands it starts.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
 from mlx_xpo_plugin.commands.tiny import build_tiny_model, write_prompt_dataset
 from mlx_xpo_plugin.host import fast_blas
 

@@ -501,11 +501,12 @@ def empty_hf_cache(tmp_path, monkeypatch):
     return cache
 
 
-def test_hub_id_is_refused_offline(empty_hf_cache, registry):
-    with pytest.raises(ConfigError) as e:
+def test_hub_id_not_in_the_cache_is_refused_offline(empty_hf_cache, registry):
+    with pytest.raises(ConfigError) as e:  # tests run with HF_HUB_OFFLINE=1 (conftest.py)
         check_judge("xpo-test-org/not-downloaded-model", JudgeContext(), registry)
     msg = str(e.value)
-    assert "never downloads" in msg and "local-dir" in msg and "\n" not in msg
+    assert msg.startswith("judge: 'xpo-test-org/not-downloaded-model': HF_HUB_OFFLINE is set") and "\n" not in msg
+    assert "`hf download xpo-test-org/not-downloaded-model`" in msg
 
 
 def test_hub_id_already_in_local_cache_is_used(empty_hf_cache, tiny_model_path, registry):

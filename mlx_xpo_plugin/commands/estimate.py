@@ -99,7 +99,7 @@ def judge_work(cfg) -> dict:
     opts = resolve_options("model", cfg.judge_config, llm.OPTIONS)
     return {
         "judge_kind": "llm",
-        "judge_shape": cost.read_shape(model_folder("judge", cfg.judge)),
+        "judge_shape": cost.read_shape(model_folder("judge", cfg.judge, weights=False)),
         "judge_rows": 2 if opts["both_orders"] else 1,
         "judge_tokens": int(opts["max_tokens"]) if opts["mode"] == "generate" else 0,
     }
@@ -110,7 +110,7 @@ def project(cfg, n_train: int, rates: cost.Rates, prompt_len: float, n_valid: in
     from mlx_xpo_plugin.commands.build import plan_steps
     from mlx_xpo_plugin.compute.models import model_folder
 
-    folder = model_folder("model", cfg.model)
+    folder = model_folder("model", cfg.model, weights=False)
     with open(os.path.join(folder, "config.json")) as f:
         model_cfg = json.load(f)
     shape = cost.shape_of(model_cfg)
@@ -190,7 +190,7 @@ def projection_line(cfg, n_prompts: int | None = None, world: int = 1) -> str | 
         n_train = (n_train if n_prompts is None else n_prompts) // max(1, world)  # each process's share
         if project(cfg, n_train, SLOW, rough_prompt_tokens(cfg.data), n_valid)["total_seconds"] <= SHOW_ABOVE_S:
             return None  # under a minute even on the slowest machine: no tokenizer, no calibration
-        plen = mean_prompt_tokens(model_folder("model", cfg.model), cfg.data)
+        plen = mean_prompt_tokens(model_folder("model", cfg.model, weights=False), cfg.data)
         res = project(cfg, n_train, calibration.rates()[0], plen, n_valid)
     except (ConfigError, OSError, KeyError, ValueError):
         return None
@@ -240,7 +240,7 @@ def estimate(ns) -> int:
         raise ConfigError("train_mode", mode, "valid: xpo, online_dpo")
     values.pop("train_mode", None)
     cfg = config.resolve(mode, {}, set(), values)
-    folder = model_folder("model", cfg.model)
+    folder = model_folder("model", cfg.model, weights=False)
     n_train, n_valid = _counts(cfg)
     plen = mean_prompt_tokens(folder, cfg.data)
     rates, record = calibration.rates(refresh=ns.recalibrate, log=lambda s: print(s, file=sys.stderr))

@@ -34,8 +34,7 @@ shown swapped with probability 1/2 (``random.Random(seed)``; ``shuffle: false`` 
 and the winner is mapped back; a tie or an invalid answer stays what it is.
 
 The model is the trainer's reference model when the ``judge`` setting names the same path (no
-second copy). Hub ids are never downloaded: a model id is used only when it is already complete
-in the local Hugging Face cache.
+second copy). A hub id is downloaded into the Hugging Face cache on first use (compute/hub.py).
 """
 
 from __future__ import annotations

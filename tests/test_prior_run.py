@@ -117,10 +117,12 @@ def test_a_resume_of_another_folder_into_a_folder_with_a_run_is_refused(tmp_path
         train=True, start_over=False, adapter_path=str(tmp_path / "a"), resume_adapter_file=None
     )
     with pytest.raises(ConfigError, match=r"an interrupted run: 3 of 9 steps.*To continue it: RESUME ;"):
-        prior_run.check(cfg, lambda c: "RESUME")
-    prior_run.check(types.SimpleNamespace(**{**vars(cfg), "resume_adapter_file": str(tmp_path / "a")}), str)
+        prior_run.check(cfg, lambda c, mode, processes: "RESUME")
+    prior_run.check(types.SimpleNamespace(**{**vars(cfg), "resume_adapter_file": str(tmp_path / "a")}), None)
     with pytest.raises(ConfigError, match="holds an interrupted run"):
-        prior_run.check(types.SimpleNamespace(**{**vars(cfg), "resume_adapter_file": str(tmp_path / "b")}), str)
+        prior_run.check(
+            types.SimpleNamespace(**{**vars(cfg), "resume_adapter_file": str(tmp_path / "b")}), lambda *a: "R"
+        )
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):

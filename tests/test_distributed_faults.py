@@ -72,6 +72,7 @@ def test_sigkill_of_one_process_stops_the_other_with_one_line_and_resume_reaches
     assert "Node with rank 0 exited with code 5" in stderr  # Exit.PEER; mlx.launch itself says 0
     assert step < 24
 
+    (out / "training.png").write_bytes(b"a plot of the earlier part")  # moved aside once, by process 0
     r = subprocess.run(
         shlex.split(line),  # exactly as printed
         capture_output=True,
@@ -80,7 +81,9 @@ def test_sigkill_of_one_process_stops_the_other_with_one_line_and_resume_reaches
         env={**os.environ, "PIDS": str(pids)},
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert checkpoint_step(out) == 24
+    assert checkpoint_step(out) == 24 and "Traceback" not in r.stderr
+    (kept,) = [p for p in out.iterdir() if p.name.startswith("training.") and p.name != "training.png"]
+    assert kept.read_bytes() == b"a plot of the earlier part" and r.stdout.count(f"training.png -> {kept.name}") == 1
     assert [x["step"] for x in rows(out) if "judge/pairs" in x] == list(range(1, 25))
 
 

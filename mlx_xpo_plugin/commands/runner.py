@@ -164,7 +164,7 @@ def train(cfg, trainer) -> tuple[int, list]:
     from mlx_xpo_plugin.loop.checkpoints import load_resume
 
     resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
-    moved = prior_run.begin_writing(cfg, resume)  # the first write of the run
+    moved = prior_run.begin_writing(cfg, resume) if trainer.rank == 0 else []  # the first write of the run
     write_adapter_config(cfg)
     iters, per_epoch, per_step = plan_steps(cfg, len(trainer.train_set), trainer.world)
     print(f"training {iters} steps ({per_epoch} per epoch, {per_step} prompts per step, 2 completions each)")

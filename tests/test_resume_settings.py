@@ -126,3 +126,19 @@ def test_the_stored_settings_are_json_and_resolve_again_unchanged(run_dir):
     for name, value in state["config"].items():
         if config.SETTINGS[name].on_resume not in ("this_run", "folder"):
             assert config_resume.same(name, getattr(cfg, name), value), name
+
+
+def test_the_resume_line_names_the_folder_and_how_the_run_was_launched():
+    from mlx_xpo_plugin.commands.hints import command, launched_by, resume_line
+
+    train = command("mlx_lm_lora.train")
+    assert resume_line("xpo", "runs/my ad") == f"{train} --train-mode xpo --resume-adapter-file 'runs/my ad'"
+    mine = ["--train-mode", "xpo", "--config", "x.yaml"]
+    launcher = ["/usr/bin/python3", "/opt/bin/mlx.launch", "-n", "2", "--backend", "ring", "/v/bin/python", "-m"]
+    launcher += ["mlx_lm_lora.train", *mine]
+    prefix = launched_by(mine, launcher)
+    assert prefix == "/opt/bin/mlx.launch -n 2 --backend ring /v/bin/python -m mlx_lm_lora.train"
+    assert resume_line("online_dpo", "ad", 2, prefix) == f"{prefix} --train-mode online_dpo --resume-adapter-file ad"
+    assert launched_by(mine, ["/bin/bash", *mine]) is None  # not started by mlx.launch
+    assert launched_by(mine, [*launcher[:-1], "other.yaml"]) is None  # not this process's arguments
+    assert resume_line("xpo", "ad", 2, None).startswith("mlx.launch <the options that start 2 processes> ")

@@ -17,6 +17,7 @@ replaced only once the new one is complete.
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import re
@@ -183,8 +184,6 @@ def keep_previous(path: str) -> None:
 def made_again(cfg, name: str) -> bool:
     """Whether this run makes the result ``name`` (one of :data:`RESULTS`) again when it finishes."""
     if name == "training.png":
-        import importlib.util  # here: only a resume that moved a plot aside asks
-
         return importlib.util.find_spec("matplotlib") is not None
     return bool(cfg.test if name == "test_metrics.json" else cfg.fuse)
 

@@ -41,6 +41,7 @@ from mlx_xpo_plugin.errors import ConfigError, SaveFailed
 from mlx_xpo_plugin.exits import Exit, of_run
 from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.loop.atomic import save_json
+from mlx_xpo_plugin.loop.checkpoints import check_resume, read_state
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, intact_checkpoint
 from mlx_xpo_plugin.loop.win_rate import describe
 
@@ -55,7 +56,6 @@ def preflight(cfg) -> list[str]:
     """Every check that needs no model: resume file, output folder, data files, model paths,
     judge. Returns the settings a resumed run changes (config_resume.check), for its first line."""
     from mlx_xpo_plugin.commands.data import check_data
-    from mlx_xpo_plugin.loop.checkpoints import check_resume, read_state
 
     changes = config_resume.check(cfg, *read_state(cfg.resume_adapter_file)) if cfg.resume_adapter_file else []
     if cfg.train:
@@ -241,7 +241,7 @@ def fuse(cfg, models) -> None:
         de_quantize=quantization(cfg) is None,
     )
     replaced = prior_run.replace_folder(fused + ".partial", fused)
-    print(f"fused model: {fused}" + (" (replaced the one fused before this resumed run)" if replaced else ""))
+    print(f"fused model: {fused}" + (" (replaced the one fused before)" if replaced else ""))
 
 
 def plot_again(cfg) -> None:

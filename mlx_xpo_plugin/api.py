@@ -12,7 +12,11 @@ request()  # a program that imports the API is one of this project's: a fast BLA
 
 
 def as_config(mode: str, source: Union[Mapping[str, Any], Any]):
-    """A dict (every key counts as given), an OnlineArgs, or a path to a YAML file -> OnlineArgs."""
+    """A dict (every key counts as given), an OnlineArgs, or a path to a YAML file -> OnlineArgs.
+    With ``resume_adapter_file``, the checkpoint's settings are the base, as on the command line
+    (``{"resume_adapter_file": "adapters/xpo_int"}`` alone resumes that run; config_resume.py)."""
+    from mlx_xpo_plugin.config_resume import resolve_run  # here: it loads mlx.core, after request() chose the BLAS
+
     if isinstance(source, config.OnlineArgs):  # every setting is a field: those of other modes are left out
         values = {k: v for k, v in vars(source).items() if config.read_by(k, mode)}
     elif isinstance(source, str):
@@ -21,7 +25,7 @@ def as_config(mode: str, source: Union[Mapping[str, Any], Any]):
         values = dict(source)
     values.setdefault("train", True)
     values["train_mode"] = mode
-    cfg = config.resolve(mode, values, set(values), {})
+    cfg = resolve_run(mode, values, set(values), {})
     note_unused_upstream(mode, values)
     return cfg
 

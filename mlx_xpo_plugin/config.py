@@ -1,5 +1,6 @@
 """The settings schema: one table that drives defaults, YAML validation, CLI flags,
-the training-args dataclass, the JSON Schema (`mlx-xpo schema`) and the README table.
+the training-args dataclass, the JSON Schema (`mlx-xpo schema`), the README table and what a
+setting given again may do when a run resumes its checkpoint (``on_resume``: config_resume.py).
 
 Precedence is explicit: command line > YAML > default. Defaults of the online-preference
 settings follow the MLX-LoRA-Studio XPO / Online DPO settings table.
@@ -17,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from mlx_xpo_plugin.config_checks import check_cross
 from mlx_xpo_plugin.errors import ConfigError, did_you_mean
 
 ONLINE_MODES = ("xpo", "online_dpo")
@@ -39,6 +41,7 @@ class Setting:
     studio: bool = False  # shown in MLX-LoRA-Studio's Online Preference block
     modes: tuple = ONLINE_MODES
     plugin: bool = True  # False: an upstream setting this plugin reads and validates
+    on_resume: str = "same"  # given again on a resume: same | free | length | folder | this_run | judge (config_resume)
 
     @property
     def flag(self) -> str:
@@ -69,10 +72,11 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
     Setting("judge", "str", "Qwen/Qwen3-0.6B", "Pairwise judge: 'human', an http(s):// "
        "OpenAI-compatible endpoint, 'module:callable' / 'file.py:callable', or an MLX model "
        "path or id. Unlike upstream's own online modes, which have no default and require a "
-       "judge, this one defaults to Qwen/Qwen3-0.6B (the settings table).", studio=True),
+       "judge, this one defaults to Qwen/Qwen3-0.6B (the settings table).", studio=True, on_resume="judge"),
     Setting("judge_system", "str", None, "Rubric system prompt for model and endpoint judges.",
        nullable=True, studio=True),
-    Setting("judge_config", "dict", {}, "Options of the chosen judge (every judge's keys: docs/judges.md)."),
+    Setting("judge_config", "dict", {}, "Options of the chosen judge (every judge's keys: docs/judges.md).",
+       on_resume="judge"),
     Setting("max_completion_length", "int", 512, "Maximum sampled completion length in tokens.",
        minimum=1, studio=True),
     Setting("temperature", "float", 0.8, "Sampling temperature of the policy (0 = greedy). Applied after "
@@ -92,7 +96,7 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
     Setting("entropy_coef", "float", 0.0, "Entropy bonus on the policy's completion tokens "
        "(the recipe's entropy_regularization); 0 = off.", minimum=0.0),
     Setting("log_completions_every", "int", None, "Write sample completions to completions.jsonl "
-       "every N steps (default: steps_per_report).", nullable=True, minimum=1),
+       "every N steps (default: steps_per_report).", nullable=True, minimum=1, on_resume="free"),
     Setting("compute_dtype", "str", "auto", "Precision the frozen base weights compute in (policy, "
             "reference, model judge). auto: float32 on a CPU backend, where float32 products run on "
             "BLAS (a quantized base is dequantized once at load to the exact values quantized_matmul "
@@ -101,13 +105,13 @@ PLUGIN_SETTINGS: tuple[Setting, ...] = (
             "float16: that dtype on any device. native: the checkpoint's own.",
             choices=("auto", "float32", "bfloat16", "float16", "native")),
     Setting("max_nonfinite_steps", "int", 3, "Stop after this many consecutive steps with a "
-       "non-finite loss (each one is skipped).", minimum=1),
+       "non-finite loss (each one is skipped).", minimum=1, on_resume="free"),
     Setting("max_judgeless_steps", "int", 10, "Stop (exit status 3) after this many consecutive steps "
        "in which the judge gave no valid pair (errors, invalid answers, ties); the checkpoint is "
-       "the state before them. Empty: no limit.", nullable=True, minimum=1),
+       "the state before them. Empty: no limit.", nullable=True, minimum=1, on_resume="free"),
     Setting("start_over", "bool", False, "Train on an adapter_path that holds another run's files: "
        "they are first moved to <adapter_path>.<date-time> (nothing is deleted). Without it such a "
-       "folder is refused, unless the run resumes its checkpoint."),
+       "folder is refused, unless the run resumes its checkpoint.", on_resume="this_run"),
 )
 
 #: Upstream settings our modes read; validated with the same machinery (not re-documented).
@@ -116,27 +120,31 @@ UPSTREAM_SETTINGS: tuple[Setting, ...] = tuple(
     for n, k, d, h, c, mn, nl, kw in [
         ("model", "str", "mlx_model", "Base model path or id.", None, None, False, {}),
         ("data", "str", "data/", "Folder with train/valid/test.jsonl prompt files.", None, None, False, {}),
-        ("train", "bool", False, "Train.", None, None, False, {}),
-        ("test", "bool", False, "Evaluate on the test prompts after training.", None, None, False, {}),
+        ("train", "bool", False, "Train.", None, None, False, {"on_resume": "free"}),
+        ("test", "bool", False, "Evaluate on the test prompts after training.",
+         None, None, False, {"on_resume": "free"}),
         ("train_type", "str", "lora", "lora, dora or full.", ("lora", "dora", "full"), None, False, {}),
         ("train_mode", "str", "sft", "Training mode.", None, None, False, {}),
         ("batch_size", "int", 1, "Prompts per micro-batch (2 completions each).", None, 1, False, {}),
-        ("iters", "int", None, "Optimizer steps (default: epochs, else 1 epoch).", None, 1, True, {}),
-        ("epochs", "int", None, "Passes over the training prompts.", None, 1, True, {}),
+        ("iters", "int", None, "Optimizer steps (default: epochs, else 1 epoch).",
+         None, 1, True, {"on_resume": "length"}),
+        ("epochs", "int", None, "Passes over the training prompts.", None, 1, True, {"on_resume": "length"}),
         ("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", None, 1, False, {}),
         ("micro_batch_size", "int", 1, "Pairs per scoring forward and backward (2 rows each): bounds "
-         "the activation memory whatever batch_size is; null scores the whole batch at once.", None, 1, True, {}),
+         "the activation memory whatever batch_size is; null scores the whole batch at once.",
+          None, 1, True, {"on_resume": "free"}),
         ("learning_rate", "float", 1e-5, "Learning rate.", None, 0.0, False, {}),
         ("lr_schedule", "dict", None, "mlx-lm learning-rate schedule.", None, None, True, {}),
         ("optimizer", "str", "adam", "Optimizer.", ("adam", "adamw", "muon"), None, False, {}),
         ("optimizer_config", "dict", {}, "Optimizer options per optimizer.", None, None, False, {}),
-        ("steps_per_report", "int", 10, "Steps between metric reports.", None, 1, False, {}),
-        ("steps_per_eval", "int", 200, "Steps between validations.", None, 1, False, {}),
-        ("val_batches", "int", 25, "Validation batches (-1: all).", None, -1, False, {}),
-        ("test_batches", "int", 500, "Test batches (-1: all).", None, -1, False, {}),
-        ("save_every", "int", 100, "Steps between checkpoints.", None, 1, False, {}),
-        ("adapter_path", "str", "adapters", "Output folder.", None, None, False, {}),
-        ("resume_adapter_file", "str", None, "Checkpoint or adapter file to resume from.", None, None, True, {}),
+        ("steps_per_report", "int", 10, "Steps between metric reports.", None, 1, False, {"on_resume": "free"}),
+        ("steps_per_eval", "int", 200, "Steps between validations.", None, 1, False, {"on_resume": "free"}),
+        ("val_batches", "int", 25, "Validation batches (-1: all).", None, -1, False, {"on_resume": "free"}),
+        ("test_batches", "int", 500, "Test batches (-1: all).", None, -1, False, {"on_resume": "free"}),
+        ("save_every", "int", 100, "Steps between checkpoints.", None, 1, False, {"on_resume": "free"}),
+        ("adapter_path", "str", "adapters", "Output folder.", None, None, False, {"on_resume": "folder"}),
+        ("resume_adapter_file", "str", None, "Checkpoint or adapter file to resume from.",
+         None, None, True, {"on_resume": "this_run"}),
         ("max_seq_length", "int", 2048, "Maximum prompt + completion length.", None, 2, False, {}),
         ("seed", "int", 0, "Random seed.", None, 0, False, {}),
         ("num_layers", "int", -1, "Layers with adapters (-1: all).", None, -1, False, {}),
@@ -146,11 +154,13 @@ UPSTREAM_SETTINGS: tuple[Setting, ...] = tuple(
         ("load_in_6bits", "bool", False, "Quantize the base to 6 bits.", None, None, False, {}),
         ("load_in_8bits", "bool", False, "Quantize the base to 8 bits.", None, None, False, {}),
         ("load_in_mxfp4", "bool", False, "Quantize the base to mxfp4.", None, None, False, {}),
-        ("grad_checkpoint", "bool", False, "Gradient checkpointing.", None, None, False, {}),
-        ("fuse", "bool", False, "Fuse adapters into the model after training.", None, None, False, {}),
-        ("wandb", "str", None, "WandB project to report the run to (needs the wandb package).", None, None, True, {}),
+        ("grad_checkpoint", "bool", False, "Gradient checkpointing.", None, None, False, {"on_resume": "free"}),
+        ("fuse", "bool", False, "Fuse adapters into the model after training.",
+         None, None, False, {"on_resume": "free"}),
+        ("wandb", "str", None, "WandB project to report the run to (needs the wandb package).",
+         None, None, True, {"on_resume": "free"}),
         ("qat_enable", "bool", False, "QAT (not applicable to online modes).", None, None, False, {}),
-        ("config", "str", None, "YAML file.", None, None, True, {}),
+        ("config", "str", None, "YAML file.", None, None, True, {"on_resume": "this_run"}),
     ]
 )
 # fmt: on
@@ -324,10 +334,11 @@ def unused_upstream(given) -> list:
     return sorted(k for k in given if k not in SETTINGS and k in upstream_keys)
 
 
-def resolve(mode: str, cli: dict, explicit: set, yaml_values: dict) -> Any:
-    """Merge command line > YAML > default for `mode` and validate every value.
+def resolve(mode: str, cli: dict, explicit: set, yaml_values: dict, base: Optional[dict] = None) -> Any:
+    """Merge command line > YAML > ``base`` > default for `mode` and validate every value.
 
-    ``cli`` holds the parsed values (only those in ``explicit`` count as given). Unknown keys,
+    ``cli`` holds the parsed values (only those in ``explicit`` count as given); ``base`` the
+    settings of a resumed checkpoint (config_resume.resolve_run). Unknown keys,
     given in the YAML or explicitly (the Python API passes every key so), are errors with a
     did-you-mean. Raises ConfigError (one line) on the first bad value.
     """
@@ -338,59 +349,16 @@ def resolve(mode: str, cli: dict, explicit: set, yaml_values: dict) -> Any:
             raise ConfigError(k, v, "unknown setting", did_you_mean(k, set(SETTINGS) | upstream_keys))
         if k in SETTINGS and not read_by(k, mode):
             raise ConfigError(k, v, f"only used by --train-mode {' / '.join(SETTINGS[k].modes)}")
-    values = {}
+    values, base = {}, base or {}
     for name, s in SETTINGS.items():
         if name in explicit and name in cli:
             v = cli[name]
         elif name in yaml_values:
             v = yaml_values[name]
         else:
-            v = s.default
+            v = base.get(name, s.default)
         values[name] = check_value(s, v)
     values["train_mode"] = mode
     a = OnlineArgs(**values)
-    _check_cross(a)
+    check_cross(a)
     return a
-
-
-def _check_cross(a) -> None:
-    if a.qat_enable:
-        raise ConfigError(
-            "qat_enable",
-            True,
-            f"QAT is not supported by --train-mode {a.train_mode}; remove qat_enable (QAT applies to sft only)",
-        )
-    if a.max_completion_length >= a.max_seq_length:
-        raise ConfigError(
-            "max_completion_length",
-            a.max_completion_length,
-            f"must be smaller than max_seq_length ({a.max_seq_length}) to leave room for the prompt",
-        )
-    if a.adapter_path and os.path.isfile(a.adapter_path):
-        raise ConfigError("adapter_path", a.adapter_path, "is a file; give a folder for adapters and metrics")
-    if not (a.train or a.test):
-        raise ConfigError("train", a.train, "set train: true (or --train) and/or test: true (or --test)")
-    quant = [k for k in ("load_in_4bits", "load_in_6bits", "load_in_8bits", "load_in_mxfp4") if getattr(a, k)]
-    if len(quant) > 1:
-        raise ConfigError(quant[1], True, f"choose one quantization; {quant[0]} is already set")
-    lp = a.lora_parameters
-    for key in lp:
-        if key not in ("rank", "dropout", "scale", "keys", "alpha"):
-            raise ConfigError(f"lora_parameters.{key}", lp[key], "unknown key; valid: rank, dropout, scale, keys")
-    _check_dropout(a)
-
-
-def _check_dropout(a) -> None:
-    """The 'kl' term's gradient is a score function of the sampler: dropout (on in training, off
-    in rollouts) would score completions under another distribution than the one that sampled."""
-    dropout = a.lora_parameters.get("dropout", 0.0)
-    alphas = a.alpha if isinstance(a.alpha, list) else [a.alpha]
-    used = a.train_mode == "xpo" and a.xpo_bonus == "kl" and a.train_type != "full" and max(alphas) > 0
-    if used and isinstance(dropout, (int, float)) and dropout > 0:
-        raise ConfigError(
-            "lora_parameters.dropout",
-            dropout,
-            "must be 0 with xpo_bonus: kl (its gradient needs the log-probs of the policy that "
-            "sampled, and rollouts run without dropout)",
-            "set dropout: 0, or use xpo_bonus: paper or kl_upstream",
-        )

@@ -3,6 +3,7 @@ process that stops with an error of its own."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from test_cli_e2e import TRAIN, base_cfg, rows, small_data, write_cfg
 from test_distributed import LAUNCH
 
+from mlx_xpo_plugin.commands.hints import command
 from mlx_xpo_plugin.commands.peers import peer_errors, peer_run
 from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.faults import JudgeFailure
@@ -63,20 +65,25 @@ def test_sigkill_of_one_process_stops_the_other_with_one_line_and_resume_reaches
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     step = checkpoint_step(out)
     assert f"error: process 1 of 2 was lost during step {step + 1} (" in lines[0], lines[0]
-    assert f"the checkpoint of step {step} ({out / 'checkpoint'}) is intact: resume with: mlx.launch" in lines[0]
-    assert f"--resume-adapter-file {out}" in lines[0]
+    assert f"the checkpoint of step {step} ({out / 'checkpoint'}) is intact: resume with: " in lines[0]
+    line = lines[0].split("resume with: ", 1)[1]  # launched as this run was: mlx.launch, its options, the program
+    want = [command("mlx.launch"), *cmd[1:6], "--train-mode", "xpo", "--resume-adapter-file", str(out)]
+    assert line == shlex.join(want), line
     assert "Node with rank 0 exited with code 5" in stderr  # Exit.PEER; mlx.launch itself says 0
     assert step < 24
 
+    (out / "training.png").write_bytes(b"a plot of the earlier part")  # moved aside once, by process 0
     r = subprocess.run(
-        [*cmd, "--resume-adapter-file", str(out)],
+        shlex.split(line),  # exactly as printed
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "PIDS": str(pids)},
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert checkpoint_step(out) == 24
+    assert checkpoint_step(out) == 24 and "Traceback" not in r.stderr
+    (kept,) = [p for p in out.iterdir() if p.name.startswith("training.") and p.name != "training.png"]
+    assert kept.read_bytes() == b"a plot of the earlier part" and r.stdout.count(f"training.png -> {kept.name}") == 1
     assert [x["step"] for x in rows(out) if "judge/pairs" in x] == list(range(1, 25))
 
 

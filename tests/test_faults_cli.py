@@ -1,8 +1,10 @@
 """Faults through the real command line: SIGKILL after a periodic checkpoint, a judge whose
-endpoint goes away, two runs on one adapter_path."""
+endpoint goes away, Ctrl-C of a run given its settings as flags, two runs on one adapter_path.
+Every resume line a run prints is run here exactly as printed."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -11,13 +13,73 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import mlx.core as mx
 import numpy as np
-from test_cli_e2e import TRAIN, base_cfg, rows, run, write_cfg
+from test_cli_e2e import BLOCKING_JUDGE, TRAIN, base_cfg, rows, run, wait_for, write_cfg
 
 from mlx_xpo_plugin.loop.jsonio import loads_strict
 
 
 def adapters(path):
     return mx.load(str(path / "adapters.safetensors"))
+
+
+def printed_resume(text: str) -> str:
+    """The command after the last ``resume with: `` of a run's output."""
+    lines = [x for x in text.splitlines() if "resume with: " in x]
+    assert lines, text[-3000:]
+    return lines[-1].split("resume with: ", 1)[1]
+
+
+def run_as_printed(line: str, env=None, timeout=300):
+    return subprocess.run(
+        shlex.split(line), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def test_the_line_printed_after_ctrl_c_resumes_the_flags_settings_in_their_folder(
+    tiny_model_path, prompt_data_dir, tmp_path
+):
+    """The YAML says adapter_path a and 400 steps; the flags say b, 6 steps and another learning
+    rate. The printed line, run as printed, resumes b with the flags' settings and writes only there."""
+    a, b, gate = tmp_path / "a", tmp_path / "b", tmp_path / "gate"
+    gate.mkdir()
+    (tmp_path / "blocking_judge.py").write_text(BLOCKING_JUDGE)
+    kw = dict(iters=400, steps_per_report=1, steps_per_eval=1000, judge=f"{tmp_path / 'blocking_judge.py'}:judge")
+    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, prompt_data_dir, a, **kw))
+    flags = ["--adapter-path", str(b), "--iters", "6", "--learning-rate", "2e-3"]
+    first = ["--train-mode", "xpo", "--config", cfg, *flags]
+    env = {"GATE_DIR": str(gate)}
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        p = subprocess.Popen(
+            [TRAIN, *first], stdout=subprocess.PIPE, stderr=err_file, text=True, env={**os.environ, **env}
+        )
+        try:
+            wait_for(lambda: (b / "metrics.jsonl").exists() and len(rows(b)) >= 3)  # step 0's validation, 1, 2
+            (gate / "block").touch()  # the next judge call holds its step open: Ctrl-C lands inside it
+            wait_for(lambda: (gate / "blocked").exists())
+            p.send_signal(signal.SIGINT)
+            wait_for(lambda: "finishing this step" in err_path.read_text())
+            (gate / "block").unlink()
+            stdout, _ = p.communicate(timeout=120)
+        finally:
+            p.kill()
+    assert p.returncode == 130, err_path.read_text()[-3000:]
+    line = printed_resume(stdout)
+    assert line.endswith(f" --train-mode xpo --resume-adapter-file {b}") and "--config" not in line, line
+    step = json.load(open(b / "checkpoint" / "state.json"))["step"]
+    assert 3 <= step < 6 and not a.exists()
+
+    r = run(first, env=env, timeout=60)  # the same command again: refused, naming the same line
+    assert r.returncode == 2 and f"holds an interrupted run: {step} of 6 steps" in r.stderr, r.stderr[-2000:]
+    assert f"To continue it: {line} ;" in r.stderr
+
+    r = run_as_printed(line, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from step {step} of 6" in r.stdout and "resuming with" not in r.stdout
+    state = json.load(open(b / "checkpoint" / "state.json"))
+    assert state["step"] == 6 and state["final"] and state["config"]["learning_rate"] == 2e-3
+    assert [x["step"] for x in rows(b) if "judge/pairs" in x] == [1, 2, 3, 4, 5, 6]  # nothing lost or repeated
+    assert not a.exists()  # the YAML's folder was never written
 
 
 def test_sigkill_after_a_periodic_checkpoint_then_resume_is_bit_identical_with_a_model_judge(
@@ -65,8 +127,9 @@ def test_sigkill_after_a_periodic_checkpoint_then_resume_is_bit_identical_with_a
     assert steps == list(range(1, 13))  # nothing lost, nothing repeated
 
 
-def endpoint_serving(n_requests):
-    """An endpoint answering "0" to its first `n_requests` requests, then gone (connection refused)."""
+def endpoint_serving(n_requests, port=0):
+    """An endpoint on ``port`` (0: a free one) answering "0" to its first `n_requests` requests,
+    then gone (connection refused)."""
 
     class H(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -80,7 +143,7 @@ def endpoint_serving(n_requests):
             self.end_headers()
             self.wfile.write(body)
 
-    server = HTTPServer(("127.0.0.1", 0), H)
+    server = HTTPServer(("127.0.0.1", port), H)
 
     def serve():
         for _ in range(n_requests):
@@ -101,7 +164,7 @@ def test_a_judge_that_goes_away_stops_the_run_with_a_checkpoint_before_it(tiny_m
             tiny_model_path,
             prompt_data_dir,
             out,
-            iters=400,
+            iters=8,
             steps_per_report=1,
             steps_per_eval=1000,
             val_batches=1,
@@ -116,7 +179,7 @@ def test_a_judge_that_goes_away_stops_the_run_with_a_checkpoint_before_it(tiny_m
     stop = [l for l in r.stdout.splitlines() if l.startswith("stopped at step")]
     assert len(stop) == 1, r.stdout[-3000:]
     assert stop[0].startswith(
-        f"stopped at step 6 of 400: the judge '{url}' gave no valid pair in 3 "  # the step it stopped at
+        f"stopped at step 6 of 8: the judge '{url}' gave no valid pair in 3 "  # the step it stopped at
         "consecutive steps (steps 4-6, max_judgeless_steps=3): 6 pairs, 6 errors "
         "(6 connection refused), 0 invalid answers, 0 ties; last error: connection_refused: "
     ), stop[0]
@@ -129,15 +192,20 @@ def test_a_judge_that_goes_away_stops_the_run_with_a_checkpoint_before_it(tiny_m
     refused = {x["step"]: x.get("judge/errors/connection_refused") for x in train if "judge/pairs" in x}
     assert refused == {1: None, 2: None, 3: None, 4: 2, 5: 2, 6: 2}
 
-    # the endpoint is back (another port here): the resumed run redoes steps 4-6 and goes on
-    url2 = endpoint_serving(3 * 2 + 2)
-    r = run(
-        ["--train-mode", "xpo", "--config", cfg, "--resume-adapter-file", str(out), "--judge", url2, "--iters", "6"]
-    )
+    # the endpoint is back at its address: the printed line, run as printed, redoes steps 4-6 and
+    # reaches the end (2 requests a step, 2 for the last validation)
+    endpoint_serving(5 * 2 + 2, port=int(url.rsplit(":", 1)[1]))
+    r = run_as_printed(printed_resume(r.stdout))
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [x["step"] for x in rows(out) if "judge/pairs" in x]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all("judge/errors/connection_refused" not in x for x in rows(out))
+
+    # an endpoint that moved (another port) may be given again: the run says so
+    url2 = endpoint_serving(2 * 2 + 2)
+    r = run(["--train-mode", "xpo", "--resume-adapter-file", str(out), "--judge", url2, "--iters", "10"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming with iters=10 (was 8), judge='{url2}' (was '{url}')" in r.stdout
 
 
 GATED_JUDGE = """

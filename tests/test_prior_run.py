@@ -4,6 +4,8 @@ writes nothing, results are kept, a resume drops what it redoes (CLI and Python 
 import json
 import os
 import re
+import shlex
+import subprocess
 import types
 
 import pytest
@@ -50,6 +52,17 @@ def test_a_rerun_on_a_finished_run_is_refused_then_start_over_moves_it_aside(tin
     assert snapshot(moved[0]) == before  # the old run, whole, in its own folder
     assert (out / "notes.txt").read_text() == "mine"
     assert [x["step"] for x in rows(out) if "loss" in x or "judge/pairs" in x] == [2, 4]  # one run's rows
+
+    # asked for more steps than the finished run made: the refusal names the line that resumes it
+    # with them, and that line, run exactly as printed, trains it on to the end
+    r = run(["--train-mode", "xpo", "--config", cfg, "--iters", "6"], timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = re.search(r"To continue it: (.*?) ;", r.stderr).group(1)
+    assert line.endswith(f" --train-mode xpo --resume-adapter-file {out} --iters 6"), line
+    r = subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming with iters=6 (was 4)" in r.stdout and "resuming from step 4 of 6" in r.stdout
+    assert [x["step"] for x in rows(out) if "loss" in x or "judge/pairs" in x] == [2, 4, 6]
 
 
 def test_the_python_api_follows_the_same_rule(tiny_model_path, tmp_path):
@@ -117,10 +130,12 @@ def test_a_resume_of_another_folder_into_a_folder_with_a_run_is_refused(tmp_path
         train=True, start_over=False, adapter_path=str(tmp_path / "a"), resume_adapter_file=None
     )
     with pytest.raises(ConfigError, match=r"an interrupted run: 3 of 9 steps.*To continue it: RESUME ;"):
-        prior_run.check(cfg, lambda c: "RESUME")
-    prior_run.check(types.SimpleNamespace(**{**vars(cfg), "resume_adapter_file": str(tmp_path / "a")}), str)
+        prior_run.check(cfg, lambda c, mode, processes: "RESUME")
+    prior_run.check(types.SimpleNamespace(**{**vars(cfg), "resume_adapter_file": str(tmp_path / "a")}), None)
     with pytest.raises(ConfigError, match="holds an interrupted run"):
-        prior_run.check(types.SimpleNamespace(**{**vars(cfg), "resume_adapter_file": str(tmp_path / "b")}), str)
+        prior_run.check(
+            types.SimpleNamespace(**{**vars(cfg), "resume_adapter_file": str(tmp_path / "b")}), lambda *a: "R"
+        )
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
@@ -176,3 +191,53 @@ def test_a_resume_drops_the_periodic_copies_it_redoes(tmp_path):
         "0000003_adapters.safetensors",
     ]
     assert os.listdir(tmp_path) == ["0000001_adapters.safetensors"]
+
+
+def test_a_resume_moves_the_earlier_results_aside_and_makes_again_what_its_settings_ask(
+    tiny_model_path, tmp_path, capsys
+):
+    """The earlier part's test result, plot and fused model describe older adapters: a resume
+    moves them aside under their date and says so; test (on) and the plot are made again, fuse
+    (off) is not. The Python API resumes from the folder alone."""
+    from mlx_xpo_plugin.api import train_method
+    from mlx_xpo_plugin.xpo_trainer import XPO
+
+    out = tmp_path / "ad"
+    cfg = base_cfg(tiny_model_path, small_data(tmp_path), out, iters=2, test=True, test_batches=1)
+    assert train_method(XPO, cfg, progress=False) == 0
+    old_test = (out / "test_metrics.json").read_text()
+    (out / "training.png").write_bytes(b"the plot of step 2")
+    (out / "fused").mkdir()
+    (out / "fused" / "model.safetensors").write_text("fused at step 2")
+    capsys.readouterr()
+
+    assert train_method(XPO, {"resume_adapter_file": str(out), "iters": 4}, progress=False) == 0
+    said = capsys.readouterr().out
+    stamp = r"\d{8}-\d{6}"
+    (test,) = [p for p in out.iterdir() if re.fullmatch(rf"test_metrics\.{stamp}\.json", p.name)]
+    (plot,) = [p for p in out.iterdir() if re.fullmatch(rf"training\.{stamp}\.png", p.name)]
+    (fused,) = [p for p in out.iterdir() if re.fullmatch(rf"fused\.{stamp}", p.name)]
+    assert test.read_text() == old_test and plot.read_bytes() == b"the plot of step 2"
+    assert (fused / "model.safetensors").read_text() == "fused at step 2" and not (out / "fused").exists()
+    (line,) = [x for x in said.splitlines() if x.startswith("resume: the results made before step 2")]
+    assert f"test_metrics.json -> {test.name}, training.png -> {plot.name}, fused -> {fused.name}" in line
+    assert line.endswith("made again when this run finishes: test_metrics.json, training.png")
+    assert f"; {out / 'test_metrics.json'}" in said and json.load(open(out / "test_metrics.json"))["pairs"] >= 1
+    assert f"plot: {out / 'training.png'} (made again" in said
+    assert (out / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert {test.name, plot.name, fused.name} <= set(prior_run.run_files(str(out)))  # start_over moves them too
+
+
+def test_the_end_of_a_run_names_only_files_that_were_written(tmp_path, capsys):
+    from mlx_xpo_plugin.commands import runner
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n')  # no pair was decided: no completions.jsonl
+    cfg = types.SimpleNamespace(adapter_path=str(tmp_path), train_mode="xpo")
+    trainer = types.SimpleNamespace(
+        settings=types.SimpleNamespace(iters=3), guard=types.SimpleNamespace(judgeless=3, status=None)
+    )
+    result = {"updates": 0, "interrupted": False, "stop_reason": None, "step": 3, "stopped_at": 3}
+    assert runner.report(cfg, trainer, result) == 3
+    out = capsys.readouterr().out
+    assert f"metrics: {tmp_path / 'metrics.jsonl'}" in out
+    assert "samples" not in out and "completions.jsonl" not in out and "adapters:" not in out

@@ -1,11 +1,13 @@
 """What a run tells its user besides its results: commands as they can be typed (a hint must work
-when copied into the shell), how loud a run is, the first run's kernel compile, settings the
-mode or the chosen judge ignores."""
+when copied into the shell), the line that resumes a run, how loud a run is, the first run's
+kernel compile, settings the mode or the chosen judge ignores."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -30,6 +32,53 @@ def command(name: str, cwd: str | None = None) -> str:
     cwd = os.path.abspath(cwd or os.getcwd())
     rel = os.path.relpath(exe, cwd)
     return rel if not rel.startswith("..") else str(exe)
+
+
+def resume_line(mode: str, folder: str, processes: int = 1, launcher: Optional[str] = None) -> str:
+    """The command that resumes the run in ``folder`` with its checkpoint's settings (the
+    checkpoint keeps them: no --config, no other flag). A run of several processes is resumed
+    under ``mlx.launch`` again: ``launcher`` is how this one was launched (:func:`launched_by`);
+    unknown, the line says which options to give it."""
+    args = f"--train-mode {mode} --resume-adapter-file {shlex.quote(folder)}"
+    if processes <= 1:
+        return f"{shlex.quote(command('mlx_lm_lora.train'))} {args}"
+    if launcher:
+        return f"{launcher} {args}"
+    train = shlex.quote(command("mlx_lm_lora.train"))
+    return f"mlx.launch <the options that start {processes} processes> {train} {args}"
+
+
+def _argv_of(pid: int) -> Optional[list]:
+    """The command line of the process ``pid``: /proc on Linux; elsewhere ``ps`` (arguments split
+    at spaces: one holding a space no longer matches, and the caller gives up)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.split() or None
+
+
+def launched_by(argv=None, parent=None) -> Optional[str]:
+    """How ``mlx.launch`` started this process, up to its own arguments: the launcher's command
+    line less this program's arguments (``mlx.launch -n 2 --backend ring .venv/bin/mlx_lm_lora.train``),
+    read from the parent process; None when the parent is not ``mlx.launch`` (another launcher,
+    a remote host: then a resume line says which options to give)."""
+    mine = list(sys.argv[1:] if argv is None else argv)
+    theirs = _argv_of(os.getppid()) if parent is None else list(parent)
+    if not theirs or len(theirs) <= len(mine) or theirs[len(theirs) - len(mine) :] != mine:
+        return None
+    head = theirs[: len(theirs) - len(mine)]
+    at = next((i for i, a in enumerate(head) if os.path.basename(a) == "mlx.launch"), None)
+    if at is None or at + 1 >= len(head):
+        return None
+    ours = Path(sys.executable).with_name("mlx.launch")
+    exe = command("mlx.launch") if os.path.realpath(head[at]) == os.path.realpath(ours) else head[at]
+    return " ".join([shlex.quote(exe), *map(shlex.quote, head[at + 1 :])])
 
 
 VERBOSE_ENV = "MLX_XPO_VERBOSE"

@@ -8,13 +8,16 @@ stays where it is. ``start_over`` moves the run's files into ``<adapter_path>.<Y
 (a rename on the same file system: nothing is copied or deleted).
 
 Within one run: a resume removes the periodic adapter copies of the steps it redoes (metrics
-rows of those steps are dropped by the metrics log); a test result is kept under its date when a
-new one is written; a fused model is replaced only once the new one is complete.
+rows of those steps are dropped by the metrics log) and moves the earlier part's results
+(:data:`RESULTS`) aside under their date, to be made again at the end where the run's settings
+ask for them; a test result is kept under its date when a new one is written; a fused model is
+replaced only once the new one is complete.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import re
@@ -33,9 +36,15 @@ RUN_FILES = (
     "test_metrics.json",
     "test_metrics.*.json",
     "training.png",
+    "training.*.png",
     "fused",
+    "fused.*",
     "adapter_config.json",
 )
+
+#: a run's results that describe its adapters at the step they were made: a resumed run moves
+#: them aside (dated) before it changes the adapters
+RESULTS = ("test_metrics.json", "training.png", "fused")
 
 
 def run_files(path: str) -> list[str]:
@@ -103,8 +112,10 @@ class RunExists(ConfigError):
 
 
 def check(cfg, resume_command) -> None:
-    """Refuse a training run on a folder holding another run (see the module docstring); the
-    refusal names the resume command ``resume_command(cfg)`` when there is a checkpoint."""
+    """Refuse a training run on a folder holding another run (see the module docstring); when
+    there is a checkpoint, the refusal names the command that resumes it,
+    ``resume_command(cfg, its mode, its number of processes)``, with this run's ``iters`` where
+    a finished run would go further."""
     if not cfg.train or getattr(cfg, "start_over", False) or resumes_here(cfg):
         return
     if not run_files(cfg.adapter_path):
@@ -113,10 +124,12 @@ def check(cfg, resume_command) -> None:
     try:
         with open(os.path.join(cfg.adapter_path, "checkpoint", "state.json")) as f:
             state = json.load(f)
-        resume = resume_command(cfg)
+        made = {**(state.get("fingerprint") or {}), **(state.get("config") or {})}
+        resume = resume_command(cfg, made.get("train_mode"), made.get("processes") or 1)
         if state.get("final"):
-            resume += f" --iters <more than {state['step']}>"
-    except (OSError, ValueError, KeyError, TypeError):
+            more = cfg.iters if isinstance(cfg.iters, int) and cfg.iters > state["step"] else None
+            resume += f" --iters {more}" if more else f" --iters <more than {state['step']}>"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     raise RunExists(cfg.adapter_path, describe(cfg.adapter_path), resume)
 
@@ -149,16 +162,44 @@ def drop_copies_after(adapter_path: str, step: int) -> list[str]:
     return gone
 
 
+def move_dated(path: str) -> str:
+    """Rename the file or folder ``path`` to ``<stem>.<its date-time><ext>`` (a free name:
+    ``test_metrics.20261207-215501.json``, ``fused.20261207-215501``); returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+    stem, ext = os.path.splitext(path) if os.path.isfile(path) else (os.path.normpath(path), "")
+    dest, n = f"{stem}.{stamp}{ext}", 1
+    while os.path.exists(dest):  # two results within one second
+        n += 1
+        dest = f"{stem}.{stamp}-{n}{ext}"
+    os.rename(path, dest)
+    return dest
+
+
 def keep_previous(path: str) -> None:
     """Rename an existing result file to ``<name>.<its date-time>.json`` and say so."""
     if os.path.isfile(path):
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
-        dest, n = f"{path[: -len('.json')]}.{stamp}.json", 1
-        while os.path.exists(dest):  # two results within one second
-            n += 1
-            dest = f"{path[: -len('.json')]}.{stamp}-{n}.json"
-        os.replace(path, dest)
-        print(f"test: the previous result was kept as {dest}")
+        print(f"test: the previous result was kept as {move_dated(path)}")
+
+
+def made_again(cfg, name: str) -> bool:
+    """Whether this run makes the result ``name`` (one of :data:`RESULTS`) again when it finishes."""
+    if name == "training.png":
+        return importlib.util.find_spec("matplotlib") is not None
+    return bool(cfg.test if name == "test_metrics.json" else cfg.fuse)
+
+
+def set_aside_results(cfg, step: int) -> list[str]:
+    """Move the earlier part's results (:data:`RESULTS`) aside under their date and say so in one
+    line, with the ones this run makes again; returns the names moved."""
+    moved = {name: move_dated(p) for name in RESULTS if os.path.exists(p := os.path.join(cfg.adapter_path, name))}
+    if moved:
+        again = [name for name in moved if made_again(cfg, name)]
+        print(
+            f"resume: the results made before step {step} describe older adapters and were moved aside ("
+            + ", ".join(f"{name} -> {os.path.basename(dest)}" for name, dest in moved.items())
+            + (f"); made again when this run finishes: {', '.join(again)}" if again else ")")
+        )
+    return list(moved)
 
 
 def replace_folder(new: str, dest: str) -> bool:
@@ -175,9 +216,10 @@ def replace_folder(new: str, dest: str) -> bool:
     return had
 
 
-def begin_writing(cfg, resume) -> None:
+def begin_writing(cfg, resume) -> list[str]:
     """The first writes of a training run, after every refusal: move another run's files aside
-    (start_over), drop the periodic copies of the steps a resumed run redoes."""
+    (start_over); for a resumed run, drop the periodic copies of the steps it redoes and move
+    the earlier part's results aside (their names are returned)."""
     if cfg.start_over and not resumes_here(cfg):
         moved = move_aside(cfg.adapter_path)
         if moved:
@@ -189,3 +231,5 @@ def begin_writing(cfg, resume) -> None:
                 f"resume: removed {len(dropped)} periodic adapter copies of steps after {resume['step']} "
                 f"({', '.join(dropped)}): this run redoes those steps"
             )
+        return set_aside_results(cfg, int(resume["step"]))
+    return []

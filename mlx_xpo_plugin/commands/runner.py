@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from typing import Optional
 
 import mlx.core as mx
 
-from mlx_xpo_plugin import config
+from mlx_xpo_plugin import config, config_resume
 from mlx_xpo_plugin.commands import prior_run
 from mlx_xpo_plugin.commands.build import (
     build_the_judge,
@@ -24,7 +25,13 @@ from mlx_xpo_plugin.commands.build import (
     write_adapter_config,
 )
 from mlx_xpo_plugin.commands.estimate import projection_line
-from mlx_xpo_plugin.commands.hints import command, ignored_judge_system, kernel_note, note_unused_upstream
+from mlx_xpo_plugin.commands.hints import (
+    ignored_judge_system,
+    kernel_note,
+    launched_by,
+    note_unused_upstream,
+    resume_line,
+)
 from mlx_xpo_plugin.commands.peers import discard_peer_errors, peer_errors, peer_run
 from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created, hold
 from mlx_xpo_plugin.compute.models import model_folder
@@ -34,6 +41,7 @@ from mlx_xpo_plugin.errors import ConfigError, SaveFailed
 from mlx_xpo_plugin.exits import Exit, of_run
 from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.loop.atomic import save_json
+from mlx_xpo_plugin.loop.checkpoints import check_resume, read_state
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, intact_checkpoint
 from mlx_xpo_plugin.loop.win_rate import describe
 
@@ -44,10 +52,12 @@ def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
-def preflight(cfg) -> None:
-    """Every check that needs no model: data files, model paths, judge, resume file, output folder."""
+def preflight(cfg) -> list[str]:
+    """Every check that needs no model: resume file, output folder, data files, model paths,
+    judge. Returns the settings a resumed run changes (config_resume.check), for its first line."""
     from mlx_xpo_plugin.commands.data import check_data
 
+    changes = config_resume.check(cfg, *read_state(cfg.resume_adapter_file)) if cfg.resume_adapter_file else []
     if cfg.train:
         check_writable("adapter_path", cfg.adapter_path)
         check_free("adapter_path", cfg.adapter_path)  # a run training there now is named first
@@ -73,9 +83,8 @@ def preflight(cfg) -> None:
     if cfg.wandb and cfg.train and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb", cfg.wandb, "reporting to WandB needs the wandb package (pip install wandb)")
     if cfg.resume_adapter_file:
-        from mlx_xpo_plugin.loop.checkpoints import check_resume
-
         check_resume(cfg.resume_adapter_file, cfg)
+    return changes
 
 
 def check_the_judge(cfg) -> None:
@@ -90,24 +99,28 @@ def check_the_judge(cfg) -> None:
         print(note, file=sys.stderr)
 
 
-def resume_command(cfg) -> str:
-    return (
-        f"{command('mlx_lm_lora.train')} --train-mode {cfg.train_mode} "
-        f"{'--config ' + cfg.config + ' ' if cfg.config else ''}--resume-adapter-file {cfg.adapter_path}"
-    )
+def resume_command(cfg, mode: Optional[str] = None, processes: Optional[int] = None) -> str:
+    """The line that resumes the run in ``cfg.adapter_path``: this run, or the run of ``mode`` made
+    by ``processes`` processes found there; several processes: under mlx.launch as this one was."""
+    world = mx.distributed.init().size()
+    processes = world if processes is None else processes
+    launcher = launched_by() if processes > 1 and processes == world else None
+    return resume_line(mode or cfg.train_mode, cfg.adapter_path, processes, launcher)
 
 
 def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
     """Run a resolved config (see config.resolve) with a method (online_dpo_trainer.OnlineDPO,
     xpo_trainer.XPO). Returns the exit status. Nothing is written before every check that needs
     no model has passed; a refusal after loading removes the folder it created."""
-    preflight(cfg)
+    changes = preflight(cfg)
     rank = mx.distributed.init().rank()  # under mlx.launch: every process has passed its preflight
     if rank != 0:  # data parallel: only rank 0 prints and writes
         sys.stdout = open(os.devnull, "w")
         return peer_run(cfg, rank, lambda: _run(cfg, method_cls, training_callback, progress))
     if not cfg.train:
         return _run(cfg, method_cls, training_callback, progress)
+    if changes:
+        print("resuming with " + ", ".join(changes))
     projection = projection_line(cfg, world=mx.distributed.init().size())  # when the run is over a minute
     if projection:
         print(projection)
@@ -125,11 +138,13 @@ def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     judge = build_the_judge(cfg, models)
     try:
         trainer = build_trainer(cfg, method_cls, models, judge, training_callback, progress)
-        status = train(cfg, trainer) if cfg.train else Exit.DONE
+        status, moved = train(cfg, trainer) if cfg.train else (Exit.DONE, [])
         if cfg.test and status == Exit.DONE:
             status = test(cfg, trainer)
         if cfg.fuse and cfg.train and status == Exit.DONE:
             fuse(cfg, models)
+        if "training.png" in moved and status == Exit.DONE:
+            plot_again(cfg)
     finally:
         judge.close()
     return status
@@ -143,12 +158,13 @@ def announce(cfg) -> None:
             print(line)
 
 
-def train(cfg, trainer) -> int:
-    """Resume or start, write the run's first files, run the steps; the exit status."""
+def train(cfg, trainer) -> tuple[int, list]:
+    """Resume or start, write the run's first files, run the steps; the exit status and the
+    earlier part's results a resume moved aside (prior_run.RESULTS)."""
     from mlx_xpo_plugin.loop.checkpoints import load_resume
 
     resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
-    prior_run.begin_writing(cfg, resume)  # the first write of the run
+    moved = prior_run.begin_writing(cfg, resume) if trainer.rank == 0 else []  # the first write of the run
     write_adapter_config(cfg)
     iters, per_epoch, per_step = plan_steps(cfg, len(trainer.train_set), trainer.world)
     print(f"training {iters} steps ({per_epoch} per epoch, {per_step} prompts per step, 2 completions each)")
@@ -159,13 +175,13 @@ def train(cfg, trainer) -> int:
     except SaveFailed as e:  # disk full / unwritable during a save: the last checkpoint is kept
         err(f"{e}; {intact_checkpoint(cfg.adapter_path)}")
         print(f"resume with: {resume_command(cfg)}")
-        return Exit.SAVE
+        return Exit.SAVE, moved
     except PeerLost as e:  # data parallel: nothing saved for the step in progress
         why = "; ".join(peer_errors(cfg.adapter_path)) or str(e)
-        then = f"resume with: mlx.launch <the same options> {resume_command(cfg)}"
+        then = f"resume with: {resume_command(cfg)}"
         err(f"{why}; {intact_checkpoint(cfg.adapter_path, then)}")  # one line
-        return Exit.PEER
-    return report(cfg, trainer, result)
+        return Exit.PEER, moved
+    return report(cfg, trainer, result), moved
 
 
 def report(cfg, trainer, result: dict) -> int:
@@ -173,7 +189,10 @@ def report(cfg, trainer, result: dict) -> int:
     out, iters = cfg.adapter_path, trainer.settings.iters
     if result["updates"]:  # adapters without a single update are never presented as trained
         print(f"adapters: {os.path.join(out, 'adapters.safetensors')}")
-    print(f"metrics:  {os.path.join(out, 'metrics.jsonl')}   samples: {os.path.join(out, 'completions.jsonl')}")
+    written = [(k, os.path.join(out, f)) for k, f in (("metrics", "metrics.jsonl"), ("samples", "completions.jsonl"))]
+    written = [f"{k}: {p}" for k, p in written if os.path.isfile(p)]  # only files that exist
+    if written:
+        print("   ".join(written))
     if result["interrupted"] or result["stop_reason"]:
         why = result["stop_reason"] or "interrupted"
         saved = f"checkpoint of step {result['step']} saved"
@@ -222,7 +241,14 @@ def fuse(cfg, models) -> None:
         de_quantize=quantization(cfg) is None,
     )
     replaced = prior_run.replace_folder(fused + ".partial", fused)
-    print(f"fused model: {fused}" + (" (replaced the one fused before this resumed run)" if replaced else ""))
+    print(f"fused model: {fused}" + (" (replaced the one fused before)" if replaced else ""))
+
+
+def plot_again(cfg) -> None:
+    """The training curves of the whole run, where a resume moved the earlier part's plot aside."""
+    from mlx_xpo_plugin.commands.plot import write_plot  # here: matplotlib, only for this
+
+    print(f"plot: {write_plot(cfg.adapter_path)} (made again for the whole run)")
 
 
 def mode_main(method_cls):
@@ -233,7 +259,7 @@ def mode_main(method_cls):
         try:  # both host paths print mode.banner() before calling this
             cli = dict(vars(args)) if not isinstance(args, dict) else dict(args)
             yaml_values = config.load_yaml(cli.get("config"))
-            cfg = config.resolve(mode_name, cli, set(explicit), yaml_values)
+            cfg = config_resume.resolve_run(mode_name, cli, set(explicit), yaml_values)
             note_unused_upstream(mode_name, set(yaml_values) | set(explicit))
             return run(cfg, method_cls, training_callback)
         except ConfigError as e:

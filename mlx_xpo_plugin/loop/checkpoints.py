@@ -22,25 +22,15 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_unflatten
 
+from mlx_xpo_plugin.config import SETTINGS
 from mlx_xpo_plugin.errors import ConfigError, SaveFailed
 from mlx_xpo_plugin.loop import atomic as ckpt
 from mlx_xpo_plugin.loop.faults import capture
 from mlx_xpo_plugin.loop.faults import restore as restore_judge
 
-#: settings that must match for a checkpoint to be resumed
-FINGERPRINT_KEYS = (
-    "train_mode",
-    "model",
-    "train_type",
-    "lora_parameters",
-    "num_layers",
-    "xpo_bonus",
-    "dpo_cpo_loss_type",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "seed",
-    "reference_model_path",
-)
+#: settings that must match for a checkpoint to be resumed: those the settings table marks
+#: ``on_resume="same"`` (config.py; the other rules are applied by config_resume.py)
+FINGERPRINT_KEYS = tuple(name for name, s in SETTINGS.items() if s.on_resume == "same")
 
 
 @dataclass
@@ -144,12 +134,25 @@ def find_checkpoint(path: str) -> str:
     )
 
 
+def read_state(path: str) -> tuple[str, dict]:
+    """The checkpoint folder that ``path`` names and its state.json: the step, the run's resolved
+    settings ("config": the base of a resumed run's settings, config_resume.py), the fingerprint.
+    The one place that reads it; cheap enough to run before any model is loaded."""
+    d = find_checkpoint(path)
+    try:
+        with open(os.path.join(d, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError("resume_adapter_file", path, f"its checkpoint/state.json cannot be read ({e})")
+    if not isinstance(state, dict):
+        raise ConfigError("resume_adapter_file", path, "its checkpoint/state.json is not a checkpoint's state")
+    return d, state
+
+
 def check_resume(path: str, cfg) -> tuple[str, dict]:
     """Find a checkpoint and check that it belongs to this run's mode, model and config
     (reads state.json only: cheap enough to run before any model is loaded)."""
-    d = find_checkpoint(path)
-    with open(os.path.join(d, "state.json")) as f:
-        state = json.load(f)
+    d, state = read_state(path)
     mine = fingerprint(cfg)
     theirs = state.get("fingerprint") or {}
     diff = [k for k in mine if k in theirs and theirs[k] != mine[k]]  # older checkpoints lack "processes"

@@ -2,6 +2,7 @@
 these tests serve (tests/fake_hub.py) into an HF_HOME of their own; nothing goes beyond the
 loopback. Each command runs as a user runs it, with HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -207,3 +208,17 @@ def test_estimate_fetches_the_config_and_tokenizer_not_the_weights(hub, tmp_path
     fetched = sorted(p.split("/resolve/")[0] + ":" + p.rsplit("/", 1)[1] for p in hub.file_gets(seen))
     files = ["chat_template.jinja", "config.json", "tokenizer.json", "tokenizer_config.json"]
     assert fetched == sorted(f"/{repo}:{f}" for repo in (MODEL, JUDGE) for f in files)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_setting_refused_without_a_model_is_refused_before_anything_downloads(hub, tmp_path):
+    """The cheap checks come first: a wandb project without the wandb package is named before the
+    model and the judge would download."""
+    kw = dict(judge=JUDGE, iters=2, wandb="my-project")
+    cfg = write_cfg(tmp_path, **base_cfg(MODEL, small_data(tmp_path), tmp_path / "ad", **kw))
+    seen = len(hub.requests)
+    r = cli([TRAIN, "--train-mode", "xpo", "--config", cfg], hub_env(hub.url, tmp_path / "hf"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "wandb" in one_error_line(r)
+    assert hub.requests[seen:] == []
+    assert not (tmp_path / "ad").exists()

@@ -53,8 +53,9 @@ def err(msg: str) -> None:
 
 
 def preflight(cfg) -> list[str]:
-    """Every check that needs no model: resume file, output folder, data files, model paths,
-    judge. Returns the settings a resumed run changes (config_resume.check), for its first line."""
+    """Every check that needs no model: resume file, output folder, data files, then the model
+    paths and the judge (a hub id downloads there, so it comes last). Returns the settings a
+    resumed run changes (config_resume.check), for its first line."""
     from mlx_xpo_plugin.commands.data import check_data
 
     changes = config_resume.check(cfg, *read_state(cfg.resume_adapter_file)) if cfg.resume_adapter_file else []
@@ -72,7 +73,11 @@ def preflight(cfg) -> list[str]:
             cfg.batch_size,
             f"batch_size x gradient_accumulation_steps ({per_step}) is larger than the {n_train} training prompts",
         )
-    model_dir = model_folder("model", cfg.model)
+    if cfg.wandb and cfg.train and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("wandb", cfg.wandb, "reporting to WandB needs the wandb package (pip install wandb)")
+    if cfg.resume_adapter_file:
+        check_resume(cfg.resume_adapter_file, cfg)
+    model_dir = model_folder("model", cfg.model)  # a hub id downloads here: every cheaper check comes first
     if cfg.train and cfg.train_type == "full":
         q = folder_quantization(model_dir)  # the folder says so: refused before loading it
         if q:
@@ -80,10 +85,6 @@ def preflight(cfg) -> list[str]:
     if cfg.reference_model_path:
         model_folder("reference_model_path", cfg.reference_model_path)
     check_the_judge(cfg)
-    if cfg.wandb and cfg.train and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("wandb", cfg.wandb, "reporting to WandB needs the wandb package (pip install wandb)")
-    if cfg.resume_adapter_file:
-        check_resume(cfg.resume_adapter_file, cfg)
     return changes
 
 

@@ -29,6 +29,7 @@ QUICK_ARGS = {
     "step": ["--quick"],
     "scaling": ["--batches", "1,2,4", "--lengths", "16,64", "--iters", "4"],
     "judge": ["--repeats", "3"],
+    "judge_overlap": ["--quick"],
     "learning": ["--seeds", "1"],
     "startup": ["--runs", "5"],
     "blas": ["--rounds", "2"],

@@ -112,11 +112,16 @@ class Judge:
     - ``get_state()`` / ``set_state(state)``: internal randomness a resumed run must restore
       (JSON), or ``stateless = True`` for a judge without any; a judge that declares neither
       is resumed with a warning that the run may not repeat exactly (:meth:`declares_state`);
-    - ``close()``: release resources at the end of a run (default: nothing to release).
+    - ``close()``: release resources at the end of a run (default: nothing to release);
+    - ``concurrent = True``: ``judge`` computes nothing with MLX in this process (it waits for a
+      server or a person, or runs plain Python), and touches no state of the training loop but
+      its own, ``random`` and ``numpy.random``. The loop may then call it in another thread
+      while its reference pass computes; results stay bit-equal (default False: the loop waits).
     """
 
     last_metrics: dict = {}
     stateless: bool = False
+    concurrent: bool = False
 
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         raise NotImplementedError
@@ -162,6 +167,10 @@ class _Adapted(Judge):
     @property
     def stateless(self) -> bool:
         return bool(getattr(self.inner, "stateless", False))
+
+    @property
+    def concurrent(self) -> bool:
+        return bool(getattr(self.inner, "concurrent", False))
 
     def declares_state(self) -> bool:
         return self.stateless or (hasattr(self.inner, "get_state") and hasattr(self.inner, "set_state"))

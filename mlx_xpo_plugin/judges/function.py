@@ -28,6 +28,11 @@ The callable takes one of three forms.
   makes the verdict invalid. Pointwise and batched together: ``fn(prompts, completions) ->
   list[float]``, called once with every prompt twice (all a's, then all b's).
 
+A function that computes nothing with MLX (and touches no state of the training loop but
+``random`` and ``numpy.random``), such as one that calls a remote service, may declare
+``fn.concurrent = True``: the loop then calls it in another thread while the reference pass
+computes (contracts.Judge). One that uses MLX itself must not: MLX would compute in two threads.
+
 A file is loaded with ``importlib.util.spec_from_file_location``; while it runs, its folder is on
 ``sys.path`` so that it may import its neighbours. A function judge is plain code, so pairs are
 shown in their given order (no shuffling). Checkpoints keep the global ``random`` and
@@ -210,6 +215,7 @@ class FunctionJudge(Judge):
 
     def __init__(self, fn: Callable, batched: bool = False, pointwise: bool = False, name: str = ""):
         self.fn, self.batched, self.pointwise = fn, bool(batched), bool(pointwise)
+        self.concurrent = bool(getattr(fn, "concurrent", False))  # declared by the function (docstring)
         self.name = name or getattr(fn, "__name__", repr(fn))
         self.last_metrics: dict = {}
         self.last_error: Optional[str] = None  # "Class: message" of the last exception of a call

@@ -100,6 +100,8 @@ def error_kind(e: BaseException) -> str:
 class HTTPJudge(SeededOrder):
     """A PairwiseJudge that asks an OpenAI-compatible chat-completions endpoint."""
 
+    concurrent = True  # it waits for the server: the reference pass computes meanwhile
+
     def __init__(self, url: str, rubric: Optional[str] = None, seed: int = 0, **options):
         opts = resolve_options("http", options, OPTIONS)
         self.url = normalise_url(url)

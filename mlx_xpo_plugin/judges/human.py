@@ -41,6 +41,8 @@ RULE = "=" * 72
 class HumanJudge(SeededOrder):
     """A PairwiseJudge that asks a person at the terminal (see the module docstring)."""
 
+    concurrent = True  # it waits for the person: the reference pass computes meanwhile
+
     def __init__(
         self, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None, shuffle: bool = False, seed: int = 0
     ):

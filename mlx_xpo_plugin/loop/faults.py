@@ -94,6 +94,10 @@ class GuardedJudge(Judge):
     def stateless(self) -> bool:
         return self.inner.stateless
 
+    @property
+    def concurrent(self) -> bool:
+        return self.inner.concurrent
+
     def declares_state(self) -> bool:
         return self.inner.declares_state()
 

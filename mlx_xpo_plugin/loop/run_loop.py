@@ -88,7 +88,7 @@ def step_row(metrics: dict, seconds: float, learning_rate) -> dict:
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "learning_rate": float(lr),
             "val/contain_eos_token": float(np.mean(eos)) if eos else 0.0,
-            "time/other": seconds - sum(metrics.get(k, 0.0) for k in PHASES),
+            "time/other": seconds - sum(metrics.get(k, 0.0) for k in PHASES) + metrics.get("time/overlapped", 0.0),
         }
     )
     return metrics

@@ -4,9 +4,10 @@ One optimizer step (:meth:`OnlineTrainer.train_step`), for each of `gradient_acc
 micro-batches of `batch_size` prompts: take prompts -> sample two completions per prompt (the
 method's rollout) -> judge -> the method's training pairs (online DPO: the decided ones; XPO:
 every sampled pair, marked decided or not); then score them (policy with gradient, reference
-without), loss = pair_loss.total summed over the step's pairs (the DPO loss averaged over the
-decided pairs, the exploration term over every scored pair, all processes together), one
-optimizer update (none when no pair of the step was decided).
+without; a judge that declares ``concurrent`` answers in a thread while the reference pass
+scores the samples: loop/overlap.py), loss = pair_loss.total summed over the step's pairs (the
+DPO loss averaged over the decided pairs, the exploration term over every scored pair, all
+processes together), one optimizer update (none when no pair of the step was decided).
 
 The method (``loop.method.OnlineDPO`` or ``xpo_trainer.XPO``) decides how a pair is
 sampled, which pairs are scored, the alpha schedule and the exploration term. The loop's state
@@ -30,6 +31,7 @@ from mlx_xpo_plugin.loop.checkpoints import LoopState, save_checkpoint
 from mlx_xpo_plugin.loop.evaluation import evaluate
 from mlx_xpo_plugin.loop.faults import Guard, error_count
 from mlx_xpo_plugin.loop.metrics import merge_step_metrics
+from mlx_xpo_plugin.loop.overlap import ReferenceRows, judge_while
 from mlx_xpo_plugin.loop.pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
 from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples
 from mlx_xpo_plugin.loop.prompts import PromptOrder, PromptSet
@@ -78,6 +80,7 @@ class OnlineTrainer:
         self.stop_reason: Optional[str] = None
         self.stop_requests = 0  # Ctrl-C / SIGTERM: finish the step, save, stop
         self.completions_log = None
+        self.reference_rows: Optional[ReferenceRows] = None  # a concurrent judge's step (overlap.py)
         os.makedirs(settings.adapter_path, exist_ok=True)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
         self.guard = Guard(self, judge_name)  # wraps the judge: judge failures and rollbacks (faults.py)
@@ -99,12 +102,18 @@ class OnlineTrainer:
         spe = Fraction(max(1, len(self.train_set)), per_step)
         return tuple(get_current_alpha(self.step, s.iters, x, spe) for x in (s.beta, self.method.alpha_schedule))
 
+    @property
+    def pairs_per_pass(self) -> int:
+        """Pairs per forward pass of the scoring (`micro_batch_size`, default `batch_size`)."""
+        return self.settings.micro_batch_size or max(1, self.settings.batch_size)
+
     # ------------------------------------------------------------------ one step
 
     def train_step(self, metrics: dict) -> Optional[float]:
         """One optimizer step; returns the loss, or None when no update was made."""
         s = self.settings
         self.order.begin_step()
+        self.reference_rows = ReferenceRows(self.reference, self.pairs_per_pass) if self.judge.concurrent else None
         pairs = []
         for _ in range(s.gradient_accumulation_steps):
             pairs += self.collect_pairs(self.order.take(), metrics)  # sample -> judge -> keep
@@ -141,14 +150,12 @@ class OnlineTrainer:
         return loss_sum
 
     def collect_pairs(self, idx: list, metrics: dict) -> list:
-        """Sample two completions per prompt, judge them, keep the pairs with a winner."""
+        """Sample two completions per prompt, judge them, keep the method's training pairs."""
         prompts = self.train_set.subset(idx)
         t0 = time.perf_counter()
         samples = self.method.rollout(self.model, self.tokenizer, self.reference, prompts.ids, self.settings.sampling)
         metrics["time/rollout"] = metrics.get("time/rollout", 0.0) + time.perf_counter() - t0
-        verdicts, judge_metrics, secs = judge_samples(
-            self.judge, prompts.texts, samples, self.settings.missing_eos_penalty
-        )
+        verdicts, judge_metrics, secs = self.judge_pairs(prompts, samples, metrics)
         metrics["time/judge"] = metrics.get("time/judge", 0.0) + secs
         merge_step_metrics(metrics, judge_metrics)
         comps = [c for a, b, _ in samples for c in (a, b)]
@@ -157,18 +164,45 @@ class OnlineTrainer:
         self.log_completions(prompts.texts, samples, verdicts)
         return self.method.training_pairs(prompts, samples, verdicts)
 
+    def judge_pairs(self, prompts, samples: list, metrics: dict) -> tuple[list, dict, float]:
+        """The judge's verdicts on the samples (pairs.judge_samples). A concurrent judge answers
+        in a thread while the reference pass scores the samples (loop/overlap.py); the seconds
+        both ran at once are ``time/overlapped``."""
+
+        def judge():
+            return judge_samples(self.judge, prompts.texts, samples, self.settings.missing_eos_penalty)
+
+        if self.reference_rows is None:
+            return judge()
+        passes = self.reference_rows.add(prompts, samples)
+
+        def reference_pass(judging):
+            t0 = time.perf_counter()
+            self.reference_rows.score_ahead(passes, judging)
+            metrics["time/reference"] = metrics.get("time/reference", 0.0) + time.perf_counter() - t0
+
+        out, both = judge_while(judge, reference_pass)
+        metrics["time/overlapped"] = metrics.get("time/overlapped", 0.0) + both
+        return out
+
+    def reference_tokens(self, pairs, inputs, targets, mask) -> mx.array:
+        """The reference's token log-probs of a micro-batch of pairs: a concurrent judge's step
+        takes them from its ReferenceRows, any other step scores them now."""
+        rows = self.reference_rows.tokens(pairs, mask) if self.reference_rows is not None else None
+        return rows if rows is not None else reference_logps(self.reference, inputs, targets, mask)
+
     def score_and_differentiate(self, pairs, n_pairs: tuple, beta: float, alpha: float, metrics: dict):
         """Gradients of the step's loss (pair_loss.total; ``n_pairs`` = (decided, scored) pairs of
         all processes) over this process's pairs, in micro-batches of `micro_batch_size` pairs,
         averaged over processes (scaled so that the result is the sum)."""
-        mb = self.settings.micro_batch_size or max(1, self.settings.batch_size)
+        mb = self.pairs_per_pass
         norm = tuple(n / self.world for n in n_pairs)  # nn.average_gradients divides by the world size
         grads, loss_sum, results, t_ref, t_pol = None, 0.0, [], 0.0, 0.0
         for i in range(0, len(pairs), mb):
             batch = pairs[i : i + mb]
             inputs, targets, mask = pack_pairs(batch)
             t0 = time.perf_counter()
-            ref_tok = reference_logps(self.reference, inputs, targets, mask)
+            ref_tok = self.reference_tokens(batch, inputs, targets, mask)
             t1 = time.perf_counter()
             flags = mx.array([bool(p.ref_is_chosen) for p in batch])
             decided = mx.array([p.decided for p in batch])
@@ -185,7 +219,8 @@ class OnlineTrainer:
                 grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
             grads = nn.average_gradients(grads, group=self.group)
             loss_sum = float(self._all_sum(mx.array(loss_sum)).item())
-        metrics["time/reference"], metrics["time/policy"] = t_ref, t_pol
+        metrics["time/reference"] = metrics.get("time/reference", 0.0) + t_ref
+        metrics["time/policy"] = t_pol
         return grads, loss_sum, results
 
     def _loss(self, model, inputs, targets, mask, ref_tok, ref_is_chosen, decided, norm, beta, alpha):

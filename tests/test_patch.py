@@ -109,7 +109,7 @@ def test_series_applies_cleanly_to_the_pristine_sdist(tmp_path, tree):
     """Each patch, on the sdist with the patches before it applied: `patch --dry-run` without
     fuzz or offset, and `git apply --check`."""
     src = pristine(tmp_path)
-    assert len(SERIES) == 3
+    assert len(SERIES) == 5
     for p in SERIES:
         if shutil.which("patch"):
             r = subprocess.run(
@@ -144,35 +144,72 @@ def test_make_patches_refuses_uncommitted_changes(tmp_path, tree):
     assert not (tmp_path / "out").exists()
 
 
+# argparse's private attributes, which the series never touches (spelt without their "_" here)
+PRIVATE_ARGPARSE = tuple(
+    "_" + name for name in ("actions", "group_actions", "action_groups", "option_string_actions", "print_message")
+)
+
+
 def test_series_reads_like_upstream_commits():
-    """Subjects as upstream writes them ("feat: ...", "fix: ...", "refactor: ..."); no argparse
-    internals; tests (unittest, under tests/) and a README section come with the feature."""
+    """Subjects as upstream writes them ("feat: ...", "fix: ...", "refactor: ..."), one concern
+    each; one real author; no argparse internals; unittest tests under tests/ with each change."""
+    subjects = [subject(p) for p in SERIES]
+    assert [s.split(":")[0] for s in subjects] == ["refactor", "fix", "fix", "fix", "feat"], subjects
+    authors = set()
     for p in SERIES:
         text = p.read_text()
         assert text.startswith("From 0000000000000000000000000000000000000000 ")
-        assert re.match(r"(feat|fix|refactor|docs|test): [a-z]", subject(p)), subject(p)
+        assert re.match(r"(feat|fix|refactor|docs|test): [a-zA-Z-]", subject(p)), subject(p)
+        authors.add(re.search(r"^From: (.*)$", text, flags=re.M).group(1))
         added = [ln for ln in text.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
-        assert not [ln for ln in added if "_actions" in ln or "._option" in ln or "SUPPRESS" in ln]
+        assert not [ln for ln in added if any(a in ln for a in PRIVATE_ARGPARSE) or "SUPPRESS" in ln]
+        changed = re.findall(r"^diff --git a/(\S+) b/", text, flags=re.M)
+        assert [f for f in changed if f.startswith("tests/test_")], f"{p.name} comes without a test"
+    assert len(authors) == 1 and "mlx-xpo-plugin" not in authors.pop()  # not a placeholder
     files = {f for p in SERIES for f in re.findall(r"^diff --git a/(\S+) b/", p.read_text(), flags=re.M)}
     assert files == {
         "README.md",
         "mlx_lm_lora/__main__.py",
+        "mlx_lm_lora/mcp_server.py",
         "mlx_lm_lora/plugins.py",
         "mlx_lm_lora/train.py",
+        "mlx_lm_lora/train_modes.py",
+        "tests/test_cli_help.py",
+        "tests/test_config_precedence.py",
         "tests/test_entry_points.py",
         "tests/test_mcp_server.py",
         "tests/test_plugins.py",
+        "tests/test_train_modes.py",
     }
-    assert "pluggy" not in "".join(p.read_text() for p in SERIES)  # no new dependency
+    assert "import pluggy" not in "".join(p.read_text() for p in SERIES)  # no new dependency
+
+
+SERIES_TESTS = ["test_train_modes", "test_entry_points", "test_config_precedence", "test_cli_help", "test_plugins"]
 
 
 def test_upstream_style_tests_pass_inside_the_patched_tree(tree):
-    r = run(tree, [sys.executable, "-m", "unittest", "-q", "tests.test_plugins", "tests.test_entry_points"], cwd=tree)
+    modules = [f"tests.{m}" for m in SERIES_TESTS]
+    r = run(tree, [sys.executable, "-m", "unittest", "-q", *modules], cwd=tree)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"Ran (\d+) tests", r.stderr) and "OK" in r.stderr
+    assert int(re.search(r"Ran (\d+) tests", r.stderr).group(1)) >= 25 and "OK" in r.stderr
 
 
 # -- the patched upstream ---------------------------------------------------------------------
+
+SKIPPED = "mlx_lm_lora: skipped plugin "
+
+
+def replaces(mode, dist):
+    return (
+        f"mlx_lm_lora: train mode {mode!r} is provided by {dist} and replaces the built-in one; "
+        "MLX_LM_LORA_PLUGINS=0 runs the built-in"
+    )
+
+
+def said_replaced(stderr, mode, project):
+    """The host's replacement lines for ``mode`` by ``project`` (any version) in ``stderr``."""
+    pattern = re.escape(replaces(mode, "@")).replace("@", re.escape(project) + r" \S+")
+    return [ln for ln in stderr.splitlines() if re.fullmatch(pattern, ln)]
 
 
 def test_patched_console_script_dispatches(tree, tmp_path):
@@ -180,13 +217,12 @@ def test_patched_console_script_dispatches(tree, tmp_path):
     argv = ["--train-mode", "echo_mode", "--echo-out", out, "--batch-size", "2", "--echo-status", "4"]
     r = run(tree, [CONSOLE_SCRIPT, *argv, "--model", tmp_path / "none"], "echo")
     assert r.returncode == 4, r.stderr
-    assert "Training mode 'echo_mode' is provided by echo-plugin 1.0\n" in r.stdout
-    assert "Configuration Summary" not in r.stdout
+    assert "Configuration Summary" not in r.stdout and "echo_mode wrote" in r.stdout
     d = json.loads(out.read_text())
     assert d["explicit"] == ["batch_size", "echo_out", "echo_status", "model", "train_mode"]
     assert d["args_type"] == "argparse.Namespace"
     assert d["args"]["batch_size"] == 2 and d["args"]["train_type"] == "lora"
-    assert "mlx-xpo-plugin:" not in r.stderr and "mlx_lm_lora:" not in r.stderr
+    assert SKIPPED not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_patched_main_dict_and_yaml_dispatch(tree, tmp_path):
@@ -206,6 +242,21 @@ def test_patched_main_dict_and_yaml_dispatch(tree, tmp_path):
     assert (a["batch_size"], a["seed"], a["train_mode"], a["temperature"]) == (4, 3, "echo_mode", 0.5)
 
 
+def test_patched_yaml_beats_parser_defaults_for_a_builtin_mode(tree, tmp_path):
+    """The series' YAML-precedence fix, seen from the CLI: a built-in mode gets the YAML's
+    temperature and max_completion_length (stock keeps 1.0 and 512)."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train_mode: dpo\ntemperature: 0.25\nmax_completion_length: 64\n")
+    code = (
+        "import sys; import mlx_lm_lora.train as t; "
+        "t.run = lambda a: print('RUN', a.train_mode, a.temperature, a.max_completion_length); "
+        "sys.exit(t.main())"
+    )
+    r = run(tree, [sys.executable, "-c", code, "--config", cfg], env={"MLX_LM_LORA_PLUGINS": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "RUN dpo 0.25 64" in r.stdout
+
+
 def test_patched_upstream_makes_activation_inert(tree):
     code = (
         "import json, mlx_lm_lora.train as t; print(json.dumps([t.__file__, "
@@ -218,51 +269,73 @@ def test_patched_upstream_makes_activation_inert(tree):
 
 def test_patched_plugin_replaces_a_builtin_and_says_so(tree, tmp_path):
     out = tmp_path / "dpo.json"
-    r = run(
-        tree, [CONSOLE_SCRIPT, "--train-mode", "dpo", "--beta", "0.3"], "replace", env={"REPLACE_PLUGIN_OUT": str(out)}
-    )
+    env = {"REPLACE_PLUGIN_OUT": str(out)}
+    r = run(tree, [CONSOLE_SCRIPT, "--train-mode", "dpo", "--beta", "0.3"], "replace", env=env)
     assert r.returncode == 0, r.stderr
-    (line,) = [ln for ln in r.stdout.splitlines() if "Training mode 'dpo'" in ln]
-    assert line.endswith(
-        "Training mode 'dpo' is provided by replace-plugin 1.0, replacing the built-in mode "
-        "(WandB reporting and fusing are up to the plugin)"
-    )
+    assert r.stderr.splitlines().count(replaces("dpo", "replace-plugin 1.0")) == 1
     assert json.loads(out.read_text()) == {"explicit": ["beta", "train_mode"], "train_mode": "dpo"}
+    # switched off: the built-in dpo runs (and stops at the missing model)
+    out.unlink()
+    argv = ["--train-mode", "dpo", "--train", "--model", tmp_path / "missing"]
+    r = run(tree, [CONSOLE_SCRIPT, *argv], "replace", env={**env, "MLX_LM_LORA_PLUGINS": "0"})
+    assert r.returncode != 0 and "Configuration Summary" in r.stdout and "DPO" in r.stdout
+    assert "mlx_lm_lora:" not in r.stderr and not out.exists()
 
 
-def test_patched_help_lists_builtins_then_plugins(tree):
+def test_patched_help_keeps_upstream_options_and_adds_a_group_per_plugin(tree):
     r = run(tree, [CONSOLE_SCRIPT, "--help"], "echo")
     assert r.returncode == 0, r.stderr
     assert "{" + BUILTINS + "," in r.stdout.replace("\n", "").replace(" ", "")
-    assert "echo_mode" in r.stdout and "--echo-out" in r.stdout
+    head, group = r.stdout.split("\necho-plugin 1.0:\n")
+    assert "--echo-out ECHO_OUT" in group and "--echo-out" not in head.split("options:")[1]
+    # upstream's options read the same with the plugins as without any (after --train-mode)
+    bare = run(tree, [CONSOLE_SCRIPT, "--help"], env={"MLX_LM_LORA_PLUGINS": "0"})
+    assert head.split("  --optimizer", 1)[1].split("\n\n")[0] == bare.stdout.split("  --optimizer", 1)[1].rstrip("\n")
 
 
-UPSTREAM_LINE = "mlx_lm_lora: skipped"
-
-
-def test_patched_clash_is_named_in_one_line_and_skipped(tree):
+def test_patched_name_clash_is_named_in_one_line_and_skipped(tree):
     r = run(tree, [CONSOLE_SCRIPT, "--help"], "echo", "clash")
     assert r.returncode == 0, r.stderr
-    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith(UPSTREAM_LINE)]
-    assert line == "mlx_lm_lora: skipped train mode 'echo_mode' of echo-plugin 1.0: clash-plugin 2.0 registers it too"
-    assert "echo_mode" in r.stdout
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith(SKIPPED)]
+    assert line == (
+        "mlx_lm_lora: skipped plugin echo-plugin 1.0 (echo = echo_plugin): "
+        "ValueError: train mode 'echo_mode' is provided by clash-plugin 2.0 already"
+    )
+    assert "echo_mode" in r.stdout and "--echo-out" not in r.stdout
 
 
 @pytest.mark.parametrize(
     "plugin, says",
     [
-        ("broken", "skipped plugin broken-plugin 0.1"),
-        ("failreg", "skipped plugin failreg-plugin 0.3"),
-        ("badopts", "skipped train mode 'badopts_mode' of badopts-plugin 0.2"),
+        ("broken", "broken-plugin 0.1 (broken = broken_plugin): ImportError: broken_plugin: this test"),
+        ("failreg", "failreg-plugin 0.3 (failreg = failreg_plugin): RuntimeError: failreg_plugin: "),
+        ("badopts", "badopts-plugin 0.2 (badopts = badopts_plugin): ArgumentError: argument --model: "),
     ],
 )
-def test_patched_broken_plugin_is_named_and_skipped(tree, plugin, says):
+def test_patched_broken_plugin_is_named_once_and_skipped(tree, plugin, says):
     r = run(tree, [CONSOLE_SCRIPT, "--help"], plugin, "echo")
     assert r.returncode == 0, r.stderr
-    (line,) = r.stderr.splitlines()
-    assert line.startswith(f"mlx_lm_lora: {says}") and "Traceback" not in r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith(SKIPPED)]
+    assert line.startswith(SKIPPED + says) and "Traceback" not in r.stderr
     text = " ".join(r.stdout.split())
-    assert {"sft", "xpo", "echo_mode"} <= set(text.split("--train-mode {", 1)[1].split("}", 1)[0].split(","))
+    choices = set(text.split("--train-mode {", 1)[1].split("}", 1)[0].split(","))
+    assert {"sft", "xpo", "echo_mode"} <= choices and not {"half_mode", "badopts_mode"} & choices
+    assert "--badopts-knob" not in r.stdout  # a refused plugin leaves no option behind
+
+
+def test_patched_mcp_server_lists_plugin_modes(tree):
+    code = (
+        "from mlx_lm_lora import mcp_server as ms; "
+        "print(ms.build_config('a/b', '.', train_mode='echo_mode')[1]); "
+        "print(ms.plugins.train_modes()['echo_mode'])"
+    )
+    r = run(tree, [sys.executable, "-c", code], "echo")
+    assert r.returncode == 0, r.stderr
+    errors, description = r.stdout.splitlines()[-2:]
+    assert "train_mode" not in errors and description.startswith("test mode: writes its arguments")
+
+
+# Depends on mlx_xpo_plugin's side of the hook contract (its modes and judge registry).
 
 
 @pytest.mark.parametrize(
@@ -274,37 +347,50 @@ def test_patched_ours_runs_next_to_a_broken_plugin_and_keeps_the_status(tree, en
     r = run(tree, [*entry, "--train-mode", "xpo", "--beta", "-1", "--model", "/nonexistent"], "broken")
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.splitlines()[-1] == "error: beta: -1.0 is not valid; must be > 0.0"
-    assert "Training mode 'xpo' is provided by mlx-xpo-plugin" in r.stdout
+    lines = r.stderr.splitlines()
+    assert len(said_replaced(r.stderr, "xpo", "mlx-xpo-plugin")) == 1
+    assert len([ln for ln in lines if "broken-plugin" in ln]) == 1  # named once: host and registry share the scan
 
 
 def test_patched_sft_still_runs_upstream_next_to_a_broken_plugin(tree, tmp_path):
     r = run(tree, [CONSOLE_SCRIPT, "--train-mode", "sft", "--train", "--model", tmp_path / "missing"], "broken")
     assert r.returncode != 0
     assert "Configuration Summary" in r.stdout and "SFT" in r.stdout
-    assert r.stderr.startswith(f"{UPSTREAM_LINE} plugin broken-plugin 0.1")
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith(SKIPPED + "broken-plugin 0.1")]) == 1
 
 
 DESCRIBE = r"""
 import json, sys
 import mlx_lm_lora.train as t
-if hasattr(t, "plugins"):
-    t.plugins.entry_points = lambda **kw: []  # patched upstream with no plugin installed
 p = t.build_parser()
-acts = [[a.option_strings, a.dest, repr(a.default), repr(a.type), a.choices, a.help, a.nargs,
-         type(a).__name__] for a in p._actions]
-ns = vars(p.parse_args(sys.argv[1:]))
-print(json.dumps({"actions": acts, "ns": ns, "usage": p.format_help()}, default=repr))
+print(json.dumps({"ns": vars(p.parse_args(sys.argv[1:])), "defaults": vars(p.parse_args([])),
+                  "help": p.format_help()}, default=repr))
 """
 
 
-def test_builtin_parsing_is_unchanged(tree):
-    """The stock 5.10.2 tree and the patched one with no plugin: same actions, parse and --help."""
+def describe(tree, argv, env):
+    r = run(tree, [sys.executable, "-c", DESCRIBE, *argv], env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_builtin_parsing_is_unchanged(tree, tmp_path):
+    """With no plugin, the plugin hook changes nothing (same --help and parse as the series up to
+    the help-text patch); against the stock sdist, the same options, defaults and parse."""
     argv = ["--train-mode", "dpo", "--train", "--batch-size", "4", "--learning-rate", "2e-5", "--beta", "0.2"]
-    argv += ["--data", "d/"]
-    stock = run(tree, [sys.executable, "-c", DESCRIBE, *argv], env={"PYTHONPATH": "", "MLX_XPO_PLUGIN": "0"})
-    patched = run(tree, [sys.executable, "-c", DESCRIBE, *argv])
-    assert stock.returncode == 0 and patched.returncode == 0, stock.stderr + patched.stderr
-    assert json.loads(stock.stdout) == json.loads(patched.stdout)
+    argv += ["--data", "d/", "--temperature", "0.5"]
+    (tmp_path / "before").mkdir()
+    for p in SERIES[:-1]:
+        shutil.copy(p, tmp_path / "before")
+    assert sync("--dest", tmp_path / "src", "--patches", tmp_path / "before").returncode == 0
+    before = tmp_path / "src" / tree.name
+    no_plugin = {"MLX_LM_LORA_PLUGINS": "0", "MLX_XPO_PLUGIN": "0"}
+    patched = describe(tree, argv, no_plugin)
+    assert describe(before, argv, no_plugin) == patched
+    stock = describe(tree, argv, {**no_plugin, "PYTHONPATH": ""})
+    assert stock["ns"] == patched["ns"] and stock["defaults"] == patched["defaults"]
+    options = re.compile(r"--[a-z0-9-]+")
+    assert options.findall(stock["help"].split("options:")[0]) == options.findall(patched["help"].split("options:")[0])
 
 
 def test_patched_upstream_runs_our_xpo_end_to_end(tree, tmp_path, tiny_model_path, prompt_data_dir):
@@ -333,7 +419,7 @@ def test_patched_upstream_runs_our_xpo_end_to_end(tree, tmp_path, tiny_model_pat
     )
     r = run(tree, [CONSOLE_SCRIPT, "--train-mode", "xpo", "--config", cfg])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Training mode 'xpo' is provided by mlx-xpo-plugin" in r.stdout and "replacing the built-in" in r.stdout
+    assert len(said_replaced(r.stderr, "xpo", "mlx-xpo-plugin")) == 1
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     train = [x for x in rows if "judge/pairs" in x]
     assert [x["step"] for x in train] == [1, 2]

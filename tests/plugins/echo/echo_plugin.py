@@ -20,8 +20,7 @@ class EchoMode:
     def banner(self):
         return f"{self.name}: {self.plugin or 'echo-plugin'}"
 
-    def add_arguments(self, parser):
-        group = parser.add_argument_group("echo_mode (echo-plugin)")
+    def add_arguments(self, group):  # the host's argument group for this plugin
         group.add_argument("--echo-out", type=str, default=None, help="file the JSON goes to")
         group.add_argument("--echo-status", type=int, default=None, help="exit status to return")
 

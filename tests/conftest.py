@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mlx_xpo_plugin.commands.tiny import build_tiny_model, write_prompt_dataset
-from mlx_xpo_plugin.host import fast_blas
+from mlx_xpo_plugin.cpu import fast_blas
 
 # The tests in this process run on MLX as shipped (on Linux CPUs the bundled reference BLAS), as they
 # did before a fast BLAS went under this project's commands, whatever module imports mlx.core first:

@@ -72,7 +72,7 @@ def test_xpo_yaml_only_values_are_used(tiny_model_path, tmp_path):
     assert "xpo: mlx-xpo-plugin" in r.stdout and "replaces the built-in mode" in r.stdout
     import mlx.core  # noqa: F401  (bundled_reference_blas looks next to it)
 
-    from mlx_xpo_plugin.host.fast_blas import bundled_reference_blas, choose
+    from mlx_xpo_plugin.cpu.fast_blas import bundled_reference_blas, choose
 
     if bundled_reference_blas():  # Linux mlx[cpu]: the run says which BLAS MLX multiplies with, once
         assert "\nBLAS: " in r.stdout and (r.stdout + r.stderr).count("BLAS") == 1

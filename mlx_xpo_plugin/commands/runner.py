@@ -30,9 +30,9 @@ from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created
 from mlx_xpo_plugin.compute.models import model_folder
 from mlx_xpo_plugin.compute.quantized import folder_quantization, refuse_full
 from mlx_xpo_plugin.contracts import JudgeContext
+from mlx_xpo_plugin.cpu.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.errors import ConfigError, SaveFailed
 from mlx_xpo_plugin.exits import Exit, of_run
-from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.loop.atomic import save_json
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, intact_checkpoint
 from mlx_xpo_plugin.loop.win_rate import describe

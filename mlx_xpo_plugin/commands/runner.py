@@ -230,7 +230,7 @@ def mode_main(method_cls):
     mode_name = method_cls.mode
 
     def main(args, explicit: set, training_callback=None) -> int:
-        try:  # both host paths print mode.banner() before calling this
+        try:  # both host paths name the plugin that runs the mode before calling this
             cli = dict(vars(args)) if not isinstance(args, dict) else dict(args)
             yaml_values = config.load_yaml(cli.get("config"))
             cfg = config.resolve(mode_name, cli, set(explicit), yaml_values)

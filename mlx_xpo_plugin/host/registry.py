@@ -34,6 +34,10 @@ class Registry:
     problems: list = field(default_factory=list)  # one line per plugin (or name) that was skipped
     _owner: dict = field(default_factory=dict)
 
+    def owner(self, mode_name: str) -> str:
+        """``"<distribution> <version>"`` of the plugin whose train mode ``mode_name`` is used."""
+        return self._owner[("train mode", mode_name)]
+
     def _add(self, table: dict, kind: str, name: str, obj, owner: str):
         key = (kind, name)
         if key in self._owner:
@@ -70,17 +74,21 @@ def load_plugins(pm: PluginManager) -> None:
     (e.g. a hook with a wrong signature) is recorded in ``pm.problems`` and skipped; the others load
     (pluggy's ``load_setuptools_entrypoints`` stops at the first failure)."""
     for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
-            continue
-        label = _entry_point_label(ep)
-        try:
-            plugin = ep.load()
-            if not pm.is_registered(plugin):
-                pm.register(plugin, name=ep.name)
-        except Exception as e:
-            pm.problems.append(f"skipped plugin {label} (entry point {ep.name} = {ep.value}): {_one_line(e)}")
-            continue
-        pm.labels[id(plugin)] = label
+        if pm.get_plugin(ep.name) is None and not pm.is_blocked(ep.name):
+            _register(pm, ep.load, ep.name, ep)
+
+
+def _register(pm: PluginManager, load, name: str, ep) -> None:
+    label = _entry_point_label(ep) if ep is not None else name
+    try:
+        plugin = load()
+        if not pm.is_registered(plugin):
+            pm.register(plugin, name=name)
+    except Exception as e:
+        where = f" (entry point {ep.name} = {ep.value})" if ep is not None else ""
+        pm.problems.append(f"skipped plugin {label}{where}: {_one_line(e)}")
+        return
+    pm.labels[id(plugin)] = label
 
 
 def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> PluginManager:
@@ -102,7 +110,7 @@ def _ours_first(pm, impls):
     return sorted(impls, key=lambda i: (i.plugin is not builtin, _plugin_label(pm, i.plugin)))
 
 
-def _collect_hook(pm, reg: Registry, hook: str, kind: str, table: dict, prepare=None) -> None:
+def _collect_hook(pm, reg: Registry, hook: str, kind: str, table: dict) -> None:
     """Call ``hook`` of each plugin on its own: a plugin whose hook raises adds nothing; a name
     already taken is skipped (the first owner keeps it); both are recorded in ``reg.problems``."""
     for impl in _ours_first(pm, getattr(pm.hook, hook).get_hookimpls()):
@@ -114,24 +122,17 @@ def _collect_hook(pm, reg: Registry, hook: str, kind: str, table: dict, prepare=
             reg.problems.append(f"skipped plugin {owner}: its {hook} hook raised {_one_line(e)}")
             continue
         for obj in offered:
-            if prepare is not None:
-                prepare(obj, owner)
             try:
                 reg._add(table, kind, obj.name, obj, owner)
             except DuplicateRegistration as e:
                 reg.problems.append(f"skipped {e}; {owner}'s is not used")
 
 
-def _own_mode(mode: TrainMode, owner: str) -> None:
-    if not getattr(mode, "plugin", ""):
-        mode.plugin = owner
-
-
 def collect(pm: pluggy.PluginManager) -> Registry:
     """Ask every plugin for its modes and judges. Never raises for a plugin's fault: what is
     skipped (hook raised, name already registered by another plugin) is listed in ``problems``."""
     reg = Registry(problems=list(getattr(pm, "problems", ())))
-    _collect_hook(pm, reg, "register_train_modes", "train mode", reg.modes, _own_mode)
+    _collect_hook(pm, reg, "register_train_modes", "train mode", reg.modes)
     _collect_hook(pm, reg, "register_judges", "judge", reg.judges)
     return reg
 

@@ -7,6 +7,7 @@ import ast
 import importlib.metadata as md
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,39 @@ def test_default_registry_reports_each_problem_on_one_line():
 def test_a_plugin_may_replace_a_builtin_name(monkeypatch):
     reg = fresh_registry(monkeypatch, "replace")
     assert reg.owner("dpo") == "replace-plugin 1.0"
+
+
+def upstream_hosting(monkeypatch, *loaded):
+    """A patched mlx-lm-lora as the registry sees it: ``mlx_lm_lora.plugins.load()`` gives the
+    modules of its one scan (it has named the failures itself)."""
+    import types
+
+    import mlx_lm_lora
+
+    host = types.ModuleType("mlx_lm_lora.plugins")
+    scan = types.SimpleNamespace(plugins=[types.SimpleNamespace(module=m) for m in loaded], failures=["..."])
+    host.load = lambda: scan
+    monkeypatch.setitem(sys.modules, "mlx_lm_lora.plugins", host)
+    monkeypatch.setattr(mlx_lm_lora, "plugins", host, raising=False)
+
+
+def test_where_upstream_hosts_plugins_its_scan_is_reused(monkeypatch):
+    """A broken plugin is upstream's to report: the registry scans nothing again (no second line),
+    and it takes judges only (the modes are upstream's)."""
+    from mlx_xpo_plugin.host import builtins
+
+    for d in ("echo", "broken", "failreg"):
+        monkeypatch.syspath_prepend(str(PLUGINS / d))
+    import echo_plugin
+
+    upstream_hosting(monkeypatch, builtins, echo_plugin)
+    reg = collect(make_plugin_manager())
+    assert reg.problems == [] and reg.modes == {}
+    assert {"human", "http", "function", "llm"} <= set(reg.judges)
+
+
+def test_a_stock_upstream_has_no_scan_to_reuse():
+    from mlx_xpo_plugin.host.registry import upstream_scan
+
+    if importlib.util.find_spec("mlx_lm_lora.plugins") is None:
+        assert upstream_scan() is None

@@ -2,6 +2,10 @@
 
 Built-in modes and judges register through the same hooks as third-party plugins
 (``mlx_xpo_plugin.host.builtins`` is itself an entry point of the ``mlx_lm_lora`` group).
+The ``mlx_lm_lora`` entry points are scanned once per process: where mlx-lm-lora hosts plugins
+itself (a patched release), its scan is reused (:func:`upstream_scan`; it has named each plugin
+that failed, and it owns the train modes, so only judges are collected here); on a stock release
+this registry's own scan serves the start-up hook path (activation.py) and the judges alike.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class PluginManager(pluggy.PluginManager):
         super().__init__(PROJECT)
         self.labels: dict = {}  # id(plugin) -> "distribution version"
         self.problems: list = []
+        self.upstream_hosts_modes = False  # True: the plugins came from upstream's own scan
 
 
 def _plugin_label(pm: pluggy.PluginManager, plugin) -> str:
@@ -69,11 +74,36 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+def upstream_scan():
+    """The plugin modules a patched mlx-lm-lora loaded in its one scan of the entry-point group,
+    or None where upstream hosts no plugins (a stock release). ``mlx_lm_lora.plugins.load()``
+    scans once per process and has already named each plugin that failed; its result lists the
+    plugins kept (``.plugins``, each with its ``.module``)."""
+    try:
+        from mlx_lm_lora import plugins  # only a patched release has it
+    except ImportError:
+        return None
+    load = getattr(plugins, "load", None)
+    if load is None:
+        return None
+    return [getattr(p, "module", p) for p in getattr(load(), "plugins", ())]
+
+
 def load_plugins(pm: PluginManager) -> None:
-    """Load the ``mlx_lm_lora`` entry points one by one: one that fails to import or to register
-    (e.g. a hook with a wrong signature) is recorded in ``pm.problems`` and skipped; the others load
-    (pluggy's ``load_setuptools_entrypoints`` stops at the first failure)."""
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+    """Register the ``mlx_lm_lora`` plugins: the modules of upstream's own scan where it has one,
+    else the entry points loaded one by one: one that fails to import or to register (e.g. a hook
+    with a wrong signature) is recorded in ``pm.problems`` and skipped; the others load (pluggy's
+    ``load_setuptools_entrypoints`` stops at the first failure)."""
+    eps = list(md.entry_points(group=ENTRY_POINT_GROUP))
+    scanned = upstream_scan()
+    if scanned is not None:
+        pm.upstream_hosts_modes = True
+        by_module = {ep.module: ep for ep in eps}
+        for module in scanned:
+            ep = by_module.get(getattr(module, "__name__", None))
+            _register(pm, (lambda m=module: m), ep.name if ep else module.__name__, ep)
+        return
+    for ep in eps:
         if pm.get_plugin(ep.name) is None and not pm.is_blocked(ep.name):
             _register(pm, ep.load, ep.name, ep)
 
@@ -129,10 +159,12 @@ def _collect_hook(pm, reg: Registry, hook: str, kind: str, table: dict) -> None:
 
 
 def collect(pm: pluggy.PluginManager) -> Registry:
-    """Ask every plugin for its modes and judges. Never raises for a plugin's fault: what is
-    skipped (hook raised, name already registered by another plugin) is listed in ``problems``."""
+    """Ask every plugin for its modes and judges (only judges where upstream hosts the modes).
+    Never raises for a plugin's fault: what is skipped (hook raised, name already registered by
+    another plugin) is listed in ``problems``."""
     reg = Registry(problems=list(getattr(pm, "problems", ())))
-    _collect_hook(pm, reg, "register_train_modes", "train mode", reg.modes)
+    if not getattr(pm, "upstream_hosts_modes", False):
+        _collect_hook(pm, reg, "register_train_modes", "train mode", reg.modes)
     _collect_hook(pm, reg, "register_judges", "judge", reg.judges)
     return reg
 

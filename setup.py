@@ -10,8 +10,8 @@ mlx_xpo_plugin/host/activation.py).
   editable wheel is made from (where it also puts data files and scripts); the file goes there.
 Either way it is listed in the wheel's RECORD, so ``pip uninstall`` removes it.
 
-On Linux it also builds ``mlx_xpo_plugin.host._skinny``, the few-row product kernel decoding runs
-on (mlx_xpo_plugin/host/skinny.py). It is optional: where no C compiler is found the package is
+On Linux it also builds ``mlx_xpo_plugin.cpu._skinny``, the few-row product kernel decoding runs
+on (mlx_xpo_plugin/cpu/skinny.py). It is optional: where no C compiler is found the package is
 installed without it, and decoding's products go to the BLAS (the run's banner says so).
 """
 
@@ -67,9 +67,9 @@ class build_with_pth(build):
 
 
 SKINNY = Extension(
-    "mlx_xpo_plugin.host._skinny",
-    sources=["mlx_xpo_plugin/host/skinny.c"],
-    depends=["mlx_xpo_plugin/host/skinny_dot.h"],
+    "mlx_xpo_plugin.cpu._skinny",
+    sources=["mlx_xpo_plugin/cpu/skinny.c"],
+    depends=["mlx_xpo_plugin/cpu/skinny_dot.h"],
     extra_compile_args=["-O3", "-pthread", "-Wno-psabi"],  # psabi: GCC's note on 32-byte vector arguments
     extra_link_args=["-pthread"],
     optional=True,

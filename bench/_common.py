@@ -59,7 +59,7 @@ def shared_blas() -> str | None:
     by _driver.py in both sides' processes since upstream runs without our hook."""
     import mlx  # noqa: F401  (bundled_reference_blas looks next to it)
 
-    from mlx_xpo_plugin.host.fast_blas import bundled_reference_blas, choose
+    from mlx_xpo_plugin.cpu.fast_blas import bundled_reference_blas, choose
 
     return choose()[0] if bundled_reference_blas() else None
 

@@ -229,7 +229,7 @@ def main():
     out_path = sys.argv[2]
     impl, mode, settings = spec["impl"], spec["mode"], spec["settings"]
     t_start = time.perf_counter()
-    from mlx_xpo_plugin.host import fast_blas
+    from mlx_xpo_plugin.cpu import fast_blas
 
     fast_blas.preload()  # the same BLAS on both sides: upstream runs without our start-up hook
     import mlx.core as mx  # noqa: F401

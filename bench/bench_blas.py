@@ -9,7 +9,7 @@ Each measurement is a fresh process (one BLAS per process: the first library tha
 so drift in machine load hits all alike. A process multiplies each shape ``--reps`` times after one
 warm-up and keeps the median; the table shows the median over rounds with the min-max of the rounds.
 ``--lib NAME=A,B`` loads A then B with RTLD_GLOBAL (B the BLAS, A what it needs first);
-``--lib NAME=prefix:scipy_:PATH`` forwards ``scipy_``-prefixed names (mlx_xpo_plugin.host.blas_shim).
+``--lib NAME=prefix:scipy_:PATH`` forwards ``scipy_``-prefixed names (mlx_xpo_plugin.cpu.blas_shim).
 Rate = 2 m k n / time. Nothing here goes through the start-up hook (MLX_XPO_PLUGIN=0).
 
 ``--step``: instead, whole training steps of our xpo on the small preset (bench_step.py's
@@ -42,7 +42,7 @@ def child(spec: str, reps: int) -> dict:
     """Load the candidate, then time MLX's float32 products (runs in the measured process)."""
     if spec.startswith("prefix:"):
         _, prefix, path = spec.split(":", 2)
-        from mlx_xpo_plugin.host import blas_shim
+        from mlx_xpo_plugin.cpu import blas_shim
 
         blas_shim.forward(path, prefix)
     elif spec:

@@ -111,7 +111,7 @@ def main():
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from mlx_xpo_plugin.compute import scoring
-    from mlx_xpo_plugin.host import fast_blas
+    from mlx_xpo_plugin.cpu import fast_blas
 
     model.freeze()
     linear_to_lora_layers(model, model.args.num_hidden_layers, {"rank": 8, "dropout": 0.0, "scale": 10.0})

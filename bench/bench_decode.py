@@ -8,7 +8,7 @@ round, alternating the order of the variants:
 
 * ms per decoded token = (t(n2) - t(n1)) / (n2 - n1), each t one call of ``decode.generate``
   (the trainer's decoder; greedy), which cancels the prompt pass and the per-call tracing;
-* variants: 4 rows (a step's rollout at 2 prompts) on the few-row kernel (host/skinny.c) with one
+* variants: 4 rows (a step's rollout at 2 prompts) on the few-row kernel (cpu/skinny.c) with one
   thread per core (as a run decodes) and with 1 thread, on OpenBLAS alone (``skinny.off()``) with
   one thread per core, 8 rows on the kernel, and 4 rows with LoRA adapters on every layer (rank 8,
   as the policy decodes: each adapter adds two small products);
@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--tokens", default="4,12")
     ap.add_argument("--name", default="decode")
     ns = ap.parse_args()
-    from mlx_xpo_plugin.host import fast_blas
+    from mlx_xpo_plugin.cpu import fast_blas
 
     fast_blas.request()
     fast_blas.preload()
@@ -108,7 +108,7 @@ def main():
 
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from mlx_xpo_plugin.host import skinny
+    from mlx_xpo_plugin.cpu import skinny
 
     lora = load(path)[0]
     precision.apply(lora, "auto", "model", log=lambda s: None)

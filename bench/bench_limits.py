@@ -56,7 +56,7 @@ def build(preset: str, bits):
 def load_as_run(preset: str):
     """The preset's bf16 checkpoint loaded as a run loads it: the fast BLAS chosen first (before
     mlx.core loads), then ``compute_dtype: auto`` (float32 on the CPU)."""
-    from mlx_xpo_plugin.host import fast_blas
+    from mlx_xpo_plugin.cpu import fast_blas
 
     fast_blas.request()
     fast_blas.preload()
@@ -113,7 +113,7 @@ def read_bandwidth(n: int, mib: int = 512, threads: int | None = None) -> float:
 
     import numpy as np
 
-    from mlx_xpo_plugin.host.fast_blas import usable_cores
+    from mlx_xpo_plugin.cpu.fast_blas import usable_cores
 
     k = threads or usable_cores()
     parts = np.array_split(np.ones(mib * 2**18, dtype=np.float32), k)
@@ -299,7 +299,7 @@ def main():
     ns = ap.parse_args()
     if ns.render_only:
         return B.rerender(ns.name, render)
-    from mlx_xpo_plugin.host import fast_blas
+    from mlx_xpo_plugin.cpu import fast_blas
 
     fast_blas.preload()  # the BLAS our commands run on (before mlx.core)
     from mlx_xpo_plugin.commands.tiny import PRESETS

@@ -221,7 +221,7 @@ def render(data: dict) -> str:
 def machine_rates() -> dict:
     """This machine's rates, measured in this process with the BLAS a run uses: float32 sgemm at a
     q05 MLP's shape (256 x 896 @ 896 x 4864) and memory read with one thread per core."""
-    from mlx_xpo_plugin.host import fast_blas
+    from mlx_xpo_plugin.cpu import fast_blas
 
     fast_blas.request()
     fast_blas.preload()

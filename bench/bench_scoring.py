@@ -165,7 +165,7 @@ def main():
     model = load_as_run(ns.preset)
     model.eval()
     from mlx_xpo_plugin.commands.tiny import PRESETS
-    from mlx_xpo_plugin.host import fast_blas
+    from mlx_xpo_plugin.cpu import fast_blas
 
     p = PRESETS[ns.preset]
     data = {

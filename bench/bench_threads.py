@@ -33,7 +33,7 @@ import json, statistics, sys
 from pathlib import Path
 from mlx_xpo_plugin.api import train_method
 from mlx_xpo_plugin.xpo_trainer import XPO
-from mlx_xpo_plugin.host import fast_blas
+from mlx_xpo_plugin.cpu import fast_blas
 model, data, out = sys.argv[1:4]
 s = dict(model=model, data=data, train=True, adapter_path=out, judge="mlx_xpo_plugin.rules:coin_reward",
          iters=8, batch_size=2, max_completion_length=32, steps_per_report=1, steps_per_eval=10000,
@@ -87,7 +87,7 @@ def main():
     ap.add_argument("--name", default="threads")
     ns = ap.parse_args()
     from mlx_xpo_plugin.commands.tiny import build_tiny_model
-    from mlx_xpo_plugin.host.fast_blas import usable_cores
+    from mlx_xpo_plugin.cpu.fast_blas import usable_cores
 
     cores = usable_cores()
     model = str(build_tiny_model(B.cache_dir() / "model-small", preset="small"))

@@ -6,7 +6,7 @@ from typing import Any, Mapping, Union
 
 from mlx_xpo_plugin import config
 from mlx_xpo_plugin.commands.hints import note_unused_upstream
-from mlx_xpo_plugin.host.fast_blas import request
+from mlx_xpo_plugin.cpu.fast_blas import request
 
 request()  # a program that imports the API is one of this project's: a fast BLAS goes under MLX
 

@@ -16,44 +16,48 @@ def yaml_text(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip().removesuffix("\n...")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the plugin's flags to upstream's parser, all in one help group; fix type/help of options
-    upstream already has (moved into that group).
+#: settings of the online modes that upstream's parser defines itself (in every supported release,
+#: 5.8.6 to 5.10.2): the plugin adds no option for them and reads them as upstream parsed them
+UPSTREAM_OPTIONS = frozenset(
+    "alpha beta delta dpo_cpo_loss_type judge max_completion_length reference_model_path temperature".split()
+)
+
+
+def add_arguments(group) -> None:
+    """Add the online modes' own options to ``group``, the argument group the host made for this
+    plugin; an option upstream already defines (:data:`UPSTREAM_OPTIONS`) is left exactly as
+    upstream defines it.
 
     Defaults stay None (argparse), so that YAML values are never masked; the schema default
     applies when neither the command line nor the YAML gives a value.
     """
-    existing = {a.dest: a for a in parser._actions}
-    group = parser.add_argument_group("online preference (xpo, online_dpo; mlx-xpo-plugin)")
     for s in PLUGIN_SETTINGS:
-        kind = {"floats": parse_floats, "float": float, "int": int, "str": str}.get(s.kind)
+        if s.name in UPSTREAM_OPTIONS:
+            continue
+        kind = {"floats": parse_floats, "float": float, "int": int, "str": str, "dict": yaml.safe_load}.get(s.kind)
         help_ = f"[{'/'.join(s.modes)}] {s.help} Default: {yaml_text(s.default)}."
         if s.choices:
             help_ += " One of: " + ", ".join(s.choices) + "."
-        if s.name in existing:
-            act = existing[s.name]
-            act.help = help_
-            if s.name == "alpha":  # upstream's type=list[float] splits '1e-4' into characters
-                act.type = parse_floats
-            for other in parser._action_groups:  # shown with ours, not in upstream's group
-                if act in other._group_actions:
-                    other._group_actions.remove(act)
-            group._group_actions.append(act)
-            continue
         if s.kind == "bool":  # a switch: --start-over
             group.add_argument(s.flag, dest=s.name, action="store_const", const=True, default=None, help=help_)
-            continue
-        if s.kind == "dict":
-            kind = yaml.safe_load
-        group.add_argument(s.flag, dest=s.name, type=kind, default=None, help=help_)
-    if "resume_adapter_file" in existing:  # upstream's help speaks of a weights file
-        existing["resume_adapter_file"].help = RESUME_HELP
+        else:
+            group.add_argument(s.flag, dest=s.name, type=kind, default=None, help=help_)
 
 
-RESUME_HELP = (
-    "xpo / online_dpo: the adapter FOLDER of the run to continue (its adapter_path, which holds checkpoint/); "
-    "the run goes on exactly where it stopped. Other modes: an adapters file to start from."
-)
+def read_upstream_options(args):
+    """``args`` with upstream's forms of the options it defines read as the online modes' settings.
+
+    Stock releases parse ``--alpha 1e-4`` with ``type=list[float]`` into its characters
+    (``['1', 'e', '-', '4']``): they are joined back (``'1e-4'``, or ``'1e-4,1e-5'`` for a per-epoch
+    list) for the settings check to read. A release whose ``--alpha`` takes numbers
+    (``nargs="+", type=float``) gives ``[1e-4]`` or ``[1e-4, 1e-5]``, which is kept as it is.
+    ``args`` itself is left unchanged."""
+    values = args if isinstance(args, dict) else vars(args)
+    alpha = values.get("alpha")
+    if not (isinstance(alpha, list) and alpha and all(isinstance(c, str) and len(c) == 1 for c in alpha)):
+        return args
+    joined = {**values, "alpha": "".join(alpha)}
+    return joined if isinstance(args, dict) else argparse.Namespace(**joined)
 
 
 def json_schema(upstream_keys=None) -> dict:

@@ -42,28 +42,25 @@ BUILTIN_TRAIN_MODES = (
 
 @dataclass
 class TrainMode:
-    """A train mode a plugin offers to ``mlx_lm_lora.train``.
+    """A train mode a plugin offers to ``mlx_lm_lora.train`` (the hook contract: docs/upstream.md).
 
-    ``main(args, explicit)`` owns the whole run of the mode: ``args`` is upstream's namespace after
-    its YAML/default merge, ``explicit`` the set of setting names the user gave (typed on the
-    command line, keys of the dict passed to ``main``, or keys of the YAML config; never parser
-    defaults); it validates before loading anything and returns an exit status.
+    ``add_arguments(group)`` adds only the mode's own new options to ``group``, the argument group
+    the host made for the plugin's distribution; modes sharing one callable get it called once. An
+    option upstream already defines is never added again: the mode reads it from ``args`` as
+    upstream parsed it. ``main(args, given)`` owns the whole run of the mode: ``args`` is upstream's
+    namespace after its YAML/default merge, ``given`` the set of setting names the user gave (typed
+    on the command line, keys of the dict passed to ``main``, or keys of the YAML config; never
+    parser defaults); it validates before loading anything and returns an exit status.
     """
 
     name: str
     description: str
     main: Callable[[Any, set], int]
-    add_arguments: Optional[Callable[[Any], None]] = None  # add CLI flags to upstream's parser
-    plugin: str = ""  # "<distribution> <version>", filled in at registration
+    add_arguments: Optional[Callable[[Any], None]] = None  # add the mode's own options to a group
 
     @property
     def replaces_builtin(self) -> bool:
         return self.name in BUILTIN_TRAIN_MODES
-
-    def banner(self) -> str:
-        """The line a run prints so that the user sees which implementation runs."""
-        s = f"{self.name}: {self.plugin}"
-        return s + (", replaces the built-in mode" if self.replaces_builtin else "")
 
 
 @dataclass(frozen=True)

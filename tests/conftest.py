@@ -15,7 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens there
 
 from mlx_xpo_plugin.commands.tiny import build_tiny_model, write_prompt_dataset
-from mlx_xpo_plugin.host import fast_blas
+from mlx_xpo_plugin.cpu import fast_blas
 
 # The tests in this process run on MLX as shipped (on Linux CPUs the bundled reference BLAS), as they
 # did before a fast BLAS went under this project's commands, whatever module imports mlx.core first:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_xpo_plugin.host import activation
+from mlx_xpo_plugin import __version__
+from mlx_xpo_plugin.host import activation, command_line
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 BIN = Path(sys.executable).parent
@@ -100,7 +101,7 @@ def test_console_script_dispatches_to_a_plugin_mode(tmp_path):
         "echo",
     )
     assert r.returncode == 3, r.stderr
-    assert "echo_mode: echo-plugin 1.0" in r.stdout  # the host prints mode.banner()
+    assert "echo_mode: echo-plugin 1.0" in r.stdout  # the host names the plugin of the mode
     assert not activation_lines(r)
     d = got()
     assert d["explicit"] == ["batch_size", "echo_out", "echo_status", "model", "train_mode"]
@@ -159,12 +160,30 @@ def test_python_dash_m_dispatches(tmp_path):
     assert got()["explicit"] == ["echo_out", "echo_status", "train_mode"]
 
 
-def test_a_plugin_replaces_a_builtin_mode(tmp_path):
+def replaces(mode, plugin=f"mlx-xpo-plugin {__version__}"):
+    return (
+        f"mlx-xpo-plugin: train mode {mode!r} is provided by {plugin} and replaces the built-in one; "
+        "MLX_XPO_PLUGIN=0 runs the built-in"
+    )
+
+
+def test_a_plugin_replaces_a_builtin_mode_and_says_so_on_stderr(tmp_path):
     out = tmp_path / "dpo.json"
     r = run([CONSOLE_SCRIPT, "--train-mode", "dpo", "--beta", "0.5"], "replace", env={"REPLACE_PLUGIN_OUT": str(out)})
     assert r.returncode == 0, r.stderr
-    assert "dpo: replace-plugin 1.0, replaces the built-in mode" in r.stdout
+    assert r.stderr.splitlines() == [replaces("dpo", "replace-plugin 1.0")]
+    assert "replace" not in r.stdout
     assert json.loads(out.read_text()) == {"explicit": ["beta", "train_mode"], "train_mode": "dpo"}
+
+
+@pytest.mark.parametrize("switch", ["MLX_XPO_PLUGIN", "MLX_LM_LORA_PLUGINS"])
+def test_the_switch_the_notice_names_runs_the_builtin(tmp_path, switch):
+    """The command the notice names, run as printed: upstream's own dpo answers (it loads the model)."""
+    out = tmp_path / "dpo.json"
+    argv = [CONSOLE_SCRIPT, "--train-mode", "dpo", "--train", "--model", tmp_path / "missing"]
+    r = run(argv, "replace", env={"REPLACE_PLUGIN_OUT": str(out), switch: "0"})
+    assert r.returncode != 0 and not out.exists() and "replaces" not in r.stderr
+    assert "Configuration Summary" in r.stdout and "DPO" in r.stdout  # upstream's own main
 
 
 def test_builtin_modes_still_run_upstream(tmp_path):
@@ -174,23 +193,35 @@ def test_builtin_modes_still_run_upstream(tmp_path):
     assert "echo_mode wrote" not in r.stdout and not activation_lines(r)
 
 
-def test_help_lists_the_plugin_modes():
-    from mlx_xpo_plugin.host.registry import default_registry
+def help_body(text):
+    """--help without its usage paragraph (which lists every option, the plugins' too)."""
+    return text.split("\n\n", 1)[1]
 
+
+def test_help_shows_upstreams_options_unchanged_then_one_group_per_plugin():
     r = run([CONSOLE_SCRIPT, "--help"], "echo")
-    assert r.returncode == 0, r.stderr
-    text = " ".join(r.stdout.split())
-    choices = text.split("--train-mode {", 1)[1].split("}", 1)[0].split(",")
-    assert choices[:3] == ["sft", "dpo", "dsla"] and "ppo" in choices
-    assert set(default_registry().modes) | {"echo_mode"} <= set(choices)
-    assert "--echo-out" in text
+    off = run([CONSOLE_SCRIPT, "--help"], "echo", env={"MLX_XPO_PLUGIN": "0"})
+    assert r.returncode == off.returncode == 0, r.stderr + off.stderr
+    assert "--echo-out" not in off.stdout and "mlx-xpo-plugin" not in off.stdout
+    upstream = help_body(off.stdout)
+    assert help_body(r.stdout).startswith(upstream)  # byte for byte: --beta, --alpha, ... as upstream's
+    ours = help_body(r.stdout)[len(upstream) :]
+    groups = [g.split("\n", 2)[:2] for g in ours.strip("\n").split("\n\n") if not g.startswith(" ")]
+    assert groups == [
+        [f"mlx-xpo-plugin {__version__}:", "  Options of train modes xpo, online_dpo."],
+        ["echo-plugin 1.0:", "  Options of train modes echo_mode."],
+    ]
+    assert "--echo-out" in ours and "--xpo-bonus" in ours and "--judge-system" in ours
+    for upstream_option in ("--beta", "--alpha", "--temperature", "--judge ", "--resume-adapter-file"):
+        assert upstream_option not in ours
 
 
 # -- off switch and failures -------------------------------------------------------------------
 
 
-def test_env_switch_turns_activation_off():
-    r = run([CONSOLE_SCRIPT, "--train-mode", "echo_mode"], "echo", env={"MLX_XPO_PLUGIN": "0"})
+@pytest.mark.parametrize("switch", ["MLX_XPO_PLUGIN", "MLX_LM_LORA_PLUGINS"])
+def test_env_switch_turns_activation_off(switch):
+    r = run([CONSOLE_SCRIPT, "--train-mode", "echo_mode"], "echo", env={switch: "off"})
     assert r.returncode == 2
     assert "invalid choice: 'echo_mode'" in r.stderr and not activation_lines(r)
 
@@ -206,9 +237,7 @@ def test_a_plugin_that_fails_to_import_is_named_and_skipped():
     r = run([CONSOLE_SCRIPT, "--help"], "echo", "broken")
     assert r.returncode == 0, r.stderr
     assert activation_lines(r) == [SKIPPED_BROKEN] and "Traceback" not in r.stderr
-    text = " ".join(r.stdout.split())
-    choices = text.split("--train-mode {", 1)[1].split("}", 1)[0].split(",")
-    assert {"sft", "xpo", "online_dpo", "echo_mode"} <= set(choices)  # everyone else still works
+    assert "train modes xpo, online_dpo." in r.stdout and "train modes echo_mode." in r.stdout  # others work
 
 
 @pytest.mark.parametrize("mode", ["xpo", "online_dpo"])
@@ -216,7 +245,21 @@ def test_ours_still_runs_next_to_a_broken_plugin(mode):
     """Our mode answers (its own one-line refusal, exit 2), not upstream's built-in mode."""
     r = run([CONSOLE_SCRIPT, "--train-mode", mode, "--beta", "-1", "--model", "/nonexistent"], "broken")
     assert r.returncode == 2, r.stdout + r.stderr
-    assert r.stderr.splitlines() == [SKIPPED_BROKEN, REFUSED_BETA]
+    assert r.stderr.splitlines() == [SKIPPED_BROKEN, replaces(mode), REFUSED_BETA]
+
+
+def test_a_broken_plugin_is_named_once_per_run_also_where_judges_are_looked_up(tmp_path, tiny_model_path):
+    """The judge registry reuses the scan the start-up hook made: the run stops at the judge check
+    (after the model check), and the broken plugin was named once."""
+    from mlx_xpo_plugin.commands.tiny import write_prompt_dataset
+
+    data = write_prompt_dataset(tmp_path / "data")
+    argv = [CONSOLE_SCRIPT, "--train-mode", "xpo", "--train", "--model", tiny_model_path, "--data", data]
+    r = run([*argv, "--judge", "no_such_module_xyz:judge"], "broken")
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[:2] == [SKIPPED_BROKEN, replaces("xpo")] and lines[2].startswith("error: judge: ")
+    assert r.stderr.count("broken-plugin") == 1
 
 
 def test_sft_still_runs_upstream_next_to_a_broken_plugin(tmp_path):
@@ -240,8 +283,10 @@ def test_a_mode_whose_options_clash_with_upstream_is_named_and_skipped():
     r = run([CONSOLE_SCRIPT, "--help"], "badopts", "echo")
     assert r.returncode == 0, r.stderr
     (line,) = activation_lines(r)
-    assert line.startswith("mlx-xpo-plugin: skipped train mode 'badopts_mode' of badopts-plugin 0.2: ArgumentError:")
-    assert "--model" in line
+    assert line == (
+        "mlx-xpo-plugin: skipped plugin badopts-plugin 0.2 (train modes badopts_mode): "
+        "ArgumentError: argument --model: conflicting option string: --model"
+    )
     assert "badopts_mode" not in r.stdout and "--badopts-knob" not in r.stdout and "echo_mode" in r.stdout
 
 
@@ -250,7 +295,7 @@ def test_clashing_plugins_are_reported_naming_both():
     assert r.returncode == 0
     (line,) = activation_lines(r)
     assert "'echo_mode'" in line and "clash-plugin 2.0" in line and "echo-plugin 1.0" in line
-    assert "echo_mode" in r.stdout
+    assert "--echo-out" not in r.stdout  # clash-plugin's echo_mode is used: echo-plugin's options are not added
 
 
 # -- exit statuses -----------------------------------------------------------------------------
@@ -269,7 +314,7 @@ def test_exit_status_survives_every_entry_point(entry, tmp_path):
     assert r.returncode == 7, r.stderr
     assert got()["explicit"] == ["echo_out", "echo_status", "train_mode"]
     r = run([*ENTRY_POINTS[entry], "--train-mode", "xpo", "--beta", "-1"])  # a refused config
-    assert r.returncode == 2 and r.stderr.splitlines() == [REFUSED_BETA]
+    assert r.returncode == 2 and r.stderr.splitlines() == [replaces("xpo"), REFUSED_BETA]
 
 
 # -- an upstream release without the hook points -------------------------------------------------
@@ -294,7 +339,7 @@ def fake_upstream(tmp_path, train_py: str):
             "import argparse\nCONFIG_DEFAULTS = {}\nprint_banner = print_info = print\n"
             "def build_parser():\n    return argparse.ArgumentParser()\n"
             "def main(args=None):\n    return 0\n",
-            "a --train-mode option with choices in build_parser()",
+            "a --train-mode option in build_parser()",
         ),
     ],
 )
@@ -331,12 +376,43 @@ def test_explicit_options_and_quiet_parse():
         p.add_argument("--mode", choices=["x", "y"])
         return p
 
-    assert activation.explicit_options(parser(), ["--a", "3", "--mode", "x"]) == {"a", "mode"}
-    assert activation.explicit_options(parser(), []) == set()
-    assert activation.explicit_options(parser(), ["--s", "text", "--flag"]) == {"s", "flag"}
-    assert activation._quiet_parse(parser(), ["--mode", "z"]) is None  # error: silent, None
-    assert activation._quiet_parse(parser(), ["-h"]) is None
-    assert activation._quiet_parse(parser(), ["--flag"]).flag is True
+    assert command_line.explicit_options(parser(), ["--a", "3", "--mode", "x"]) == {"a", "mode"}
+    assert command_line.explicit_options(parser(), []) == set()
+    assert command_line.explicit_options(parser(), ["--s", "text", "--flag"]) == {"s", "flag"}
+    assert command_line._quiet_parse(parser(), ["--mode", "z"]) is None  # error: silent, None
+    assert command_line._quiet_parse(parser(), ["-h"]) is None
+    assert command_line._quiet_parse(parser(), ["--flag"]).flag is True
+
+
+def test_a_plugin_mode_name_is_read_only_where_it_is_the_train_mode():
+    def parser():
+        p = argparse.ArgumentParser()
+        p.add_argument("--train-mode", choices=["sft", "dpo"])
+        p.add_argument("--model")
+        return p
+
+    def parse(*argv):
+        found = command_line.parse_command_line(parser, list(argv), {"echo_mode"})
+        return None if found is None else (vars(found[0]), found[1])
+
+    mode = {"train_mode": "echo_mode", "model": None}
+    assert parse("--train-mode", "echo_mode") == (mode, ["--train-mode", "sft"])
+    assert parse("--train-mode=echo_mode") == (mode, ["--train-mode=sft"])
+    assert parse("--train-m", "echo_mode") == (mode, ["--train-m", "sft"])  # an abbreviation, as argparse
+    assert parse("--model", "echo_mode") == ({"train_mode": None, "model": "echo_mode"}, ["--model", "echo_mode"])
+    assert parse("--train-mode", "nope") is None  # upstream's main prints upstream's error
+    with pytest.raises(SystemExit) as e:  # a plugin mode's command line: argparse's own error
+        parse("--train-mode", "echo_mode", "--bogus")
+    assert e.value.code == 2
+
+
+def test_the_stock_path_uses_no_private_argparse_attribute():
+    import mlx_xpo_plugin
+
+    root = Path(mlx_xpo_plugin.__file__).parent
+    private = ("._actions", "_group_actions", "_action_groups", "_option_string_actions", "_print_message")
+    found = [f"{p.name}: {a}" for p in root.rglob("*.py") for a in private if a in p.read_text()]
+    assert found == []
 
 
 def test_a_process_started_by_mlx_launch_keeps_its_status():

@@ -1,4 +1,4 @@
-"""mlx_xpo_plugin.host.blas_shim: the in-memory ELF object that gives prefixed routines their plain names.
+"""mlx_xpo_plugin.cpu.blas_shim: the in-memory ELF object that gives prefixed routines their plain names.
 Each load runs in a fresh interpreter: a library loaded with RTLD_GLOBAL stays for the process."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mlx_xpo_plugin.host import blas_shim
+from mlx_xpo_plugin.cpu import blas_shim
 
 linux_elf = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine().lower() not in blas_shim._MACHINES,
@@ -35,7 +35,7 @@ def test_an_unknown_machine_is_refused():
 
 LOAD = r"""
 import ctypes, ctypes.util, json
-from mlx_xpo_plugin.host import blas_shim
+from mlx_xpo_plugin.cpu import blas_shim
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 targets = {"mlx_xpo_test_strlen": libc.strlen, "mlx_xpo_test_abs": libc.abs}
 blas_shim.load_global(blas_shim.build({n: ctypes.cast(f, ctypes.c_void_p).value for n, f in targets.items()}))

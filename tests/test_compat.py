@@ -85,7 +85,7 @@ def test_release_keeps_its_version_and_trains_xpo_and_online_dpo(release, venv_w
         argv += ["--steps-per-report", "1"]
         r = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"{release} {mode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-        assert f"{mode}: mlx-xpo-plugin" in r.stdout and "replaces the built-in mode" in r.stdout
+        assert f"train mode '{mode}' is provided by mlx-xpo-plugin" in r.stderr and "replaces the built-in" in r.stderr
         rows = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
         assert [x["step"] for x in rows if "judge/pairs" in x] == [1, 2]
         assert (out / "adapters.safetensors").is_file()

@@ -89,13 +89,11 @@ def test_alpha_is_rejected_for_online_dpo():
         resolve(yaml_values={"alpha": 1e-4}, explicit=set(BASE), mode="online_dpo")
 
 
-def test_cli_alpha_parses_float_and_list():
+def test_cli_options_parse_with_yaml_style_types():
     p = argparse.ArgumentParser()
-    p.add_argument("--alpha", type=list[float], default=[1e-5])  # as upstream declares it
-    config_views.add_arguments(p)
-    assert p.parse_args(["--alpha", "1e-4"]).alpha == 1e-4
-    assert p.parse_args(["--alpha", "1e-4,1e-5,1e-6"]).alpha == [1e-4, 1e-5, 1e-6]
+    config_views.add_arguments(p.add_argument_group("mlx-xpo-plugin"))
     assert p.parse_args(["--xpo-bonus", "paper"]).xpo_bonus == "paper"
+    assert p.parse_args(["--judge-config", "{temperature: 0.2}"]).judge_config == {"temperature": 0.2}
     assert p.parse_args([]).top_k is None  # defaults stay None so that YAML is never masked
 
 
@@ -211,15 +209,6 @@ def test_lora_dropout_is_refused_with_the_kl_form_only():
         resolve(yaml_values={**dropout, **other}, explicit=set(BASE))
     resolve(yaml_values=dropout, explicit=set(BASE), mode="online_dpo")
     resolve(yaml_values={"lora_parameters": {"dropout": 0.0}}, explicit=set(BASE))
-
-
-def test_resume_flag_help_says_it_takes_the_adapter_folder():
-    p = argparse.ArgumentParser()
-    p.add_argument("--resume-adapter-file", help="Load path to resume training from the given fine-tuned weights.")
-    config_views.add_arguments(p)
-    config_views.add_arguments(p)  # once per registered mode: the same text, not repeated
-    (action,) = [a for a in p._actions if a.dest == "resume_adapter_file"]
-    assert action.help == config_views.RESUME_HELP and "adapter FOLDER" in action.help
 
 
 def test_upstream_settings_of_other_modes_are_named_as_ignored(tmp_path, capsys):

@@ -210,7 +210,7 @@ def test_a_run_over_a_minute_prints_its_projection_first(run_yaml, tmp_path, mon
 
 def test_a_calibration_made_without_the_few_row_kernel_is_not_reused_with_it(monkeypatch, tmp_path):
     """Decoding's rate depends on where its products run: the cache key says which."""
-    from mlx_xpo_plugin.host import skinny
+    from mlx_xpo_plugin.cpu import skinny
 
     monkeypatch.setattr(skinny, "STATE", {"isa": None})
     without = calibration.identity()

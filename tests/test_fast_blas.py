@@ -1,4 +1,4 @@
-"""A fast BLAS under MLX on Linux CPUs (mlx_xpo_plugin.host.fast_blas): the choice, and in a fresh
+"""A fast BLAS under MLX on Linux CPUs (mlx_xpo_plugin.cpu.fast_blas): the choice, and in a fresh
 interpreter that MLX's matrix products really go to the preloaded library and stay correct."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 import mlx.core  # noqa: F401  (bundled_reference_blas looks next to the imported mlx)
 import pytest
 
-from mlx_xpo_plugin.host import fast_blas, skinny
+from mlx_xpo_plugin.cpu import fast_blas, skinny
 
 BUNDLED = fast_blas.bundled_reference_blas()
 linux_cpu = pytest.mark.skipif(BUNDLED is None, reason="only the Linux mlx[cpu] wheel bundles the reference BLAS")
@@ -91,7 +91,7 @@ PROBE = r"""
 import ctypes, json, sys
 import numpy as np
 import mlx.core as mx
-from mlx_xpo_plugin.host import fast_blas
+from mlx_xpo_plugin.cpu import fast_blas
 
 class DlInfo(ctypes.Structure):
     _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
@@ -189,7 +189,7 @@ def test_by_default_another_mlx_program_keeps_mlx_as_shipped():
         "import mlx_lm_lora.train",  # what its console script and python -m do
         "import mlx_xpo_plugin.commands.runner",  # our modules importing mlx.core
         "import mlx_xpo_plugin.api",  # the Python API, before the user's mlx
-        "from mlx_xpo_plugin.host import fast_blas; fast_blas.request()",
+        "from mlx_xpo_plugin.cpu import fast_blas; fast_blas.request()",
     ],
 )
 def test_this_projects_commands_get_the_fast_blas_by_default(first):
@@ -233,7 +233,7 @@ def test_a_failed_choice_is_said_once_in_our_commands(tmp_path, setting):
     if setting == "not-a-library":
         bad.write_text("not an ELF file")
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_XPO_PLUGIN", "MLX_XPO_BLAS_SCOPE")}
-    code = "import mlx_lm_lora.train\nfrom mlx_xpo_plugin.host import fast_blas\nprint(fast_blas.banner_line())"
+    code = "import mlx_lm_lora.train\nfrom mlx_xpo_plugin.cpu import fast_blas\nprint(fast_blas.banner_line())"
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**env, "MLX_XPO_BLAS": str(bad)}
     )
@@ -386,7 +386,7 @@ THREADS_PROBE = r"""
 import ctypes, json
 import numpy as np
 import mlx.core as mx
-from mlx_xpo_plugin.host import fast_blas
+from mlx_xpo_plugin.cpu import fast_blas
 lib = ctypes.CDLL(fast_blas.STATE["loaded"])
 prefix = fast_blas.STATE["prefix"]
 get = getattr(lib, prefix + "openblas_get_num_threads")

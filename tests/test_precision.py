@@ -239,7 +239,7 @@ def test_trained_adapters_load_on_the_quantized_checkpoint(q4_path, prompt_data_
 def test_converted_weights_keep_the_linear_layout_the_few_row_kernel_reads(bf16_path, q4_path):
     """Every converted Linear / Embedding weight is [out, in] row by row, as nn.Linear stores it: the
     ``x @ W.T`` of a decode step then reaches BLAS as (NoTrans, Trans) with the weight as stored,
-    the form the few-row kernel (host/skinny.c) takes; restore_storage gives back the checkpoint."""
+    the form the few-row kernel (cpu/skinny.c) takes; restore_storage gives back the checkpoint."""
     import numpy as np
 
     for path in (bf16_path, q4_path):

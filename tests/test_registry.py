@@ -7,6 +7,7 @@ import ast
 import importlib.metadata as md
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,14 +34,18 @@ def test_builtins_register_through_the_entry_point_hook():
     assert "mlx_xpo_plugin.host.builtins" in owners
     reg = collect(pm)
     for name in ("xpo", "online_dpo"):
-        mode = reg.modes[name]
-        assert mode.plugin == f"mlx-xpo-plugin {__version__}"
-        assert callable(mode.main)
+        assert reg.owner(name) == f"mlx-xpo-plugin {__version__}"
+        assert callable(reg.modes[name].main)
 
 
-def test_banner_of_a_mode_replacing_a_builtin():
-    assert get_train_mode("xpo").banner() == (f"xpo: mlx-xpo-plugin {__version__}, replaces the built-in mode")
-    assert get_train_mode("online_dpo").banner().endswith(", replaces the built-in mode")
+def test_our_modes_replace_builtins_and_share_one_add_arguments():
+    """A host calls a shared add_arguments once: the options of both modes in one group."""
+    xpo, online_dpo = get_train_mode("xpo"), get_train_mode("online_dpo")
+    assert xpo.replaces_builtin and online_dpo.replaces_builtin
+    assert xpo.add_arguments is online_dpo.add_arguments
+    parser = argparse.ArgumentParser()
+    xpo.add_arguments(parser.add_argument_group(f"mlx-xpo-plugin {__version__}"))
+    assert parser.parse_args(["--xpo-bonus", "paper"]).xpo_bonus == "paper"
 
 
 def test_builtin_names_match_upstream():
@@ -63,12 +68,11 @@ def test_builtin_names_match_upstream():
 def test_third_party_mode_registers_and_runs(monkeypatch, tmp_path):
     reg = fresh_registry(monkeypatch, "echo")
     mode = reg.modes["echo_mode"]
-    assert mode.plugin == "echo-plugin 1.0"
-    assert mode.banner() == "echo_mode: echo-plugin 1.0"  # not a built-in name: no "replaces"
+    assert reg.owner("echo_mode") == "echo-plugin 1.0"
     assert {"xpo", "online_dpo"} <= set(reg.modes)  # ours still there
 
     parser = argparse.ArgumentParser()
-    mode.add_arguments(parser)
+    mode.add_arguments(parser.add_argument_group("echo-plugin 1.0"))
     out = tmp_path / "echo.json"
     args = parser.parse_args(["--echo-out", str(out), "--echo-status", "5"])
     assert mode.main(args, {"echo_out", "echo_status"}) == 5
@@ -79,7 +83,7 @@ def test_third_party_mode_registers_and_runs(monkeypatch, tmp_path):
 
 def test_a_clashing_name_is_skipped_naming_both(monkeypatch):
     reg = fresh_registry(monkeypatch, "echo", "clash")
-    assert reg.modes["echo_mode"].plugin == "clash-plugin 2.0"  # first by distribution name keeps it
+    assert reg.owner("echo_mode") == "clash-plugin 2.0"  # first by distribution name keeps it
     (line,) = reg.problems
     assert "'echo_mode'" in line and "clash-plugin 2.0 and echo-plugin 1.0" in line
     assert line.endswith("echo-plugin 1.0's is not used")
@@ -91,7 +95,7 @@ def test_a_plugin_cannot_take_our_names(monkeypatch, tmp_path):
     mod = tmp_path / "takexpo_plugin.py"
     mod.write_text(
         "import pluggy\n"
-        "class M:\n    name = 'xpo'\n    plugin = ''\n    add_arguments = None\n"
+        "class M:\n    name = 'xpo'\n    add_arguments = None\n"
         "@pluggy.HookimplMarker('mlx_lm_lora')\n"
         "def register_train_modes(register):\n    register(M())\n"
     )
@@ -101,7 +105,7 @@ def test_a_plugin_cannot_take_our_names(monkeypatch, tmp_path):
     (info / "entry_points.txt").write_text("[mlx_lm_lora]\ntakexpo = takexpo_plugin\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = collect(make_plugin_manager())
-    assert reg.modes["xpo"].plugin == f"mlx-xpo-plugin {__version__}"
+    assert reg.owner("xpo") == f"mlx-xpo-plugin {__version__}"
     (line,) = reg.problems
     assert "'xpo'" in line and "aaa-takexpo 1.0" in line
 
@@ -133,5 +137,40 @@ def test_default_registry_reports_each_problem_on_one_line():
 
 def test_a_plugin_may_replace_a_builtin_name(monkeypatch):
     reg = fresh_registry(monkeypatch, "replace")
-    assert reg.modes["dpo"].plugin == "replace-plugin 1.0"
-    assert reg.modes["dpo"].banner().endswith("replaces the built-in mode")
+    assert reg.owner("dpo") == "replace-plugin 1.0"
+
+
+def upstream_hosting(monkeypatch, *loaded):
+    """A patched mlx-lm-lora as the registry sees it: ``mlx_lm_lora.plugins.load()`` gives the
+    modules of its one scan (it has named the failures itself)."""
+    import types
+
+    import mlx_lm_lora
+
+    host = types.ModuleType("mlx_lm_lora.plugins")
+    scan = types.SimpleNamespace(plugins=[types.SimpleNamespace(module=m) for m in loaded], failures=["..."])
+    host.load = lambda: scan
+    monkeypatch.setitem(sys.modules, "mlx_lm_lora.plugins", host)
+    monkeypatch.setattr(mlx_lm_lora, "plugins", host, raising=False)
+
+
+def test_where_upstream_hosts_plugins_its_scan_is_reused(monkeypatch):
+    """A broken plugin is upstream's to report: the registry scans nothing again (no second line),
+    and it takes judges only (the modes are upstream's)."""
+    from mlx_xpo_plugin.host import builtins
+
+    for d in ("echo", "broken", "failreg"):
+        monkeypatch.syspath_prepend(str(PLUGINS / d))
+    import echo_plugin
+
+    upstream_hosting(monkeypatch, builtins, echo_plugin)
+    reg = collect(make_plugin_manager())
+    assert reg.problems == [] and reg.modes == {}
+    assert {"human", "http", "function", "llm"} <= set(reg.judges)
+
+
+def test_a_stock_upstream_has_no_scan_to_reuse():
+    from mlx_xpo_plugin.host.registry import upstream_scan
+
+    if importlib.util.find_spec("mlx_lm_lora.plugins") is None:
+        assert upstream_scan() is None

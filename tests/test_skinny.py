@@ -1,4 +1,4 @@
-"""The few-row product kernel (mlx_xpo_plugin/host/skinny.c): products, routing, threads, and
+"""The few-row product kernel (mlx_xpo_plugin/cpu/skinny.c): products, routing, threads, and
 decoding with it bound under MLX."""
 
 import ctypes
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from mlx_xpo_plugin.host import fast_blas, skinny
+from mlx_xpo_plugin.cpu import fast_blas, skinny
 
 LIBRARY = skinny.library_path()
 needs_kernel = pytest.mark.skipif(LIBRARY is None, reason="the _skinny extension was not built (no C compiler)")
@@ -198,7 +198,7 @@ import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.sample_utils import make_sampler
 from mlx_xpo_plugin.compute import decode
-from mlx_xpo_plugin.host import fast_blas, skinny
+from mlx_xpo_plugin.cpu import fast_blas, skinny
 
 model, _ = load(sys.argv[1])
 prompts = [[5, 17, 42, 8, 99, 3, 250], [11, 7], [300, 4, 4, 60, 2], [9, 9, 9]]

@@ -19,7 +19,7 @@
 The result is cached as JSON under ``<cache>/calibration/`` (``MLX_XPO_CACHE``, else
 ``~/.cache/mlx-xpo-plugin``) in a file named by a hash of what the rates depend on: the host, its
 CPU and usable cores, the mlx version, the BLAS under MLX with its thread count and the few-row
-kernel (host/skinny.c) where decoding's products run on it.
+kernel (cpu/skinny.c) where decoding's products run on it.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def identity() -> dict:
     """What the rates depend on (the cache key)."""
     import mlx.core as mx
 
-    from mlx_xpo_plugin.host import fast_blas, skinny
+    from mlx_xpo_plugin.cpu import fast_blas, skinny
 
     return {
         "version": VERSION,
@@ -125,7 +125,7 @@ def sgemm_rate() -> float:
 def stream_rate() -> float:
     import mlx.core as mx
 
-    from mlx_xpo_plugin.host.fast_blas import decoding_threads
+    from mlx_xpo_plugin.cpu.fast_blas import decoding_threads
 
     ws = [mx.random.normal((1024, 4096)) for _ in range(8)]
     x = mx.random.normal((4, 1024))
@@ -256,7 +256,7 @@ def decode_stream_rate(hidden: int, token: tuple) -> float:
     from mlx.utils import tree_flatten
 
     from mlx_xpo_plugin.compute import decode
-    from mlx_xpo_plugin.host.fast_blas import decoding_threads
+    from mlx_xpo_plugin.cpu.fast_blas import decoding_threads
 
     model = _probe_model(2, hidden)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

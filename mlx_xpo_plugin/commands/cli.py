@@ -20,8 +20,8 @@ from pathlib import Path
 
 from mlx_xpo_plugin.commands.estimate import add_parser as add_estimate
 from mlx_xpo_plugin.commands.hints import command
+from mlx_xpo_plugin.cpu.fast_blas import request
 from mlx_xpo_plugin.errors import ConfigError
-from mlx_xpo_plugin.host.fast_blas import request
 from mlx_xpo_plugin.loop.win_rate import describe, interval
 
 

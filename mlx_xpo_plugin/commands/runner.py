@@ -37,9 +37,9 @@ from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created
 from mlx_xpo_plugin.compute.models import model_folder
 from mlx_xpo_plugin.compute.quantized import folder_quantization, refuse_full
 from mlx_xpo_plugin.contracts import JudgeContext
+from mlx_xpo_plugin.cpu.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.errors import ConfigError, SaveFailed
 from mlx_xpo_plugin.exits import Exit, of_run
-from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.loop.atomic import save_json
 from mlx_xpo_plugin.loop.checkpoints import check_resume, read_state
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, intact_checkpoint
@@ -257,7 +257,7 @@ def mode_main(method_cls):
     mode_name = method_cls.mode
 
     def main(args, explicit: set, training_callback=None) -> int:
-        try:  # both host paths print mode.banner() before calling this
+        try:  # both host paths name the plugin that runs the mode before calling this
             cli = dict(vars(args)) if not isinstance(args, dict) else dict(args)
             yaml_values = config.load_yaml(cli.get("config"))
             cfg = config_resume.resolve_run(mode_name, cli, set(explicit), yaml_values)

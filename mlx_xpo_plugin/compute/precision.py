@@ -14,7 +14,7 @@ base once at load:
 
 The converted layers keep their frozen/trainable state (quantized weights are always frozen) and
 ``nn.Linear``'s [out, in] layout, which the few-row kernel decoding runs on reads as stored
-(mlx_xpo_plugin/host/skinny.c).
+(mlx_xpo_plugin/cpu/skinny.c).
 
 ``auto`` converts only when the bytes the conversion adds, ``sum(numel * 4) - bytes stored now``
 over the converted arrays, are at most half of the memory available at that moment

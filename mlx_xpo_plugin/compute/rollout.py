@@ -19,7 +19,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_xpo_plugin.compute import decode
-from mlx_xpo_plugin.host.fast_blas import decoding_threads
+from mlx_xpo_plugin.cpu.fast_blas import decoding_threads
 
 
 @dataclass(frozen=True)

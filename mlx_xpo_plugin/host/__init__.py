@@ -1,2 +1,2 @@
 """The plugin host and the start-up hook: hook specs, the registry, this project's own hook
-implementations (builtins), the activation in a stock mlx-lm-lora, and the fast BLAS under MLX."""
+implementations (builtins) and the activation in a stock mlx-lm-lora."""

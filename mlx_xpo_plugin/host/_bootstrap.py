@@ -4,12 +4,12 @@ It must stay cheap and can never fail: it only puts a tiny finder at the front o
 ``sys.meta_path``, which ignores every import except two:
 
 * ``mlx.core``: in this project's commands (or everywhere with ``MLX_XPO_BLAS_SCOPE=all``),
-  :func:`mlx_xpo_plugin.host.fast_blas.preload` first puts a fast BLAS under MLX on Linux CPUs
+  :func:`mlx_xpo_plugin.cpu.fast_blas.preload` first puts a fast BLAS under MLX on Linux CPUs
   (standard library only; see that module), then the import proceeds as usual;
 * ``mlx_lm_lora.__main__`` (``python -m mlx_lm_lora``): handed to the activation code, which keeps
   the status of ``main`` as the exit status;
 * ``mlx_lm_lora.train``: marks the process as one of this project's commands
-  (:func:`mlx_xpo_plugin.host.fast_blas.request`), and only then is :mod:`mlx_xpo_plugin.host.activation`
+  (:func:`mlx_xpo_plugin.cpu.fast_blas.request`), and only then is :mod:`mlx_xpo_plugin.host.activation`
   imported (and through it pluggy, our registry, ...).
 
 ``MLX_XPO_PLUGIN=0`` in the environment turns the whole thing off (the .pth line then does not
@@ -31,7 +31,7 @@ class TrainModuleFinder:
     def find_spec(self, fullname, path=None, target=None):
         if fullname == MLX_CORE:
             try:
-                from mlx_xpo_plugin.host import fast_blas
+                from mlx_xpo_plugin.cpu import fast_blas
 
                 why = fast_blas.in_scope()
                 if why:
@@ -43,7 +43,7 @@ class TrainModuleFinder:
             return None
         try:
             if fullname == TARGET:
-                from mlx_xpo_plugin.host import fast_blas
+                from mlx_xpo_plugin.cpu import fast_blas
 
                 fast_blas.request()
             from mlx_xpo_plugin.host import activation

@@ -5,15 +5,20 @@
 ``mlx_lm_lora.train`` is imported, :func:`find_spec` lets the normal finders locate it and wraps
 its loader: the module executes unchanged, then :func:`activate` replaces
 
-* ``build_parser`` -- upstream's parser, plus every registered mode as a ``--train-mode``
-  choice and each mode's ``add_arguments(parser)``;
+* ``build_parser`` -- upstream's parser, untouched, plus one argument group per plugin
+  distribution (``parser.add_argument_group``) to which its modes' ``add_arguments`` add their own
+  options; a mode reads upstream's options (``--beta``, ``--alpha``, ...) as upstream parsed them;
 * ``main`` -- a plugin mode (from the command line, the dict passed to ``main``, or the YAML's
-  ``train_mode``) gets the whole run: ``mode.main(args, explicit)`` with ``args`` after
-  upstream's own YAML/default merge and its status returned (the console script exits with it);
-  any other mode goes to upstream's ``main`` untouched.
+  ``train_mode``) gets the whole run: ``mode.main(args, given)`` with ``args`` after upstream's
+  own YAML/default merge and its status returned (the console script exits with it); any other
+  mode goes to upstream's ``main`` untouched. A mode named like a built-in one (xpo, online_dpo)
+  replaces it and says so on stderr on every run, with the switch that gives the built-in back.
 
 This mirrors what the series in ``patches/`` does inside upstream; if the installed mlx-lm-lora
-has that host (``mlx_lm_lora.plugins``), nothing happens.
+has that host (``mlx_lm_lora.plugins``), nothing happens. Only argparse's public API is used: a
+mode name upstream's ``--train-mode`` does not list is parsed in place of a listed one, and the
+options typed are told from defaults by parsing into a namespace that already holds a marker
+for each (command_line.py).
 ``python -m mlx_lm_lora.train`` works too: runpy asks the wrapped loader for the module's code,
 and gets a three-line stub that imports the (activated) module and exits with ``main()``.
 ``python -m mlx_lm_lora train`` likewise: the stub for ``mlx_lm_lora.__main__`` runs upstream's
@@ -24,7 +29,8 @@ name already taken, is named on one stderr line and skipped (registry.py); the o
 hook point missing from upstream (an unsupported release) refuses the run: one line naming the
 release, exit 2. Any other exception raised by this code is reported once, on one stderr line,
 and upstream then runs exactly as if this package were not installed. Exceptions raised by a
-mode's own ``main`` are the mode's and propagate. ``MLX_XPO_PLUGIN=0`` turns activation off.
+mode's own ``main`` are the mode's and propagate. ``MLX_XPO_PLUGIN=0`` or upstream's own
+``MLX_LM_LORA_PLUGINS=0`` turns activation off.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import os
 import sys
 from importlib.machinery import PathFinder
 
-from mlx_xpo_plugin.host.startup import PACKAGE_MAIN, TARGET, enabled, report
+from mlx_xpo_plugin.host.command_line import PLACEHOLDER, explicit_options, parse_command_line, typed
+from mlx_xpo_plugin.host.startup import PACKAGE_MAIN, TARGET, plugins_enabled, report
 
 #: what ``python -m mlx_lm_lora.train`` runs as ``__main__`` once activation is in place
 RUN_AS_MAIN = "import sys\nfrom mlx_lm_lora.train import main\nsys.exit(main())\n"
@@ -49,7 +56,7 @@ _UPSTREAM_NEEDS = ("build_parser", "main", "CONFIG_DEFAULTS", "print_banner", "p
 
 class _State:
     failed = False  # set on the first activation error: from then on upstream runs unchanged
-    modes = None  # {name: mode} of the plugin modes whose options upstream's parser accepts
+    plugins = None  # {plugin: [modes]} of the plugins whose options upstream's parser accepts
     status = None  # what the last call of the wrapped main returned
     package_main_loader = None  # upstream's loader of mlx_lm_lora.__main__
 
@@ -73,7 +80,7 @@ def upstream_hosts_plugins(path=None) -> bool:
 
 def find_spec(finder, fullname, path=None, target=None):
     """Called by the start-up finder for ``mlx_lm_lora.train``: its real spec, loader wrapped."""
-    if fullname not in (TARGET, PACKAGE_MAIN) or not enabled() or upstream_hosts_plugins(path):
+    if fullname not in (TARGET, PACKAGE_MAIN) or not plugins_enabled() or upstream_hosts_plugins(path):
         return None
     for other in sys.meta_path:
         if other is finder or not hasattr(other, "find_spec"):
@@ -142,8 +149,8 @@ def upstream_version() -> str:
 def check_hook_points(module) -> None:
     """Raise :class:`Unsupported`, naming the release, if ``mlx_lm_lora.train`` lacks what we use."""
     missing = [n for n in _UPSTREAM_NEEDS if not hasattr(module, n)]
-    if not missing and train_mode_action(module.build_parser()) is None:
-        missing = ["a --train-mode option with choices in build_parser()"]
+    if not missing and typed(module.build_parser(), ["--train-mode", PLACEHOLDER]) != {"train_mode"}:
+        missing = ["a --train-mode option in build_parser()"]
     if missing:
         raise Unsupported(
             f"mlx-lm-lora {upstream_version()} is not supported: mlx_lm_lora.train has no "
@@ -151,77 +158,54 @@ def check_hook_points(module) -> None:
         )
 
 
-def plugin_modes() -> dict:
-    """``{name: TrainMode}`` of every plugin (ours included), loaded on first use."""
+def registry():
+    """This project's registry of every plugin (ours included), loaded on first use."""
     from mlx_xpo_plugin.host.registry import default_registry
 
-    return default_registry().modes
+    return default_registry()
 
 
-def train_mode_action(parser: argparse.ArgumentParser):
-    for action in parser._actions:  # upstream is stock here: its parser can only be extended after the fact
-        if action.dest == "train_mode" and action.choices is not None:
-            return action
-    return None
+def add_plugin_options(parser: argparse.ArgumentParser, plugin: str, modes: list) -> None:
+    """One argument group for ``plugin`` (its distribution and version), described by its modes,
+    as upstream's host makes it; each distinct ``add_arguments`` of ``modes`` adds its options to it
+    once. No group for a plugin without options."""
+    adders = []
+    for mode in modes:
+        add = getattr(mode, "add_arguments", None)
+        if add is not None and add not in adders:
+            adders.append(add)
+    if adders:
+        group = parser.add_argument_group(plugin, f"Options of train modes {', '.join(m.name for m in modes)}.")
+        for add in adders:
+            add(group)
+
+
+def usable_plugins(base_parser) -> dict:
+    """``{plugin label: [modes]}`` of the plugins whose options ``base_parser()`` (upstream's)
+    accepts next to those accepted before them; each refused plugin is named on one stderr line
+    and skipped (argparse raises ArgumentError for an option that exists already)."""
+    if _State.plugins is None:
+        reg, by_plugin, ok = registry(), {}, {}
+        for mode in reg.modes.values():
+            by_plugin.setdefault(reg.owner(mode.name), []).append(mode)
+        for plugin, modes in by_plugin.items():
+            try:
+                scratch = base_parser()
+                for other, accepted in [*ok.items(), (plugin, modes)]:
+                    add_plugin_options(scratch, other, accepted)
+            except (Exception, SystemExit) as e:
+                what = " ".join(f"{type(e).__name__}: {e}".split())
+                names = ", ".join(m.name for m in modes)
+                sys.stderr.write(f"mlx-xpo-plugin: skipped plugin {plugin} (train modes {names}): {what}\n")
+                continue
+            ok[plugin] = modes
+        _State.plugins = ok
+    return _State.plugins
 
 
 def usable_modes(base_parser) -> dict:
-    """The plugin modes whose options ``base_parser()`` (upstream's) accepts; each refused mode is
-    named on one stderr line and skipped. Each mode's options are tried on a copy of the parser
-    (``parents=``) that already holds the accepted modes' options, so two modes adding one option
-    is caught too."""
-    if _State.modes is None:
-        scratch, ok = base_parser(), {}
-        for name, mode in plugin_modes().items():
-            if mode.add_arguments is not None:
-                try:
-                    mode.add_arguments(argparse.ArgumentParser(parents=[scratch], add_help=False))
-                except (Exception, SystemExit) as e:
-                    what = " ".join(f"{type(e).__name__}: {e}".split())
-                    sys.stderr.write(f"mlx-xpo-plugin: skipped train mode {name!r} of {mode.plugin}: {what}\n")
-                    continue
-                mode.add_arguments(scratch)
-            ok[name] = mode
-        _State.modes = ok
-    return _State.modes
-
-
-def extend_parser(parser: argparse.ArgumentParser, modes: dict) -> None:
-    """Add ``modes`` to the ``--train-mode`` choices and let each add its options."""
-    action = train_mode_action(parser)
-    if action is None:
-        raise RuntimeError("mlx_lm_lora.train.build_parser() has no --train-mode choices")
-    action.choices = list(dict.fromkeys([*action.choices, *modes]))
-    for mode in modes.values():
-        if mode.add_arguments is not None:
-            mode.add_arguments(parser)
-
-
-def explicit_options(parser: argparse.ArgumentParser, argv) -> set:
-    """Names of the options typed in ``argv``: every destination starts as a marker object in the
-    namespace (argparse then sets no default), and what parsing changed was typed."""
-    marker = object()
-    ns = argparse.Namespace(**{k: marker for k in vars(parser.parse_args([]))})
-    return {k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not marker}
-
-
-class _NotOurs(Exception):
-    pass
-
-
-def _quiet_parse(parser: argparse.ArgumentParser, argv):
-    """``parser.parse_args(argv)``, or None where argparse would print (help, errors) and exit:
-    upstream's own main then parses again and prints exactly what it always printed."""
-
-    def stop(*_a, **_k):
-        raise _NotOurs
-
-    parser.exit = stop
-    parser._print_message = lambda *_a, **_k: None
-    try:
-        return parser.parse_args(argv)
-    except _NotOurs:
-        return None
+    """``{name: mode}`` of the modes of :func:`usable_plugins`."""
+    return {m.name: m for modes in usable_plugins(base_parser).values() for m in modes}
 
 
 def _yaml(module, path):
@@ -243,16 +227,16 @@ def _yaml_train_mode(module, path):
 
 
 def plan(module, args, base_parser):
-    """``(mode, namespace, explicit)`` when ``args`` selects a plugin mode, else None. ``explicit``
+    """``(mode, namespace, given)`` when ``args`` selects a plugin mode, else None. ``given``
     holds what the user gave: options typed on the command line (or the keys of a dict passed to
     ``main``; for a namespace, the values that differ from the parser's defaults), plus the YAML's
     keys (see :func:`merge_like_upstream`)."""
     modes = usable_modes(base_parser)
     if args is None:
-        argv = sys.argv[1:]
-        ns = _quiet_parse(module.build_parser(), argv)
-        if ns is None:
+        parsed = parse_command_line(module.build_parser, sys.argv[1:], modes)
+        if parsed is None:
             return None
+        ns, argv = parsed
     elif isinstance(args, dict):
         ns = argparse.Namespace(**{**vars(module.build_parser().parse_args([])), **args})
     else:
@@ -266,13 +250,21 @@ def plan(module, args, base_parser):
     if mode is None:
         return None
     if args is None:
-        explicit = explicit_options(module.build_parser(), argv)
+        given = explicit_options(module.build_parser(), argv)
     elif isinstance(args, dict):
-        explicit = set(args)
+        given = set(args)
     else:  # a namespace: what differs from the parser's defaults
         defaults = vars(module.build_parser().parse_args([]))
-        explicit = {k for k, v in vars(args).items() if k not in defaults or v != defaults[k]}
-    return mode, ns, explicit
+        given = {k for k, v in vars(args).items() if k not in defaults or v != defaults[k]}
+    return mode, ns, given
+
+
+def replacement_line(name: str, plugin: str) -> str:
+    """The stderr line of a run of a plugin mode that replaces upstream's built-in one."""
+    return (
+        f"mlx-xpo-plugin: train mode {name!r} is provided by {plugin} and replaces the built-in one; "
+        "MLX_XPO_PLUGIN=0 runs the built-in\n"
+    )
 
 
 def merge_like_upstream(module, ns, explicit: set) -> None:
@@ -303,7 +295,8 @@ def activate(module) -> None:
         if _State.failed:
             return parser
         try:
-            extend_parser(parser, usable_modes(upstream_build_parser))
+            for plugin, modes in usable_plugins(upstream_build_parser).items():
+                add_plugin_options(parser, plugin, modes)
         except Exception as e:
             fail(e)
             return upstream_build_parser()  # a clean one: add_arguments may have half-run
@@ -322,12 +315,17 @@ def activate(module) -> None:
                 fail(e)
         if found is None:
             return upstream_main(args)
-        mode, ns, explicit = found
+        mode, ns, given = found
+        plugin = registry().owner(mode.name)
+        replaces = typed(upstream_build_parser(), ["--train-mode", mode.name]) == {"train_mode"}
+        if replaces:  # on every run, where the user looks for errors
+            sys.stderr.write(replacement_line(mode.name, plugin))
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # as upstream's main
         module.print_banner()
-        merge_like_upstream(module, ns, explicit)  # a bad YAML fails here as it does in upstream
-        module.print_info(mode.banner())
-        return mode.main(ns, explicit)
+        merge_like_upstream(module, ns, given)  # a bad YAML fails here as it does in upstream
+        if not replaces:
+            module.print_info(f"{mode.name}: {plugin}")
+        return mode.main(ns, given)
 
     for new, old in ((build_parser, upstream_build_parser), (main, upstream_main)):
         new.__name__, new.__qualname__, new.__doc__ = old.__name__, old.__qualname__, old.__doc__

@@ -1,12 +1,13 @@
 """This project's hook implementations: the xpo and online_dpo train modes and the built-in judges.
 
 It is the module named in the ``mlx_lm_lora`` entry-point group, so built-ins register exactly
-as third-party plugins do.
+as third-party plugins do. Both modes share one ``add_arguments`` (a host calls it once) and read
+upstream's own options (--beta, --alpha, --temperature, --judge, ...) as upstream parsed them.
 """
 
 from __future__ import annotations
 
-from mlx_xpo_plugin import __version__, config_views
+from mlx_xpo_plugin import config_views
 from mlx_xpo_plugin.commands.runner import mode_main
 from mlx_xpo_plugin.contracts import TrainMode, hookimpl
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
@@ -19,14 +20,21 @@ _DESCRIPTIONS = {
 }
 
 
+def _main(method):
+    """The mode's ``main(args, given)``: upstream's forms of its options read, then the run."""
+    run = mode_main(method)
+
+    def main(args, given, **kwargs) -> int:
+        return run(config_views.read_upstream_options(args), given, **kwargs)
+
+    main.__name__ = run.__name__
+    return main
+
+
 def _mode(name: str) -> TrainMode:
     method = {"xpo": XPO, "online_dpo": OnlineDPO}[name]
     return TrainMode(
-        name=name,
-        description=_DESCRIPTIONS[name],
-        main=mode_main(method),
-        add_arguments=config_views.add_arguments,
-        plugin=f"mlx-xpo-plugin {__version__}",
+        name=name, description=_DESCRIPTIONS[name], main=_main(method), add_arguments=config_views.add_arguments
     )
 
 

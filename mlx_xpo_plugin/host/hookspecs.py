@@ -24,8 +24,9 @@ from mlx_xpo_plugin.contracts import JudgeFactory, TrainMode, hookspec
 def register_train_modes(register: Callable[[TrainMode], None]) -> None:
     """Call ``register(mode)`` once for each train mode this plugin provides.
 
-    ``mode`` is a :class:`mlx_xpo_plugin.TrainMode`. Registering a name that another plugin
-    already registered is an error naming both plugins.
+    ``mode`` is a :class:`mlx_xpo_plugin.TrainMode` or any object with ``name``, ``description``,
+    ``add_arguments(group)`` (or None) and ``main(args, given)``. Registering a name that another
+    plugin already registered is an error naming both plugins.
     """
 
 

@@ -2,6 +2,10 @@
 
 Built-in modes and judges register through the same hooks as third-party plugins
 (``mlx_xpo_plugin.host.builtins`` is itself an entry point of the ``mlx_lm_lora`` group).
+The ``mlx_lm_lora`` entry points are scanned once per process: where mlx-lm-lora hosts plugins
+itself (a patched release), its scan is reused (:func:`upstream_scan`; it has named each plugin
+that failed, and it owns the train modes, so only judges are collected here); on a stock release
+this registry's own scan serves the start-up hook path (activation.py) and the judges alike.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class Registry:
     problems: list = field(default_factory=list)  # one line per plugin (or name) that was skipped
     _owner: dict = field(default_factory=dict)
 
+    def owner(self, mode_name: str) -> str:
+        """``"<distribution> <version>"`` of the plugin whose train mode ``mode_name`` is used."""
+        return self._owner[("train mode", mode_name)]
+
     def _add(self, table: dict, kind: str, name: str, obj, owner: str):
         key = (kind, name)
         if key in self._owner:
@@ -49,6 +57,7 @@ class PluginManager(pluggy.PluginManager):
         super().__init__(PROJECT)
         self.labels: dict = {}  # id(plugin) -> "distribution version"
         self.problems: list = []
+        self.upstream_hosts_modes = False  # True: the plugins came from upstream's own scan
 
 
 def _plugin_label(pm: pluggy.PluginManager, plugin) -> str:
@@ -65,22 +74,51 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+def upstream_scan():
+    """The plugin modules a patched mlx-lm-lora loaded in its one scan of the entry-point group,
+    or None where upstream hosts no plugins (a stock release). ``mlx_lm_lora.plugins.load()``
+    scans once per process and has already named each plugin that failed; its result lists the
+    plugins kept (``.plugins``, each with its ``.module``)."""
+    try:
+        from mlx_lm_lora import plugins  # only a patched release has it
+    except ImportError:
+        return None
+    load = getattr(plugins, "load", None)
+    if load is None:
+        return None
+    return [getattr(p, "module", p) for p in getattr(load(), "plugins", ())]
+
+
 def load_plugins(pm: PluginManager) -> None:
-    """Load the ``mlx_lm_lora`` entry points one by one: one that fails to import or to register
-    (e.g. a hook with a wrong signature) is recorded in ``pm.problems`` and skipped; the others load
-    (pluggy's ``load_setuptools_entrypoints`` stops at the first failure)."""
-    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
-        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
-            continue
-        label = _entry_point_label(ep)
-        try:
-            plugin = ep.load()
-            if not pm.is_registered(plugin):
-                pm.register(plugin, name=ep.name)
-        except Exception as e:
-            pm.problems.append(f"skipped plugin {label} (entry point {ep.name} = {ep.value}): {_one_line(e)}")
-            continue
-        pm.labels[id(plugin)] = label
+    """Register the ``mlx_lm_lora`` plugins: the modules of upstream's own scan where it has one,
+    else the entry points loaded one by one: one that fails to import or to register (e.g. a hook
+    with a wrong signature) is recorded in ``pm.problems`` and skipped; the others load (pluggy's
+    ``load_setuptools_entrypoints`` stops at the first failure)."""
+    eps = list(md.entry_points(group=ENTRY_POINT_GROUP))
+    scanned = upstream_scan()
+    if scanned is not None:
+        pm.upstream_hosts_modes = True
+        by_module = {ep.module: ep for ep in eps}
+        for module in scanned:
+            ep = by_module.get(getattr(module, "__name__", None))
+            _register(pm, (lambda m=module: m), ep.name if ep else module.__name__, ep)
+        return
+    for ep in eps:
+        if pm.get_plugin(ep.name) is None and not pm.is_blocked(ep.name):
+            _register(pm, ep.load, ep.name, ep)
+
+
+def _register(pm: PluginManager, load, name: str, ep) -> None:
+    label = _entry_point_label(ep) if ep is not None else name
+    try:
+        plugin = load()
+        if not pm.is_registered(plugin):
+            pm.register(plugin, name=name)
+    except Exception as e:
+        where = f" (entry point {ep.name} = {ep.value})" if ep is not None else ""
+        pm.problems.append(f"skipped plugin {label}{where}: {_one_line(e)}")
+        return
+    pm.labels[id(plugin)] = label
 
 
 def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> PluginManager:
@@ -102,7 +140,7 @@ def _ours_first(pm, impls):
     return sorted(impls, key=lambda i: (i.plugin is not builtin, _plugin_label(pm, i.plugin)))
 
 
-def _collect_hook(pm, reg: Registry, hook: str, kind: str, table: dict, prepare=None) -> None:
+def _collect_hook(pm, reg: Registry, hook: str, kind: str, table: dict) -> None:
     """Call ``hook`` of each plugin on its own: a plugin whose hook raises adds nothing; a name
     already taken is skipped (the first owner keeps it); both are recorded in ``reg.problems``."""
     for impl in _ours_first(pm, getattr(pm.hook, hook).get_hookimpls()):
@@ -114,24 +152,19 @@ def _collect_hook(pm, reg: Registry, hook: str, kind: str, table: dict, prepare=
             reg.problems.append(f"skipped plugin {owner}: its {hook} hook raised {_one_line(e)}")
             continue
         for obj in offered:
-            if prepare is not None:
-                prepare(obj, owner)
             try:
                 reg._add(table, kind, obj.name, obj, owner)
             except DuplicateRegistration as e:
                 reg.problems.append(f"skipped {e}; {owner}'s is not used")
 
 
-def _own_mode(mode: TrainMode, owner: str) -> None:
-    if not getattr(mode, "plugin", ""):
-        mode.plugin = owner
-
-
 def collect(pm: pluggy.PluginManager) -> Registry:
-    """Ask every plugin for its modes and judges. Never raises for a plugin's fault: what is
-    skipped (hook raised, name already registered by another plugin) is listed in ``problems``."""
+    """Ask every plugin for its modes and judges (only judges where upstream hosts the modes).
+    Never raises for a plugin's fault: what is skipped (hook raised, name already registered by
+    another plugin) is listed in ``problems``."""
     reg = Registry(problems=list(getattr(pm, "problems", ())))
-    _collect_hook(pm, reg, "register_train_modes", "train mode", reg.modes, _own_mode)
+    if not getattr(pm, "upstream_hosts_modes", False):
+        _collect_hook(pm, reg, "register_train_modes", "train mode", reg.modes)
     _collect_hook(pm, reg, "register_judges", "judge", reg.judges)
     return reg
 

@@ -17,6 +17,14 @@ def enabled() -> bool:
     return os.environ.get("MLX_XPO_PLUGIN", "1").strip().lower() not in OFF_VALUES
 
 
+def plugins_enabled() -> bool:
+    """Whether train modes from plugins are hosted: off with ``MLX_XPO_PLUGIN=0`` (the whole start-up
+    hook) or with upstream's own switch, ``MLX_LM_LORA_PLUGINS=0`` (a patched mlx-lm-lora then
+    loads no plugin; here the stock one runs unchanged, while this package's commands keep their
+    fast BLAS)."""
+    return enabled() and os.environ.get("MLX_LM_LORA_PLUGINS", "1").strip().lower() not in OFF_VALUES
+
+
 _reported = False
 
 

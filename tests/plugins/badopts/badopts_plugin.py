@@ -8,16 +8,12 @@ hookimpl = pluggy.HookimplMarker("mlx_lm_lora")
 class BadOptsMode:
     name = "badopts_mode"
     description = "adds --model a second time"
-    plugin = ""
 
-    def add_arguments(self, parser):
-        parser.add_argument("--badopts-knob", type=int, default=None)  # added before the failure
-        parser.add_argument("--model", type=str)
+    def add_arguments(self, group):
+        group.add_argument("--badopts-knob", type=int, default=None)  # added before the failure
+        group.add_argument("--model", type=str)
 
-    def banner(self):
-        return f"{self.name}: badopts-plugin"
-
-    def main(self, args, explicit):
+    def main(self, args, given):
         return 0
 
 

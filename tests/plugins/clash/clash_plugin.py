@@ -9,12 +9,8 @@ class ClashMode:
     name = "echo_mode"
     description = "test mode whose name clashes with echo_plugin's"
     add_arguments = None
-    plugin = ""
 
-    def banner(self):
-        return f"{self.name}: clash-plugin"
-
-    def main(self, args, explicit):
+    def main(self, args, given):
         return 0
 
 

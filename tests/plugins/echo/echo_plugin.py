@@ -1,7 +1,7 @@
 """A third-party test plugin for mlx_lm_lora: train mode "echo_mode".
 
 It depends on nothing but pluggy (not on mlx_xpo_plugin): the train-mode contract is duck-typed.
-Its ``main`` writes ``args``/``explicit`` as JSON to the file named by its ``echo_out`` setting
+Its ``main`` writes ``args``/``given`` as JSON to the file named by its ``echo_out`` setting
 (``--echo-out`` on the command line, or in the dict / YAML) and returns ``echo_status`` (0).
 """
 
@@ -15,19 +15,15 @@ hookimpl = pluggy.HookimplMarker("mlx_lm_lora")
 class EchoMode:
     name = "echo_mode"
     description = "test mode: writes its arguments as JSON and exits"
-    plugin = ""  # filled in by a host that labels modes (mlx_xpo_plugin.host.registry)
 
-    def banner(self):
-        return f"{self.name}: {self.plugin or 'echo-plugin'}"
-
-    def add_arguments(self, group):  # the host's argument group for this plugin
+    def add_arguments(self, group):  # the host's argument group of this plugin: own options only
         group.add_argument("--echo-out", type=str, default=None, help="file the JSON goes to")
         group.add_argument("--echo-status", type=int, default=None, help="exit status to return")
 
-    def main(self, args, explicit):
+    def main(self, args, given):
         out = {
             "args": vars(args),
-            "explicit": sorted(explicit),
+            "explicit": sorted(given),
             "args_type": f"{type(args).__module__}.{type(args).__name__}",
         }
         with open(args.echo_out, "w") as f:

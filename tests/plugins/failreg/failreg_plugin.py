@@ -9,12 +9,8 @@ class HalfMode:
     name = "half_mode"
     description = "offered before the hook fails: must not be registered"
     add_arguments = None
-    plugin = ""
 
-    def banner(self):
-        return f"{self.name}: failreg-plugin"
-
-    def main(self, args, explicit):
+    def main(self, args, given):
         return 0
 
 

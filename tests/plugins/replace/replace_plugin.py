@@ -16,14 +16,10 @@ class ReplacingDPO:
     name = "dpo"
     description = "test mode replacing the built-in dpo"
     add_arguments = None
-    plugin = ""
 
-    def banner(self):
-        return f"{self.name}: replace-plugin 1.0, replaces the built-in mode"
-
-    def main(self, args, explicit):
+    def main(self, args, given):
         with open(os.environ["REPLACE_PLUGIN_OUT"], "w") as f:
-            json.dump({"explicit": sorted(explicit), "train_mode": args.train_mode}, f)
+            json.dump({"explicit": sorted(given), "train_mode": args.train_mode}, f)
         return 0
 
 

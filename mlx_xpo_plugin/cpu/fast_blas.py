@@ -44,7 +44,8 @@ import os
 import sys
 from importlib.machinery import PathFinder
 
-from mlx_xpo_plugin.host import blas_shim, skinny, startup
+from mlx_xpo_plugin.cpu import blas_shim, skinny
+from mlx_xpo_plugin.host import startup
 from mlx_xpo_plugin.host.startup import OFF_VALUES
 
 ENV = "MLX_XPO_BLAS"
@@ -142,8 +143,8 @@ def _imported_by_us(frame) -> bool:
         name = frame.f_globals.get("__name__") or ""
         if name.startswith("mlx_xpo_plugin") and name not in (
             "mlx_xpo_plugin.host._bootstrap",
-            "mlx_xpo_plugin.host.fast_blas",
-            "mlx_xpo_plugin.host.blas_shim",
+            "mlx_xpo_plugin.cpu.fast_blas",
+            "mlx_xpo_plugin.cpu.blas_shim",
         ):
             return True
         frame = frame.f_back

@@ -8,11 +8,8 @@ upstream's own options (--beta, --alpha, --temperature, --judge, ...) as upstrea
 from __future__ import annotations
 
 from mlx_xpo_plugin import config_views
-from mlx_xpo_plugin.commands.runner import mode_main
 from mlx_xpo_plugin.contracts import TrainMode, hookimpl
 from mlx_xpo_plugin.judges.builtin import BUILTIN_JUDGE_FACTORIES
-from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
-from mlx_xpo_plugin.xpo_trainer import XPO
 
 _DESCRIPTIONS = {
     "xpo": "XPO: online DPO with an exploration bonus (alpha; per-epoch schedule)",
@@ -20,21 +17,26 @@ _DESCRIPTIONS = {
 }
 
 
-def _main(method):
+def _main(name: str):
     """The mode's ``main(args, given)``: upstream's forms of its options read, then the run."""
-    run = mode_main(method)
 
     def main(args, given, **kwargs) -> int:
+        # here, not at the top: every host (upstream's CLI, its MCP server, --help) imports this
+        # module to list the modes, and the trainers pull in MLX and mlx-lm (seconds)
+        from mlx_xpo_plugin.commands.runner import mode_main
+        from mlx_xpo_plugin.online_dpo_trainer import OnlineDPO
+        from mlx_xpo_plugin.xpo_trainer import XPO
+
+        run = mode_main({"xpo": XPO, "online_dpo": OnlineDPO}[name])
         return run(config_views.read_upstream_options(args), given, **kwargs)
 
-    main.__name__ = run.__name__
+    main.__name__ = f"{name}_main"
     return main
 
 
 def _mode(name: str) -> TrainMode:
-    method = {"xpo": XPO, "online_dpo": OnlineDPO}[name]
     return TrainMode(
-        name=name, description=_DESCRIPTIONS[name], main=_main(method), add_arguments=config_views.add_arguments
+        name=name, description=_DESCRIPTIONS[name], main=_main(name), add_arguments=config_views.add_arguments
     )
 
 

@@ -42,7 +42,9 @@ def test_a_calibration_is_reused_for_a_day_then_measured_again(measured):
     assert len(measured) == 1  # reused
     _, again = calibration.rates(now=T0 + 25 * HOUR, load=0.0, log=log.append)
     assert len(measured) == 2 and again["measured_at"] != first["measured_at"]
-    assert log[-1] == "calibrating this machine's rates (a few seconds; cached): the cached rates were measured 25 h ago"
+    assert log[-1] == (
+        "calibrating this machine's rates (a few seconds; cached): the cached rates were measured 25 h ago"
+    )
 
 
 def test_a_calibration_made_under_load_is_measured_again_once_the_load_is_gone(measured):
@@ -72,7 +74,8 @@ def test_when_measured_says_the_date_the_age_and_a_busy_machine():
 
 def test_estimate_says_when_the_rates_were_measured(measured, tmp_path, tiny_model_path, prompt_data_dir, capsys):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(dict(model=tiny_model_path, data=prompt_data_dir, train=True, iters=50, judge="human")))
+    settings = dict(model=tiny_model_path, data=prompt_data_dir, train=True, iters=50, judge="human")
+    path.write_text(yaml.safe_dump(settings))
     assert cli.main(["estimate", "--config", str(path)]) == 0
     out = capsys.readouterr()
     assert "calibrating this machine's rates (a few seconds; cached): once per machine" in out.err
@@ -88,7 +91,8 @@ def test_a_runs_projection_line_says_when_the_rates_were_measured(monkeypatch, t
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text('{"prompt": "Say one!"}\n{"prompt": "Say two!"}\n')
-    cfg = config.resolve("xpo", {}, set(), dict(model=tiny_model_path, data=str(data), train=True, iters=9, judge="human"))
+    settings = dict(model=tiny_model_path, data=str(data), train=True, iters=9, judge="human")
+    cfg = config.resolve("xpo", {}, set(), settings)
     line = estimate.projection_line(cfg)
     assert line.startswith("projected on this machine: ") and " 9 steps = about " in line
     assert re.search(r"rates measured 2026-12-07 20:00:00 UTC, (\d+ (h|days) ago)\)$", line), line

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from mlx_xpo_plugin.commands import calibration, cli, estimate
+from mlx_xpo_plugin.commands import calibration, calibration_age, cli, estimate
 
 T0 = 1_796_000_000.0  # a fixed "now"
 HOUR = 3600.0
@@ -63,13 +63,13 @@ def test_a_calibration_made_under_load_is_measured_again_once_the_load_is_gone(m
 
 def test_when_measured_says_the_date_the_age_and_a_busy_machine():
     record = {"measured_at": "2026-12-07 20:00:00 UTC", "identity": {"cores": 2}, "load_before": [0.3]}
-    now = calibration.measured_epoch(record) + 2 * HOUR
-    assert calibration.when_measured(record, now) == "2026-12-07 20:00:00 UTC, 2 h ago"
+    now = calibration_age.measured_epoch(record) + 2 * HOUR
+    assert calibration_age.when_measured(record, now) == "2026-12-07 20:00:00 UTC, 2 h ago"
     record["load_before"] = [1.9]
-    assert calibration.when_measured(record, now) == (
+    assert calibration_age.when_measured(record, now) == (
         "2026-12-07 20:00:00 UTC, 2 h ago, while other processes kept the cores busy (load 1.9 on 2 cores)"
     )
-    assert calibration.when_measured({}, now) == ""
+    assert calibration_age.when_measured({}, now) == ""
 
 
 def test_estimate_says_when_the_rates_were_measured(measured, tmp_path, tiny_model_path, prompt_data_dir, capsys):

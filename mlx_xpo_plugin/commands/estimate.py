@@ -182,7 +182,7 @@ def projection_line(cfg, n_prompts: int | None = None, world: int = 1) -> str | 
     ``mlx.launch`` each of ``world`` processes takes its share of the prompts of every step.
     Calibrates this machine once (a few seconds) when nothing is cached for it, unless the run
     is under a minute even at the rates of :data:`SLOW` with :func:`rough_prompt_tokens`."""
-    from mlx_xpo_plugin.commands import calibration
+    from mlx_xpo_plugin.commands import calibration, calibration_age
     from mlx_xpo_plugin.compute.models import model_folder
 
     try:
@@ -197,12 +197,12 @@ def projection_line(cfg, n_prompts: int | None = None, world: int = 1) -> str | 
         return None
     if res["total_seconds"] <= SHOW_ABOVE_S:
         return None
-    when = calibration.when_measured(record)
+    when = calibration_age.when_measured(record)
     return summary_line(res) + (f" (this machine's rates measured {when})" if when else "")
 
 
 def render(cfg, res: dict, record: dict, cache_file: str) -> str:
-    from mlx_xpo_plugin.commands import calibration
+    from mlx_xpo_plugin.commands import calibration_age
 
     m, r = res["shape"], record["rates"]
     st = res["step"]
@@ -213,7 +213,7 @@ def render(cfg, res: dict, record: dict, cache_file: str) -> str:
         f"prompts {res['prompt_tokens']:.0f} tokens on average, completions up to {cfg.max_completion_length} tokens; "
         f"judge: {res['judge_kind']}; compute_dtype: {cfg.compute_dtype}",
         f"machine: sgemm {r['sgemm'] / 1e9:.1f} GFLOP/s, decoding reads weights at {r['stream'] / 1e9:.1f} GB/s "
-        f"(measured {calibration.when_measured(record)}; cached in {cache_file})",
+        f"(measured {calibration_age.when_measured(record)}; cached in {cache_file})",
         "",
         "| phase | seconds per step |",
         "|---|---|",

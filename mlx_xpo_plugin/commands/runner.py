@@ -183,8 +183,8 @@ def report(cfg, trainer, result: dict) -> int:
         last = getattr(trainer.judge, "last_invalid", None)  # why the judge's answers were not verdicts
         err(
             f"no step of this run made an update ({trainer.guard.judgeless} of {result['stopped_at']} steps "
-            f"without a valid pair{f'; last invalid answer: {last}' if last else ''}): the adapters in {out} "
-            "are untrained"
+            f"without a valid pair): the adapters in {out} are untrained"
+            + (f"; the judge's last invalid answer: {last}" if last else "")
         )
     return of_run(result, trainer.guard.status, trainer.guard.judgeless)
 

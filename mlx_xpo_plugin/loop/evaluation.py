@@ -18,6 +18,7 @@ from mlx_xpo_plugin.loop.faults import error_count, invalid_example
 from mlx_xpo_plugin.loop.losses import dpo_scores, reward_stats
 from mlx_xpo_plugin.loop.pair_loss import pack_pairs, pair_loss, reference_logps
 from mlx_xpo_plugin.loop.pairs import Pair
+from mlx_xpo_plugin.loop.win_rate import error_kinds
 
 
 def evaluate(trainer, prompts, max_batches: int = -1) -> dict:
@@ -42,9 +43,8 @@ def _evaluate(t, prompts, max_batches: int) -> dict:
         samples = sample_policy_and_reference(t.model, t.tokenizer, t.reference, batch.ids, s.sampling)
         verdicts = t.judge.judge(batch.texts, [(p.text, r.text) for p, r in samples])
         judged = t.judge.last_metrics or {}
-        for k, v in judged.items():
-            if k.startswith("judge/errors/") and v:
-                errors[k[len("judge/") :]] = errors.get(k[len("judge/") :], 0) + int(v)
+        for kind, count in error_kinds(judged, "judge/errors/").items():
+            errors[f"errors/{kind}"] = errors.get(f"errors/{kind}", 0) + count
         example = invalid_example(verdicts, error_count(judged))
         if example is not None:
             words["invalid_example"] = example

@@ -88,6 +88,7 @@ def test_a_runs_projection_line_says_when_the_rates_were_measured(monkeypatch, t
     record = {"measured_at": "2026-12-07 20:00:00 UTC", "identity": {"cores": 2}, "load_before": [0.1]}
     monkeypatch.setattr(estimate, "SHOW_ABOVE_S", -1.0)
     monkeypatch.setattr(calibration, "rates", lambda *a, **k: (estimate.SLOW, record))
+    monkeypatch.setattr(calibration, "cached", lambda *a, **k: record)
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text('{"prompt": "Say one!"}\n{"prompt": "Say two!"}\n')

@@ -293,6 +293,17 @@ def measure() -> dict:
     }
 
 
+def cached(ident: Optional[dict] = None, path: Optional[Path] = None) -> Optional[dict]:
+    """The cached calibration of this machine (of ``ident``, at ``path``), or None; never measures."""
+    ident = identity() if ident is None else ident
+    path = cache_path(ident) if path is None else path
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("identity") == ident else None
+
+
 def rates(
     cache: str | os.PathLike | None = None,
     refresh: bool = False,
@@ -308,16 +319,11 @@ def rates(
     path = cache_path(ident, cache)
     now = time.time() if now is None else now
     load = current_load() if load is None else load
-    record, why = None, ("asked for" if refresh else "once per machine")
-    if not refresh and path.is_file():
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            record = None
-    if record is not None and record.get("identity") == ident:
+    record, why = (None, "asked for") if refresh else (cached(ident, path), "once per machine")
+    if record is not None:
         why = why_stale(record, now, load)
         record = None if why else record
-    if record is None or record.get("identity") != ident:
+    if record is None:
         if log:
             log(f"calibrating this machine's rates (a few seconds; cached): {why}")
         record = {

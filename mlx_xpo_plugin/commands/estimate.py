@@ -191,13 +191,12 @@ def projection_line(cfg, n_prompts: int | None = None, world: int = 1) -> str | 
         if project(cfg, n_train, SLOW, rough_prompt_tokens(cfg.data), n_valid)["total_seconds"] <= SHOW_ABOVE_S:
             return None  # under a minute even on the slowest machine: no tokenizer, no calibration
         plen = mean_prompt_tokens(model_folder("model", cfg.model), cfg.data)
-        machine, record = calibration.rates()
-        res = project(cfg, n_train, machine, plen, n_valid)
+        res = project(cfg, n_train, calibration.rates()[0], plen, n_valid)
     except (ConfigError, OSError, KeyError, ValueError):
         return None
     if res["total_seconds"] <= SHOW_ABOVE_S:
         return None
-    when = calibration_age.when_measured(record)
+    when = calibration_age.when_measured(calibration.cached() or {})  # the calibration just used
     return summary_line(res) + (f" (this machine's rates measured {when})" if when else "")
 
 

@@ -41,8 +41,10 @@ vendor:
 patches:
 	bash vendor/make-patches.sh
 
-# each supported mlx-lm-lora release in its own venv: 2 steps of xpo and online_dpo (downloads)
+# each supported mlx-lm-lora release, and the lowest versions pyproject.toml declares, in its own venv:
+# 2 steps of xpo and online_dpo; upstream's own suite with and without patches/ (downloads)
 compat: $(STAMP)
+	@echo "== compat: 5 mlx-lm-lora releases and the lowest declared versions, each in its own venv, then upstream's suite (downloads from PyPI; about 10-15 minutes)"
 	$(PY) -m pytest -q -m compat tests/test_compat.py
 
 clean:

@@ -70,6 +70,10 @@ class Verdict:
     raw: Any = None  # the judge's raw answer, for debugging
     tie: bool = False  # True: a genuine tie; False with winner None: an invalid answer
     scores: Optional[tuple[float, float]] = None  # pointwise scores, for reward-function judges
+    # why an invalid answer is invalid, in a few words with the answer quoted (the run's lines show
+    # it: 'unparsed answer "I think..."'); None on a valid verdict and on a pair the judge failed on
+    # (an error, counted in last_metrics as judge/errors/<kind>)
+    reason: Optional[str] = None
 
     def __post_init__(self):
         if self.winner not in (0, 1, None):
@@ -88,8 +92,8 @@ class Verdict:
         return cls(None, None, raw, True, scores)
 
     @classmethod
-    def bad(cls, raw=None) -> "Verdict":
-        return cls(None, None, raw, False)
+    def bad(cls, raw=None, reason: Optional[str] = None) -> "Verdict":
+        return cls(None, None, raw, False, reason=reason)
 
 
 @runtime_checkable

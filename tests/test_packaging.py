@@ -51,3 +51,17 @@ def test_mlx_lm_range_admits_what_every_supported_upstream_release_needs():
     lo = tuple(int(x) for x in re.search(r">=([0-9.]+)", req).group(1).split("."))
     hi = tuple(int(x) for x in re.search(r"<([0-9.]+)", req).group(1).split("."))
     assert lo <= (0, 32, 0) < hi
+
+
+def test_the_lower_bounds_are_what_every_supported_upstream_release_needs():
+    """Every supported mlx-lm-lora release (5.8.6 to 5.10.2, by their metadata) needs Python 3.11,
+    mlx>=0.32.3 and mlx_lm>=0.32.0: a lower bound below that could never install with one of them;
+    ruff checks the code for the same Python. `make compat` installs exactly the lowest set."""
+    project = PYPROJECT["project"]
+    assert project["requires-python"] == ">=3.11"
+    assert PYPROJECT["tool"]["ruff"]["target-version"] == "py311"
+    lows = {}
+    for dep in project["dependencies"]:
+        name, low = re.match(r"([a-z0-9-]+)(?:\[[a-z]+\])?>=([0-9.]+)", dep).groups()
+        lows.setdefault(name, set()).add(low)
+    assert lows["mlx"] == {"0.32.3"} and lows["mlx-lm"] == {"0.32.0"} and lows["mlx-lm-lora"] == {"5.8.6"}

@@ -19,7 +19,9 @@
 The result is cached as JSON under ``<cache>/calibration/`` (``MLX_XPO_CACHE``, else
 ``~/.cache/mlx-xpo-plugin``) in a file named by a hash of what the rates depend on: the host, its
 CPU and usable cores, the mlx version, the BLAS under MLX with its thread count and the few-row
-kernel (cpu/skinny.c) where decoding's products run on it.
+kernel (cpu/skinny.c) where decoding's products run on it. With the rates it keeps when they were
+measured and the 1-minute load average just before (``load_before``); when such a record is
+measured again: :mod:`.calibration_age`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Optional
 
+from mlx_xpo_plugin.commands.calibration_age import STAMP, current_load, why_stale
 from mlx_xpo_plugin.compute.cost import Rates
 
 VERSION = 2
@@ -289,24 +293,43 @@ def measure() -> dict:
     }
 
 
-def rates(cache: str | os.PathLike | None = None, refresh: bool = False, log=None) -> tuple[Rates, dict]:
-    """(this machine's :class:`Rates`, the cached record with its identity and when it was
-    measured), measuring them when ``refresh`` or when nothing is cached for this identity."""
+def cached(ident: Optional[dict] = None, path: Optional[Path] = None) -> Optional[dict]:
+    """The cached calibration of this machine (of ``ident``, at ``path``), or None; never measures."""
+    ident = identity() if ident is None else ident
+    path = cache_path(ident) if path is None else path
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("identity") == ident else None
+
+
+def rates(
+    cache: str | os.PathLike | None = None,
+    refresh: bool = False,
+    log=None,
+    now: Optional[float] = None,
+    load: Optional[float] = None,
+) -> tuple[Rates, dict]:
+    """(this machine's :class:`Rates`, the cached record with its identity, when it was measured and
+    under which load), measuring them when ``refresh``, when nothing is cached for this identity, or
+    when the cached ones are stale (:func:`why_stale`). ``now`` (seconds since the epoch) and
+    ``load`` (the 1-minute load average) default to the present ones."""
     ident = identity()
     path = cache_path(ident, cache)
-    record = None
-    if not refresh and path.is_file():
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            record = None
-    if record is None or record.get("identity") != ident:
+    now = time.time() if now is None else now
+    load = current_load() if load is None else load
+    record, why = (None, "asked for") if refresh else (cached(ident, path), "once per machine")
+    if record is not None:
+        why = why_stale(record, now, load)
+        record = None if why else record
+    if record is None:
         if log:
-            log("calibrating this machine's rates (a few seconds, once; cached) ...")
+            log(f"calibrating this machine's rates (a few seconds; cached): {why}")
         record = {
             "identity": ident,
-            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "load_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "measured_at": time.strftime(STAMP, time.gmtime(now)),
+            "load_before": None if load is None else [load],
             "rates": measure(),
         }
         try:

@@ -1,9 +1,10 @@
 """mlx-xpo: helper commands around the xpo and online_dpo train modes of mlx-lm-lora.
 
-mlx-xpo demo     offline XPO demo on an embedded tiny model and prompt set (5-15 s)
-mlx-xpo eval     win-rate of trained adapters against the reference on test.jsonl, with its 95% interval
-mlx-xpo plot     PNG of a run's training curves (<adapter_path>/training.png)
-mlx-xpo schema   JSON Schema of the YAML settings (or --markdown for the settings table)
+mlx-xpo demo       offline XPO demo on an embedded tiny model and prompt set (5-15 s)
+mlx-xpo eval       win-rate of trained adapters against the reference on test.jsonl, with its 95% interval
+mlx-xpo plot       PNG of a run's training curves (<adapter_path>/training.png)
+mlx-xpo schema     JSON Schema of the YAML settings (or --markdown for the settings table)
+mlx-xpo estimate   seconds per step by phase and for the whole run, before a run (--config xpo.yaml)
 
 Training itself: mlx_lm_lora.train --train-mode xpo --config xpo.yaml (see README.md).
 """

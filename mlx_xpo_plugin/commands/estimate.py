@@ -182,7 +182,7 @@ def projection_line(cfg, n_prompts: int | None = None, world: int = 1) -> str | 
     ``mlx.launch`` each of ``world`` processes takes its share of the prompts of every step.
     Calibrates this machine once (a few seconds) when nothing is cached for it, unless the run
     is under a minute even at the rates of :data:`SLOW` with :func:`rough_prompt_tokens`."""
-    from mlx_xpo_plugin.commands import calibration
+    from mlx_xpo_plugin.commands import calibration, calibration_age
     from mlx_xpo_plugin.compute.models import model_folder
 
     try:
@@ -194,10 +194,15 @@ def projection_line(cfg, n_prompts: int | None = None, world: int = 1) -> str | 
         res = project(cfg, n_train, calibration.rates()[0], plen, n_valid)
     except (ConfigError, OSError, KeyError, ValueError):
         return None
-    return summary_line(res) if res["total_seconds"] > SHOW_ABOVE_S else None
+    if res["total_seconds"] <= SHOW_ABOVE_S:
+        return None
+    when = calibration_age.when_measured(calibration.cached() or {})  # the calibration just used
+    return summary_line(res) + (f" (this machine's rates measured {when})" if when else "")
 
 
 def render(cfg, res: dict, record: dict, cache_file: str) -> str:
+    from mlx_xpo_plugin.commands import calibration_age
+
     m, r = res["shape"], record["rates"]
     st = res["step"]
     lines = [
@@ -207,7 +212,7 @@ def render(cfg, res: dict, record: dict, cache_file: str) -> str:
         f"prompts {res['prompt_tokens']:.0f} tokens on average, completions up to {cfg.max_completion_length} tokens; "
         f"judge: {res['judge_kind']}; compute_dtype: {cfg.compute_dtype}",
         f"machine: sgemm {r['sgemm'] / 1e9:.1f} GFLOP/s, decoding reads weights at {r['stream'] / 1e9:.1f} GB/s "
-        f"(measured {record['measured_at']}; cached in {cache_file})",
+        f"(measured {calibration_age.when_measured(record)}; cached in {cache_file})",
         "",
         "| phase | seconds per step |",
         "|---|---|",
@@ -259,7 +264,8 @@ def add_parser(sub) -> None:
         help="seconds per step and for the whole run, before a run",
         description="Expected seconds per step by phase (rollout, judge, reference, policy) and for the "
         "whole run, from the model's config.json, the run's settings and this machine's rates "
-        "(calibrated in a few seconds, then cached).",
+        "(calibrated in a few seconds, then cached; measured again when a day old, or when made while other "
+        "processes kept the cores busy and they no longer do).",
     )
     e.add_argument("--config", required=True, help="the run's YAML settings")
     e.add_argument("--train-mode", default=None, choices=["xpo", "online_dpo"], help="default: xpo")

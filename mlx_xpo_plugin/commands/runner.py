@@ -200,9 +200,11 @@ def report(cfg, trainer, result: dict) -> int:
         print(f"stopped at step {result['stopped_at']} of {iters}: {why}; {saved}.")
         print(f"resume with: {resume_command(cfg)}")
     if not result["updates"]:
+        last = getattr(trainer.judge, "last_invalid", None)  # why the judge's answers were not verdicts
         err(
             f"no step of this run made an update ({trainer.guard.judgeless} of {result['stopped_at']} steps "
             f"without a valid pair): the adapters in {out} are untrained"
+            + (f"; the judge's last invalid answer: {last}" if last else "")
         )
     return of_run(result, trainer.guard.status, trainer.guard.judgeless)
 

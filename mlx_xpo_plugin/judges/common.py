@@ -117,7 +117,7 @@ def unflip(v: Verdict, flipped: bool) -> Verdict:
         return v
     scores = (v.scores[1], v.scores[0]) if v.scores is not None else None
     if v.winner is None:
-        return Verdict(None, v.confidence, v.raw, v.tie, scores)
+        return Verdict(None, v.confidence, v.raw, v.tie, scores, v.reason)
     return Verdict(1 - v.winner, v.confidence, v.raw, False, scores)
 
 
@@ -134,7 +134,7 @@ def combine_orders(
     back = unflip(rev, True)
     raw = {"a_b": fwd.raw, "b_a": rev.raw}
     if fwd.invalid or back.invalid:
-        return Verdict.bad(raw), None
+        return Verdict.bad(raw, (fwd if fwd.invalid else back).reason), None
     if fwd.tie and back.tie:
         return Verdict.tied(raw), True
     if fwd.winner is not None and fwd.winner == back.winner:
@@ -147,7 +147,7 @@ def combine_orders(
         return Verdict(fwd.winner, conf, raw), True
     what = lambda v: "tie" if v.tie else f"winner {v.winner}"  # noqa: E731
     raw["inconsistent"] = f"order (a, b) gave {what(fwd)}, order (b, a) gave {what(back)} (in the original order)"
-    return Verdict.bad(raw), False
+    return Verdict.bad(raw, f"orders disagree: (a, b) gave {what(fwd)}, (b, a) gave {what(back)}"), False
 
 
 def consistency_metrics(flags: Sequence[Optional[bool]]) -> dict:

@@ -57,6 +57,7 @@ from mlx_xpo_plugin.config import Setting
 from mlx_xpo_plugin.contracts import Judge, JudgeContext, Verdict
 from mlx_xpo_plugin.errors import ConfigError, did_you_mean
 from mlx_xpo_plugin.judges.common import options, resolve_options
+from mlx_xpo_plugin.judges.parse import quote
 
 OPTIONS = options(
     Setting("batched", "bool", None, "call the function once with every pair (default: detected)"),
@@ -173,33 +174,40 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def not_an_answer(ans) -> Verdict:
+    """The invalid verdict of an answer outside the contract, with the answer quoted in its reason."""
+    shown = quote(ans) if isinstance(ans, str) else quote(repr(ans))[1:-1]
+    return Verdict.bad(ans, f"answer {shown} (not 0, 1, None or a probability in [0, 1])")
+
+
 def answer_to_verdict(ans) -> Verdict:
     """Read one pairwise answer (see the module docstring); never raises."""
     if ans is None:
         return Verdict.tied(raw=None)
     if isinstance(ans, bool):
-        return Verdict.bad(raw=ans)
+        return not_an_answer(ans)
     if isinstance(ans, numbers.Integral):
-        return Verdict(int(ans), None, ans) if int(ans) in (0, 1) else Verdict.bad(raw=ans)
+        return Verdict(int(ans), None, ans) if int(ans) in (0, 1) else not_an_answer(ans)
     if _is_real(ans):
         p = float(ans)
         if not (math.isfinite(p) and 0.0 <= p <= 1.0):
-            return Verdict.bad(raw=ans)
+            return not_an_answer(ans)
         if p > 0.5:
             return Verdict(1, p, ans)
         if p < 0.5:
             return Verdict(0, 1.0 - p, ans)
         return Verdict.tied(raw=ans)
-    return Verdict.bad(raw=ans)
+    return not_an_answer(ans)
 
 
 def scores_to_verdict(sa, sb) -> Verdict:
     """Two pointwise scores -> verdict: higher wins, equal ties; non-finite / non-real -> invalid."""
+    why = f"scores {quote(repr(sa))[1:-1]} and {quote(repr(sb))[1:-1]} (not two finite numbers)"
     if not (_is_real(sa) and _is_real(sb)):
-        return Verdict.bad(raw=(sa, sb))
+        return Verdict.bad((sa, sb), why)
     fa, fb = float(sa), float(sb)
     if not (math.isfinite(fa) and math.isfinite(fb)):
-        return Verdict.bad(raw=(sa, sb))
+        return Verdict.bad((sa, sb), why)
     if fa == fb:
         return Verdict.tied(raw=(sa, sb), scores=(fa, fb))
     conf = 1.0 / (1.0 + math.exp(-min(abs(fa - fb), 700.0)))
@@ -266,7 +274,9 @@ class FunctionJudge(Judge):
         return answer_to_verdict(ans)
 
     def _call_batched(self, *args, n: int, pairs: int) -> Optional[list]:
-        """The batched call's list of ``n`` answers, or None (and raw text in ``self._why``)."""
+        """The batched call's list of ``n`` answers, or None (and raw text in ``self._why``, the
+        reason in ``self._reason``: None for an exception, an error)."""
+        self._reason = None
         try:
             res = self.fn(*args)
         except Exception as e:
@@ -275,17 +285,17 @@ class FunctionJudge(Judge):
         try:
             res = list(res)
         except TypeError:
-            self._why = f"batched judge returned {type(res).__name__}, not a list"
+            self._why = self._reason = f"batched judge returned {type(res).__name__}, not a list"
             return None
         if len(res) != n:
-            self._why = f"batched judge returned {len(res)} answers for {n} inputs"
+            self._why = self._reason = f"batched judge returned {len(res)} answers for {n} inputs"
             return None
         return res
 
     def _pairwise_batched(self, prompts, pairs) -> list[Verdict]:
         res = self._call_batched(list(prompts), [tuple(p) for p in pairs], n=len(pairs), pairs=len(pairs))
         if res is None:
-            return [Verdict.bad(raw=self._why) for _ in pairs]
+            return [Verdict.bad(self._why, self._reason) for _ in pairs]
         return [answer_to_verdict(r) for r in res]
 
     def _pointwise_one(self, prompt, a, b) -> Verdict:
@@ -299,7 +309,7 @@ class FunctionJudge(Judge):
         n = len(pairs)
         res = self._call_batched(list(prompts) * 2, [a for a, _ in pairs] + [b for _, b in pairs], n=2 * n, pairs=n)
         if res is None:
-            return [Verdict.bad(raw=self._why) for _ in pairs]
+            return [Verdict.bad(self._why, self._reason) for _ in pairs]
         return [scores_to_verdict(res[i], res[n + i]) for i in range(n)]
 
 

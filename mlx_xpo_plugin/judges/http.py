@@ -43,7 +43,7 @@ from mlx_xpo_plugin.config import Setting
 from mlx_xpo_plugin.contracts import JudgeContext, Verdict
 from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.judges.common import SeededOrder, judge_in_order, options, pair_messages, resolve_options
-from mlx_xpo_plugin.judges.parse import parse_answer
+from mlx_xpo_plugin.judges.parse import parse_answer, unparsed
 
 OPTIONS = options(
     Setting("model", "str", None, "the model name sent to the endpoint"),
@@ -193,7 +193,7 @@ class HTTPJudge(SeededOrder):
             )
         w = parse_answer(content)
         if w is None:
-            return Verdict.bad(content), "unparsed", retries
+            return Verdict.bad(content, unparsed(content)), "unparsed", retries
         return Verdict(w, None, content), "ok", retries
 
     def _deadline(self) -> float:

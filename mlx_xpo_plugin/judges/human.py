@@ -67,7 +67,7 @@ class HumanJudge(SeededOrder):
             if key in _ANSWERS:
                 return Verdict(_ANSWERS[key], None, key)
             if key == "s":
-                return Verdict.bad("skip")
+                return Verdict.bad("skip", "skipped")
             if key == "q":
                 raise StopTraining("the human judge quit")
             self._say(HINT)

@@ -58,7 +58,7 @@ from mlx_xpo_plugin.judges.common import (
     render_chat,
     resolve_options,
 )
-from mlx_xpo_plugin.judges.parse import LABELS, parse_answer
+from mlx_xpo_plugin.judges.parse import LABELS, parse_answer, unparsed
 
 # fmt: off
 OPTIONS = options(
@@ -290,13 +290,14 @@ class LLMJudge(SeededOrder):
     def _logits_verdict(self, lp0: float, lp1: float) -> tuple[Verdict, Optional[float]]:
         raw = {"logprob_0": lp0, "logprob_1": lp1}
         if not (math.isfinite(lp0) and math.isfinite(lp1)):
-            return Verdict.bad(raw), None
+            return Verdict.bad(raw, "no finite log-probability of the labels 0 and 1"), None
         p1 = 1.0 / (1.0 + math.exp(lp0 - lp1)) if lp0 - lp1 < 700 else 0.0
         p0 = 1.0 - p1
         raw["p_second"] = p1
         if math.exp(lp0) + math.exp(lp1) < self.min_label_prob:
             raw["reason"] = f"label mass below min_label_prob={self.min_label_prob}"
-            return Verdict.bad(raw), p1
+            mass = math.exp(lp0) + math.exp(lp1)
+            return Verdict.bad(raw, f"label mass {mass:.2g} below min_label_prob={self.min_label_prob}"), p1
         if p0 == p1 or abs(p0 - p1) < self.tie_margin:
             return Verdict.tied(raw), p1
         return (Verdict(1, p1, raw) if p1 > p0 else Verdict(0, p0, raw)), p1
@@ -350,7 +351,7 @@ class LLMJudge(SeededOrder):
         verdicts = []
         for t in texts:
             w = parse_answer(t)
-            verdicts.append(Verdict(w, None, t) if w is not None else Verdict.bad(t))
+            verdicts.append(Verdict(w, None, t) if w is not None else Verdict.bad(t, unparsed(t)))
         return verdicts, [None] * len(texts), {}
 
     def judge(self, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Verdict]:

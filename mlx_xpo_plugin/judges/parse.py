@@ -34,6 +34,21 @@ _SIGNED = re.compile(r"[-+\u2212]\s*\d")  # "-1", "+1": a signed number is not a
 _WORD = re.compile(r"[^\W_]+")  # runs of letters/digits (any script); everything else separates
 
 
+#: the most characters of an answer a run's line quotes
+QUOTED_CHARS = 40
+
+
+def quote(text, limit: int = QUOTED_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters (then "..."), in double quotes."""
+    s = " ".join(str(text).split())
+    return '"' + (s[:limit].rstrip() + "..." if len(s) > limit else s) + '"'
+
+
+def unparsed(text) -> str:
+    """The reason of an answer :func:`parse_answer` did not accept: ``unparsed answer "I think..."``."""
+    return "unparsed answer " + quote(text)
+
+
 def parse_answer(text) -> Optional[int]:
     """0 or 1 for an accepted short answer (see the module docstring), None for anything else."""
     if not isinstance(text, str):

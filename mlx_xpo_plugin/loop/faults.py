@@ -9,7 +9,9 @@
   stops with :data:`..exits.Exit.JUDGE`.
 * Errors on single pairs (a function judge's exception on one pair, an endpoint's failed
   request) are counted per pair as ``judge/errors/<kind>`` (the exception's class, or the
-  endpoint's kind such as ``connection_refused``) and shown on the step's line. A step in which
+  endpoint's kind such as ``connection_refused``) and shown on the step's line; validation and
+  evaluation count them the same way (``errors/<kind>``). An invalid answer (one the judge gave
+  that is not a verdict) is shown with its reason quoted (``Verdict.reason``). A step in which
   every pair failed, before the judge has answered any pair of this run, stops the run at once
   with :data:`..exits.Exit.JUDGE` (the judge is broken from the start; the checkpoint is that step's start).
 * A judge that answers nothing usable: after ``max_judgeless_steps`` consecutive steps without a
@@ -25,13 +27,15 @@ import dataclasses
 import json
 import os
 import random
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from mlx_xpo_plugin.contracts import Judge, as_judge
+from mlx_xpo_plugin.contracts import Judge, Verdict, as_judge
 from mlx_xpo_plugin.errors import StopTraining
 from mlx_xpo_plugin.exits import Exit
+from mlx_xpo_plugin.judges.parse import quote
+from mlx_xpo_plugin.loop.win_rate import error_kinds, errors_text, invalid_text
 
 
 class PeerLost(RuntimeError):
@@ -56,12 +60,13 @@ class JudgeFailure(RuntimeError):
 
 class GuardedJudge(Judge):
     """The trainer's judge: calls the user's judge, turns its exceptions into JudgeFailure (a
-    StopTraining passes through) and remembers the last invalid answer for messages."""
+    StopTraining passes through) and remembers the last invalid answer and error for messages."""
 
     def __init__(self, inner, name: Optional[str] = None):
         self.inner = as_judge(inner)
         self.name = name or getattr(inner, "name", None) or type(inner).__name__
-        self.last_bad: Any = None
+        self.last_invalid: Optional[str] = None  # the reason of the last invalid answer (not an error)
+        self.step_invalid: Optional[str] = None  # ... given since the step began (Guard.begin_step)
         self.last_error: Optional[str] = None  # "Class: message" of the last per-pair error
         self.errors = 0  # pairs it failed on, every call together (judge/errors/<kind> summed)
 
@@ -74,10 +79,11 @@ class GuardedJudge(Judge):
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             raise JudgeFailure(f"the judge {self.name!r} raised {msg}") from e
         self.last_error = getattr(self.inner, "last_error", None) or self.last_error
-        self.errors += error_count(self.inner.last_metrics or {})
-        bad = [v.raw for v in verdicts if v.winner is None and not v.tie]
-        if bad:
-            self.last_bad = bad[-1]
+        failed = error_count(self.inner.last_metrics or {})
+        self.errors += failed
+        example = invalid_example(verdicts, failed)
+        if example is not None:
+            self.last_invalid = self.step_invalid = example
         return verdicts
 
     @property
@@ -108,6 +114,17 @@ class GuardedJudge(Judge):
 def error_count(metrics: dict) -> int:
     """Pairs the judge failed on (``judge/errors/<kind>`` summed)."""
     return int(sum(v for k, v in metrics.items() if k.startswith("judge/errors/") and isinstance(v, (int, float))))
+
+
+def invalid_example(verdicts: list[Verdict], failed: int) -> Optional[str]:
+    """The reason of the last invalid answer among ``verdicts`` (errors, the ``failed`` pairs, have
+    none); a judge that gives no reasons (a plugin's) is quoted by its raw answer when the call had no
+    error, so that an answer is never mistaken for an error's text."""
+    for v in reversed(verdicts):
+        if v.invalid and v.reason:
+            return v.reason
+    bad = [v for v in verdicts if v.invalid]
+    return f"answer {quote(bad[-1].raw)}" if bad and not failed else None
 
 
 def _unwrap(judge) -> Judge:
@@ -189,6 +206,7 @@ class Guard:
 
     def begin_step(self) -> None:
         self._snap = self.snapshot()
+        self.t.judge.step_invalid = None
 
     def before_final_save(self) -> None:
         """Roll back to the step a stop asked for (its checkpoint is the one saved next)."""
@@ -231,12 +249,17 @@ class Guard:
         if errors < pairs:
             self.answered = True
 
-    def error_line(self, pairs: int, errors: int) -> str:
-        """'4 errors: ZeroDivisionError: ...' for a step's line, or ''."""
-        if not errors:
-            return ""
-        last = f": {self.t.judge.last_error}" if self.t.judge.last_error else ""
-        return f"{errors} error{'s' if errors != 1 else ''}{last}"
+    def error_line(self, pairs: int, errors: int, metrics: Optional[dict] = None) -> str:
+        """'4 errors: ZeroDivisionError: ...' for a step's line (several kinds: by kind), or ''."""
+        return errors_text(errors, error_kinds(metrics or {}, "judge/errors/"), self.t.judge.last_error)
+
+    def verdict_counts(self, metrics: dict, pairs: int, errors: int) -> str:
+        """The verdicts of a step without a valid pair, for its line: ``2 invalid: unparsed answer
+        "I think the first answer is more...", 0 ties`` (errors first, where there were any)."""
+        failed = self.error_line(pairs, errors, metrics)
+        invalid = int(metrics.get("judge/invalid", 0)) - error_count(metrics)
+        words = invalid_text(invalid, self.t.judge.step_invalid)
+        return f"{failed + '; ' if failed else ''}{words}, {int(metrics.get('judge/ties', 0))} ties"
 
     def valid_pair(self) -> None:
         self._streak, self._streak_start = {}, None
@@ -250,7 +273,7 @@ class Guard:
             self.status = Exit.JUDGE
             self.t.stop_reason = (
                 f"the judge {self.t.judge.name!r} failed on every pair of step {self.t.step} "
-                f"({self.error_line(pairs, errors)}) and has answered none yet; the checkpoint "
+                f"({self.error_line(pairs, errors, metrics)}) and has answered none yet; the checkpoint "
                 f"is the state before step {self.t.step}"
             )
             return
@@ -277,16 +300,13 @@ class Guard:
         kind_text = (
             (" (" + ", ".join(f"{c} {n.replace('_', ' ')}" for n, c in sorted(kinds.items())) + ")") if kinds else ""
         )
-        last = " ".join(str(t.judge.last_bad).split())[:200] if t.judge.last_bad is not None else None
-        if last is not None and (last.startswith("error:") or last.startswith("{'error':")):
-            last = None  # an error's text: said once, as the last error
+        answers = max(0, invalid - errors)
+        last = f" (last: {t.judge.last_invalid})" if answers and t.judge.last_invalid else ""
         err = f"; last error: {t.judge.last_error}" if errors and t.judge.last_error else ""
         return (
             f"the judge {t.judge.name!r} gave no valid pair in {k['steps']} consecutive steps "
             f"(steps {first}-{t.step}, max_judgeless_steps={t.settings.max_judgeless_steps}): "
-            f"{pairs} pairs, {errors} errors{kind_text}, {max(0, invalid - errors)} invalid "
-            f"answers, {ties} ties{err}"
-            + (f"; last answer: {last}" if last else "")
+            f"{pairs} pairs, {errors} errors{kind_text}, {answers} invalid answers{last}, {ties} ties{err}"
             + f"; the checkpoint is the state after step {first - 1}, so a resumed run "
             "redoes those steps"
         )

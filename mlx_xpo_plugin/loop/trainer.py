@@ -123,13 +123,10 @@ class OnlineTrainer:
         n_valid, n_scored, n_pairs, n_errors = (int(x) for x in self._all_sum(mx.array(local)).tolist())
         metrics["pairs/valid"], metrics["pairs/scored"] = n_valid, n_scored
         self.guard.judged(n_pairs, n_errors)
-        errors = self.guard.error_line(n_pairs, n_errors)
+        errors = self.guard.error_line(n_pairs, n_errors, metrics)
         if n_valid == 0:
-            invalid = int(metrics.get("judge/invalid", 0)) - error_count(metrics)
-            self.log(
-                f"step {self.step}: no valid pair ({errors + '; ' if errors else ''}{invalid} invalid, "
-                f"{int(metrics.get('judge/ties', 0))} ties): no update"
-            )
+            counts = self.guard.verdict_counts(metrics, n_pairs, n_errors)
+            self.log(f"step {self.step}: no valid pair ({counts}): no update")
             self.guard.no_valid_pair(metrics, n_pairs, n_errors)
             return None
         if errors:

@@ -108,3 +108,31 @@ def test_a_setting_only_process_1_refuses_reaches_process_0s_line(tiny_model_pat
     assert "expected a local folder with train.jsonl" in lines[0]
     assert "Node with rank 0 exited with code 2" in r.stderr and "Node with rank 1 exited with code 2" in r.stderr
     assert files_under(root / "disk-1") == [] and "ad" not in os.listdir(root / "disk-0")
+
+
+FAILS_ON_PROCESS_1 = """
+import mlx.core as mx
+
+calls = 0
+
+def judge(prompt, a, b):
+    global calls
+    calls += 1
+    if mx.distributed.init().rank() == 1 and calls > 2:  # its first step's 2 pairs, then it raises
+        raise ValueError("the judge's service is down on host 1")
+    return 0 if a.count("e") >= b.count("e") else 1
+"""
+
+
+def test_the_judge_failing_on_process_1_is_named_on_process_0s_line(tiny_model_path, hosts):
+    root, env = hosts
+    (root / "judge1.py").write_text(FAILS_ON_PROCESS_1)
+    kw = dict(judge=f"{root / 'judge1.py'}:judge", iters=2, steps_per_eval=100)
+    cfg = write_cfg(root, **base_cfg(tiny_model_path, small_data(root, 8), root / "host" / "ad", **kw))
+    r = launch(["--train-mode", "xpo", "--config", cfg], env, private=True)
+    assert "exited with code" not in r.stderr, r.stderr[-3000:]
+    assert (
+        "step 2: the judge failed on 2 of 4 pairs (2 errors: ValueError: the judge's service is down on host 1 "
+        "(on process 1 of 2))"
+    ) in r.stdout, r.stdout[-2000:]
+    assert files_under(root / "disk-1") == []

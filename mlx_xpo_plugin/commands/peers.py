@@ -33,7 +33,7 @@ from mlx_xpo_plugin.errors import ConfigError, SaveFailed
 from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.atomic import save_json
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost
-from mlx_xpo_plugin.loop.share import Elsewhere, exit_status, gather
+from mlx_xpo_plugin.loop.share import Elsewhere, exit_status, gather, wait_for_process_0
 
 
 class PeerRefused(RuntimeError):
@@ -79,23 +79,26 @@ def peer_error_file(adapter_path: str, rank: int) -> str:
 
 def peer_run(cfg, rank: int, body) -> int:
     """A process other than 0. It prints nothing and writes nothing while process 0 runs: a stop
-    shared with process 0 (start-up, a step, a refused resume) is said by process 0; any other
-    failure of its own goes to a file that process 0 reports when it finds it (a shared disk).
-    It speaks itself only when process 0 is gone."""
+    shared with process 0 (start-up, a step, a refused resume) is said by process 0, and this
+    process ends after it, with the same status; any other failure of its own goes to a file
+    that process 0 reports when it finds it (a shared disk). It speaks itself only when
+    process 0 is gone."""
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            return body()
+            status = body()
     except Elsewhere as e:  # process 0 says why
-        return e.exit_status
+        status = e.exit_status
     except PeerLost as e:  # process 0 is gone: this process says so
         where = os.path.join(cfg.adapter_path, "checkpoint")
         print(f"error: {e}; its last checkpoint is on its host ({where}): resume from it", file=sys.stderr)
         return Exit.PEER
     except Exception as e:
-        status, msg = exit_status(e), one_line(e)
-    with contextlib.suppress(OSError):
-        save_json(peer_error_file(cfg.adapter_path, rank), {"rank": rank, "error": msg})
+        with contextlib.suppress(OSError):
+            save_json(peer_error_file(cfg.adapter_path, rank), {"rank": rank, "error": one_line(e)})
+        return exit_status(e)
+    if status:
+        wait_for_process_0()
     return status
 
 

@@ -11,6 +11,8 @@ bit (arrays travel as their bytes: no float addition ever touches them).
 * :func:`gather` -- one JSON-able value from every process, the list of them on every process.
 * :func:`stop_together` -- a step that one process cannot finish (its judge raised or asked to
   stop) ends on every process, with that process's reason.
+* :func:`first_said` -- the first process's text of several (a judge's last error, for process 0's line).
+* :func:`wait_for_process_0` -- a process that stops with process 0 ends after it.
 
 An exception raised by ``read()`` on process 0 is raised there as it was; every other process
 raises :class:`Elsewhere` with the exit status process 0 will end with (process 0 says why; the
@@ -19,7 +21,10 @@ others stop silently with the same status). With one process each is a plain cal
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
@@ -137,4 +142,39 @@ def stop_together(failure: Optional[BaseException]) -> None:
     rank, said = next((r, x) for r, x in enumerate(gather(mine)) if x is not None)
     if said["stop"]:
         raise StopTraining(said["message"])
-    raise JudgeFailure(f"{said['message']} (on process {rank} of {g.size()})")
+    raise JudgeFailure(f"{said['message']} (on process {rank} of {g.size()})" if rank else said["message"])
+
+
+def first_said(text: Optional[str]) -> Optional[str]:
+    """Every process's ``text`` (None: nothing to say); the first one, naming its process when it
+    is not process 0's, on every process."""
+    said = [(r, x) for r, x in enumerate(gather(text)) if x is not None]
+    if not said:
+        return None
+    rank, first = said[0]
+    return first if rank == 0 else f"{first} (on process {rank} of {group().size()})"
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null: what the backend itself prints about a closed connection."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def wait_for_process_0() -> None:
+    """Return once process 0 has ended: a collective operation that only its exit completes (with
+    an error). A process that stops together with process 0 calls this before it exits, since
+    mlx.launch terminates every process as soon as one ends with a non-zero status: process 0
+    is not cut short before it has saved and said why."""
+    if group().size() == 1:
+        return
+    with _quiet_stderr(), contextlib.suppress(RuntimeError):
+        mx.eval(_sum(mx.array(0)))

@@ -36,7 +36,7 @@ from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples
 from mlx_xpo_plugin.loop.prompts import PromptOrder, PromptSet
 from mlx_xpo_plugin.loop.run_loop import run_loop
 from mlx_xpo_plugin.loop.schedule import get_current_alpha
-from mlx_xpo_plugin.loop.share import stop_together
+from mlx_xpo_plugin.loop.share import first_said, stop_together
 
 __all__ = ["OnlineTrainer", "PromptSet"]
 
@@ -124,6 +124,8 @@ class OnlineTrainer:
             stop_together(failed)  # raises the first failing process's error on every process
         n_valid, n_scored, n_pairs, n_errors = sums[:-1]
         metrics["pairs/valid"], metrics["pairs/scored"] = n_valid, n_scored
+        if n_errors and self.world > 1:  # the reason of an error on any process, for process 0's line
+            self.judge.last_error = first_said(self.judge.last_error if error_count(metrics) else None)
         self.guard.judged(n_pairs, n_errors)
         errors = self.guard.error_line(n_pairs, n_errors)
         if n_valid == 0:

@@ -32,7 +32,7 @@ import mlx.core as mx
 from mlx_xpo_plugin.errors import ConfigError, SaveFailed
 from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.atomic import save_json
-from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost
+from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, is_peer_loss
 from mlx_xpo_plugin.loop.share import Elsewhere, exit_status, gather, wait_for_process_0
 
 
@@ -94,6 +94,8 @@ def peer_run(cfg, rank: int, body) -> int:
         print(f"error: {e}; its last checkpoint is on its host ({where}): resume from it", file=sys.stderr)
         return Exit.PEER
     except Exception as e:
+        if is_peer_loss(mx.distributed.init().size(), e):  # process 0 gone before training: it said why
+            return Exit.PEER
         with contextlib.suppress(OSError):
             save_json(peer_error_file(cfg.adapter_path, rank), {"rank": rank, "error": one_line(e)})
         return exit_status(e)

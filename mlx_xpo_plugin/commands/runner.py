@@ -39,7 +39,7 @@ from mlx_xpo_plugin.exits import Exit, of_run
 from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.loop.atomic import save_json
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, intact_checkpoint
-from mlx_xpo_plugin.loop.share import Elsewhere
+from mlx_xpo_plugin.loop.share import Elsewhere, ignore_sigterm
 from mlx_xpo_plugin.loop.win_rate import describe
 
 __all__ = ["mode_main", "plan_steps", "preflight", "resume_command", "run"]
@@ -112,6 +112,13 @@ def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
     if rank != 0:  # data parallel: only process 0 prints, reads and writes the run's files
         sys.stdout = open(os.devnull, "w")
         return peer_run(cfg, rank, lambda: _peer(cfg, method_cls, training_callback))
+    try:
+        return _run_process_0(cfg, method_cls, training_callback, progress)
+    finally:
+        ignore_sigterm()  # data parallel: the others end as soon as process 0's connections close
+
+
+def _run_process_0(cfg, method_cls, training_callback, progress: bool) -> int:
     start_together(lambda: preflight(cfg))
     if not cfg.train:
         return _run(cfg, method_cls, training_callback, progress)

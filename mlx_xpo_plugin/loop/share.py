@@ -12,7 +12,9 @@ bit (arrays travel as their bytes: no float addition ever touches them).
 * :func:`stop_together` -- a step that one process cannot finish (its judge raised or asked to
   stop) ends on every process, with that process's reason.
 * :func:`first_said` -- the first process's text of several (a judge's last error, for process 0's line).
-* :func:`wait_for_process_0` -- a process that stops with process 0 ends after it.
+* :func:`wait_for_process_0` -- a process that stops with process 0 ends after it, and
+  :func:`ignore_sigterm` lets a process whose run is over end with its status (mlx.launch's
+  SIGTERM comes while it ends).
 
 An exception raised by ``read()`` on process 0 is raised there as it was; every other process
 raises :class:`Elsewhere` with the exit status process 0 will end with (process 0 says why; the
@@ -24,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
@@ -173,8 +177,20 @@ def wait_for_process_0() -> None:
     """Return once process 0 has ended: a collective operation that only its exit completes (with
     an error). A process that stops together with process 0 calls this before it exits, since
     mlx.launch terminates every process as soon as one ends with a non-zero status: process 0
-    is not cut short before it has saved and said why."""
+    is not cut short before it has saved and said why. This process ends next, with the same
+    status: the SIGTERM mlx.launch sends it once process 0 has ended is ignored from here on."""
     if group().size() == 1:
         return
+    ignore_sigterm()
     with _quiet_stderr(), contextlib.suppress(RuntimeError):
         mx.eval(_sum(mx.array(0)))
+
+
+def ignore_sigterm() -> None:
+    """Data parallel, a process whose run is over (it ends next, with its status): mlx.launch
+    sends SIGTERM to every process once one has ended with a non-zero status, and a process still
+    ending (Python's and MLX's teardown, after which the others see it gone) would be killed by it
+    and reported with code -15. Ignored, not handled: a Python handler is removed before that
+    teardown ends. Only under mlx.launch and in the main thread."""
+    if group().size() > 1 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

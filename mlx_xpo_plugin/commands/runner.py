@@ -39,7 +39,7 @@ from mlx_xpo_plugin.exits import Exit, of_run
 from mlx_xpo_plugin.host.fast_blas import banner_line as blas_line
 from mlx_xpo_plugin.loop.atomic import save_json
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, intact_checkpoint
-from mlx_xpo_plugin.loop.share import Elsewhere, ignore_sigterm
+from mlx_xpo_plugin.loop.share import Elsewhere, ignore_sigterm, wait_for_process_0
 from mlx_xpo_plugin.loop.win_rate import describe
 
 __all__ = ["mode_main", "plan_steps", "preflight", "resume_command", "run"]
@@ -274,7 +274,8 @@ def mode_main(method_cls):
         except PeerRefused as e:  # data parallel: another process refused to start
             err(str(e))
             return e.exit_status
-        except Elsewhere as e:  # data parallel: process 0 says why
+        except Elsewhere as e:  # data parallel: process 0 says why (a read shared before run())
+            wait_for_process_0()
             return e.exit_status
         except JudgeFailure as e:  # the judge raised outside training (the test phase)
             err(str(e))

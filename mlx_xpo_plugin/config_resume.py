@@ -31,6 +31,7 @@ from mlx_xpo_plugin import config
 from mlx_xpo_plugin.errors import ConfigError
 from mlx_xpo_plugin.loop.checkpoints import read_state
 from mlx_xpo_plugin.loop.jsonio import dumps
+from mlx_xpo_plugin.loop.share import from_rank0
 
 #: judge_config keys that say how verdicts are fetched, not what they are
 JUDGE_TRANSPORT = ("api_key_env", "timeout", "max_retries", "backoff", "concurrency", "batch_size")
@@ -61,7 +62,7 @@ def resolve_run(mode: str, cli: dict, explicit: set, yaml_values: dict):
     path = resume_path(cli, explicit, yaml_values)
     if not path:
         return config.resolve(mode, cli, explicit, yaml_values)
-    d, state = read_state(path)
+    d, state = from_rank0(lambda: read_state(path))  # data parallel: process 0 reads, every process receives
     stored = stored_settings(state)
     base = {k: v for k, v in stored.items() if k in config.SETTINGS and config.SETTINGS[k].on_resume != "this_run"}
     base["adapter_path"] = run_folder(d, path)

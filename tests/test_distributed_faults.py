@@ -16,6 +16,7 @@ from mlx_xpo_plugin.commands.hints import command
 from mlx_xpo_plugin.commands.peers import peer_errors, peer_run
 from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.faults import JudgeFailure
+from mlx_xpo_plugin.loop.share import Elsewhere
 
 SLOW_JUDGE = """
 import os, time
@@ -91,7 +92,7 @@ def test_a_process_stopping_with_its_own_error_is_reported_once_by_process_0(tmp
     def fails():
         raise JudgeFailure("the judge 'j' raised ValueError: bad at step 3")
 
-    assert peer_run(type("C", (), {"adapter_path": str(tmp_path)}), 1, fails) == 1
+    assert peer_run(type("C", (), {"adapter_path": str(tmp_path)}), 1, fails) == Exit.JUDGE
     assert capsys.readouterr().err == ""  # process 1 says nothing itself
     assert peer_errors(str(tmp_path), wait=0) == ["process 1 stopped: the judge 'j' raised ValueError: bad at step 3"]
     assert os.listdir(tmp_path) == []  # read once
@@ -102,8 +103,15 @@ def test_a_process_stopping_with_its_own_error_is_reported_once_by_process_0(tmp
         print("error: the judge 'j' failed on every pair of step 1", file=sys.stderr)
         return status
 
+    # a run that ends with a status stopped together with process 0, which says why: no file
     assert peer_run(type("C", (), {"adapter_path": str(tmp_path)}), 1, stops) == Exit.JUDGE
-    assert peer_errors(str(tmp_path), wait=0) == ["process 1 stopped: the judge 'j' failed on every pair of step 1"]
+    assert capsys.readouterr().err == "" and os.listdir(tmp_path) == []
+
+    def refused():
+        raise Elsewhere(Exit.BAD_INPUT)  # process 0 refused to start, or its read failed
+
+    assert peer_run(type("C", (), {"adapter_path": str(tmp_path)}), 1, refused) == Exit.BAD_INPUT
+    assert capsys.readouterr().err == "" and os.listdir(tmp_path) == []
 
 
 LAUNCHER_STOPS_THE_SURVIVOR = r"""

@@ -3,6 +3,10 @@
 The composition root. :func:`preflight` checks every setting that needs no model (nothing is
 written); :func:`run` takes the folder and its lock; :func:`_run` is the run's named steps: load
 the models, build the judge, build the trainer, train, test, fuse (the parts: build.py).
+
+Data parallel (``mlx.launch``, hosts that may share no disk): process 0 alone checks, reads and
+writes ``adapter_path``; every process checks its own model, data and judge; the processes start
+or refuse together (peers.py) and a resume's checkpoint reaches the others from process 0.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from mlx_xpo_plugin.commands.hints import (
     note_unused_upstream,
     resume_line,
 )
-from mlx_xpo_plugin.commands.peers import discard_peer_errors, peer_errors, peer_run
+from mlx_xpo_plugin.commands.peers import PeerRefused, discard_peer_errors, peer_errors, peer_run, start_together
 from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created, hold
 from mlx_xpo_plugin.compute.models import model_folder
 from mlx_xpo_plugin.compute.quantized import folder_quantization, refuse_full
@@ -43,6 +47,7 @@ from mlx_xpo_plugin.exits import Exit, of_run
 from mlx_xpo_plugin.loop.atomic import save_json
 from mlx_xpo_plugin.loop.checkpoints import check_resume, read_state
 from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, intact_checkpoint
+from mlx_xpo_plugin.loop.share import Elsewhere, ignore_sigterm, wait_for_process_0
 from mlx_xpo_plugin.loop.win_rate import describe
 
 __all__ = ["mode_main", "plan_steps", "preflight", "resume_command", "run"]
@@ -54,12 +59,15 @@ def err(msg: str) -> None:
 
 def preflight(cfg) -> list[str]:
     """Every check that needs no model: resume file, output folder, data files, then the model
-    paths and the judge (a hub id downloads there, so it comes last). Returns the settings a
+    paths and the judge (a hub id downloads there, so it comes last); the resume file and the
+    output folder on process 0 only (the run's files are on its disk). Returns the settings a
     resumed run changes (config_resume.check), for its first line."""
     from mlx_xpo_plugin.commands.data import check_data
 
-    changes = config_resume.check(cfg, *read_state(cfg.resume_adapter_file)) if cfg.resume_adapter_file else []
-    if cfg.train:
+    writer = mx.distributed.init().rank() == 0
+    resumed = cfg.resume_adapter_file and writer
+    changes = config_resume.check(cfg, *read_state(cfg.resume_adapter_file)) if resumed else []
+    if cfg.train and writer:
         check_writable("adapter_path", cfg.adapter_path)
         check_free("adapter_path", cfg.adapter_path)  # a run training there now is named first
         prior_run.check(cfg, resume_command)  # another run's files there: refused, named
@@ -75,7 +83,7 @@ def preflight(cfg) -> list[str]:
         )
     if cfg.wandb and cfg.train and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb", cfg.wandb, "reporting to WandB needs the wandb package (pip install wandb)")
-    if cfg.resume_adapter_file:
+    if resumed:
         check_resume(cfg.resume_adapter_file, cfg)
     model_dir = model_folder("model", cfg.model)  # a hub id downloads here: every cheaper check comes first
     if cfg.train and cfg.train_type == "full":
@@ -113,11 +121,18 @@ def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
     """Run a resolved config (see config.resolve) with a method (online_dpo_trainer.OnlineDPO,
     xpo_trainer.XPO). Returns the exit status. Nothing is written before every check that needs
     no model has passed; a refusal after loading removes the folder it created."""
-    changes = preflight(cfg)
-    rank = mx.distributed.init().rank()  # under mlx.launch: every process has passed its preflight
-    if rank != 0:  # data parallel: only rank 0 prints and writes
+    rank = mx.distributed.init().rank()
+    if rank != 0:  # data parallel: only process 0 prints, reads and writes the run's files
         sys.stdout = open(os.devnull, "w")
-        return peer_run(cfg, rank, lambda: _run(cfg, method_cls, training_callback, progress))
+        return peer_run(cfg, rank, lambda: _peer(cfg, method_cls, training_callback))
+    try:
+        return _run_process_0(cfg, method_cls, training_callback, progress)
+    finally:
+        ignore_sigterm()  # data parallel: the others end as soon as process 0's connections close
+
+
+def _run_process_0(cfg, method_cls, training_callback, progress: bool) -> int:
+    changes = start_together(lambda: preflight(cfg))
     if not cfg.train:
         return _run(cfg, method_cls, training_callback, progress)
     if changes:
@@ -132,22 +147,37 @@ def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
             discard_peer_errors(cfg.adapter_path)
 
 
+def _peer(cfg, method_cls, training_callback) -> int:
+    """A process other than 0: its checks, then its share of the training (a test-only run's
+    evaluation, the test and the fused model are process 0's)."""
+    start_together(lambda: preflight(cfg))
+    return _run(cfg, method_cls, training_callback, False) if cfg.train else Exit.DONE
+
+
 def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     """The steps of a run; returns its exit status (see exits.py)."""
     announce(cfg)
-    models = load_models(cfg)
-    judge = build_the_judge(cfg, models)
+    parts = []  # (models, judge): the judge is closed however the run ends
+
+    def build():
+        parts.append(load_models(cfg))
+        parts.append(build_the_judge(cfg, parts[0]))
+        return build_trainer(cfg, method_cls, *parts, training_callback, progress)
+
     try:
-        trainer = build_trainer(cfg, method_cls, models, judge, training_callback, progress)
+        trainer = start_together(build) if cfg.train else build()  # data parallel: all loaded, or none starts
         status, moved = train(cfg, trainer) if cfg.train else (Exit.DONE, [])
+        if trainer.rank != 0:
+            return status
         if cfg.test and status == Exit.DONE:
             status = test(cfg, trainer)
         if cfg.fuse and cfg.train and status == Exit.DONE:
-            fuse(cfg, models)
+            fuse(cfg, parts[0])
         if "training.png" in moved and status == Exit.DONE:
             plot_again(cfg)
     finally:
-        judge.close()
+        if len(parts) > 1:
+            parts[1].close()
     return status
 
 
@@ -164,9 +194,10 @@ def train(cfg, trainer) -> tuple[int, list]:
     earlier part's results a resume moved aside (prior_run.RESULTS)."""
     from mlx_xpo_plugin.loop.checkpoints import load_resume
 
-    resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None
+    resume = load_resume(cfg.resume_adapter_file, cfg) if cfg.resume_adapter_file else None  # every process
     moved = prior_run.begin_writing(cfg, resume) if trainer.rank == 0 else []  # the first write of the run
-    write_adapter_config(cfg)
+    if trainer.rank == 0:
+        write_adapter_config(cfg)
     iters, per_epoch, per_step = plan_steps(cfg, len(trainer.train_set), trainer.world)
     print(f"training {iters} steps ({per_epoch} per epoch, {per_step} prompts per step, 2 completions each)")
     if resume:
@@ -178,6 +209,8 @@ def train(cfg, trainer) -> tuple[int, list]:
         print(f"resume with: {resume_command(cfg)}")
         return Exit.SAVE, moved
     except PeerLost as e:  # data parallel: nothing saved for the step in progress
+        if trainer.rank != 0:
+            raise  # said by peers.peer_run
         why = "; ".join(peer_errors(cfg.adapter_path)) or str(e)
         then = f"resume with: {resume_command(cfg)}"
         err(f"{why}; {intact_checkpoint(cfg.adapter_path, then)}")  # one line
@@ -268,6 +301,12 @@ def mode_main(method_cls):
         except ConfigError as e:
             err(str(e))
             return Exit.BAD_INPUT
+        except PeerRefused as e:  # data parallel: another process refused to start
+            err(str(e))
+            return e.exit_status
+        except Elsewhere as e:  # data parallel: process 0 says why (a read shared before run())
+            wait_for_process_0()
+            return e.exit_status
         except JudgeFailure as e:  # the judge raised outside training (the test phase)
             err(str(e))
             return Exit.JUDGE

@@ -27,6 +27,7 @@ from mlx_xpo_plugin.errors import ConfigError, SaveFailed
 from mlx_xpo_plugin.loop import atomic as ckpt
 from mlx_xpo_plugin.loop.faults import capture
 from mlx_xpo_plugin.loop.faults import restore as restore_judge
+from mlx_xpo_plugin.loop.share import arrays_from_rank0, from_rank0
 
 #: settings that must match for a checkpoint to be resumed: those the settings table marks
 #: ``on_resume="same"`` (config.py; the other rules are applied by config_resume.py)
@@ -167,20 +168,30 @@ def check_resume(path: str, cfg) -> tuple[str, dict]:
 
 
 def load_resume(path: str, cfg) -> dict:
-    """The checked checkpoint with its optimizer state and adapters."""
-    d, state = check_resume(path, cfg)
-    files = state.get("files") or {n: f"{n}.safetensors" for n in ("adapters", "optimizer")}
+    """The checked checkpoint with its optimizer state and adapters. Data parallel: read and
+    checked by process 0 alone (the checkpoint is on its disk), then sent to every process
+    (share.py); a refusal is process 0's, and every process stops with it."""
+    held = {}
+
+    def read() -> dict:
+        d, state = check_resume(path, cfg)
+        files = state.get("files") or {n: f"{n}.safetensors" for n in ("adapters", "optimizer")}
+        for name in ("adapters", "optimizer"):
+            arrays, meta = mx.load(os.path.join(d, files[name]), return_metadata=True)
+            if meta.get("step") != str(state["step"]):
+                raise ConfigError(
+                    "resume_adapter_file",
+                    path,
+                    f"the checkpoint is incomplete ({name} from step "
+                    f"{meta.get('step')}, state from step {state['step']}); the run was killed "
+                    "while saving: resume from an earlier NNNNNNN_adapters.safetensors",
+                )
+            held[name] = arrays
+        return state
+
+    state = from_rank0(read)
     for name in ("adapters", "optimizer"):
-        arrays, meta = mx.load(os.path.join(d, files[name]), return_metadata=True)
-        if meta.get("step") != str(state["step"]):
-            raise ConfigError(
-                "resume_adapter_file",
-                path,
-                f"the checkpoint is incomplete ({name} from step "
-                f"{meta.get('step')}, state from step {state['step']}); the run was killed "
-                "while saving: resume from an earlier NNNNNNN_adapters.safetensors",
-            )
-        state[name] = arrays
+        state[name] = arrays_from_rank0(lambda name=name: held[name])
     return state
 
 

@@ -27,9 +27,10 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlx_xpo_plugin.contracts import as_judge
+from mlx_xpo_plugin.errors import StopTraining
 from mlx_xpo_plugin.loop.checkpoints import LoopState, save_checkpoint
 from mlx_xpo_plugin.loop.evaluation import evaluate
-from mlx_xpo_plugin.loop.faults import Guard, error_count
+from mlx_xpo_plugin.loop.faults import Guard, JudgeFailure, error_count
 from mlx_xpo_plugin.loop.metrics import merge_step_metrics
 from mlx_xpo_plugin.loop.overlap import ReferenceRows, judge_while
 from mlx_xpo_plugin.loop.pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
@@ -37,6 +38,7 @@ from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples
 from mlx_xpo_plugin.loop.prompts import PromptOrder, PromptSet
 from mlx_xpo_plugin.loop.run_loop import run_loop
 from mlx_xpo_plugin.loop.schedule import get_current_alpha
+from mlx_xpo_plugin.loop.share import first_said, stop_together
 
 __all__ = ["OnlineTrainer", "PromptSet"]
 
@@ -81,7 +83,8 @@ class OnlineTrainer:
         self.stop_requests = 0  # Ctrl-C / SIGTERM: finish the step, save, stop
         self.completions_log = None
         self.reference_rows: Optional[ReferenceRows] = None  # a concurrent judge's step (overlap.py)
-        os.makedirs(settings.adapter_path, exist_ok=True)
+        if self.rank == 0:  # data parallel: the run's files are process 0's
+            os.makedirs(settings.adapter_path, exist_ok=True)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
         self.guard = Guard(self, judge_name)  # wraps the judge: judge failures and rollbacks (faults.py)
 
@@ -114,14 +117,24 @@ class OnlineTrainer:
         s = self.settings
         self.order.begin_step()
         self.reference_rows = ReferenceRows(self.reference, self.pairs_per_pass) if self.judge.concurrent else None
-        pairs = []
-        for _ in range(s.gradient_accumulation_steps):
-            pairs += self.collect_pairs(self.order.take(), metrics)  # sample -> judge -> keep
+        pairs, failed = [], None
+        try:
+            for _ in range(s.gradient_accumulation_steps):
+                pairs += self.collect_pairs(self.order.take(), metrics)  # sample -> judge -> keep
+        except (JudgeFailure, StopTraining) as e:
+            if self.world == 1:
+                raise
+            failed = e  # data parallel: every process learns it at the step's first sum
         beta, alpha = self.schedule()
         metrics.update(alpha=alpha, beta=beta, temperature=s.temperature, max_completion_length=s.max_completion_length)
         local = [sum(p.decided for p in pairs), len(pairs), int(metrics.get("judge/pairs", 0)), error_count(metrics)]
-        n_valid, n_scored, n_pairs, n_errors = (int(x) for x in self._all_sum(mx.array(local)).tolist())
+        sums = [int(x) for x in self._all_sum(mx.array([*local, int(failed is not None)])).tolist()]
+        if sums[-1]:
+            stop_together(failed)  # raises the first failing process's error on every process
+        n_valid, n_scored, n_pairs, n_errors = sums[:-1]
         metrics["pairs/valid"], metrics["pairs/scored"] = n_valid, n_scored
+        if n_errors and self.world > 1:  # the reason of an error on any process, for process 0's line
+            self.judge.last_error = first_said(self.judge.last_error if error_count(metrics) else None)
         self.guard.judged(n_pairs, n_errors)
         errors = self.guard.error_line(n_pairs, n_errors, metrics)
         if n_valid == 0:

@@ -136,6 +136,15 @@ def test_eval_without_a_training_run_names_what_is_missing(tmp_path, capsys):
     assert err.count("\n") == 1 and "model: None is not valid; not given" in err and "pass --model" in err
 
 
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
+    def interrupted(ns):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "evaluate", interrupted)  # Ctrl-C while eval samples, judges or downloads
+    assert cli.main(["eval", "--adapter-path", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
 def test_a_run_prints_the_win_rate_with_its_interval_and_never_nan(demo_run):
     _, _, stdout = demo_run
     assert "step 0 (untrained baseline): validation win-rate vs reference " in stdout

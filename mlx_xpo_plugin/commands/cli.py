@@ -23,6 +23,7 @@ from mlx_xpo_plugin.commands.estimate import add_parser as add_estimate
 from mlx_xpo_plugin.commands.hints import command
 from mlx_xpo_plugin.cpu.fast_blas import request
 from mlx_xpo_plugin.errors import ConfigError
+from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.win_rate import describe, interval
 
 
@@ -292,6 +293,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in eval, estimate or a download: one line, no traceback
+        print("error: interrupted", file=sys.stderr)
+        return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":

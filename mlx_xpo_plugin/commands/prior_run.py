@@ -115,7 +115,7 @@ def check(cfg, resume_command) -> None:
     """Refuse a training run on a folder holding another run (see the module docstring); when
     there is a checkpoint, the refusal names the command that resumes it,
     ``resume_command(cfg, its mode, its number of processes)``, with this run's ``iters`` where
-    a finished run would go further."""
+    a finished run would go further (else twice the finished run's steps)."""
     if not cfg.train or getattr(cfg, "start_over", False) or resumes_here(cfg):
         return
     if not run_files(cfg.adapter_path):
@@ -128,7 +128,7 @@ def check(cfg, resume_command) -> None:
         resume = resume_command(cfg, made.get("train_mode"), made.get("processes") or 1)
         if state.get("final"):
             more = cfg.iters if isinstance(cfg.iters, int) and cfg.iters > state["step"] else None
-            resume += f" --iters {more}" if more else f" --iters <more than {state['step']}>"
+            resume += f" --iters {more or 2 * state['step']}"  # runnable as printed: twice as long
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     raise RunExists(cfg.adapter_path, describe(cfg.adapter_path), resume)

@@ -27,6 +27,7 @@ from mlx_xpo_plugin.commands.estimate import projection_line
 from mlx_xpo_plugin.commands.hints import command, ignored_judge_system, kernel_note, note_unused_upstream
 from mlx_xpo_plugin.commands.peers import discard_peer_errors, peer_errors, peer_run
 from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created, hold
+from mlx_xpo_plugin.compute.device import wired_limit
 from mlx_xpo_plugin.compute.models import model_folder
 from mlx_xpo_plugin.compute.quantized import folder_quantization, refuse_full
 from mlx_xpo_plugin.contracts import JudgeContext
@@ -118,6 +119,7 @@ def run(cfg, method_cls, training_callback=None, progress: bool = True) -> int:
             discard_peer_errors(cfg.adapter_path)
 
 
+@wired_limit()  # as upstream's trainers on Metal; nothing on a CPU
 def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     """The steps of a run; returns its exit status (see exits.py)."""
     announce(cfg)

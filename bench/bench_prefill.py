@@ -2,7 +2,7 @@
 against the last position's only (decode.prefill), time and peak memory, in one process.
 
     python bench/bench_prefill.py                             # q05, 4 rows, prompts 64, 256, 1024
-    python bench/bench_prefill.py --prompts 64,256 --rounds 1 # a short run
+    python bench/bench_prefill.py --prompts 64,256 --parts rollout   # a short run
 
 Qwen2.5-0.5B's shape (24 layers, vocabulary 151,936), bf16 checkpoint loaded as a run loads it
 (bench_limits.load_as_run: float32 on the CPU). One rollout = ``decode.generate`` of ``--rows``
@@ -78,7 +78,7 @@ def cell(xs, nd):
 def summary(data: dict) -> dict:
     out = {"same_tokens": data["same_tokens"], "max_logprob_diff": data["max_logprob_diff"]}
     for p in data["prompts"]:
-        for what in ("rollout", "prompt pass"):
+        for what in data["parts"]:
             s = {v: B.median([r[f"{p}/{what}/{v}"]["seconds"] for r in data["runs"]]) for v in VARIANTS}
             m = {v: B.median([r[f"{p}/{what}/{v}"]["peak_mb"] for r in data["runs"]]) for v in VARIANTS}
             key = f"{p}_{what.replace(' ', '_')}"
@@ -100,7 +100,7 @@ def render(data: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for p in data["prompts"]:
-        for what in ("prompt pass", "rollout"):
+        for what in data["parts"]:
             runs = {v: [r[f"{p}/{what}/{v}"] for r in data["runs"]] for v in VARIANTS}
             lines.append(
                 f"| {p} | {what} | "
@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--prompts", default="64,256,1024", help="comma-separated prompt lengths")
     ap.add_argument("--tokens", type=int, default=16, help="tokens sampled per rollout")
+    ap.add_argument("--parts", default="prompt pass,rollout", help="what to time: prompt pass, rollout or both")
     ap.add_argument("--name", default="prefill")
     ap.add_argument("--render-only", action="store_true")
     ns = ap.parse_args()
@@ -139,6 +140,7 @@ def main():
         "rows": ns.rows,
         "tokens": ns.tokens,
         "prompts": prompts,
+        "parts": ns.parts.split(","),
         "machine": B.machine(),
         "load_before": B.loadavg(),
         "runs": [],
@@ -146,7 +148,7 @@ def main():
     rollout(model, ns.rows, 8, 2)  # the first call traces the decode step and builds its kernels
     seen, diffs = {}, []
     for r in range(ns.rounds):
-        order = [(p, w, v) for p in prompts for w in ("prompt pass", "rollout") for v in VARIANTS]
+        order = [(p, w, v) for p in prompts for w in data["parts"] for v in VARIANTS]
         out = {}
         for p, what, v in order[::-1] if r % 2 else order:
             with variant(v):

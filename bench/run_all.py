@@ -35,6 +35,8 @@ QUICK_ARGS = {
     "blas": ["--rounds", "2"],
     "exploration": ["--quick"],
     "limits": ["--rounds", "1"],
+    "vocab": ["--rounds", "2", "--completion", "128"],
+    "prefill": ["--prompts", "64,256", "--rounds", "2", "--tokens", "8"],
 }
 #: scripts left out unless named in --only, and why
 OPTIONAL = {

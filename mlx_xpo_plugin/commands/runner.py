@@ -38,6 +38,7 @@ from mlx_xpo_plugin.commands.hints import (
 )
 from mlx_xpo_plugin.commands.peers import PeerRefused, discard_peer_errors, peer_errors, peer_run, start_together
 from mlx_xpo_plugin.commands.run_lock import check_free, check_writable, created, hold
+from mlx_xpo_plugin.compute.device import wired_limit
 from mlx_xpo_plugin.compute.models import model_folder
 from mlx_xpo_plugin.compute.quantized import folder_quantization, refuse_full
 from mlx_xpo_plugin.contracts import JudgeContext
@@ -154,6 +155,7 @@ def _peer(cfg, method_cls, training_callback) -> int:
     return _run(cfg, method_cls, training_callback, False) if cfg.train else Exit.DONE
 
 
+@wired_limit()  # as upstream's trainers on Metal; nothing on a CPU
 def _run(cfg, method_cls, training_callback, progress: bool) -> int:
     """The steps of a run; returns its exit status (see exits.py)."""
     announce(cfg)

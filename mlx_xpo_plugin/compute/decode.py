@@ -15,6 +15,9 @@ i may attend to slot j iff ``pad[b] <= j <= i``. These are the same positions an
 mlx-lm's ``BatchKVCache``, so the tokens are those of mlx-lm's ``BatchGenerator`` (checked in the
 tests with greedy sampling).
 
+The prompt pass (:func:`prefill`) applies the output layer at the prompt's last position only,
+as mlx-lm's ``generate_step`` does: the earlier positions' logits are never computed.
+
 Models whose cache is not a plain ``KVCache`` per layer (sliding windows, state-space layers,
 quantised caches) keep using ``BatchGenerator``: :func:`supports` tells which.
 """
@@ -107,7 +110,7 @@ def generate(
     n_layers = len(make_prompt_cache(model))
 
     caches = [StaticKVCache(capacity, pad) for _ in range(n_layers)]
-    logits = model(x, cache=caches)[:, -1, :]
+    logits = prefill(model, x, caches)
 
     def step(tokens, index, left_padding, *kv):
         layer_caches = [StaticKVCache(capacity, left_padding, index, kv[2 * i], kv[2 * i + 1]) for i in range(n_layers)]
@@ -126,6 +129,18 @@ def generate(
         return _token_loop(mx.compile(step, inputs=[model.state]), logits, pad, caches, max_tokens, sampler, stop_ids)
     finally:
         model.update(tree_unflatten(weights))
+
+
+def prefill(model: nn.Module, x: mx.array, caches: list) -> mx.array:
+    """Fill ``caches`` with the prompt ``x`` [B, width] and return the logits at its last position
+    [B, vocab], the only ones sampled from. As mlx-lm's ``generate_step`` prefills: every position
+    but the last goes through the model and only the caches are evaluated, so the output layer's
+    product for those positions (rows x (width - 1) x hidden x vocab) stays an unevaluated graph
+    and is never computed; then the last position runs against the cache."""
+    if x.shape[1] > 1:
+        model(x[:, :-1], cache=caches)  # its logits are never evaluated
+        mx.eval([a for c in caches for a in (c.keys, c.values, c.index)])
+    return model(x[:, -1:], cache=caches)[:, -1, :]
 
 
 def _token_loop(decode_step, logits, pad, caches, max_tokens, sampler, stop_ids) -> list[list[int]]:

@@ -6,6 +6,7 @@ and counted once. The output layer (vocabulary projection) is applied only from 
 completion position of the batch on, where the model's layout allows it (verified once per model
 class against the full forward); otherwise the full logits are computed. Passes that are not
 differentiated score large vocabularies in blocks of positions (:data:`LOGITS_BLOCK_BYTES`).
+The log-softmax's normaliser over a large vocabulary is summed in two levels (:mod:`.logsumexp`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
+
+from mlx_xpo_plugin.compute.logsumexp import logsumexp, sum_last
 
 
 def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int = 0):
@@ -74,15 +77,15 @@ def _reduce(logits, targets, with_entropy: bool, temperature):
     """(log p(target), entropy or None, log p_T(target) or None) from one block of logits."""
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    lse = mx.logsumexp(logits, axis=-1)
+    lse = logsumexp(logits)
     logp = picked - lse
     tempered = None
     if temperature not in (None, 0, 0.0, 1, 1.0):
-        tempered = picked / temperature - mx.logsumexp(logits / temperature, axis=-1)
+        tempered = picked / temperature - logsumexp(logits / temperature)
     if not with_entropy:
         return logp, None, tempered
     logprobs = logits - lse[..., None]
-    entropy = -(mx.exp(logprobs) * logprobs).sum(axis=-1)
+    entropy = -sum_last(mx.exp(logprobs) * logprobs)
     return logp, entropy, tempered
 
 

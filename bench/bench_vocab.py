@@ -1,0 +1,206 @@
+"""The log-softmax's normaliser at a real vocabulary: MLX's one-level sum against the two-level sum
+(compute/logsumexp.py), time of the scoring passes and error against float64, in one process.
+
+    python bench/bench_vocab.py                           # q05, 4 rows x (40 + 256), 3 rounds
+    python bench/bench_vocab.py --rounds 1 --completion 128   # a short run
+
+Qwen2.5-0.5B's shape (24 layers, vocabulary 151,936), bf16 checkpoint loaded as a run loads it
+(bench_limits.load_as_run: float32 on the CPU), LoRA rank 8 on every projection, scored as the
+trainer scores (bench_blocks.measure):
+
+* the reference pass: forward only, in blocks of ``LOGITS_BLOCK_BYTES``;
+* the policy pass: forward + backward of log-probs and tempered log-probs at T = 0.8, one pass.
+
+Each pass runs with ``scoring``'s normaliser and sum replaced by MLX's one-level ``logsumexp`` /
+``sum`` ("one level", as before) and as shipped ("two levels"); rounds alternate the order.
+Seconds and ``mx.get_peak_memory()`` of one call; beside each pass, the log-softmax and gather
+alone (``scoring._reduce`` on random logits of the pass's shape, best of 3), which bounds what the
+normaliser can change in it; medians [min-max] over rounds. The error: the
+log-probs of every vocabulary entry at 32 positions of the pass's own logits, against float64
+numpy (max and mean absolute, per token).
+
+Output: bench/results/vocab.json, .md, and a line ``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as B  # noqa: E402
+from bench_blocks import measure  # noqa: E402
+from bench_limits import load_as_run  # noqa: E402
+
+VARIANTS = ("one level", "two levels")
+PASSES = (("reference", "blocks"), ("policy", "one pass"))  # as the trainer runs each
+
+
+@contextlib.contextmanager
+def normaliser(variant: str):
+    """``scoring`` with MLX's one-level logsumexp and sum ("one level") or as shipped."""
+    import mlx.core as mx
+
+    from mlx_xpo_plugin.compute import scoring
+
+    saved = scoring.logsumexp, scoring.sum_last
+    if variant == "one level":
+        scoring.logsumexp = lambda x: mx.logsumexp(x, axis=-1)
+        scoring.sum_last = lambda x: x.sum(axis=-1)
+    try:
+        yield
+    finally:
+        scoring.logsumexp, scoring.sum_last = saved
+
+
+def errors(model, rows: int, prompt: int, positions: int = 32) -> dict:
+    """max / mean |log p - float64 log p| over every vocabulary entry at ``positions`` positions."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_xpo_plugin.compute.logsumexp import logsumexp
+
+    x = mx.array([[(7 * r + j) % 1500 + 3 for j in range(prompt + positions)] for r in range(rows)])
+    logits = model(x)[:, prompt:].astype(mx.float32)
+    mx.eval(logits)
+    x64 = np.array(logits).astype(np.float64)
+    m = x64.max(axis=-1, keepdims=True)
+    exact = x64 - (m + np.log(np.exp(x64 - m).sum(axis=-1, keepdims=True)))
+    out = {"logit_std": float(x64.std()), "logit_max": float(x64.max())}
+    for name, lse in (("one level", mx.logsumexp(logits, axis=-1)), ("two levels", logsumexp(logits))):
+        d = np.abs(np.array(logits - lse[..., None]) - exact)
+        out[name] = {"max": float(d.max()), "mean": float(d.mean())}
+    return out
+
+
+def reduce_alone(rows: int, positions: int, vocab: int, pass_: str) -> float:
+    """Seconds of the log-softmax and gather alone (``scoring._reduce``) on random float32 logits
+    [rows, positions, vocab] at std 3, best of 3: forward (reference) or forward + backward of
+    log-probs and tempered log-probs at T = 0.8 (policy)."""
+    import mlx.core as mx
+
+    from mlx_xpo_plugin.commands.calibration import best_of
+    from mlx_xpo_plugin.compute import scoring
+
+    logits = mx.random.normal((rows, positions, vocab), key=mx.random.key(0)) * 3
+    targets = mx.random.randint(0, vocab, (rows, positions), key=mx.random.key(1))
+    mx.eval(logits, targets)
+    if pass_ == "reference":
+        return best_of(lambda: mx.eval(scoring._reduce(logits, targets, False, None)[0]), 3)
+
+    def loss(x):
+        logp, _, tempered = scoring._reduce(x, targets, False, 0.8)
+        return logp.sum() + tempered.sum()
+
+    return best_of(lambda: mx.eval(mx.value_and_grad(loss)(logits)), 3)
+
+
+def cell(xs, nd):
+    return f"{B.fmt(B.median(xs), nd)} [{B.fmt(min(xs), nd)}–{B.fmt(max(xs), nd)}]"
+
+
+def summary(data: dict) -> dict:
+    out = {}
+    for pass_, _ in PASSES:
+        t = {v: B.median([r[f"{pass_}/{v}"]["seconds"] for r in data["runs"]]) for v in VARIANTS}
+        out[f"{pass_}_time_ratio"] = round(t["two levels"] / t["one level"], 3)
+        if "alone_seconds" in data["runs"][0][f"{pass_}/one level"]:
+            a = {v: B.median([r[f"{pass_}/{v}"]["alone_seconds"] for r in data["runs"]]) for v in VARIANTS}
+            out[f"{pass_}_log_softmax_alone_ratio"] = round(a["two levels"] / a["one level"], 3)
+    for v in VARIANTS:
+        out[f"max_error_{v.replace(' ', '_')}"] = data["errors"][v]["max"]
+    return out
+
+
+def render(data: dict) -> str:
+    e = data["errors"]
+    lines = [
+        f"Machine: {B.machine_line(data['machine'])}.",
+        f"Load average before / after: {data['load_before']} / {data['load_after']}. Preset {data['preset']}, "
+        f"bf16 checkpoint as float32, LoRA rank 8; {data['rows']} rows x ({data['prompt']} + {data['completion']}) "
+        f"tokens, vocabulary {data['vocab']:,}; {len(data['runs'])} alternating rounds, medians [min–max].",
+        "",
+        "| pass | one level s | two levels s | two / one | one level peak MB | two levels peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pass_, _ in PASSES:
+        runs = {v: [r[f"{pass_}/{v}"] for r in data["runs"]] for v in VARIANTS}
+        s = {v: [x["seconds"] for x in runs[v]] for v in VARIANTS}
+        ratio = [b / a for a, b in zip(s["one level"], s["two levels"])]
+        lines.append(
+            f"| {pass_} | {cell(s['one level'], 2)} | {cell(s['two levels'], 2)} | {cell(ratio, 3)} | "
+            f"{cell([x['peak_mb'] for x in runs['one level']], 0)} | "
+            f"{cell([x['peak_mb'] for x in runs['two levels']], 0)} |"
+        )
+        if "alone_seconds" not in runs["one level"][0]:  # results written before it was measured
+            continue
+        a = {v: [x["alone_seconds"] for x in runs[v]] for v in VARIANTS}
+        ratio = [b / a for a, b in zip(a["one level"], a["two levels"])]
+        lines.append(
+            f"| {pass_}: log-softmax and gather alone | {cell(a['one level'], 3)} | {cell(a['two levels'], 3)} | "
+            f"{cell(ratio, 3)} | | |"
+        )
+    lines += [
+        "",
+        f"Log-probs of every entry at {data['error_positions']} positions x {data['rows']} rows of the model's own "
+        f"logits (std {e['logit_std']:.2f}, max {e['logit_max']:.1f}) against float64: one level max "
+        f"{e['one level']['max']:.2e} (mean {e['one level']['mean']:.2e}), two levels max "
+        f"{e['two levels']['max']:.2e} (mean {e['two levels']['mean']:.2e}).",
+    ]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="q05")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=40)
+    ap.add_argument("--completion", type=int, default=256)
+    ap.add_argument("--name", default="vocab")
+    ap.add_argument("--render-only", action="store_true")
+    ns = ap.parse_args()
+    if ns.render_only:
+        return B.rerender(ns.name, render)
+    model = load_as_run(ns.preset)
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    linear_to_lora_layers(model, model.args.num_hidden_layers, {"rank": 8, "dropout": 0.0, "scale": 10.0})
+    mx.eval(model.parameters())
+    data = {
+        "preset": ns.preset,
+        "rows": ns.rows,
+        "prompt": ns.prompt,
+        "completion": ns.completion,
+        "vocab": model.args.vocab_size,
+        "machine": B.machine(),
+        "load_before": B.loadavg(),
+        "error_positions": 32,
+        "errors": errors(model, ns.rows, ns.prompt),
+        "runs": [],
+    }
+    with normaliser("one level"):  # the first calls build the fused kernels: not timed
+        measure(model, 8, ns.rows, 8, "policy", "one pass")
+    measure(model, 8, ns.rows, 8, "policy", "one pass")
+    for r in range(ns.rounds):
+        order = [(p, w, v) for p, w in PASSES for v in VARIANTS]
+        out = {}
+        for p, w, v in order[::-1] if r % 2 else order:
+            with normaliser(v):
+                out[f"{p}/{v}"] = measure(model, ns.completion, ns.rows, ns.prompt, p, w)
+                out[f"{p}/{v}"]["alone_seconds"] = reduce_alone(ns.rows, ns.completion, data["vocab"], p)
+            print(r, p, v, {k: round(x, 2) for k, x in out[f"{p}/{v}"].items()}, flush=True)
+        data["runs"].append(out)
+    data["load_after"] = B.loadavg()
+    B.write_results(ns.name, data, render(data))
+    print(render(data))
+    print("RESULT " + json.dumps(summary(data)))
+
+
+if __name__ == "__main__":
+    main()

@@ -234,10 +234,15 @@ def test_the_end_of_a_run_names_only_files_that_were_written(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n')  # no pair was decided: no completions.jsonl
     cfg = types.SimpleNamespace(adapter_path=str(tmp_path), train_mode="xpo")
     trainer = types.SimpleNamespace(
-        settings=types.SimpleNamespace(iters=3), guard=types.SimpleNamespace(judgeless=3, status=None)
+        settings=types.SimpleNamespace(iters=3),
+        guard=types.SimpleNamespace(judgeless=3, status=None),
+        judge=types.SimpleNamespace(last_invalid='unparsed answer "I prefer the first"'),
     )
     result = {"updates": 0, "interrupted": False, "stop_reason": None, "step": 3, "stopped_at": 3}
     assert runner.report(cfg, trainer, result) == 3
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.endswith(
+        """the judge's last invalid answer: unparsed answer "I prefer the first"\n"""
+    )
     assert f"metrics: {tmp_path / 'metrics.jsonl'}" in out
     assert "samples" not in out and "completions.jsonl" not in out and "adapters:" not in out

@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mlx-xpo demo
 
 test: $(STAMP)
-	@echo "== ruff (lint and format check, a few seconds), then pytest: about 680 tests, 5-10 minutes on 2 cores"
+	@echo "== ruff (lint and format check, a few seconds), then pytest: about 790 tests, 10-15 minutes on 2 cores"
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q

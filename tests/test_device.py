@@ -72,6 +72,6 @@ def test_a_run_holds_the_limit_from_loading_the_models_to_its_end(monkeypatch):
     monkeypatch.setattr(runner, "announce", lambda cfg: None)
     monkeypatch.setattr(runner, "load_models", load_models)
     with pytest.raises(RuntimeError, match="stop after loading"):
-        runner._run(SimpleNamespace(seed=0), None, None, False)
+        runner._run(SimpleNamespace(seed=0, train=False), None, None, False)
     assert seen == [48 * 2**30]
     assert dev.calls == [48 * 2**30, 0]

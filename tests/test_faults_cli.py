@@ -89,16 +89,22 @@ def test_sigkill_after_a_periodic_checkpoint_then_resume_is_bit_identical_with_a
     kw = dict(
         iters=12, save_every=1, steps_per_report=1, steps_per_eval=4, val_batches=1, judge=tiny_model_path, seed=3
     )
+    # bit for bit needs one BLAS thread count in both parts: the fast BLAS otherwise follows the
+    # machine's idle cores at every rollout, and OpenBLAS rounds differently on another count
+    same_threads = {"OPENBLAS_NUM_THREADS": "1"}
     full, part = tmp_path / "full", tmp_path / "part"
     (tmp_path / "f").mkdir()
     cfg_full = write_cfg(tmp_path / "f", **base_cfg(tiny_model_path, prompt_data_dir, full, **kw))
-    r = run(["--train-mode", "xpo", "--config", cfg_full])
+    r = run(["--train-mode", "xpo", "--config", cfg_full], env=same_threads)
     assert r.returncode == 0, r.stderr[-3000:]
 
     (tmp_path / "p").mkdir()
     cfg = write_cfg(tmp_path / "p", **base_cfg(tiny_model_path, prompt_data_dir, part, **kw))
     p = subprocess.Popen(
-        [TRAIN, "--train-mode", "xpo", "--config", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [TRAIN, "--train-mode", "xpo", "--config", cfg],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **same_threads},
     )
     state = part / "checkpoint" / "state.json"
     deadline = time.time() + 120
@@ -117,7 +123,7 @@ def test_sigkill_after_a_periodic_checkpoint_then_resume_is_bit_identical_with_a
     assert p.returncode == -signal.SIGKILL
     killed_at = json.load(open(state))["step"]
     assert 3 <= killed_at < 12  # killed mid-run, after a periodic checkpoint
-    r = run(["--train-mode", "xpo", "--config", cfg, "--resume-adapter-file", str(part)])
+    r = run(["--train-mode", "xpo", "--config", cfg, "--resume-adapter-file", str(part)], env=same_threads)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resume:" not in r.stdout  # the model judge's state was restored, nothing to warn about
     want, got = adapters(full), adapters(part)

@@ -12,11 +12,11 @@ import re
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from fake_endpoint import FakeEndpoint
 from mlx.utils import tree_unflatten
 from test_trainer import make_trainer, params
 
@@ -36,40 +36,21 @@ _SHOWN = re.compile(r"Response 0:\n(.*?)\n\nResponse 1:\n(.*?)\n\nBetter respons
 TIMES = ("time/", "step_seconds", "tokens_per_second", "peak_memory_gb", "val_seconds", "judge/seconds")
 
 
-class SlowEndpoint:
-    """An OpenAI-compatible server on 127.0.0.1 that answers after ``delay`` seconds: "0" or "1"
-    for the response with more 'e', an unparseable "?" when they have as many (invalid)."""
+def slow_endpoint(delay: float) -> FakeEndpoint:
+    """An endpoint that answers after ``delay`` seconds: "0" or "1" for the response with more 'e',
+    an unparseable "?" when they have as many (invalid)."""
 
-    def __init__(self, delay: float):
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+    def answer(body):
+        a, b = _SHOWN.search(body["messages"][1]["content"]).groups()
+        time.sleep(delay)
+        return "?" if a.count("e") == b.count("e") else ("0" if a.count("e") > b.count("e") else "1")
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                a, b = _SHOWN.search(body["messages"][1]["content"]).groups()
-                time.sleep(delay)
-                answer = "?" if a.count("e") == b.count("e") else ("0" if a.count("e") > b.count("e") else "1")
-                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    return FakeEndpoint(answer)
 
 
 @pytest.fixture
 def endpoint():
-    server = SlowEndpoint(delay=0.2)
+    server = slow_endpoint(delay=0.2)
     yield server
     server.close()
 

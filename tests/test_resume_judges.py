@@ -5,14 +5,13 @@ declares no state makes the resume say so."""
 
 import json
 import random
-import threading
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from fake_endpoint import FakeEndpoint
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_xpo_plugin.commands.data import load_prompts
@@ -28,30 +27,9 @@ from mlx_xpo_plugin.loop.trainer import OnlineTrainer
 from mlx_xpo_plugin.xpo_trainer import XPO
 
 
-class FirstShown:
+def first_shown() -> FakeEndpoint:
     """An endpoint that always answers "0" (pure position bias: the shuffle decides the label)."""
-
-    def __init__(self):
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                body = json.dumps({"choices": [{"message": {"content": "0"}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    return FakeEndpoint(lambda body: "0")
 
 
 class RandomPlugin:
@@ -126,7 +104,7 @@ JUDGES = {
 def test_interrupted_and_resumed_equals_uninterrupted_for_every_judge(
     kind, lora_model, tiny_model, prompt_data_dir, tmp_path
 ):
-    server = FirstShown() if kind == "endpoint" else None
+    server = first_shown() if kind == "endpoint" else None
     arg = server if server else tiny_model
     try:
         start = [(k, mx.array(v)) for k, v in tree_flatten(lora_model[0].trainable_parameters())]

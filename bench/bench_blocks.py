@@ -8,7 +8,8 @@ Qwen2.5-0.5B's shape (24 layers, vocabulary 151,936), bf16 checkpoint converted 
 
 * the reference pass (forward only, ``forward_only=True``): one pass, and in blocks of
   ``LOGITS_BLOCK_BYTES`` (what the trainer does when the logits exceed it);
-* the policy pass (forward + backward of log-probs and tempered log-probs at T = 0.8): one pass
+* the policy pass (forward + backward of log-probs, and the log-probs at T = 0.8 evaluated beside
+  them for the metrics, as ``pair_loss`` has them): one pass
   (what the trainer does), and blocks evaluated inside the gradient transform (``forward_only=True``
   under ``value_and_grad``: how the trainer ran it before 2026-12-06).
 
@@ -32,7 +33,10 @@ from bench_limits import load_as_run  # noqa: E402
 VARIANTS = (("reference", "one pass"), ("reference", "blocks"), ("policy", "one pass"), ("policy", "blocks"))
 
 
-def measure(model, completion: int, rows: int, prompt: int, pass_: str, variant: str) -> dict:
+def measure(model, completion: int, rows: int, prompt: int, pass_: str, variant: str, cold: bool = True) -> dict:
+    """Seconds and peak memory of one pass. ``cold``: MLX's buffer cache emptied first, so every
+    buffer is a fresh allocation (a run's first step); else the buffers the previous call left
+    are reused (a run's later steps: the trainer never empties the cache)."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -50,14 +54,16 @@ def measure(model, completion: int, rows: int, prompt: int, pass_: str, variant:
             mx.eval(S.completion_logps(model, inputs, targets, mask, forward_only=True).tokens)
             return
 
-        def loss(m):
-            return S.completion_logps(m, inputs, targets, mask, temperature=0.8, forward_only=blocks).sum.sum()
+        def loss(m):  # as pair_loss: log-probs differentiated, the tempered ones evaluated for the metrics
+            sc = S.completion_logps(m, inputs, targets, mask, temperature=0.8, forward_only=blocks)
+            return sc.sum.sum(), mx.stop_gradient(sc.tempered.sum())
 
         mx.eval(nn.value_and_grad(model, loss)(model))
 
     try:
         mx.synchronize()
-        mx.clear_cache()
+        if cold:
+            mx.clear_cache()
         mx.reset_peak_memory()
         t = time.perf_counter()
         run()

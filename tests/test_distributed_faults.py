@@ -40,22 +40,33 @@ def checkpoint_step(out):
         return 0
 
 
-def test_sigkill_of_one_process_stops_the_other_with_one_line_and_resume_reaches_the_end(tiny_model_path, tmp_path):
+def launch_slow_run(tiny_model_path, tmp_path, iters: int, **kw):
+    """Two processes under mlx.launch with SLOW_JUDGE (each writes its pid to ``pids``), a checkpoint
+    every step. Returns (the launcher's Popen, adapter_path, pids folder, command, environment)."""
     out, pids = tmp_path / "ad", tmp_path / "pids"
     pids.mkdir()
     (tmp_path / "slow.py").write_text(SLOW_JUDGE)
-    kw = dict(judge=f"{tmp_path / 'slow.py'}:judge", iters=24, save_every=1, steps_per_report=1, val_batches=1)
-    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, small_data(tmp_path, 96), out, **kw))
+    kw = dict(judge=f"{tmp_path / 'slow.py'}:judge", iters=iters, save_every=1, steps_per_report=1, **kw)
+    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, small_data(tmp_path, 4 * iters), out, **kw))
     cmd = [LAUNCH, "-n", "2", "--backend", "ring", TRAIN, "--train-mode", "xpo", "--config", cfg]
-    p = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PIDS": str(pids)}
-    )
+    env = {**os.environ, "PIDS": str(pids)}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return p, out, pids, cmd, env
+
+
+def signal_process_1_after(p, out, pids, step: int, sig) -> None:
+    """``sig`` to process 1 once process 0 has saved the checkpoint of ``step``."""
+    deadline = time.time() + 120
+    while checkpoint_step(out) < step and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert checkpoint_step(out) >= step, p.communicate()[1][-3000:]
+    os.kill(int((pids / "pid-1").read_text()), sig)
+
+
+def test_sigkill_of_one_process_stops_the_other_with_one_line_and_resume_reaches_the_end(tiny_model_path, tmp_path):
+    p, out, pids, cmd, env = launch_slow_run(tiny_model_path, tmp_path, 24, val_batches=1)
     try:
-        deadline = time.time() + 120
-        while checkpoint_step(out) < 3 and time.time() < deadline and p.poll() is None:
-            time.sleep(0.05)
-        assert checkpoint_step(out) >= 3, p.communicate()[1][-3000:]
-        os.kill(int((pids / "pid-1").read_text()), signal.SIGKILL)
+        signal_process_1_after(p, out, pids, 3, signal.SIGKILL)
         t0 = time.time()
         stdout, stderr = p.communicate(timeout=60)  # the survivor ends within 60 s
         took = time.time() - t0
@@ -79,7 +90,7 @@ def test_sigkill_of_one_process_stops_the_other_with_one_line_and_resume_reaches
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PIDS": str(pids)},
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert checkpoint_step(out) == 24 and "Traceback" not in r.stderr
@@ -153,3 +164,102 @@ def test_a_survivor_that_hangs_after_the_launchers_sigterm_still_ends():
         timeout=GRACE_S + 60,
     )  # fmt: skip
     assert r.returncode != 0 and r.stdout == "" and time.time() - t0 < GRACE_S + 20
+
+
+VALIDATION_FAILS_ON_PROCESS_0 = """
+import mlx.core as mx
+from mlx_xpo_plugin.loop import faults
+
+real, validations = faults.GuardedJudge.judge, []
+
+def down_in_validation(self, prompts, pairs):  # a whole call that raises, as a Judge object's can
+    validations.extend(p for p in prompts if "valid" in p)
+    if len(validations) > 2:  # the baseline's 2 prompts are judged, the next validation's not
+        raise faults.JudgeFailure("the judge 'vjudge' raised ConnectionError: the validation judge is down")
+    return real(self, prompts, pairs)
+
+if mx.distributed.init().rank() == 0:  # process 0 validates alone
+    faults.GuardedJudge.judge = down_in_validation
+
+def judge(prompt, a, b):
+    return 0 if a.count("e") >= b.count("e") else 1
+"""
+
+
+def test_a_judge_failing_in_process_0s_validation_stops_every_process_with_its_line(tiny_model_path, tmp_path):
+    """Validation runs on process 0 only: its judge's failure there stops the other process too,
+    instead of leaving it in the next step's first sum until process 0 has gone (a lost peer)."""
+    out = tmp_path / "ad"
+    (tmp_path / "vjudge.py").write_text(VALIDATION_FAILS_ON_PROCESS_0)
+    kw = dict(judge=f"{tmp_path / 'vjudge.py'}:judge", iters=4, steps_per_eval=2, val_batches=1, steps_per_report=1)
+    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, small_data(tmp_path, 16), out, **kw))
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", TRAIN, "--train-mode", "xpo", "--config", cfg]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    for rank in (0, 1):  # mlx.launch itself exits 0 regardless
+        assert f"Node with rank {rank} exited with code {int(Exit.JUDGE)}" in r.stderr, r.stderr[-3000:]
+    assert (
+        "stopped at step 2 of 4: the judge 'vjudge' raised ConnectionError: the validation judge is down during the "
+        "validation of step 2; checkpoint of step 2 saved."
+    ) in r.stdout, r.stdout[-2000:]
+    assert "error:" not in r.stderr and "was lost" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+    assert [x["step"] for x in rows(out) if "judge/pairs" in x] == [1, 2]  # no process went on to step 3
+    assert json.load(open(out / "checkpoint" / "state.json"))["step"] == 2
+
+
+DISK_FULL_ON_PROCESS_0 = """
+import errno, os
+import mlx.core as mx
+from mlx_xpo_plugin.loop import atomic
+
+real = atomic.atomic_write_bytes
+
+def full_at_step_2(path, write):  # process 0's disk fills up on step 2's optimizer state
+    if path.endswith("optimizer-0000002.safetensors"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return real(path, write)
+
+if mx.distributed.init().rank() == 0:
+    atomic.atomic_write_bytes = full_at_step_2
+
+def judge(prompt, a, b):
+    return 0 if a.count("e") >= b.count("e") else 1
+"""
+
+
+def test_a_save_failing_on_process_0_ends_every_process_with_one_line(tiny_model_path, tmp_path):
+    """Only process 0 saves: its failed save ends the others too, with its status, instead of
+    leaving them in the next step's first sum to report process 0 as lost (a second line)."""
+    out = tmp_path / "ad"
+    (tmp_path / "full.py").write_text(DISK_FULL_ON_PROCESS_0)
+    kw = dict(judge=f"{tmp_path / 'full.py'}:judge", iters=4, save_every=2, steps_per_report=1)
+    cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, small_data(tmp_path, 16), out, **kw))
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", TRAIN, "--train-mode", "xpo", "--config", cfg]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    for rank in (0, 1):  # mlx.launch itself exits 0 regardless
+        assert f"Node with rank {rank} exited with code {int(Exit.SAVE)}" in r.stderr, r.stderr[-3000:]
+    assert len(errors) == 1 and "saving the checkpoint of step 2 failed" in errors[0], errors
+    assert "was lost" not in r.stderr + r.stdout and "Traceback" not in r.stderr
+    assert [x["step"] for x in rows(out) if "judge/pairs" in x] == [1, 2]  # no process went on to step 3
+
+
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tiny_model_path, tmp_path):
+    """A signal that reaches one machine's process only (a scheduler preempting one host): every
+    process finishes the same step and stops as interrupted, process 0 saving that step, instead of
+    process 0 going on and finding its peer lost; the printed resume line then reaches the end."""
+    p, out, pids, _, env = launch_slow_run(tiny_model_path, tmp_path, 12, steps_per_eval=100)
+    try:
+        signal_process_1_after(p, out, pids, 2, signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    step = checkpoint_step(out)
+    for rank in (0, 1):  # mlx.launch itself exits 0 regardless
+        assert f"Node with rank {rank} exited with code {int(Exit.INTERRUPTED)}" in stderr, stderr[-3000:]
+    assert f"stopped at step {step} of 12: interrupted; checkpoint of step {step} saved." in stdout, stdout[-2000:]
+    assert "error:" not in stderr and "was lost" not in stdout + stderr and "Traceback" not in stderr
+    assert 2 <= step < 12 and [x["step"] for x in rows(out) if "judge/pairs" in x] == list(range(1, step + 1))
+    (line,) = [x.split("resume with: ", 1)[1] for x in stdout.splitlines() if x.startswith("resume with: ")]
+    r = subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=300, env=env)  # exactly as printed
+    assert r.returncode == 0 and "exited with code" not in r.stderr, r.stderr[-3000:]
+    assert [x["step"] for x in rows(out) if "judge/pairs" in x] == list(range(1, 13))

@@ -76,6 +76,19 @@ class GracefulStop:
             sys.stderr.flush()
 
 
+def stop_asked(trainer) -> bool:
+    """Whether Ctrl-C / SIGTERM asked to stop. Data parallel: whether any process was asked (one
+    sum of a flag between steps), so that every process stops after the same step, as interrupted,
+    when only one machine's process got the signal."""
+    if trainer.world == 1:
+        return bool(trainer.stop_requests)
+    flag = mx.array(int(trainer.stop_requests > 0))
+    if not int(mx.distributed.all_sum(flag, group=trainer.group).item()):
+        return False
+    trainer.stop_requests = max(trainer.stop_requests, 1)
+    return True
+
+
 def step_row(metrics: dict, seconds: float, learning_rate) -> dict:
     """The step's numbers besides the pair metrics: time, throughput, memory, EOS rate."""
     eos = metrics.pop("_eos", [])
@@ -167,7 +180,7 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
         try:
             if not resumed:
                 rep.validate()  # the baseline: step 0, before any update
-            while t.step < s.iters and not t.stop_requests and not t.stop_reason:
+            while t.step < s.iters and not t.stop_reason and not stop_asked(t):
                 t.guard.begin_step()
                 t.step += 1
                 mx.random.seed(step_seed(s.seed, t.step) + 7919 * t.rank)
@@ -205,6 +218,10 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
             # checkpoint survives because every file is replaced atomically
             t.guard.before_final_save()
             t.save(final=t.step >= s.iters)
+        except RuntimeError as e:  # data parallel: a sum between steps failed (the stop flag, a shared save)
+            if isinstance(e, (PeerLost, JudgeFailure)) or not is_peer_loss(t.world, e):
+                raise
+            raise PeerLost(t.step, t.rank, t.world, e) from None
         finally:
             pbar.close()
     return {

@@ -38,7 +38,7 @@ from mlx_xpo_plugin.loop.pairs import completion_records, judge_samples
 from mlx_xpo_plugin.loop.prompts import PromptOrder, PromptSet
 from mlx_xpo_plugin.loop.run_loop import run_loop
 from mlx_xpo_plugin.loop.schedule import get_current_alpha
-from mlx_xpo_plugin.loop.share import first_said, stop_together
+from mlx_xpo_plugin.loop.share import first_said, from_rank0, stop_together
 
 __all__ = ["OnlineTrainer", "PromptSet"]
 
@@ -263,10 +263,16 @@ class OnlineTrainer:
         return evaluate(self, prompts, max_batches)
 
     def validate(self) -> Optional[dict]:
-        """Win-rate against the reference on the validation prompts (process 0; None if none)."""
-        if self.rank != 0 or self.valid_set is None or len(self.valid_set) == 0:
+        """Win-rate against the reference on the validation prompts (process 0; None if none).
+        Data parallel: a stop it leads to (the judge failed or asked to stop) is every process's."""
+        if self.valid_set is None or len(self.valid_set) == 0:
             return None
-        return self.guard.validate(lambda: self.evaluate(self.valid_set, self.settings.val_batches))
+        res = None
+        if self.rank == 0:
+            res = self.guard.validate(lambda: self.evaluate(self.valid_set, self.settings.val_batches))
+        if self.world > 1:
+            self.stop_reason, self.guard.status = from_rank0(lambda: [self.stop_reason, self.guard.status])
+        return res
 
     def log_completions(self, texts, samples, verdicts) -> None:
         every = self.settings.log_completions_every or self.settings.steps_per_report
@@ -278,9 +284,9 @@ class OnlineTrainer:
                 self.callback.on_completions(rec)
 
     def save(self, final: bool = False) -> None:
-        """Adapters (atomically) plus a resumable checkpoint of the loop's state."""
-        if self.rank == 0:
-            save_checkpoint(self, final=final)
+        """Adapters (atomically) plus a resumable checkpoint of the loop's state, written by
+        process 0; data parallel: a save that fails there ends every process with its status."""
+        from_rank0(lambda: save_checkpoint(self, final=final))
 
     def train(self, resume_state: Optional[dict] = None) -> dict:
         """Run the steps (see run_loop.py); returns the last validation and how the run ended."""

@@ -1,7 +1,7 @@
 """The log-softmax's normaliser at a real vocabulary: MLX's one-level sum against the two-level sum
 (compute/logsumexp.py), time of the scoring passes and error against float64, in one process.
 
-    python bench/bench_vocab.py                           # q05, 4 rows x (40 + 256), 10 rounds
+    python bench/bench_vocab.py                           # q05, 4 rows x (40 + 256), 4 rounds (~15 min)
     python bench/bench_vocab.py --rounds 2 --completion 128   # a short run
 
 Qwen2.5-0.5B's shape (24 layers, vocabulary 151,936), bf16 checkpoint loaded as a run loads it
@@ -179,7 +179,7 @@ def render(data: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="q05")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=40)
     ap.add_argument("--completion", type=int, default=256)

@@ -1,6 +1,7 @@
 """Data parallel faults under MLX's own launcher (ring backend on loopback): a lost process, and a
 process that stops with an error of its own."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -50,8 +51,17 @@ def launch_slow_run(tiny_model_path, tmp_path, iters: int, **kw):
     cfg = write_cfg(tmp_path, **base_cfg(tiny_model_path, small_data(tmp_path, 4 * iters), out, **kw))
     cmd = [LAUNCH, "-n", "2", "--backend", "ring", TRAIN, "--train-mode", "xpo", "--config", cfg]
     env = {**os.environ, "PIDS": str(pids)}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     return p, out, pids, cmd, env
+
+
+def end_launch(p) -> None:
+    """The launcher and every process it started (a failed test leaves none running)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 def signal_process_1_after(p, out, pids, step: int, sig) -> None:
@@ -71,7 +81,7 @@ def test_sigkill_of_one_process_stops_the_other_with_one_line_and_resume_reaches
         stdout, stderr = p.communicate(timeout=60)  # the survivor ends within 60 s
         took = time.time() - t0
     finally:
-        p.kill()
+        end_launch(p)
     assert took < 60
     lines = [x for x in stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
@@ -252,7 +262,7 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tiny_mod
         signal_process_1_after(p, out, pids, 2, signal.SIGTERM)
         stdout, stderr = p.communicate(timeout=120)
     finally:
-        p.kill()
+        end_launch(p)
     step = checkpoint_step(out)
     for rank in (0, 1):  # mlx.launch itself exits 0 regardless
         assert f"Node with rank {rank} exited with code {int(Exit.INTERRUPTED)}" in stderr, stderr[-3000:]

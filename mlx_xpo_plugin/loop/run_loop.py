@@ -83,7 +83,13 @@ def stop_asked(trainer) -> bool:
     if trainer.world == 1:
         return bool(trainer.stop_requests)
     flag = mx.array(int(trainer.stop_requests > 0))
-    if not int(mx.distributed.all_sum(flag, group=trainer.group).item()):
+    try:
+        asked = int(mx.distributed.all_sum(flag, group=trainer.group).item())
+    except RuntimeError as e:  # a process lost before the next step: that step is the one lost
+        if not is_peer_loss(trainer.world, e):
+            raise
+        raise PeerLost(trainer.step + 1, trainer.rank, trainer.world, e) from None
+    if not asked:
         return False
     trainer.stop_requests = max(trainer.stop_requests, 1)
     return True
@@ -218,7 +224,7 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
             # checkpoint survives because every file is replaced atomically
             t.guard.before_final_save()
             t.save(final=t.step >= s.iters)
-        except RuntimeError as e:  # data parallel: a sum between steps failed (the stop flag, a shared save)
+        except RuntimeError as e:  # data parallel: a validation's sum failed (after the step's update)
             if isinstance(e, (PeerLost, JudgeFailure)) or not is_peer_loss(t.world, e):
                 raise
             raise PeerLost(t.step, t.rank, t.world, e) from None

@@ -1,5 +1,6 @@
-"""Data parallel faults under MLX's own launcher (ring backend on loopback): a lost process, and a
-process that stops with an error of its own."""
+"""Data parallel faults under MLX's own launcher (ring backend on loopback): a lost process, a
+process that stops with an error of its own, and stops that begin on one process (process 0's
+validation judge, its failed save, a signal to process 1) ending every process at the same point."""
 
 import contextlib
 import json

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as B  # noqa: E402
-from bench_limits import load_as_run  # noqa: E402
+from bench_limits import load_with_lora  # noqa: E402
 
 VARIANTS = (("reference", "one pass"), ("reference", "blocks"), ("policy", "one pass"), ("policy", "blocks"))
 
@@ -112,16 +112,10 @@ def main():
     ns = ap.parse_args()
     if ns.render_only:
         return B.rerender(ns.name, render)
-    model = load_as_run(ns.preset)
-    import mlx.core as mx
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
+    model = load_with_lora(ns.preset)
     from mlx_xpo_plugin.compute import scoring
     from mlx_xpo_plugin.cpu import fast_blas
 
-    model.freeze()
-    linear_to_lora_layers(model, model.args.num_hidden_layers, {"rank": 8, "dropout": 0.0, "scale": 10.0})
-    mx.eval(model.parameters())
     completions = [int(c) for c in ns.completions.split(",")]
     data = {
         "preset": ns.preset,

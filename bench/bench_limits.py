@@ -69,6 +69,18 @@ def load_as_run(preset: str):
     return model
 
 
+def load_with_lora(preset: str):
+    """:func:`load_as_run`'s model frozen, with LoRA rank 8 on every projection (evaluated)."""
+    model = load_as_run(preset)
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    linear_to_lora_layers(model, model.args.num_hidden_layers, {"rank": 8, "dropout": 0.0, "scale": 10.0})
+    mx.eval(model.parameters())
+    return model
+
+
 def sgemm_gflops(hidden: int, inter: int, n: int) -> float:
     """float32 GFLOP/s of a 256-row product at an MLP's shape (256 x hidden @ hidden x inter), best of n."""
     import mlx.core as mx

@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as B  # noqa: E402
 from bench_blocks import measure  # noqa: E402
-from bench_limits import load_as_run  # noqa: E402
+from bench_limits import load_with_lora  # noqa: E402
 
 VARIANTS = ("one level", "two levels")
 PASSES = (("reference", "blocks"), ("policy", "one pass"))  # as the trainer runs each
@@ -188,13 +188,7 @@ def main():
     ns = ap.parse_args()
     if ns.render_only:
         return B.rerender(ns.name, render)
-    model = load_as_run(ns.preset)
-    import mlx.core as mx
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    model.freeze()
-    linear_to_lora_layers(model, model.args.num_hidden_layers, {"rank": 8, "dropout": 0.0, "scale": 10.0})
-    mx.eval(model.parameters())
+    model = load_with_lora(ns.preset)
     data = {
         "preset": ns.preset,
         "rows": ns.rows,

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,6 +53,18 @@ def is_peer_loss(world: int, e: BaseException) -> bool:
     text = str(e).lower()
     words = ("peer", "[ring]", "[mpi]", "[jaccl]", "connection", "socket", "recv", "send")
     return world > 1 and isinstance(e, RuntimeError) and any(w in text for w in words)
+
+
+@contextlib.contextmanager
+def peer_lost_in(step: int, rank: int, world: int):
+    """A collective that fails because another process is gone raises :class:`PeerLost` naming
+    ``step`` (the step that cannot be completed); every other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, (PeerLost, JudgeFailure)) or not is_peer_loss(world, e):
+            raise
+        raise PeerLost(step, rank, world, e) from None
 
 
 class JudgeFailure(RuntimeError):

@@ -18,7 +18,7 @@ import numpy as np
 from mlx_xpo_plugin.errors import StopTraining
 from mlx_xpo_plugin.exits import Exit
 from mlx_xpo_plugin.loop.checkpoints import restore
-from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, is_peer_loss
+from mlx_xpo_plugin.loop.faults import JudgeFailure, PeerLost, peer_lost_in
 from mlx_xpo_plugin.loop.metrics import JsonlLog, MetricsWindow, is_pair_metric
 from mlx_xpo_plugin.loop.win_rate import validation_line
 
@@ -83,12 +83,8 @@ def stop_asked(trainer) -> bool:
     if trainer.world == 1:
         return bool(trainer.stop_requests)
     flag = mx.array(int(trainer.stop_requests > 0))
-    try:
+    with peer_lost_in(trainer.step + 1, trainer.rank, trainer.world):  # before the next step: it is the one lost
         asked = int(mx.distributed.all_sum(flag, group=trainer.group).item())
-    except RuntimeError as e:  # a process lost before the next step: that step is the one lost
-        if not is_peer_loss(trainer.world, e):
-            raise
-        raise PeerLost(trainer.step + 1, trainer.rank, trainer.world, e) from None
     if not asked:
         return False
     trainer.stop_requests = max(trainer.stop_requests, 1)
@@ -194,7 +190,8 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
                 t0 = time.perf_counter()
                 metrics: dict = {}
                 try:
-                    loss = t.train_step(metrics)
+                    with peer_lost_in(t.step, t.rank, t.world):  # data parallel: nothing is saved for it
+                        loss = t.train_step(metrics)
                 except StopTraining as e:
                     t.guard.roll_back_step()  # the step made no update: resume redoes it
                     t.stop_reason = f"stopped by the judge ({e or 'q'})"
@@ -202,10 +199,6 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
                 except JudgeFailure as e:  # no update was made: back to the step's start
                     t.guard.judge_crashed(e)
                     break
-                except RuntimeError as e:  # data parallel: a collective failed; nothing is saved
-                    if not is_peer_loss(t.world, e):
-                        raise
-                    raise PeerLost(t.step, t.rank, t.world, e) from None
                 step_row(metrics, time.perf_counter() - t0, t.opt.learning_rate)
                 if loss is None:
                     metrics.setdefault("train/no_update_steps", 1)
@@ -225,9 +218,8 @@ def run_loop(trainer, resume_state: Optional[dict] = None) -> dict:
             t.guard.before_final_save()
             t.save(final=t.step >= s.iters)
         except RuntimeError as e:  # data parallel: a validation's sum failed (after the step's update)
-            if isinstance(e, (PeerLost, JudgeFailure)) or not is_peer_loss(t.world, e):
-                raise
-            raise PeerLost(t.step, t.rank, t.world, e) from None
+            with peer_lost_in(t.step, t.rank, t.world):
+                raise e
         finally:
             pbar.close()
     return {

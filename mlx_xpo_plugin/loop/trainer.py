@@ -30,7 +30,7 @@ from mlx_xpo_plugin.contracts import as_judge
 from mlx_xpo_plugin.errors import StopTraining
 from mlx_xpo_plugin.loop.checkpoints import LoopState, save_checkpoint
 from mlx_xpo_plugin.loop.evaluation import evaluate
-from mlx_xpo_plugin.loop.faults import Guard, JudgeFailure, PeerLost, error_count, is_peer_loss
+from mlx_xpo_plugin.loop.faults import Guard, JudgeFailure, error_count, peer_lost_in
 from mlx_xpo_plugin.loop.metrics import merge_step_metrics
 from mlx_xpo_plugin.loop.overlap import ReferenceRows, judge_while
 from mlx_xpo_plugin.loop.pair_loss import PairLoss, pack_pairs, pair_loss, pair_metrics, reference_logps, total
@@ -286,12 +286,8 @@ class OnlineTrainer:
     def save(self, final: bool = False) -> None:
         """Adapters (atomically) plus a resumable checkpoint of the loop's state, written by
         process 0; data parallel: a save that fails there ends every process with its status."""
-        try:
+        with peer_lost_in(self.step + 1, self.rank, self.world):  # this step's checkpoint is written: the next is lost
             from_rank0(lambda: save_checkpoint(self, final=final))
-        except RuntimeError as e:  # process 0 has written this step's checkpoint: the next step is the one lost
-            if not is_peer_loss(self.world, e):
-                raise
-            raise PeerLost(self.step + 1, self.rank, self.world, e) from None
 
     def train(self, resume_state: Optional[dict] = None) -> dict:
         """Run the steps (see run_loop.py); returns the last validation and how the run ended."""
